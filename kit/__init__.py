@@ -1,0 +1,32 @@
+"""Depth pruning of decoder-only LMs after Gromov et al., "The Unreasonable Ineffectiveness
+of the Deeper Layers" (2024). Public names are imported lazily so `import kit` stays fast."""
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "load_model": "models",
+    "tiny_model": "models",
+    "TINY_ARCHITECTURES": "models",
+    "Block": "prune",
+    "heuristic_block": "prune",
+    "drop_layers": "prune",
+    "save_pruned": "prune",
+    "mergekit_config": "prune",
+    "angular_distances": "similarity",
+    "Distances": "similarity",
+    "HealConfig": "config",
+    "heal": "heal",
+    "merge_adapter": "heal",
+}
+
+__all__ = sorted(_EXPORTS) + ["layers", "data", "assets", "evaluate", "plots", "artifacts"]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(import_module(f"kit.{_EXPORTS[name]}"), name)
+    if name in __all__:
+        return import_module(f"kit.{name}")
+    raise AttributeError(f"module 'kit' has no attribute {name!r}")

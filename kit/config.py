@@ -1,0 +1,86 @@
+"""Frozen dataclasses for every step's settings: hashable, serialisable with to_dict()."""
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, replace
+
+
+class _Settings:
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def digest(self) -> str:
+        """A short stable hash of the settings, for manifests and cache keys."""
+        text = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def replace(self, **changes):
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class ScanConfig(_Settings):
+    """Settings of a layer-similarity scan."""
+
+    n_texts: int = 256  # calibration texts
+    batch_size: int = 8
+    max_length: int = 512  # tokens per text, longer texts are truncated
+    metric: str = "angular_last"  # angular_last (paper) | angular_all | block_influence
+    source: str = "corpus"  # calibration text: corpus | mmlu | c4 | any datasets name
+
+
+# The paper's Appendix A: per-model LoRA rank and peak learning rate.
+PAPER_HEALING = {
+    "llama-2-7b": (2, 3e-4),
+    "llama-2-13b": (64, 3e-4),
+    "llama-2-70b": (8, 3e-5),
+    "qwen-7b": (64, 3e-4),
+    "qwen-14b": (64, 3e-4),
+    "mistral-7b": (4, 3e-6),
+    "phi-2": (64, 2e-4),
+}
+
+
+@dataclass(frozen=True)
+class HealConfig(_Settings):
+    """QLoRA healing settings; defaults follow the paper's Appendix A."""
+
+    rank: int = 8
+    alpha: float | None = None  # LoRA alpha; None means alpha = rank (paper)
+    dropout: float = 0.05
+    target_modules: str | tuple[str, ...] = "mlp"  # mlp (paper) | all-linear | explicit names
+    lr: float = 3e-4  # peak learning rate
+    scheduler: str = "cosine"
+    warmup_steps: int = 100  # capped at a tenth of `steps` for short runs
+    steps: int = 5000
+    batch_size: int = 16  # per optimiser step before accumulation
+    grad_accum: int = 1  # global batch = batch_size * grad_accum
+    seq_len: int = 512  # tokens per packed training block
+    quantize: str | None = "4bit"  # 4bit (QLoRA, NF4) | None (plain-precision LoRA)
+    eval_every: int = 250  # steps between validation losses
+    save_every: int = 500  # steps between resumable checkpoints
+    distill_weight: float = 0.0  # weight of KL to the unpruned teacher (0 = paper's plain LM loss)
+    distill_temperature: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.alpha is None:
+            object.__setattr__(self, "alpha", float(self.rank))
+        if isinstance(self.target_modules, list):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+
+    @property
+    def effective_warmup(self) -> int:
+        return min(self.warmup_steps, max(1, self.steps // 10))
+
+    @classmethod
+    def paper(cls, model_name: str, **overrides) -> "HealConfig":
+        """The paper's rank and peak LR for one of its seven models, e.g. 'meta-llama/Llama-2-7b-hf'."""
+        base = model_name.rstrip("/").split("/")[-1].lower()
+        for key, (rank, lr) in PAPER_HEALING.items():
+            if base == key or base.startswith(key + "-"):
+                return cls(rank=rank, lr=lr, **overrides)
+        raise ValueError(
+            f"No paper healing recipe for {model_name!r}. The paper's models are: "
+            f"{', '.join(PAPER_HEALING)}. Build HealConfig(rank=..., lr=...) yourself for others."
+        )

@@ -1,0 +1,91 @@
+"""The one place that knows architectures: where each keeps its decoder layers, its final
+norm and its MLP projections. Everything else in the kit asks this module."""
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Anatomy:
+    """Dotted paths inside a causal-LM model, and the MLP projection names LoRA targets."""
+
+    layers: str
+    final_norm: str
+    mlp: tuple[str, ...]
+
+
+_LLAMA_LIKE = Anatomy("model.layers", "model.norm", ("gate_proj", "up_proj", "down_proj"))
+
+ANATOMIES: dict[str, Anatomy] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "mixtral": Anatomy("model.layers", "model.norm", ("w1", "w2", "w3")),
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": _LLAMA_LIKE,
+    "gemma3_text": _LLAMA_LIKE,
+    "olmo2": _LLAMA_LIKE,
+    "phi3": Anatomy("model.layers", "model.norm", ("gate_up_proj", "down_proj")),
+    "phi": Anatomy("model.layers", "model.final_layernorm", ("fc1", "fc2")),
+    "qwen": Anatomy("transformer.h", "transformer.ln_f", ("w1", "w2", "mlp.c_proj")),
+    "gpt2": Anatomy("transformer.h", "transformer.ln_f", ("mlp.c_fc", "mlp.c_proj")),
+    "gpt_neox": Anatomy(
+        "gpt_neox.layers", "gpt_neox.final_layer_norm", ("dense_h_to_4h", "dense_4h_to_h")
+    ),
+    "opt": Anatomy("model.decoder.layers", "model.decoder.final_layer_norm", ("fc1", "fc2")),
+}
+
+
+class UnsupportedArchitectureError(ValueError):
+    pass
+
+
+def anatomy(model: nn.Module) -> Anatomy:
+    """The Anatomy of `model` (a causal LM, possibly wrapped by peft), by `config.model_type`."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ANATOMIES:
+        raise UnsupportedArchitectureError(
+            f"Architecture {model_type!r} is not supported. Supported model types: "
+            f"{', '.join(sorted(ANATOMIES))}. Add its paths to kit/layers.py:ANATOMIES."
+        )
+    return ANATOMIES[model_type]
+
+
+def _base(model: nn.Module) -> nn.Module:
+    """Unwrap a peft model to the causal LM underneath."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def _resolve(model: nn.Module, path: str):
+    obj = _base(model)
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The ModuleList of decoder layers, in order."""
+    return _resolve(model, anatomy(model).layers)
+
+
+def set_decoder_layers(model: nn.Module, layers: nn.ModuleList) -> None:
+    """Replace the decoder layer list (the caller keeps config and indices consistent)."""
+    *parents, name = anatomy(model).layers.split(".")
+    setattr(_resolve(model, ".".join(parents)), name, layers)
+
+
+def final_norm(model: nn.Module) -> nn.Module | None:
+    """The norm applied after the last layer (None for models without one, e.g. OPT-350m)."""
+    return _resolve(model, anatomy(model).final_norm)
+
+
+def num_layers(model: nn.Module) -> int:
+    return len(decoder_layers(model))
+
+
+def mlp_modules(model: nn.Module) -> list[str]:
+    """LoRA target names for the MLP projections (peft matches them as name suffixes)."""
+    return list(anatomy(model).mlp)

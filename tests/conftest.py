@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny models, and notebooks executed once per session through papermill."""
+
+from pathlib import Path
+
+import pytest
+
+import kit
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ("01_similarity", "02_select_and_prune", "03_heal", "04_compare")
+
+# Smoke parameters: each notebook small enough for a 2-core CPU, on the embedded model.
+SMOKE_PARAMETERS = {
+    "01_similarity": {},
+    "02_select_and_prune": {},
+    "03_heal": {},
+    "04_compare": {},
+}
+
+
+@pytest.fixture(params=kit.TINY_ARCHITECTURES)
+def tiny(request):
+    """(model, tokenizer) of every tiny architecture, one test per architecture."""
+    return kit.tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def notebook_run(tmp_path_factory):
+    """run(name) executes notebooks 01..name in order (each once per session) with smoke
+    parameters into one run folder, and returns that folder."""
+    import papermill
+
+    runs_root = tmp_path_factory.mktemp("runs")
+    executed = set()
+
+    def run(name: str) -> Path:
+        for earlier in NOTEBOOKS[: NOTEBOOKS.index(name) + 1]:
+            if earlier in executed:
+                continue
+            papermill.execute_notebook(
+                REPO / "notebooks" / f"{earlier}.ipynb",
+                runs_root / f"{earlier}.ipynb",
+                parameters={**SMOKE_PARAMETERS[earlier], "RUN": "smoke", "RUNS_ROOT": str(runs_root)},
+                kernel_name="python3",
+                cwd=str(REPO / "notebooks"),
+                progress_bar=False,
+            )
+            executed.add(earlier)
+        return runs_root / "smoke"
+
+    return run
