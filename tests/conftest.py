@@ -1,10 +1,15 @@
 """Shared fixtures: tiny models, and notebooks executed once per session through papermill."""
 
+import os
 from pathlib import Path
 
-import pytest
+# Tests never reach the model or dataset Hub (set before transformers is imported; kernels inherit it).
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
 
-import kit
+import pytest  # noqa: E402
+
+import kit  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ("01_similarity", "02_select_and_prune", "03_heal", "04_compare")
