@@ -1,0 +1,58 @@
+"""Figures with matplotlib/seaborn (headless-safe). Each function draws on `ax` (a new figure
+when None) and returns the Axes."""
+
+import matplotlib.pyplot as plt
+import numpy as np
+import seaborn as sns
+from matplotlib.patches import Rectangle
+
+
+def _axes(ax, figsize=(7, 5)):
+    return ax if ax is not None else plt.subplots(figsize=figsize)[1]
+
+
+def distance_heatmap(distances, normalize_rows: bool = False, mark_best: bool = True, highlight=None, ax=None):
+    """The paper's Figure 4: distance of every block, x = first layer `start`, y = block size n.
+
+    normalize_rows: rescale each row to [0, 1], so the cheapest start of every n stands out.
+    mark_best: mark the argmin of each row (the block `best_block(n)` picks).
+    highlight: a Block to draw as a box, e.g. the one chosen for pruning.
+    """
+    L = distances.num_layers
+    grid = distances.by_block()[1:L, :L]  # n = 1 .. L-1 (valid block sizes) x start = 0 .. L-1
+    if normalize_rows:
+        low, high = np.nanmin(grid, axis=1, keepdims=True), np.nanmax(grid, axis=1, keepdims=True)
+        grid = (grid - low) / np.where(high > low, high - low, 1.0)
+    ax = _axes(ax)
+    cmap = sns.color_palette("viridis", as_cmap=True).copy()
+    cmap.set_bad("white")
+    image = ax.imshow(
+        np.ma.masked_invalid(grid), origin="lower", aspect="auto", cmap=cmap, interpolation="nearest",
+        extent=(-0.5, L - 0.5, 0.5, L - 0.5),
+    )  # fmt: skip
+    label = "distance (row-normalized)" if normalize_rows else distances.meta.get("metric", "distance")
+    ax.figure.colorbar(image, ax=ax, label=label)
+    if mark_best:
+        ns = np.arange(1, L)
+        ax.plot([distances.best_block(n).start for n in ns], ns, "r.-", lw=1, ms=4, label="best start per n")
+    if highlight is not None:
+        ax.add_patch(
+            Rectangle((highlight.start - 0.5, highlight.n - 0.5), 1, 1, fill=False, edgecolor="cyan", lw=2.5)
+        )
+    ax.set(xlabel="first layer of the block (start)", ylabel="block size n")
+    ax.set_title(f"{distances.meta.get('model', 'model')}: distance of dropping layers start..start+n-1")
+    return ax
+
+
+def distance_curves(distances, ns, ax=None):
+    """The paper's Figure 1(b): distance of each block of size n against its first layer, for several n."""
+    ax = _axes(ax)
+    table = distances.by_block()
+    palette = sns.color_palette("rocket_r", len(ns))
+    for color, n in zip(palette, ns):
+        starts = np.arange(distances.num_layers - n + 1)
+        ax.plot(starts, table[n, starts], color=color, label=f"n = {n}")
+    ax.set(xlabel="first layer of the block (start)", ylabel=distances.meta.get("metric", "distance"))
+    ax.set_title(f"{distances.meta.get('model', 'model')}: block distance by position")
+    ax.legend(title="block size", fontsize="small")
+    return ax
