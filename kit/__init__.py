@@ -21,7 +21,9 @@ _EXPORTS = {
     "merge_adapter": "heal",
 }
 
-__all__ = sorted(_EXPORTS) + ["layers", "data", "assets", "evaluate", "plots", "artifacts"]
+__all__ = sorted(_EXPORTS) + [
+    "artifacts", "assets", "config", "data", "evaluate", "layers", "models", "plots", "prune", "similarity", "widgets",
+]
 
 
 def __getattr__(name):

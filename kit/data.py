@@ -21,6 +21,7 @@ class MMLUQuestion:
     question: str
     choices: tuple[str, str, str, str]
     answer: int  # index of the correct choice, 0-3
+    row: int = -1  # position in the source file: tells duplicated questions apart
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class MMLU:
     skipped: int
 
 
-def _parse_row(line: str) -> MMLUQuestion | None:
+def _parse_row(line: str, row_number: int) -> MMLUQuestion | None:
     try:
         row = json.loads(line)
         choices = tuple(str(row[f"answer_{c}"]) for c in "abcd")
@@ -42,7 +43,7 @@ def _parse_row(line: str) -> MMLUQuestion | None:
         return None
     if not subject or not question:
         return None
-    return MMLUQuestion(subject, question, choices, answer)
+    return MMLUQuestion(subject, question, choices, answer, row_number)
 
 
 @lru_cache(maxsize=1)
@@ -51,10 +52,10 @@ def load_mmlu() -> MMLU:
     by_subject: dict[str, list[MMLUQuestion]] = defaultdict(list)
     skipped = 0
     with open(assets.fetch_file(assets.MMLU_JSONL)) as f:
-        for line in f:
+        for row_number, line in enumerate(f):
             if not line.strip():
                 continue
-            record = _parse_row(line)
+            record = _parse_row(line, row_number)
             if record is None:
                 skipped += 1
             else:
@@ -94,7 +95,7 @@ def mmlu_hub(split: str = "test") -> list[MMLUQuestion]:
     from datasets import load_dataset
 
     rows = load_dataset("cais/mmlu", "all", split=split)
-    return [MMLUQuestion(r["subject"], r["question"], tuple(r["choices"]), int(r["answer"])) for r in rows]
+    return [MMLUQuestion(r["subject"], r["question"], tuple(r["choices"]), int(r["answer"]), i) for i, r in enumerate(rows)]
 
 
 def format_mmlu_question(q: MMLUQuestion) -> str:
@@ -105,7 +106,8 @@ def format_mmlu_question(q: MMLUQuestion) -> str:
 
 @lru_cache(maxsize=1)
 def _corpus_chunks() -> tuple[str, ...]:
-    """CPython's documentation topics, cut at paragraph breaks into chunks of >= 150 words."""
+    """CPython's documentation topics, cut at paragraph breaks into chunks of >= 150 words,
+    without repeats (topics share passages; a repeat could leak validation text into training)."""
     from pydoc_data.topics import topics
 
     chunks = []
@@ -119,7 +121,7 @@ def _corpus_chunks() -> tuple[str, ...]:
                 current = []
         if current:
             chunks.append("\n\n".join(current))
-    return tuple(chunks)
+    return tuple(dict.fromkeys(chunks))
 
 
 def corpus(split: str = "train") -> list[str]:

@@ -1,0 +1,49 @@
+import json
+
+import pytest
+
+from kit import artifacts
+from kit.config import ScanConfig
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.json"
+    artifacts.write_json(target, {"a": 1})
+    with pytest.raises(RuntimeError):
+        with artifacts.atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("interrupted")
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_atomic_dir(tmp_path):
+    target = tmp_path / "ckpt"
+    with pytest.raises(RuntimeError):
+        with artifacts.atomic_dir(target) as tmp:
+            (tmp / "weights").write_text("x")
+            raise RuntimeError
+    assert list(tmp_path.iterdir()) == []
+    with artifacts.atomic_dir(target) as tmp:
+        (tmp / "weights").write_text("y")
+    assert (target / "weights").read_text() == "y" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_require_names_the_notebook(tmp_path):
+    with pytest.raises(artifacts.MissingArtifactError, match="Run notebooks/01_similarity.ipynb first"):
+        artifacts.require(tmp_path / "distances.safetensors", notebook="01_similarity.ipynb")
+
+
+def test_manifest_records_each_step(tmp_path):
+    config = ScanConfig(n_texts=8)
+    artifacts.write_manifest(tmp_path, "scan", config=config, seed=1)
+    artifacts.write_manifest(tmp_path, "prune", config={"n": 3}, seed=1)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["scan"]["config"]["n_texts"] == 8
+    assert manifest["scan"]["config_hash"] == config.digest() != ScanConfig().digest()
+    assert manifest["prune"]["config"] == {"n": 3}
+    assert manifest["scan"]["versions"]["transformers"].startswith("5.")
+
+
+def test_run_dir(tmp_path):
+    assert artifacts.run_dir("demo", tmp_path) == tmp_path / "demo" and (tmp_path / "demo").is_dir()

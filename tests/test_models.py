@@ -1,0 +1,112 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import kit
+from kit import layers
+
+
+def test_tiny_forward_and_layer_access(tiny):
+    model, tokenizer = tiny
+    enc = tokenizer(["def f(x): return x", "a"], return_tensors="pt", padding=True)
+    logits = model(**enc).logits
+    assert logits.shape == (2, enc["input_ids"].shape[1], len(tokenizer))
+    assert torch.isfinite(logits).all()
+    assert layers.num_layers(model) == model.config.num_hidden_layers == 6
+    assert isinstance(layers.final_norm(model), nn.Module)
+    names = [name for name, _ in model.named_modules()]
+    for target in layers.mlp_modules(model):
+        hits = [n for n in names if n.endswith("." + target)]
+        assert len(hits) == 6, f"{target} should name one linear per layer, found {hits}"
+        assert all(isinstance(model.get_submodule(n), nn.Linear) or "Conv1D" in type(model.get_submodule(n)).__name__ for n in hits)
+
+
+def test_set_decoder_layers_round_trip():
+    model, _ = kit.tiny_model("gpt2")
+    kept = nn.ModuleList(list(layers.decoder_layers(model))[:3])
+    layers.set_decoder_layers(model, kept)
+    assert layers.decoder_layers(model) is kept
+    assert model.transformer.h is kept
+
+
+def test_tiny_models_are_deterministic():
+    a, _ = kit.tiny_model("llama", seed=3)
+    b, _ = kit.tiny_model("llama", seed=3)
+    c, _ = kit.tiny_model("llama", seed=4)
+    wa, wb, wc = (m.model.layers[0].mlp.up_proj.weight for m in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+
+
+def test_unknown_tiny_architecture():
+    with pytest.raises(ValueError, match="llama, mistral"):
+        kit.tiny_model("bert")
+
+
+def test_unsupported_architecture_error_names_supported_ones(tmp_path):
+    from transformers import BertConfig, BertLMHeadModel
+
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, is_decoder=True)
+    BertLMHeadModel(config).save_pretrained(tmp_path)
+    kit.models.tiny_tokenizer().save_pretrained(tmp_path)
+    with pytest.raises(layers.UnsupportedArchitectureError, match=r"'bert' is not supported.*gpt2.*llama"):
+        kit.load_model(str(tmp_path))
+
+
+def test_unknown_name_lists_aliases():
+    with pytest.raises(OSError, match=r"smollm2-135m.*Hub names need network access"):
+        kit.load_model("no-such-org/no-such-model")
+
+
+def test_missing_gguf_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        kit.load_model(str(tmp_path / "absent.gguf"))
+
+
+def test_bad_quantize_value():
+    with pytest.raises(ValueError, match="'4bit' or None"):
+        kit.load_model("smollm2-135m", quantize="3bit")
+
+
+def _greedy(model, tokenizer, prompt, n=3):
+    enc = tokenizer(prompt, return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=n, do_sample=False)
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1] :])
+
+
+def test_embedded_model_knows_paris():
+    model, tokenizer = kit.load_model("smollm2-135m")
+    assert layers.num_layers(model) == 30 and model.config.model_type == "llama"
+    assert tokenizer.pad_token is not None
+    assert _greedy(model, tokenizer, "The capital of France is").startswith(" Paris")
+
+
+def test_embedded_model_in_4bit_on_cpu():
+    import bitsandbytes as bnb
+
+    model, tokenizer = kit.load_model("smollm2-135m", quantize="4bit")
+    assert isinstance(model.model.layers[0].mlp.down_proj, bnb.nn.Linear4bit)
+    assert model.model.layers[0].mlp.down_proj.weight.quant_type == "nf4"
+    assert _greedy(model, tokenizer, "The capital of France is").startswith(" Paris")
+
+
+def test_gguf_file_loads_through_its_cached_checkpoint(tmp_path, monkeypatch):
+    gguf = kit.assets.fetch_file(kit.assets.SMOLLM2_GGUF)
+    monkeypatch.setenv("KIT_CACHE", str(tmp_path))
+    model, tokenizer = kit.load_model(str(gguf))
+    converted = list((tmp_path / "models").iterdir())
+    assert len(converted) == 1 and (converted[0] / "model.safetensors").exists()
+    assert _greedy(model, tokenizer, "The capital of France is").startswith(" Paris")
+
+
+def test_cached_checkpoint_loads_without_the_kit():
+    path = kit.assets.model_dir("smollm2-135m")
+    code = (
+        "import sys; from transformers import AutoModelForCausalLM; "
+        f"m = AutoModelForCausalLM.from_pretrained({str(path)!r}); "
+        "assert 'kit' not in sys.modules; print(m.config.num_hidden_layers)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "30"
