@@ -1,0 +1,18 @@
+"""Committed notebooks carry no outputs and follow the team's anatomy."""
+
+import json
+
+import pytest
+from conftest import NOTEBOOKS, REPO
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_is_committed_clean(name):
+    nb = json.loads((REPO / "notebooks" / f"{name}.ipynb").read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), f"{name}: strip outputs"
+    parameters = [c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(parameters) == 1, f"{name}: exactly one cell tagged 'parameters'"
+    source = "".join(parameters[0]["source"])
+    assert 'RUN = "demo"' in source and "RUNS_ROOT" in source
+    assert "colab.research.google.com" in "".join(nb["cells"][0]["source"]), f"{name}: Colab badge in the first cell"
