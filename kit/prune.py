@@ -1,6 +1,20 @@
-"""Blocks of consecutive layers, and removing them from a model."""
+"""Blocks of consecutive layers, and removing them from a model: for a moment (sweeps), for
+good (drop_layers), as a plain HF checkpoint (save_pruned), or as a mergekit recipe."""
 
+import copy
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from . import layers
+from .artifacts import atomic_dir
+
+PRUNED_BLOCKS = "pruned_blocks"  # config attribute: removed layers as [[start, n], ...] in ORIGINAL indices
+_LAYER_THRESHOLDS = ("max_window_layers",)  # config ints meaning "the layers below this index" (Qwen2/3)
+_MISSING = object()
 
 
 @dataclass(frozen=True)
@@ -35,3 +49,128 @@ class Block:
 def heuristic_block(num_layers: int, n: int) -> Block:
     """The paper's simple strategy: keep the final layer, drop the n layers before it."""
     return Block(num_layers - 1 - n, n).check(num_layers)
+
+
+# ------------------------------------------------------------------------------ removing layers
+
+
+def _runs(indices) -> list[list[int]]:
+    """Sorted indices as maximal runs [[start, n], ...]."""
+    runs: list[list[int]] = []
+    for i in sorted(indices):
+        if runs and runs[-1][0] + runs[-1][1] == i:
+            runs[-1][1] += 1
+        else:
+            runs.append([i, 1])
+    return runs
+
+
+def _pruned_before(config) -> set[int]:
+    """Original-model indices of the layers removed by earlier pruning (config.pruned_blocks)."""
+    return {start + k for start, n in getattr(config, PRUNED_BLOCKS, None) or [] for k in range(n)}
+
+
+def _removal(model: nn.Module, block: Block) -> tuple[nn.ModuleList, list[tuple[object, str, object]]]:
+    """What removing `block` means: the new layer list, and every (object, attribute, value) to set.
+
+    This is the one place that knows the bookkeeping: config.num_hidden_layers (architecture
+    aliases such as GPT-2's n_layer follow through the config's attribute_map), every per-layer
+    config list, index thresholds such as max_window_layers, config.pruned_blocks, and the
+    `layer_idx` of every module inside the kept layers (the KV cache is indexed by it).
+    """
+    old = layers.decoder_layers(model)
+    num = len(old)
+    block.check(num)
+    config = model.config
+    kept = [i for i in range(num) if i not in block.layers]
+    before = _pruned_before(config)
+    original = [i for i in range(num + len(before)) if i not in before]  # original index of each layer
+
+    edits: list[tuple[object, str, object]] = [(config, "num_hidden_layers", num - block.n)]
+    for name, value in list(vars(config).items()):
+        if name != PRUNED_BLOCKS and isinstance(value, (list, tuple)) and len(value) == num:
+            edits.append((config, name, type(value)(value[i] for i in kept)))
+    for name in _LAYER_THRESHOLDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            edits.append((config, name, value - sum(i < value for i in block.layers)))
+    edits.append((config, PRUNED_BLOCKS, _runs(before | {original[i] for i in block.layers})))
+    for new_index, old_index in enumerate(kept):
+        for module in old[old_index].modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                edits.append((module, "layer_idx", new_index))
+    if getattr(config, "scale_attn_by_inverse_layer_idx", False):
+        warnings.warn(
+            "This model scales attention by 1/(layer_idx+1): a checkpoint saved after pruning rescales the layers "
+            "after the block, so it will not compute exactly what the kept layers computed before.",
+            stacklevel=3,
+        )
+    return nn.ModuleList(old[i] for i in kept), edits
+
+
+@contextmanager
+def dropped(model: nn.Module, block: Block):
+    """Remove `block` from `model` for the duration of a `with` block, without copying anything.
+
+    Swaps in a ModuleList of the kept layers (the same module objects) and updates the config and
+    the layer indices as `drop_layers` does; on exit, even on an exception, everything is restored
+    exactly. Meant for sweeps that evaluate many blocks on one loaded model.
+    """
+    original = layers.decoder_layers(model)
+    kept, edits = _removal(model, block)
+    saved = [(obj, name, getattr(obj, name, _MISSING)) for obj, name, _ in edits]
+    try:
+        for obj, name, value in edits:
+            setattr(obj, name, value)
+        layers.set_decoder_layers(model, kept)
+        yield model
+    finally:
+        layers.set_decoder_layers(model, original)
+        for obj, name, value in reversed(saved):
+            if value is _MISSING:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, value)
+
+
+def drop_layers(model: nn.Module, block: Block, *, inplace: bool = False) -> nn.Module:
+    """`model` without layers block.start .. block.end-1, ready for generation and saving.
+
+    Without `inplace` a deep copy is pruned (the original is untouched; memory is needed for both).
+    The config records the removed layers as `pruned_blocks = [[start, n], ...]` in the indices of
+    the ORIGINAL model, merged into runs, so pruning twice still says which original layers are gone.
+    """
+    block.check(layers.num_layers(model))
+    if not inplace:
+        model = copy.deepcopy(model)
+    kept, edits = _removal(model, block)
+    for obj, name, value in edits:
+        setattr(obj, name, value)
+    layers.set_decoder_layers(model, kept)
+    return model
+
+
+def save_pruned(model: nn.Module, tokenizer, path: str | Path) -> Path:
+    """Write `model` and `tokenizer` to `path` atomically as a plain HF checkpoint (safetensors):
+    `AutoModelForCausalLM.from_pretrained(path)` loads it without the kit."""
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return Path(path)
+
+
+def mergekit_config(model_name: str, block: Block, num_layers: int) -> str:
+    """A mergekit passthrough YAML that rebuilds the pruned model from the original weights.
+
+    mergekit's `layer_range: [a, b]` takes layers a .. b-1: the upper bound is EXCLUSIVE. A block
+    at the start or the end of the model leaves one slice, a block in the middle two.
+    """
+    import yaml
+
+    block.check(num_layers)
+    ranges = [(a, b) for a, b in ((0, block.start), (block.end, num_layers)) if b > a]
+    config = {
+        "slices": [{"sources": [{"model": model_name, "layer_range": [a, b]}]} for a, b in ranges],
+        "merge_method": "passthrough",
+    }
+    return yaml.safe_dump(config, sort_keys=False)

@@ -1,0 +1,216 @@
+"""Blocks, removing layers (temporarily and for good), pruned checkpoints, mergekit recipes."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import yaml
+from transformers import PretrainedConfig
+
+import kit
+from kit import layers
+from kit.prune import Block, dropped, heuristic_block
+
+BLOCK = Block(2, 2)  # in the middle of a 6-layer tiny model
+PROMPT = "The quick brown fox jumps over the lazy dog. " * 6  # longer than the tiny sliding windows (32)
+
+
+def _ids(tokenizer):
+    return tokenizer([PROMPT], return_tensors="pt").input_ids
+
+
+def _state(model):
+    """Everything pruning may touch: config, the layer list object, every layer_idx."""
+    indices = [(name, m.layer_idx) for name, m in model.named_modules() if isinstance(getattr(m, "layer_idx", None), int)]
+    return model.config.to_dict(), id(layers.decoder_layers(model)), indices
+
+
+@torch.no_grad()
+def _logits(model, ids):
+    return model(ids).logits
+
+
+# --------------------------------------------------------------------------------------- blocks
+
+
+def test_heuristic_block_keeps_the_final_layer():
+    block = heuristic_block(30, 5)
+    assert (block.start, block.n, block.end) == (24, 5, 29)
+    assert list(block.layers) == [24, 25, 26, 27, 28]
+    assert heuristic_block(2, 1) == Block(0, 1)
+
+
+@pytest.mark.parametrize(
+    "block, message",
+    [
+        (Block(0, 0), "choose 1 <= n <= 5 for 6 layers"),
+        (Block(0, 6), "choose 1 <= n <= 5 for 6 layers"),
+        (Block(-1, 2), "choose 0 <= start <= 4 for 6 layers"),
+        (Block(3, 4), "choose 0 <= start <= 2 for 6 layers"),
+    ],
+)
+def test_out_of_range_blocks_give_the_valid_range(block, message):
+    model, _ = kit.tiny_model("llama")
+    with pytest.raises(ValueError, match=message):
+        kit.drop_layers(model, block)
+    with pytest.raises(ValueError, match=message):
+        with dropped(model, block):
+            pass
+    with pytest.raises(ValueError, match=message):
+        kit.mergekit_config("m", block, 6)
+
+
+def test_unsupported_architecture_is_named():
+    model = torch.nn.Linear(2, 2)
+    model.config = PretrainedConfig()
+    model.config.model_type = "bert"
+    with pytest.raises(layers.UnsupportedArchitectureError, match="'bert' is not supported"):
+        kit.drop_layers(model, BLOCK)
+
+
+# ------------------------------------------------------------------------------ sweep view
+
+
+def test_dropped_equals_drop_layers_and_restores_exactly(tiny):
+    model, tokenizer = tiny
+    ids = _ids(tokenizer)
+    before, full = _state(model), _logits(model, ids)
+    with dropped(model, BLOCK) as view:
+        assert view is model and layers.num_layers(model) == 4 and model.config.num_hidden_layers == 4
+        inside = _logits(model, ids)
+    assert _state(model) == before
+    assert torch.equal(_logits(model, ids), full)
+    assert torch.equal(inside, _logits(kit.drop_layers(model, BLOCK), ids))
+
+
+def test_dropped_restores_after_an_exception():
+    model, _ = kit.tiny_model("gemma3")
+    before = _state(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with dropped(model, Block(1, 3)):
+            raise RuntimeError("boom")
+    assert _state(model) == before
+    assert not hasattr(model.config, "pruned_blocks")
+
+
+# ------------------------------------------------------------------------------ drop_layers
+
+
+def test_drop_layers_leaves_the_original_untouched(tiny):
+    model, tokenizer = tiny
+    ids = _ids(tokenizer)
+    before, full = _state(model), _logits(model, ids)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    pruned = kit.drop_layers(model, BLOCK)
+    with torch.no_grad():
+        for p in pruned.parameters():
+            p.add_(1.0)
+    assert _state(model) == before and layers.num_layers(model) == 6
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+    assert torch.equal(_logits(model, ids), full)
+    assert kit.drop_layers(model, BLOCK, inplace=True) is model and layers.num_layers(model) == 4
+
+
+def test_per_layer_config_is_shortened_consistently(tiny):
+    model, _ = tiny
+    kept = [0, 1, 4, 5]
+    per_layer = {k: v for k, v in vars(model.config).items() if isinstance(v, list) and len(v) == 6}
+    originals = [layers.decoder_layers(model)[i] for i in kept]
+    pruned = kit.drop_layers(model, BLOCK)
+    config = pruned.config
+    assert config.num_hidden_layers == layers.num_layers(pruned) == 4
+    assert config.to_dict().get("n_layer", 4) == 4  # GPT-2's own name for it
+    assert config.pruned_blocks == [[2, 2]]
+    for name, values in per_layer.items():
+        assert getattr(config, name) == [values[i] for i in kept], name
+    for index, layer in enumerate(layers.decoder_layers(pruned)):
+        assert {m.layer_idx for m in layer.modules() if hasattr(m, "layer_idx")} == {index}
+        assert layer.state_dict().keys() == originals[index].state_dict().keys()
+
+
+def test_kv_cache_generation_equals_recompute(tiny):
+    model, tokenizer = tiny
+    pruned = kit.drop_layers(model, BLOCK)
+    ids = _ids(tokenizer)
+    assert ids.shape[1] > 32  # past the sliding window
+    cached = pruned.generate(ids, max_new_tokens=8, do_sample=False, use_cache=True)
+    recomputed = pruned.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False)
+    assert torch.equal(cached, recomputed)
+
+
+def test_qwen2_sliding_layers_stay_sliding():
+    model, _ = kit.tiny_model("qwen2")  # layers 0-2 full attention, 3-5 sliding
+    pruned = kit.drop_layers(model, Block(1, 3))
+    assert pruned.config.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
+    assert pruned.config.max_window_layers == 1
+    pruned = kit.drop_layers(model, BLOCK)
+    assert pruned.config.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2
+    assert pruned.config.max_window_layers == 2
+
+
+def test_pruning_twice_records_original_indices():
+    model, tokenizer = kit.tiny_model("llama", num_layers=8)
+    ids = _ids(tokenizer)
+    once = kit.drop_layers(model, Block(5, 2))  # keeps original 0 1 2 3 4 7
+    twice = kit.drop_layers(once, Block(1, 2))  # removes original 1 2
+    assert twice.config.pruned_blocks == [[1, 2], [5, 2]]
+    thrice = kit.drop_layers(twice, Block(1, 2))  # removes original 3 4: one run 1..6 now
+    assert thrice.config.pruned_blocks == [[1, 6]]
+    assert torch.equal(_logits(thrice, ids), _logits(kit.drop_layers(model, Block(1, 6)), ids))
+
+
+# ------------------------------------------------------------------------- saved checkpoints
+
+_RELOAD = textwrap.dedent(
+    """
+    import sys, torch
+    from transformers import AutoModelForCausalLM
+    for path in sys.argv[1:]:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        with torch.no_grad():
+            logits = model(torch.load(path + "/ids.pt")).logits
+        torch.save(logits, path + "/reloaded.pt")
+    assert "kit" not in sys.modules
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def reloaded(tmp_path_factory):
+    """Every tiny architecture pruned and saved, then reloaded in ONE subprocess without the kit:
+    {arch: (in-memory logits, reloaded logits, checkpoint folder)}."""
+    root = tmp_path_factory.mktemp("pruned")
+    expected = {}
+    for arch in kit.TINY_ARCHITECTURES:
+        model, tokenizer = kit.tiny_model(arch)
+        pruned = kit.drop_layers(model, BLOCK)
+        path = kit.save_pruned(pruned, tokenizer, root / arch)
+        torch.save(_ids(tokenizer), path / "ids.pt")
+        expected[arch] = (_logits(pruned, _ids(tokenizer)), path)
+    subprocess.run([sys.executable, "-c", _RELOAD, *(str(p) for _, p in expected.values())], check=True, cwd=root)
+    return {arch: (logits, torch.load(path / "reloaded.pt"), path) for arch, (logits, path) in expected.items()}
+
+
+@pytest.mark.parametrize("arch", kit.TINY_ARCHITECTURES)
+def test_saved_checkpoint_reloads_without_the_kit(reloaded, arch):
+    logits, again, path = reloaded[arch]
+    assert list(path.glob("*.safetensors")) and not list(path.glob("*.bin"))
+    assert not list(path.parent.glob(f".{arch}.*"))  # no temporary folder left behind
+    assert torch.allclose(logits, again, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------- mergekit
+
+
+@pytest.mark.parametrize(
+    "block, ranges",
+    [(Block(0, 3), [[3, 10]]), (Block(4, 3), [[0, 4], [7, 10]]), (Block(7, 3), [[0, 7]])],
+)
+def test_mergekit_config_ranges(block, ranges):
+    config = yaml.safe_load(kit.mergekit_config("org/model", block, 10))
+    assert config["merge_method"] == "passthrough"
+    assert [s["sources"] for s in config["slices"]] == [[{"model": "org/model", "layer_range": r}] for r in ranges]
+    kept = [i for a, b in ranges for i in range(a, b)]  # upper bounds exclusive
+    assert kept == [i for i in range(10) if i not in block.layers]
