@@ -10,9 +10,9 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 import pytest  # noqa: E402
 
 import kit  # noqa: E402
+from kit.reports import NOTEBOOKS, execute  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-NOTEBOOKS = ("01_similarity", "02_select_and_prune", "03_heal", "04_compare")
 
 # Smoke parameters: each notebook small enough for a 2-core CPU, on the embedded model.
 SMOKE_PARAMETERS = {
@@ -33,24 +33,15 @@ def tiny(request):
 def notebook_run(tmp_path_factory):
     """run(name) executes notebooks 01..name in order (each once per session) with smoke
     parameters into one run folder, and returns that folder."""
-    import papermill
-
     runs_root = tmp_path_factory.mktemp("runs")
     executed = set()
 
     def run(name: str) -> Path:
         for earlier in NOTEBOOKS[: NOTEBOOKS.index(name) + 1]:
-            if earlier in executed:
-                continue
-            papermill.execute_notebook(
-                REPO / "notebooks" / f"{earlier}.ipynb",
-                runs_root / f"{earlier}.ipynb",
-                parameters={**SMOKE_PARAMETERS[earlier], "RUN": "smoke", "RUNS_ROOT": str(runs_root)},
-                kernel_name="python3",
-                cwd=str(REPO / "notebooks"),
-                progress_bar=False,
-            )
-            executed.add(earlier)
+            if earlier not in executed:
+                parameters = {**SMOKE_PARAMETERS[earlier], "RUN": "smoke", "RUNS_ROOT": str(runs_root)}
+                execute(earlier, output_dir=runs_root, parameters=parameters)
+                executed.add(earlier)
         return runs_root / "smoke"
 
     return run
