@@ -56,3 +56,21 @@ def distance_curves(distances, ns, ax=None):
     ax.set_title(f"{distances.meta.get('model', 'model')}: block distance by position")
     ax.legend(title="block size", fontsize="small")
     return ax
+
+
+def sweep_plot(results, metric: str, *, hue: str = "strategy", chance: float | None = None, ax=None):
+    """The paper's Figures 2, 3, 5 and 6: `metric` against the fraction of layers dropped.
+
+    results: the DataFrame of kit.sweep.sweep (several concatenated); hue: the column compared,
+    "strategy" (similarity vs heuristic) or "healed"; chance: draws the chance line (MMLU: 0.25).
+    """
+    ax = _axes(ax)
+    rows = results[results["metric"] == metric]
+    if rows.empty:
+        raise ValueError(f"no rows for metric {metric!r}; metrics present: {sorted(results['metric'].unique())}")
+    sns.lineplot(data=rows, x="fraction", y="value", hue=hue, style=hue, markers=True, dashes=False, ax=ax)
+    if chance is not None:
+        ax.axhline(chance, color="gray", ls="--", lw=1, label="chance")
+        ax.legend()
+    ax.set(xlabel="fraction of layers dropped", ylabel=metric)
+    return ax

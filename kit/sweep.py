@@ -1,0 +1,113 @@
+"""Pruning sweeps: evaluate one loaded model with every block size n removed, the way the
+paper's Figures 2, 3, 5 and 6 do, without reloading or copying the model."""
+
+from collections.abc import Callable, Sequence
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from . import evaluate, layers
+from .prune import Block, drop_layers, dropped, heuristic_block
+
+# An evaluation maps (model, tokenizer) to named metrics, e.g. {"mmlu": 0.41}.
+Evaluation = Callable[..., dict[str, float]]
+STRATEGIES = ("similarity", "heuristic")
+CHANCE = {"mmlu": 0.25, "mmlu_subjects": 0.25, "boolq": 0.5}
+
+
+def mmlu_metrics(questions, *, shots: int = 5, batch_size: int = 8) -> Evaluation:
+    """MMLU accuracy, as the mean over questions ("mmlu") and over subjects ("mmlu_subjects")."""
+
+    def run(model, tokenizer):
+        result = evaluate.mmlu(model, tokenizer, questions, shots=shots, batch_size=batch_size)
+        return {"mmlu": result.accuracy, "mmlu_subjects": result.subject_accuracy}
+
+    return run
+
+
+def boolq_metrics(items, *, batch_size: int = 8) -> Evaluation:
+    """BoolQ 0-shot accuracy ("boolq")."""
+    return lambda model, tokenizer: {"boolq": evaluate.boolq(model, tokenizer, items, batch_size=batch_size).accuracy}
+
+
+def loss_metrics(texts, *, max_length: int = 512, batch_size: int = 8) -> Evaluation:
+    """Validation loss in nats ("val_loss") and divided by log(vocab size) ("val_loss_norm")."""
+
+    def run(model, tokenizer):
+        result = evaluate.validation_loss(model, tokenizer, texts, max_length=max_length, batch_size=batch_size)
+        return {"val_loss": result.loss, "val_loss_norm": result.normalized}
+
+    return run
+
+
+def evaluate_all(model, tokenizer, evals: Sequence[Evaluation]) -> dict[str, float]:
+    """Every metric of every evaluation, in one dict."""
+    metrics: dict[str, float] = {}
+    for run in evals:
+        metrics.update(run(model, tokenizer))
+    return metrics
+
+
+def choose_block(num_layers: int, n: int, strategy: str, distances=None) -> Block:
+    """The block of n layers a strategy removes: the scan's argmin, or the paper's heuristic."""
+    if strategy == "similarity":
+        if distances is None:
+            raise ValueError("strategy='similarity' needs the distances of a scan (notebook 01_similarity)")
+        if distances.num_layers != num_layers:
+            raise ValueError(f"the distances describe {distances.num_layers} layers, the model has {num_layers}")
+        return distances.best_block(n)
+    if strategy == "heuristic":
+        return heuristic_block(num_layers, n)
+    raise ValueError(f"Unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+
+
+def _rows(metrics: dict[str, float], **columns) -> list[dict]:
+    return [{**columns, "metric": name, "value": value} for name, value in metrics.items()]
+
+
+def sweep(
+    model, tokenizer, *, ns: Sequence[int], evals: Sequence[Evaluation], distances=None,
+    strategy: str = "similarity", heal: Callable | None = None, heal_ns: Sequence[int] = (),
+) -> pd.DataFrame:  # fmt: skip
+    """Evaluate `model` with n layers removed for every n in `ns` (0 = the unpruned model).
+
+    Each pruned model is a view of the loaded one (kit.prune.dropped), restored afterwards.
+    heal(pruned_model, tokenizer, block) -> healed model is applied, on a pruned copy, to every n
+    in `heal_ns`, and those rows carry healed=True.
+    Returns one row per (n, metric): strategy, n, fraction (n / L), start, distance, healed, metric, value.
+    """
+    num = layers.num_layers(model)
+    blocks = {n: choose_block(num, n, strategy, distances) for n in ns if n != 0}
+    if missing := set(heal_ns) - set(blocks):
+        raise ValueError(f"heal_ns {sorted(missing)} must be non-zero block sizes that are also in ns")
+    if heal_ns and heal is None:
+        raise ValueError("heal_ns needs a heal function, e.g. kit.sweep.healer(...)")
+    rows = []
+    for n in tqdm(ns, desc=f"sweep ({strategy})", unit="n"):
+        block = blocks.get(n)
+        columns = dict(
+            strategy=strategy, n=n, fraction=n / num,
+            start=block.start if block else None, distance=block.distance if block else None,
+        )  # fmt: skip
+        if block is None:
+            rows += _rows(evaluate_all(model, tokenizer, evals), **columns, healed=False)
+            continue
+        with dropped(model, block):
+            rows += _rows(evaluate_all(model, tokenizer, evals), **columns, healed=False)
+        if n in heal_ns:
+            healed = heal(drop_layers(model, block), tokenizer, block)
+            rows += _rows(evaluate_all(healed, tokenizer, evals), **columns, healed=True)
+    return pd.DataFrame(rows)
+
+
+def healer(texts: list[str], config, *, output_root, val_texts=None) -> Callable:
+    """A `heal` function for sweep(): kit.heal with `config` on `texts`, adapters under output_root/n{n}."""
+    from pathlib import Path
+
+    from .heal import heal as heal_model
+
+    def run(pruned, tokenizer, block: Block):
+        output_dir = Path(output_root) / f"n{block.n}"
+        return heal_model(pruned, tokenizer, texts, config, output_dir=output_dir, val_texts=val_texts).model
+
+    return run

@@ -1,0 +1,114 @@
+import matplotlib
+
+matplotlib.use("Agg")
+
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import kit  # noqa: E402
+from kit import data, evaluate, layers, plots, sweep  # noqa: E402
+from kit.prune import Block, drop_layers, heuristic_block  # noqa: E402
+from kit.similarity import Distances  # noqa: E402
+
+TEXTS = data.corpus("validation")[:3]
+
+
+def _distances(num_layers, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    m = torch.rand(num_layers + 1, num_layers + 1, generator=g)
+    m = (m + m.T) / 2
+    m.fill_diagonal_(0)
+    return Distances(m, {"model": "tiny"})
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("strategy", sweep.STRATEGIES)
+def test_sweep_equals_evaluating_each_pruned_copy(strategy):
+    model, tokenizer = kit.tiny_model("qwen2")
+    distances = _distances(6)
+    weights, num = _state(model)
+    evals = [sweep.loss_metrics(TEXTS, max_length=64)]
+    table = sweep.sweep(model, tokenizer, ns=[0, 1, 3], evals=evals, distances=distances, strategy=strategy)
+
+    assert list(table.columns) == ["strategy", "n", "fraction", "start", "distance", "healed", "metric", "value"]
+    assert set(table["metric"]) == {"val_loss", "val_loss_norm"} and len(table) == 6
+    for n in (0, 1, 3):
+        row = table[(table.n == n) & (table.metric == "val_loss")].iloc[0]
+        assert row.fraction == n / 6 and not row.healed
+        if n == 0:
+            reference = model
+        else:
+            block = distances.best_block(n) if strategy == "similarity" else heuristic_block(6, n)
+            assert row.start == block.start
+            reference = drop_layers(model, block)
+        assert row.value == pytest.approx(evaluate.validation_loss(reference, tokenizer, TEXTS, max_length=64).loss, abs=1e-6)
+    after, num_after = _state(model)
+    assert num_after == num and layers.num_layers(model) == 6
+    assert all(torch.equal(weights[k], after[k]) for k in weights)
+
+
+def test_sweep_heals_chosen_sizes_on_copies():
+    model, tokenizer = kit.tiny_model("llama")
+    seen = []
+
+    def heal(pruned, tok, block):
+        seen.append((layers.num_layers(pruned), block))
+        assert pruned is not model
+        return pruned
+
+    probe = lambda m, t: {"layers": float(layers.num_layers(m))}  # noqa: E731
+    table = sweep.sweep(model, tokenizer, ns=[0, 2], evals=[probe], strategy="heuristic", heal=heal, heal_ns=[2])
+    assert seen == [(4, Block(3, 2))]
+    assert table[["n", "healed", "value"]].values.tolist() == [[0, False, 6.0], [2, False, 4.0], [2, True, 4.0]]
+    assert layers.num_layers(model) == 6
+
+
+def test_sweep_restores_the_model_after_an_error():
+    model, tokenizer = kit.tiny_model("gemma3")
+    layer_types = list(model.config.layer_types)
+
+    def broken(m, t):
+        if layers.num_layers(m) < 6:
+            raise RuntimeError("evaluation failed")
+        return {}
+
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        sweep.sweep(model, tokenizer, ns=[0, 2], evals=[broken], strategy="heuristic")
+    assert layers.num_layers(model) == 6 and model.config.layer_types == layer_types
+
+
+def test_mmlu_metrics_in_a_sweep():
+    model, tokenizer = kit.tiny_model("llama")
+    questions = data.mmlu_questions(["anatomy"], per_subject=4)
+    table = sweep.sweep(model, tokenizer, ns=[2], evals=[sweep.mmlu_metrics(questions)], strategy="heuristic")
+    direct = evaluate.mmlu(drop_layers(model, heuristic_block(6, 2)), tokenizer, questions)
+    values = dict(zip(table.metric, table.value))
+    assert values == {"mmlu": direct.accuracy, "mmlu_subjects": direct.subject_accuracy}
+
+
+def test_sweep_bad_input():
+    model, tokenizer = kit.tiny_model("llama")
+    with pytest.raises(ValueError, match="needs the distances"):
+        sweep.sweep(model, tokenizer, ns=[1], evals=[], strategy="similarity")
+    with pytest.raises(ValueError, match="similarity, heuristic"):
+        sweep.sweep(model, tokenizer, ns=[1], evals=[], strategy="random")
+    with pytest.raises(ValueError, match="the model has 6"):
+        sweep.sweep(model, tokenizer, ns=[1], evals=[], distances=_distances(4))
+    with pytest.raises(ValueError, match="also in ns"):
+        sweep.sweep(model, tokenizer, ns=[1], evals=[], strategy="heuristic", heal=lambda *a: a[0], heal_ns=[2])
+    with pytest.raises(ValueError, match="choose 1 <= n <= 5"):
+        sweep.sweep(model, tokenizer, ns=[6], evals=[], strategy="heuristic")
+
+
+def test_sweep_plot():
+    table = pd.DataFrame(
+        [dict(strategy=s, n=n, fraction=n / 4, healed=False, metric="mmlu", value=0.5 - n / 10) for s in sweep.STRATEGIES for n in range(4)]
+    )
+    ax = plots.sweep_plot(table, "mmlu", chance=0.25)
+    assert len(ax.get_lines()) >= 3 and ax.get_xlabel() == "fraction of layers dropped"
+    with pytest.raises(ValueError, match="metrics present: \\['mmlu'\\]"):
+        plots.sweep_plot(table, "boolq")
