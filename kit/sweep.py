@@ -48,6 +48,21 @@ def evaluate_all(model, tokenizer, evals: Sequence[Evaluation]) -> dict[str, flo
     return metrics
 
 
+def compare(checkpoints: dict[str, str], evals: Sequence[Evaluation], **load_kwargs) -> pd.DataFrame:
+    """One row per labelled checkpoint (loaded one at a time with kit.load_model): layers,
+    parameters and every metric of `evals`, e.g. {"original": "smollm2-135m", "pruned": "runs/x/pruned"}."""
+    from .models import load_model
+
+    rows = []
+    for label, name in checkpoints.items():
+        model, tokenizer = load_model(str(name), **load_kwargs)
+        parameters = sum(p.numel() for p in model.parameters())
+        rows.append({"model": label, "layers": layers.num_layers(model), "parameters": parameters,
+                     **evaluate_all(model, tokenizer, evals)})  # fmt: skip
+        del model
+    return pd.DataFrame(rows).set_index("model")
+
+
 def choose_block(num_layers: int, n: int, strategy: str, distances=None) -> Block:
     """The block of n layers a strategy removes: the scan's argmin, or the paper's heuristic."""
     if strategy == "similarity":

@@ -112,3 +112,17 @@ def test_sweep_plot():
     assert len(ax.get_lines()) >= 3 and ax.get_xlabel() == "fraction of layers dropped"
     with pytest.raises(ValueError, match="metrics present: \\['mmlu'\\]"):
         plots.sweep_plot(table, "boolq")
+
+
+def test_compare_loads_each_checkpoint(tmp_path):
+    model, tokenizer = kit.tiny_model("llama")
+    for name, m in {"full": model, "pruned": drop_layers(model, Block(1, 2))}.items():
+        m.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    evals = [sweep.loss_metrics(TEXTS, max_length=64)]
+    table = sweep.compare({"original": tmp_path / "full", "pruned": tmp_path / "pruned"}, evals)
+    assert table.index.tolist() == ["original", "pruned"] and table["layers"].tolist() == [6, 4]
+    per_layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    assert table.loc["original", "parameters"] - table.loc["pruned", "parameters"] == 2 * per_layer
+    expected = evaluate.validation_loss(model, tokenizer, TEXTS, max_length=64).loss
+    assert table.loc["original", "val_loss"] == pytest.approx(expected, abs=1e-6)
