@@ -20,7 +20,6 @@ _LLAMA_LIKE = Anatomy("model.layers", "model.norm", ("gate_proj", "up_proj", "do
 ANATOMIES: dict[str, Anatomy] = {
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
-    "mixtral": Anatomy("model.layers", "model.norm", ("w1", "w2", "w3")),
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
     "gemma": _LLAMA_LIKE,
