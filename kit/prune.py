@@ -173,4 +173,4 @@ def mergekit_config(model_name: str, block: Block, num_layers: int) -> str:
         "slices": [{"sources": [{"model": model_name, "layer_range": [a, b]}]} for a, b in ranges],
         "merge_method": "passthrough",
     }
-    return yaml.safe_dump(config, sort_keys=False)
+    return yaml.safe_dump(config, sort_keys=False, default_flow_style=None)  # layer_range: [a, b]

@@ -70,8 +70,7 @@ class BlockPicker:
         block = self.block
         ax = distance_heatmap(self.distances, highlight=block, ax=ax)
         heuristic = heuristic_block(self.distances.num_layers, block.n)
-        ax.plot(heuristic.start, block.n, "X", ms=10, mfc="white", mec="black",
-                label="heuristic block")
+        ax.plot(heuristic.start, block.n, "X", ms=10, mfc="white", mec="black", label="heuristic block")
         ax.legend(loc="upper right", fontsize="small")
         return ax
 
@@ -109,5 +108,13 @@ class BlockPicker:
         figure.savefig(png, format="png", dpi=80, bbox_inches="tight")
         self._image.value = png.getvalue()
 
+    def __repr__(self) -> str:
+        block = self.block
+        return (
+            f"BlockPicker: layers {block.start}-{block.end - 1} (n={block.n}, start={block.start}, {self.source}), "
+            f"distance {block.distance:.4f}"
+        )
+
     def _repr_mimebundle_(self, **kwargs):
-        return self.widget._repr_mimebundle_(**kwargs)
+        """The widget in a live notebook; a one-line summary where widgets do not render."""
+        return {**self.widget._repr_mimebundle_(**kwargs), "text/plain": repr(self)}

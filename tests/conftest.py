@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Smoke parameters: each notebook small enough for a 2-core CPU, on the embedded model.
 SMOKE_PARAMETERS = {
     "01_similarity": {},
-    "02_select_and_prune": {},
+    "02_select_and_prune": {"N": 4, "N_VAL_TEXTS": 4, "MAX_LENGTH": 64, "BATCH_SIZE": 4},
     "03_heal": {},
     "04_compare": {},
 }

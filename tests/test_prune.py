@@ -70,6 +70,13 @@ def test_unsupported_architecture_is_named():
         kit.drop_layers(model, BLOCK)
 
 
+def test_layer_index_scaled_attention_warns():
+    model, _ = kit.tiny_model("gpt2")
+    model.config.scale_attn_by_inverse_layer_idx = True
+    with pytest.warns(UserWarning, match="1/\\(layer_idx\\+1\\)"):
+        kit.drop_layers(model, BLOCK)
+
+
 # ------------------------------------------------------------------------------ sweep view
 
 

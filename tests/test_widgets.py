@@ -69,4 +69,6 @@ def test_static_figure_boxes_the_chosen_block(distances):
     ax = picker.plot()
     (box,) = ax.patches
     assert (box.get_x(), box.get_y()) == (-0.5, 1.5)
-    assert "application/vnd.jupyter.widget-view+json" in picker._repr_mimebundle_()
+    bundle = picker._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+    assert bundle["text/plain"] == "BlockPicker: layers 0-1 (n=2, start=0, manual), distance 0.9000"
