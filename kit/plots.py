@@ -1,14 +1,25 @@
 """Figures with matplotlib/seaborn (headless-safe). Each function draws on `ax` (a new figure
 when None) and returns the Axes."""
 
+from pathlib import Path
+
 import matplotlib.pyplot as plt
 import numpy as np
 import seaborn as sns
 from matplotlib.patches import Rectangle
 
+from .artifacts import atomic_path
+
 
 def _axes(ax, figsize=(7, 5)):
     return ax if ax is not None else plt.subplots(figsize=figsize)[1]
+
+
+def save(ax, path: str | Path, dpi: int = 150) -> Path:
+    """Write the figure holding `ax` to `path` (format from the suffix), atomically."""
+    with atomic_path(path) as tmp:
+        ax.figure.savefig(tmp, dpi=dpi, bbox_inches="tight")
+    return Path(path)
 
 
 def distance_heatmap(distances, normalize_rows: bool = False, mark_best: bool = True, highlight=None, ax=None):
@@ -24,8 +35,7 @@ def distance_heatmap(distances, normalize_rows: bool = False, mark_best: bool = 
         low, high = np.nanmin(grid, axis=1, keepdims=True), np.nanmax(grid, axis=1, keepdims=True)
         grid = (grid - low) / np.where(high > low, high - low, 1.0)
     ax = _axes(ax)
-    cmap = sns.color_palette("viridis", as_cmap=True).copy()
-    cmap.set_bad("white")
+    cmap = sns.color_palette("viridis", as_cmap=True).with_extremes(bad="white")
     image = ax.imshow(
         np.ma.masked_invalid(grid), origin="lower", aspect="auto", cmap=cmap, interpolation="nearest",
         extent=(-0.5, L - 0.5, 0.5, L - 0.5),

@@ -1,0 +1,71 @@
+"""The similarity figures draw exactly the numbers of the Distances they are given."""
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import torch
+from matplotlib.patches import Rectangle
+
+import kit
+from kit.similarity import Distances
+
+L = 8
+
+
+@pytest.fixture
+def distances():
+    rng = np.random.default_rng(1)
+    matrix = rng.random((L + 1, L + 1))
+    matrix = (matrix + matrix.T) / 2
+    np.fill_diagonal(matrix, 0)
+    yield Distances(torch.tensor(matrix), {"model": "synthetic", "metric": "angular_last"})
+    plt.close("all")
+
+
+def test_heatmap_shows_every_block_with_blanks_where_none_fits(distances):
+    ax = kit.plots.distance_heatmap(distances, mark_best=False)
+    image = ax.images[0].get_array()
+    table = distances.by_block()
+    assert image.shape == (L - 1, L)  # n = 1 .. L-1 by start = 0 .. L-1
+    for n in range(1, L):
+        for start in range(L):
+            if start + n > L:
+                assert image.mask[n - 1, start]
+            else:
+                assert image[n - 1, start] == table[n, start]
+    assert ax.images[0].get_extent() == [-0.5, L - 0.5, 0.5, L - 0.5]  # cell centres at (start, n)
+    assert not ax.lines and not ax.patches
+
+
+def test_heatmap_marks_the_best_block_of_each_row_and_the_highlight(distances):
+    ax = kit.plots.distance_heatmap(distances, highlight=kit.Block(2, 3))
+    (line,) = ax.lines
+    assert list(line.get_ydata()) == list(range(1, L))
+    assert list(line.get_xdata()) == [distances.best_block(n).start for n in range(1, L)]
+    (box,) = [p for p in ax.patches if isinstance(p, Rectangle)]
+    assert (box.get_x(), box.get_y(), box.get_width(), box.get_height()) == (1.5, 2.5, 1, 1)
+
+
+def test_heatmap_normalized_rows_span_zero_to_one(distances):
+    image = kit.plots.distance_heatmap(distances, normalize_rows=True).images[0].get_array()
+    for row in image:  # every row n <= L-1 has at least two blocks
+        assert row.min() == pytest.approx(0) and row.max() == pytest.approx(1)
+
+
+def test_curves_plot_each_block_size_against_its_start(distances):
+    ns = [1, 3, 5]
+    ax = kit.plots.distance_curves(distances, ns)
+    table = distances.by_block()
+    assert [line.get_label() for line in ax.lines] == [f"n = {n}" for n in ns]
+    for n, line in zip(ns, ax.lines):
+        np.testing.assert_array_equal(line.get_xdata(), np.arange(L - n + 1))
+        np.testing.assert_array_equal(line.get_ydata(), table[n, : L - n + 1])
+
+
+def test_figures_draw_on_a_given_axes_and_save_atomically(distances, tmp_path):
+    _, (left, right) = plt.subplots(1, 2)
+    assert kit.plots.distance_heatmap(distances, ax=left) is left
+    assert kit.plots.distance_curves(distances, [2], ax=right) is right
+    path = kit.plots.save(left, tmp_path / "figure.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["figure.png"]

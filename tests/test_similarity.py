@@ -1,0 +1,208 @@
+"""The similarity scan against an independent brute-force computation, padding and batching
+invariance, resume, and the Distances container."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import kit
+from kit.artifacts import MissingArtifactError
+from kit.similarity import METRICS, Distances
+
+MAX_LENGTH = 48
+
+
+@pytest.fixture(scope="module")
+def texts():
+    """Texts of very different token counts, some truncated at MAX_LENGTH: batches need padding."""
+    chunks = kit.data.load_texts("corpus", "validation", 6)
+    return [chunk[:chars] for chunk, chars in zip(chunks, (15, 300, 60, 40, 500, 120))]
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    return kit.load_model("smollm2-135m")
+
+
+class _FinalNormRemoved:
+    """Temporarily replace the final norm by Identity, so HF's last hidden state is position L."""
+
+    def __init__(self, model):
+        *parents, self.name = kit.layers.anatomy(model).final_norm.split(".")
+        self.parent = model
+        for part in parents:
+            self.parent = getattr(self.parent, part)
+
+    def __enter__(self):
+        self.norm = getattr(self.parent, self.name)
+        setattr(self.parent, self.name, nn.Identity())
+
+    def __exit__(self, *exc):
+        setattr(self.parent, self.name, self.norm)
+
+
+@torch.no_grad()
+def brute_force(model, tokenizer, texts):
+    """{metric: mean distance between positions}, one unpadded text at a time, in numpy float64."""
+    totals, counts = dict.fromkeys(METRICS, 0.0), dict.fromkeys(METRICS, 0)
+    with _FinalNormRemoved(model):
+        for text in texts:
+            ids = tokenizer(text, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
+            hidden = model(**ids, output_hidden_states=True).hidden_states
+            x = np.stack([h[0].double().numpy() for h in hidden])  # [L+1, tokens, hidden]
+            x = x / np.linalg.norm(x, axis=-1, keepdims=True)
+            for metric in METRICS:
+                tokens = x[:, -1:] if metric == "angular_last" else x
+                cos = np.clip(np.einsum("ith,jth->tij", tokens, tokens), -1, 1)
+                totals[metric] = totals[metric] + ((1 - cos) if metric == "block_influence" else np.arccos(cos) / np.pi).sum(0)
+                counts[metric] += tokens.shape[1]
+    matrices = {metric: totals[metric] / counts[metric] for metric in METRICS}
+    for matrix in matrices.values():
+        np.fill_diagonal(matrix, 0)
+    return matrices
+
+
+def scan(model, tokenizer, texts, **kwargs):
+    return kit.angular_distances(model, tokenizer, texts, max_length=MAX_LENGTH, **kwargs)
+
+
+def assert_matches_brute_force(model, tokenizer, texts, **kwargs):
+    expected = brute_force(model, tokenizer, texts)
+    for metric in METRICS:
+        distances = scan(model, tokenizer, texts, metric=metric, **kwargs)
+        np.testing.assert_allclose(distances.matrix.numpy(), expected[metric], atol=2e-5, err_msg=metric)
+
+
+def test_matches_brute_force_on_tiny_models(tiny, texts):
+    assert_matches_brute_force(*tiny, texts, batch_size=4)
+
+
+def test_matches_brute_force_on_embedded_model(smollm, texts):
+    assert_matches_brute_force(*smollm, texts[:4], batch_size=4)
+
+
+def test_bfloat16_model_is_measured_in_float32(texts):
+    model, tokenizer = kit.tiny_model("llama")
+    model.to(torch.bfloat16)
+    distances = scan(model, tokenizer, texts, batch_size=1)
+    assert distances.matrix.dtype == torch.float32
+    np.testing.assert_allclose(distances.matrix.numpy(), brute_force(model, tokenizer, texts)["angular_last"], atol=2e-5)
+
+
+def test_4bit_model_matches_brute_force(tmp_path, texts):
+    model, tokenizer = kit.tiny_model("llama")
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model, tokenizer = kit.load_model(str(tmp_path), quantize="4bit", dtype=torch.float32)
+    distances = scan(model, tokenizer, texts, batch_size=1)
+    np.testing.assert_allclose(distances.matrix.numpy(), brute_force(model, tokenizer, texts)["angular_last"], atol=2e-5)
+
+
+@pytest.mark.parametrize("metric", ["angular_last", "angular_all"])
+def test_padding_side_and_batch_size_do_not_matter(tiny, texts, metric):
+    model, tokenizer = tiny
+    tokenizer.padding_side = "right"
+    right_1 = scan(model, tokenizer, texts, batch_size=1, metric=metric).matrix
+    tokenizer.padding_side = "left"
+    left_8 = scan(model, tokenizer, texts, batch_size=8, metric=metric).matrix
+    torch.testing.assert_close(left_8, right_1, atol=1e-5, rtol=0)
+
+
+def test_resume_after_interruption_gives_the_same_matrix(tmp_path, texts):
+    model, tokenizer = kit.tiny_model("llama")
+    expected = scan(model, tokenizer, texts, batch_size=2, metric="angular_all").matrix
+    forwards = []
+
+    def interrupt_third_batch(module, args):
+        forwards.append(1)
+        if len(forwards) == 3:
+            raise KeyboardInterrupt
+
+    handle = model.register_forward_pre_hook(interrupt_third_batch)
+    cache = tmp_path / "scan.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        scan(model, tokenizer, texts, batch_size=2, metric="angular_all", cache_path=cache)
+    resumed = scan(model, tokenizer, texts, batch_size=2, metric="angular_all", cache_path=cache)
+    handle.remove()
+    assert len(forwards) == 4  # batches 1, 2, the interrupted 3, then only 3 again
+    assert torch.equal(resumed.matrix, expected)
+    assert resumed.meta["tokens"] == scan(model, tokenizer, texts, batch_size=2, metric="angular_all").meta["tokens"]
+    with pytest.raises(ValueError, match="other settings.*Delete it"):
+        scan(model, tokenizer, texts, batch_size=3, metric="angular_all", cache_path=cache)
+
+
+def test_scan_result_is_a_distance_matrix(texts):
+    model, tokenizer = kit.tiny_model("gpt2")
+    distances = scan(model, tokenizer, texts, batch_size=3, model_name="tiny")
+    matrix = distances.matrix
+    assert matrix.shape == (7, 7) and distances.num_layers == 6
+    assert torch.equal(matrix, matrix.T) and torch.all(matrix.diagonal() == 0)
+    assert torch.all(matrix[~torch.eye(7, dtype=torch.bool)] > 0) and torch.all(matrix <= 1)
+    assert distances.meta["model"] == "tiny" and distances.meta["n_texts"] == len(texts)
+    assert distances.meta["tokens"] == len(texts) and distances.meta["metric"] == "angular_last"
+    assert distances.meta["max_length"] == MAX_LENGTH and "torch" in distances.meta["versions"]
+
+
+def test_bad_arguments_say_what_to_do(texts):
+    model, tokenizer = kit.tiny_model("llama")
+    with pytest.raises(ValueError, match="choose one of: angular_last, angular_all, block_influence"):
+        scan(model, tokenizer, texts, metric="cosine")
+    with pytest.raises(ValueError, match="non-empty list"):
+        scan(model, tokenizer, "one string")
+    with pytest.raises(ValueError, match=r"texts \[1\] have no tokens"):
+        scan(model, tokenizer, ["hello", ""])
+
+
+def random_distances(num_layers=7, seed=0):
+    rng = np.random.default_rng(seed)
+    matrix = rng.random((num_layers + 1, num_layers + 1))
+    matrix = (matrix + matrix.T) / 2
+    np.fill_diagonal(matrix, 0)
+    return Distances(torch.tensor(matrix), {"model": "synthetic", "metric": "angular_last"})
+
+
+def test_by_block_indexes_the_matrix_with_nan_where_blocks_do_not_fit():
+    distances = random_distances()
+    L, matrix, table = distances.num_layers, distances.matrix.numpy(), distances.by_block()
+    assert table.shape == (L + 1, L + 1)
+    for n in range(L + 1):
+        for start in range(L + 1):
+            if start + n > L:
+                assert np.isnan(table[n, start])
+            else:
+                assert table[n, start] == matrix[start, start + n]
+
+
+def test_best_block_is_the_argmin_of_its_row():
+    distances = random_distances()
+    L, matrix = distances.num_layers, distances.matrix.numpy()
+    for n in range(1, L):
+        scores = [matrix[start, start + n] for start in range(L - n + 1)]
+        best = distances.best_block(n)
+        assert (best.start, best.n) == (int(np.argmin(scores)), n)
+        assert math.isclose(best.distance, min(scores), rel_tol=1e-6)
+    for n in (0, L):
+        with pytest.raises(ValueError, match=f"choose 1 <= n <= {L - 1}"):
+            distances.best_block(n)
+
+
+def test_save_load_round_trip(tmp_path):
+    distances = random_distances()
+    path = distances.save(tmp_path / "distances.safetensors")
+    loaded = Distances.load(path)
+    assert torch.equal(loaded.matrix, distances.matrix) and loaded.meta == distances.meta
+    assert [p.name for p in tmp_path.iterdir()] == ["distances.safetensors"]  # no temporary left behind
+
+
+def test_load_rejects_missing_and_foreign_files(tmp_path):
+    with pytest.raises(MissingArtifactError, match="does not exist"):
+        Distances.load(tmp_path / "absent.safetensors")
+    save_file({"matrix": torch.zeros(3, 3)}, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="not a Distances file"):
+        Distances.load(tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="square"):
+        Distances(torch.zeros(3, 4))
