@@ -23,7 +23,8 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS) + [
-    "artifacts", "assets", "config", "data", "evaluate", "layers", "models", "plots", "prune", "similarity", "widgets",
+    "artifacts", "assets", "config", "data", "evaluate", "layers", "models", "plots", "prune", "reports", "similarity",
+    "sweep", "widgets",
 ]
 
 

@@ -15,6 +15,12 @@ class MissingArtifactError(FileNotFoundError):
     pass
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def runs_root() -> Path:
     return Path(os.environ.get("KIT_RUNS", "runs"))
 
@@ -37,6 +43,7 @@ def atomic_dir(path: str | Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; give it the usual permissions
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
 
@@ -50,6 +57,7 @@ def atomic_path(path: str | Path):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -47,3 +47,17 @@ def test_manifest_records_each_step(tmp_path):
 
 def test_run_dir(tmp_path):
     assert artifacts.run_dir("demo", tmp_path) == tmp_path / "demo" and (tmp_path / "demo").is_dir()
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        artifacts.write_json(tmp_path / "a.json", {})
+        with artifacts.atomic_dir(tmp_path / "ckpt"):
+            pass
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "ckpt").stat().st_mode & 0o777 == 0o755
