@@ -6,6 +6,7 @@ import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
@@ -170,3 +171,34 @@ def encode(tokenizer, texts: list[str], *, max_length: int, device=None, padding
         list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt", padding_side=padding_side
     )
     return enc.to(device) if device is not None else enc
+
+
+@dataclass(frozen=True)
+class BoolQItem:
+    question: str  # as in google/boolq: lower case, no question mark
+    passage: str
+    answer: bool
+
+
+def _boolq_item(row: dict, where: str) -> BoolQItem:
+    missing = {"question", "passage", "answer"} - set(row)
+    if missing:
+        raise ValueError(f"BoolQ row {where} lacks {', '.join(sorted(missing))}: rows need question, passage, answer")
+    return BoolQItem(str(row["question"]), str(row["passage"]), bool(row["answer"]))
+
+
+def boolq_items(source: str = "hub", n: int | None = None) -> list[BoolQItem]:
+    """BoolQ items: "hub" reads `google/boolq`'s validation split (needs the Hub); any other
+    source is a local jsonl file with google/boolq's fields (question, passage, answer)."""
+    if source == "hub":
+        from datasets import load_dataset
+
+        rows = load_dataset("google/boolq", split="validation")
+        rows = rows.select(range(min(n, len(rows)))) if n is not None else rows
+        return [_boolq_item(row, f"{i} of google/boolq") for i, row in enumerate(rows)]
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"BoolQ file {path} does not exist: pass 'hub' or a jsonl file of question, passage, answer")
+    with open(path) as f:
+        lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
+    return [_boolq_item(json.loads(line), f"{path}:{number}") for number, line in lines[:n]]

@@ -1,12 +1,19 @@
-"""Evaluation: validation loss (more to come: MMLU, BoolQ, sweeps)."""
+"""Evaluation as the paper reports it: MMLU (5-shot, original format), BoolQ (0-shot), and
+validation loss; optionally MMLU through lm-evaluation-harness."""
 
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import batched, encode
+from .data import BoolQItem, batched, encode
+from .harness import lm_eval_mmlu
+from .mmlu import MMLUResult, mmlu
+from .scoring import encode_request, loglikelihoods
+
+__all__ = ["mmlu", "boolq", "validation_loss", "lm_eval_mmlu", "MMLUResult", "BoolQResult", "LossResult"]
 
 
 @dataclass(frozen=True)
@@ -33,3 +40,26 @@ def validation_loss(model, tokenizer, texts: list[str], *, max_length: int = 512
         raise ValueError("the texts hold no tokens to predict (each needs at least two tokens)")
     loss = total / count
     return LossResult(loss, loss / math.log(vocab), count)
+
+
+@dataclass(frozen=True)
+class BoolQResult:
+    accuracy: float
+    predictions: list[bool]  # per item, in input order
+    loglikelihoods: np.ndarray  # (items, 2): log p(" no" | prompt), log p(" yes" | prompt)
+
+
+def boolq_prompt(item: BoolQItem) -> str:
+    return f"{item.passage}\nQuestion: {item.question}?\nAnswer:"
+
+
+def boolq(model, tokenizer, items: list[BoolQItem], *, batch_size: int = 8) -> BoolQResult:
+    """0-shot BoolQ accuracy: the answer is whichever of " no" / " yes" is more likely (lm-eval's rule)."""
+    if not items:
+        raise ValueError("boolq needs at least one item, e.g. kit.data.boolq_items('hub', n=500)")
+    requests = [encode_request(tokenizer, boolq_prompt(item), choice) for item in items for choice in (" no", " yes")]
+    scores = loglikelihoods(model, requests, batch_size=batch_size, cache_prefix=False, desc="BoolQ")
+    loglik = np.reshape(scores, (len(items), 2))
+    predictions = [bool(choice) for choice in loglik.argmax(axis=1)]
+    accuracy = float(np.mean([p == item.answer for p, item in zip(predictions, items)]))
+    return BoolQResult(accuracy, predictions, loglik)

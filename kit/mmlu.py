@@ -1,0 +1,82 @@
+"""MMLU in the original Hendrycks format, exactly as lm-evaluation-harness writes it, scored by the
+log-likelihood of " A".." D"; within a subject the few-shot prefix runs once (KV cache)."""
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from .data import LETTERS, MMLUQuestion, format_mmlu_question, mmlu_fewshot_pool
+from .scoring import encode_request, loglikelihoods
+
+
+@dataclass(frozen=True)
+class MMLUResult:
+    accuracy: float  # mean over questions
+    subject_accuracy: float  # mean over subjects of each subject's accuracy
+    by_subject: pd.DataFrame  # columns subject, n, accuracy; one row per subject, sorted by name
+    predictions: list[str]  # predicted letter per question, in input order
+    loglikelihoods: np.ndarray  # (questions, 4): log p(" A".." D" | prompt)
+
+
+def fewshot_prefix(subject: str, shots: list[MMLUQuestion]) -> str:
+    """The subject header and the answered shots that every prompt of `subject` starts with."""
+    header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+    return header + "".join(f"{format_mmlu_question(shot)} {LETTERS[shot.answer]}\n\n" for shot in shots)
+
+
+def mmlu_prompt(question: MMLUQuestion, shots: list[MMLUQuestion]) -> str:
+    """The full prompt for `question`, ending in "Answer:"."""
+    return fewshot_prefix(question.subject, shots) + format_mmlu_question(question)
+
+
+def _shots(fewshot, subject: str, shots: int) -> list[MMLUQuestion]:
+    pool = list(fewshot(subject))
+    if len(pool) < shots:
+        raise ValueError(f"the few-shot pool of {subject!r} holds {len(pool)} questions, fewer than shots={shots}")
+    return pool[:shots]
+
+
+def result_from_loglikelihoods(questions: list[MMLUQuestion], loglik: np.ndarray) -> MMLUResult:
+    """Predictions (most likely letter) and accuracies from the (questions, 4) log-likelihoods."""
+    chosen = loglik.argmax(axis=1)
+    table = pd.DataFrame({"subject": [q.subject for q in questions], "correct": chosen == [q.answer for q in questions]})
+    by_subject = table.groupby("subject", sort=True)["correct"].agg(n="size", accuracy="mean").reset_index()
+    return MMLUResult(
+        accuracy=float(table["correct"].mean()),
+        subject_accuracy=float(by_subject["accuracy"].mean()),
+        by_subject=by_subject,
+        predictions=[LETTERS[c] for c in chosen],
+        loglikelihoods=loglik,
+    )
+
+
+def mmlu(model, tokenizer, questions: list[MMLUQuestion], *, shots: int = 5, batch_size: int = 8,
+         fewshot=mmlu_fewshot_pool, naive: bool = False) -> MMLUResult:  # fmt: skip
+    """k-shot MMLU accuracy of `model` on `questions` (paper: 5-shot, original Hendrycks format).
+
+    Shots are the first `shots` questions of `fewshot(subject)` (default: the embedded pool; pass
+    the Hub's dev split for the original shots). The prediction is the letter whose continuation
+    " A".." D" is most likely, scored as lm-eval scores it: when each letter is one token (most
+    tokenizers) that is the largest next-token logit; when a tokenizer splits " B" into " " + "B",
+    the continuation's full log-likelihood counts. `naive=True` runs one full forward per question
+    without cache or batching: the reference the fast path reproduces.
+    """
+    if not questions:
+        raise ValueError("mmlu needs at least one question, e.g. kit.data.mmlu_questions(per_subject=10)")
+    loglik = np.empty((len(questions), len(LETTERS)))
+    by_subject = defaultdict(list)
+    for i, question in enumerate(questions):
+        by_subject[question.subject].append(i)
+    for subject, indices in tqdm(by_subject.items(), desc="MMLU subjects"):
+        examples = _shots(fewshot, subject, shots)
+        requests = [
+            encode_request(tokenizer, mmlu_prompt(questions[i], examples), f" {letter}")
+            for i in indices
+            for letter in LETTERS
+        ]
+        scores = loglikelihoods(model, requests, batch_size=1 if naive else batch_size, cache_prefix=not naive)
+        loglik[indices] = np.reshape(scores, (len(indices), len(LETTERS)))
+    return result_from_loglikelihoods(questions, loglik)

@@ -1,0 +1,105 @@
+"""Log-likelihoods of continuations, as lm-evaluation-harness computes them, batched, with an
+optional KV cache of the tokens that every request starts with (a few-shot prefix)."""
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from .data import batched
+
+
+@dataclass(frozen=True)
+class Request:
+    """Score log p(continuation | context), both as token ids."""
+
+    context: tuple[int, ...]
+    continuation: tuple[int, ...]
+
+
+def encode_request(tokenizer, context: str, continuation: str) -> Request:
+    """Tokenize as lm-eval does: trailing whitespace of the context moves to the continuation, and
+    the continuation's ids are those of `context + continuation` after the context's own ids."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    context_ids = tokenizer(context)["input_ids"]
+    whole_ids = tokenizer(context + continuation)["input_ids"]
+    if len(whole_ids) <= len(context_ids):
+        raise ValueError(f"the continuation {continuation!r} adds no tokens to its context")
+    return Request(tuple(context_ids), tuple(whole_ids[len(context_ids) :]))
+
+
+def _shared_length(rows: list[tuple[int, ...]]) -> int:
+    """Length of the longest token prefix common to all rows."""
+    first, n = rows[0], min(map(len, rows))
+    for row in rows[1:]:
+        n = next((i for i in range(n) if row[i] != first[i]), n)
+    return n
+
+
+def _right_pad(rows, device):
+    ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)  # pad id is arbitrary: masked, never attended
+    mask = torch.zeros_like(ids)
+    for b, row in enumerate(rows):
+        ids[b, : len(row)] = torch.tensor(row)
+        mask[b, : len(row)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _forward(model, rows, keep: torch.Tensor, prefix_cache, prefix_len: int) -> torch.Tensor:
+    """Logits at positions `keep` (batch, k) of right-padded rows that continue a cached prefix of
+    `prefix_len` tokens (or stand alone when `prefix_cache` is None)."""
+    ids, mask = _right_pad(rows, model.device)
+    keep = keep.to(model.device)
+    if prefix_cache is None:
+        return model(input_ids=ids, attention_mask=mask, logits_to_keep=keep, use_cache=False).logits
+    cache = copy.deepcopy(prefix_cache)  # the forward appends to the cache: keep the shared one intact
+    cache.batch_repeat_interleave(len(rows))
+    mask = torch.cat([mask.new_ones(len(rows), prefix_len), mask], dim=1)
+    positions = torch.arange(prefix_len, prefix_len + ids.shape[1], device=ids.device).expand(len(rows), -1)
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, logits_to_keep=keep).logits
+
+
+@torch.no_grad()
+def loglikelihoods(model, requests: list[Request], *, batch_size: int = 8, cache_prefix: bool = True, desc=None):
+    """Sum of log-probabilities of each request's continuation given its context (list of floats).
+
+    The model reads `context + continuation[:-1]`; requests that feed it the same tokens share one
+    row (the four answer letters of a question whose letters are single tokens share one forward).
+    With `cache_prefix`, the tokens that all rows start with run once and their KV cache extends
+    to every batch; the rows are exactly the requests' tokens, so the result equals full forwards.
+    `cache_prefix=False, batch_size=1` is the naive loop: one full forward per row.
+    """
+    if not requests:
+        return []
+    rows: dict[tuple[int, ...], list[int]] = {}
+    for i, request in enumerate(requests):
+        rows.setdefault(request.context + request.continuation[:-1], []).append(i)
+    longest, limit = max(map(len, rows)), getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and longest > limit:
+        raise ValueError(f"an input of {longest} tokens exceeds the model's {limit} positions: shorten it or use fewer shots")
+    prefix_len, prefix_cache = 0, None
+    if cache_prefix:
+        # at least the last context token stays out of the prefix: every row has a logit to read
+        prefix_len = min(_shared_length(list(rows)), min(len(r.context) for r in requests) - 1)
+    if prefix_len > 0:
+        prefix = torch.tensor([next(iter(rows))[:prefix_len]], device=model.device)
+        prefix_cache = model(input_ids=prefix, use_cache=True).cache
+    scores = [0.0] * len(requests)
+    for batch in batched(sorted(rows, key=len), batch_size, desc=desc):
+        # the positions (after the prefix) whose logits predict each request's continuation
+        spans = {
+            i: range(len(requests[i].context) - 1 - prefix_len, len(row) - prefix_len) for row in batch for i in rows[row]
+        }
+        needed = [sorted({p for i in rows[row] for p in spans[i]}) for row in batch]
+        width = max(map(len, needed))
+        keep = torch.tensor([positions + positions[-1:] * (width - len(positions)) for positions in needed])
+        logits = _forward(model, [row[prefix_len:] for row in batch], keep, prefix_cache, prefix_len)
+        for b, row in enumerate(batch):
+            for i in rows[row]:
+                columns = [needed[b].index(p) for p in spans[i]]
+                logprobs = logits[b, columns].float().log_softmax(-1)
+                targets = torch.tensor(requests[i].continuation, device=logprobs.device)
+                scores[i] = logprobs.gather(-1, targets[:, None]).sum().item()
+    return scores

@@ -1,0 +1,192 @@
+"""kit.evaluate: exact MMLU prompts, KV-cached scoring equal to full forwards, accuracies, BoolQ
+and validation loss against independent log-likelihoods computed with HF's `labels=` loss."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import kit
+from kit.data import BoolQItem, MMLUQuestion, boolq_items, mmlu_questions
+from kit.evaluate import boolq, mmlu, validation_loss
+from kit.mmlu import fewshot_prefix, mmlu_prompt, result_from_loglikelihoods
+from kit.scoring import encode_request
+
+BOOLQ_FIXTURE = Path(__file__).parent / "fixtures" / "boolq.jsonl"
+
+# Short hand-written questions: 5-shot prompts stay within the tiny models' 512 positions.
+POOL = {
+    "high_school_biology": [
+        MMLUQuestion("high_school_biology", "Which organelle makes ATP?", ("Ribosome", "Mitochondrion", "Golgi", "Vacuole"), 1),
+        MMLUQuestion("high_school_biology", " DNA is made of? ", ("amino acids", "lipids", "nucleotides", "sugars"), 2),
+        MMLUQuestion("high_school_biology", "Plants take in", ("CO2", "O3", "N2O", "He"), 0),
+    ],
+    "astronomy": [
+        MMLUQuestion("astronomy", "The Sun is a", ("planet", "moon", "comet", "star"), 3),
+        MMLUQuestion("astronomy", "Closest planet to the Sun?", ("Mercury", "Venus", "Mars", "Earth"), 0),
+        MMLUQuestion("astronomy", "Saturn has", ("no moons", "rings", "oceans", "a crust of ice"), 1),
+    ],
+}
+QUESTIONS = [
+    MMLUQuestion("astronomy", "Which planet is red?", ("Venus", "Mars", "Jupiter", "Neptune"), 1),
+    MMLUQuestion("high_school_biology", "Blood cells that fight infection", ("red", "white", "platelets", "plasma"), 1),
+    MMLUQuestion("astronomy", "A light-year measures", ("time", "distance", "speed", "mass"), 1),
+    MMLUQuestion("high_school_biology", "Genes sit on", ("chromosomes", "membranes", "ribosomes", "cell walls"), 0),
+    MMLUQuestion("astronomy", "The Moon orbits", ("Mars", "the Sun only", "the Earth", "Venus"), 2),
+]
+
+
+def pool(subject):
+    return POOL[subject]
+
+
+def reference_loglikelihood(model, tokenizer, context: str, continuation: str) -> float:
+    """log p(continuation | context) from one full forward and HF's own shifted `labels=` loss."""
+    context_ids = tokenizer(context)["input_ids"]
+    ids = torch.tensor([tokenizer(context + continuation)["input_ids"]])
+    labels = ids.clone()
+    labels[:, : len(context_ids)] = -100
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=labels).loss.item()
+    return -loss * (ids.shape[1] - len(context_ids))
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    return kit.load_model("smollm2-135m")
+
+
+def test_prompt_is_the_original_hendrycks_format():
+    shots = POOL["high_school_biology"][:2]
+    expected = (
+        "The following are multiple choice questions (with answers) about high school biology.\n\n"
+        "Which organelle makes ATP?\nA. Ribosome\nB. Mitochondrion\nC. Golgi\nD. Vacuole\nAnswer: B\n\n"
+        "DNA is made of?\nA. amino acids\nB. lipids\nC. nucleotides\nD. sugars\nAnswer: C\n\n"
+        "Genes sit on\nA. chromosomes\nB. membranes\nC. ribosomes\nD. cell walls\nAnswer:"
+    )
+    assert mmlu_prompt(QUESTIONS[3], shots) == expected
+    assert expected.startswith(fewshot_prefix("high_school_biology", shots))
+
+
+def test_cached_batched_equals_one_forward_per_question(tiny):
+    model, tokenizer = tiny
+    fast = mmlu(model, tokenizer, QUESTIONS, shots=3, batch_size=2, fewshot=pool)
+    naive = mmlu(model, tokenizer, QUESTIONS, shots=3, fewshot=pool, naive=True)
+    assert fast.predictions == naive.predictions
+    np.testing.assert_allclose(fast.loglikelihoods, naive.loglikelihoods, atol=1e-4)
+
+
+def test_loglikelihoods_match_hf_labels_loss_when_letters_split():
+    model, tokenizer = kit.tiny_model("llama")
+    assert len(tokenizer(" B", add_special_tokens=False)["input_ids"]) == 2  # " B" -> " " + "B"
+    result = mmlu(model, tokenizer, QUESTIONS[:2], shots=2, fewshot=pool)
+    for question, row in zip(QUESTIONS[:2], result.loglikelihoods):
+        prompt = mmlu_prompt(question, POOL[question.subject][:2])
+        expected = [reference_loglikelihood(model, tokenizer, prompt, f" {letter}") for letter in "ABCD"]
+        np.testing.assert_allclose(row, expected, atol=1e-4)
+
+
+def test_embedded_model_cached_equals_naive(smollm):
+    model, tokenizer = smollm
+    questions = mmlu_questions(["world_religions", "conceptual_physics"], per_subject=3)
+    fast = mmlu(model, tokenizer, questions, batch_size=2)
+    naive = mmlu(model, tokenizer, questions, naive=True)
+    assert fast.predictions == naive.predictions
+    np.testing.assert_allclose(fast.loglikelihoods, naive.loglikelihoods, atol=1e-3)
+    # SmolLM2 writes each of " A".." D" as one token: the score is the next-token log-probability
+    prompt = mmlu_prompt(questions[0], kit.data.mmlu_fewshot_pool("world_religions"))
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    letters = [tokenizer(f" {letter}", add_special_tokens=False)["input_ids"] for letter in "ABCD"]
+    assert all(len(ids_) == 1 for ids_ in letters)
+    with torch.no_grad():
+        logprobs = model(input_ids=ids).logits[0, -1].log_softmax(-1)
+    np.testing.assert_allclose(fast.loglikelihoods[0], [logprobs[i].item() for (i,) in letters], atol=1e-3)
+
+
+def test_accuracy_is_mean_over_questions_and_subject_accuracy_mean_over_subjects():
+    # astronomy: 3 questions, answers B B C; biology: 2 questions, answers B A
+    loglik = np.full((5, 4), -5.0)
+    for row, letter in enumerate([1, 1, 0, 0, 2]):  # predicted B, B, A, A, C
+        loglik[row, letter] = -1.0
+    result = result_from_loglikelihoods(QUESTIONS, loglik)
+    assert result.predictions == ["B", "B", "A", "A", "C"]
+    # correct: astronomy Q0 yes, Q2 no, Q4 yes (2/3); biology Q1 yes, Q3 yes (2/2)
+    assert result.accuracy == pytest.approx(4 / 5)
+    assert result.subject_accuracy == pytest.approx((2 / 3 + 1) / 2)
+    table = result.by_subject.set_index("subject")
+    assert list(table.index) == ["astronomy", "high_school_biology"]
+    assert table.loc["astronomy", "n"] == 3 and table.loc["astronomy", "accuracy"] == pytest.approx(2 / 3)
+    assert table.loc["high_school_biology", "accuracy"] == 1.0
+
+
+def test_mmlu_accuracy_agrees_with_its_predictions():
+    model, tokenizer = kit.tiny_model("gpt2")
+    result = mmlu(model, tokenizer, QUESTIONS, shots=1, fewshot=pool)
+    correct = [p == "ABCD"[q.answer] for p, q in zip(result.predictions, QUESTIONS)]
+    assert result.accuracy == pytest.approx(np.mean(correct))
+
+
+def test_mmlu_errors_say_what_to_do():
+    model, tokenizer = kit.tiny_model("llama")
+    with pytest.raises(ValueError, match="at least one question"):
+        mmlu(model, tokenizer, [])
+    with pytest.raises(ValueError, match="holds 3 questions, fewer than shots=5"):
+        mmlu(model, tokenizer, QUESTIONS, shots=5, fewshot=pool)
+    long = MMLUQuestion("astronomy", "word " * 600, ("a", "b", "c", "d"), 0)
+    with pytest.raises(ValueError, match="exceeds the model's 512 positions"):
+        mmlu(model, tokenizer, [long], shots=1, fewshot=pool)
+
+
+def test_encode_request_moves_trailing_space_to_the_continuation():
+    _, tokenizer = kit.tiny_model("llama")
+    a, b = encode_request(tokenizer, "Answer: ", "A"), encode_request(tokenizer, "Answer:", " A")
+    assert a == b
+    assert a.context + a.continuation == tuple(tokenizer("Answer: A")["input_ids"])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_boolq_matches_independent_loglikelihoods(arch):
+    model, tokenizer = kit.tiny_model(arch)
+    items = boolq_items(str(BOOLQ_FIXTURE))
+    result = boolq(model, tokenizer, items, batch_size=5)
+    for item, row, prediction in zip(items, result.loglikelihoods, result.predictions):
+        context = f"{item.passage}\nQuestion: {item.question}?\nAnswer:"
+        expected = [reference_loglikelihood(model, tokenizer, context, choice) for choice in (" no", " yes")]
+        np.testing.assert_allclose(row, expected, atol=1e-4)
+        assert prediction == (expected[1] > expected[0])
+    assert result.accuracy == pytest.approx(np.mean([p == item.answer for p, item in zip(result.predictions, items)]))
+
+
+def test_boolq_items_reads_local_jsonl(tmp_path):
+    items = boolq_items(str(BOOLQ_FIXTURE))
+    assert len(items) == 12 and {item.answer for item in items} == {True, False}
+    assert items[0] == BoolQItem(
+        question="is the great wall of china visible from the moon with the naked eye",
+        passage=json.loads(BOOLQ_FIXTURE.read_text().splitlines()[0])["passage"],
+        answer=False,
+    )
+    assert boolq_items(str(BOOLQ_FIXTURE), n=3) == items[:3]
+    with pytest.raises(FileNotFoundError, match="pass 'hub' or a jsonl file"):
+        boolq_items(str(tmp_path / "missing.jsonl"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "q", "answer": True}) + "\n")
+    with pytest.raises(ValueError, match="bad.jsonl:1 lacks passage"):
+        boolq_items(str(bad))
+
+
+def test_validation_loss_is_the_token_weighted_hf_loss():
+    model, tokenizer = kit.tiny_model("qwen2")
+    texts = kit.data.corpus("validation")[:3] + ["A short text."]
+    result = validation_loss(model, tokenizer, texts, max_length=64, batch_size=3)
+    total, count = 0.0, 0
+    for text in texts:
+        ids = torch.tensor([tokenizer(text, truncation=True, max_length=64)["input_ids"]])
+        with torch.no_grad():
+            total += model(input_ids=ids, labels=ids).loss.item() * (ids.shape[1] - 1)
+        count += ids.shape[1] - 1
+    assert result.tokens == count
+    assert result.loss == pytest.approx(total / count, rel=1e-5)
+    assert result.normalized == pytest.approx(result.loss / math.log(len(tokenizer)), rel=1e-5)

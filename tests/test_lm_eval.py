@@ -1,0 +1,43 @@
+"""kit's MMLU agrees with lm-evaluation-harness (HFLM on the in-memory model, lm-eval's own MMLU
+template on local files), with the network blocked."""
+
+import socket
+
+import numpy as np
+import pytest
+from test_evaluate import QUESTIONS, pool
+
+import kit
+from kit.data import mmlu_questions
+from kit.evaluate import lm_eval_mmlu, mmlu
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Any connection attempt fails the test."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+def test_agrees_with_lm_eval_when_letters_split_into_tokens():
+    model, tokenizer = kit.tiny_model("llama")  # its tokenizer writes " B" as " " + "B"
+    ours = mmlu(model, tokenizer, QUESTIONS, shots=2, fewshot=pool)
+    theirs = lm_eval_mmlu(model, tokenizer, QUESTIONS, shots=2, batch_size=4, fewshot=pool)
+    assert ours.predictions == theirs.predictions
+    np.testing.assert_allclose(ours.loglikelihoods, theirs.loglikelihoods, atol=1e-4)
+    assert ours.accuracy == theirs.accuracy
+
+
+def test_embedded_model_agrees_with_lm_eval_5_shot():
+    model, tokenizer = kit.load_model("smollm2-135m")
+    questions = mmlu_questions(["world_religions", "conceptual_physics"], per_subject=2)
+    ours = mmlu(model, tokenizer, questions)
+    theirs = lm_eval_mmlu(model, tokenizer, questions)
+    assert ours.predictions == theirs.predictions
+    np.testing.assert_allclose(ours.loglikelihoods, theirs.loglikelihoods, atol=1e-3)
+    assert list(theirs.by_subject["subject"]) == ["conceptual_physics", "world_religions"]
