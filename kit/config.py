@@ -43,24 +43,26 @@ PAPER_HEALING = {
 
 @dataclass(frozen=True)
 class HealConfig(_Settings):
-    """QLoRA healing settings; defaults follow the paper's Appendix A."""
+    """QLoRA healing settings; defaults follow the paper's Appendix A (rank and LR per model: paper())."""
 
-    rank: int = 8
+    rank: int = 8  # LoRA rank r
     alpha: float | None = None  # LoRA alpha; None means alpha = rank (paper)
-    dropout: float = 0.05
-    target_modules: str | tuple[str, ...] = "mlp"  # mlp (paper) | all-linear | explicit names
+    dropout: float = 0.05  # LoRA dropout
+    target_modules: str | tuple[str, ...] = "mlp"  # mlp (paper) | all-linear | explicit module names
     lr: float = 3e-4  # peak learning rate
-    scheduler: str = "cosine"
-    warmup_steps: int = 100  # capped at a tenth of `steps` for short runs
-    steps: int = 5000
-    batch_size: int = 16  # per optimiser step before accumulation
-    grad_accum: int = 1  # global batch = batch_size * grad_accum
+    scheduler: str = "cosine"  # any transformers lr_scheduler_type
+    warmup_steps: int = 100  # capped at a tenth of `steps` for short runs, see effective_warmup
+    steps: int = 5000  # optimiser steps
+    batch_size: int = 16  # packed blocks per forward
+    grad_accum: int = 1  # global batch = batch_size * grad_accum (paper: 16)
     seq_len: int = 512  # tokens per packed training block
-    quantize: str | None = "4bit"  # 4bit (QLoRA, NF4) | None (plain-precision LoRA)
+    quantize: str | None = "4bit"  # 4bit (QLoRA, NF4 base) | None (LoRA on the plain-precision base)
+    gradient_checkpointing: bool = True  # recompute activations in backward: less memory, ~30% slower
+    log_every: int = 10  # steps between recorded training losses
     eval_every: int = 250  # steps between validation losses
     save_every: int = 500  # steps between resumable checkpoints
-    distill_weight: float = 0.0  # weight of KL to the unpruned teacher (0 = paper's plain LM loss)
-    distill_temperature: float = 1.0
+    distill_weight: float = 0.0  # w in (1 - w) * LM loss + w * KL(teacher || student); 0 = paper
+    distill_temperature: float = 1.0  # softmax temperature T of the distillation KL (scaled by T^2)
     seed: int = 0
 
     def __post_init__(self):
@@ -68,10 +70,23 @@ class HealConfig(_Settings):
             object.__setattr__(self, "alpha", float(self.rank))
         if isinstance(self.target_modules, list):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if self.quantize not in ("4bit", None):
+            raise ValueError(f"quantize must be '4bit' or None, not {self.quantize!r}")
+        if not 0.0 <= self.distill_weight <= 1.0:
+            raise ValueError(f"distill_weight must be in [0, 1], got {self.distill_weight}")
+        if self.distill_temperature <= 0:
+            raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature}")
+        for name in ("rank", "steps", "batch_size", "grad_accum", "seq_len", "log_every", "eval_every", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @property
     def effective_warmup(self) -> int:
         return min(self.warmup_steps, max(1, self.steps // 10))
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.grad_accum
 
     @classmethod
     def paper(cls, model_name: str, **overrides) -> "HealConfig":
@@ -79,7 +94,7 @@ class HealConfig(_Settings):
         base = model_name.rstrip("/").split("/")[-1].lower()
         for key, (rank, lr) in PAPER_HEALING.items():
             if base == key or base.startswith(key + "-"):
-                return cls(rank=rank, lr=lr, **overrides)
+                return cls(**{"rank": rank, "lr": lr, **overrides})
         raise ValueError(
             f"No paper healing recipe for {model_name!r}. The paper's models are: "
             f"{', '.join(PAPER_HEALING)}. Build HealConfig(rank=..., lr=...) yourself for others."

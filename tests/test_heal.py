@@ -1,0 +1,314 @@
+"""QLoRA healing on tiny models: the 4-bit path against an fp32 twin, training, adapters, merge,
+resume, distillation and the paper's settings."""
+
+import bitsandbytes as bnb
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+import kit
+from kit.config import PAPER_HEALING
+from kit.heal import (
+    Blocks,
+    HealTrainer,
+    distillation_kl,
+    heal,
+    lora_model,
+    merge_adapter,
+    pack,
+    training_arguments,
+)
+from kit.models import load_model
+
+TINY = dict(rank=4, lr=3e-2, batch_size=16, seq_len=32, log_every=1, dropout=0.0)  # one text = one fixed batch
+
+
+@pytest.fixture(scope="module")
+def base_path(tmp_path_factory):
+    """A tiny Llama saved as a plain checkpoint."""
+    model, tokenizer = kit.tiny_model("llama")
+    path = tmp_path_factory.mktemp("base")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def texts():
+    return kit.data.corpus("train")[:1]
+
+
+@pytest.fixture(scope="module")
+def val_texts():
+    return kit.data.corpus("validation")[:1]
+
+
+@pytest.fixture(scope="module")
+def healed(base_path, texts, val_texts, tmp_path_factory):
+    """An in-memory fp32 tiny Llama healed 4-bit on a few blocks, with validation."""
+    model, tokenizer = load_model(str(base_path))
+    config = kit.HealConfig(**TINY, steps=8, eval_every=4, save_every=4)
+    result = heal(model, tokenizer, texts, config, output_dir=tmp_path_factory.mktemp("healed"), val_texts=val_texts)
+    return result, tokenizer, config
+
+
+def blocks_of(tokenizer, texts, config, n):
+    return pack(tokenizer, texts, config.seq_len)[:n]
+
+
+def lm_loss(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, labels=ids).loss.item()
+
+
+# ------------------------------------------------------------------------------------ config
+
+
+def test_paper_recipe_per_model():
+    assert recipe("meta-llama/Llama-2-7b-hf") == (2, 2.0, 3e-4)
+    assert recipe("meta-llama/Llama-2-70b-hf") == (8, 8.0, 3e-5)
+    assert recipe("mistralai/Mistral-7B-v0.1") == (4, 4.0, 3e-6)
+    assert recipe("Qwen/Qwen-14B") == (64, 64.0, 3e-4)
+    assert recipe("microsoft/phi-2") == (64, 64.0, 2e-4)
+    config = kit.HealConfig.paper("meta-llama/Llama-2-13b-hf")
+    assert (config.dropout, config.scheduler, config.warmup_steps, config.steps, config.global_batch) == (
+        0.05, "cosine", 100, 5000, 16,
+    )  # fmt: skip
+    assert config.target_modules == "mlp" and config.quantize == "4bit"
+    assert hash(config) == hash(kit.HealConfig.paper("meta-llama/Llama-2-13b-hf"))
+    assert kit.HealConfig.paper("microsoft/phi-2", lr=1e-4, steps=10).lr == 1e-4
+
+
+def recipe(name):
+    config = kit.HealConfig.paper(name)
+    return config.rank, config.alpha, config.lr
+
+
+def test_paper_recipe_unknown_model_lists_the_papers_models():
+    with pytest.raises(ValueError, match="No paper healing recipe for 'gpt2'") as err:
+        kit.HealConfig.paper("gpt2")
+    assert all(name in str(err.value) for name in PAPER_HEALING)
+
+
+def test_config_warmup_is_capped_and_bad_values_are_refused():
+    assert kit.HealConfig(steps=5000).effective_warmup == 100
+    assert kit.HealConfig(steps=50).effective_warmup == 5
+    assert kit.HealConfig(steps=3).effective_warmup == 1
+    assert kit.HealConfig(target_modules=["fc1", "fc2"]).target_modules == ("fc1", "fc2")
+    with pytest.raises(ValueError, match="quantize must be '4bit' or None"):
+        kit.HealConfig(quantize="8bit")
+    with pytest.raises(ValueError, match=r"distill_weight must be in \[0, 1\]"):
+        kit.HealConfig(distill_weight=2.0)
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        kit.HealConfig(steps=0)
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+def test_pack_concatenates_texts_with_eos_and_drops_the_remainder():
+    _, tokenizer = kit.tiny_model("llama")
+    texts = kit.data.corpus("train")[:4]
+    stream = []
+    for text in texts:
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    blocks = pack(tokenizer, texts, 64)
+    assert blocks.shape == (len(stream) // 64, 64)
+    assert blocks.flatten().tolist() == stream[: blocks.numel()]
+    assert Blocks(blocks)[1]["labels"].tolist() == stream[64:128]
+    with pytest.raises(ValueError, match="less than one block of seq_len=100000"):
+        pack(tokenizer, texts[:1], 100_000)
+
+
+# ------------------------------------------------------------------------------------ model
+
+
+def test_lora_targets_the_mlp_projections(tiny):
+    model, _ = tiny
+    peft_model = lora_model(model, kit.HealConfig(quantize=None))
+    adapted = {name for name, module in peft_model.named_modules() if hasattr(module, "lora_A")}
+    suffixes = tuple("." + name for name in kit.layers.mlp_modules(model))
+    expected = {name for name, _ in peft_model.named_modules() if name.endswith(suffixes) and ".lora_" not in name}
+    assert adapted == expected
+    assert len(adapted) == kit.layers.num_layers(model) * len(suffixes)
+
+
+def test_lora_all_linear_adapts_attention_too():
+    model, _ = kit.tiny_model("llama")
+    peft_model = lora_model(model, kit.HealConfig(quantize=None, target_modules="all-linear"))
+    adapted = {name.rsplit(".", 1)[-1] for name, module in peft_model.named_modules() if hasattr(module, "lora_A")}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_4bit_lora_gradients_match_an_fp32_twin_of_the_dequantized_weights(base_path, texts):
+    quantized, tokenizer = load_model(str(base_path), quantize="4bit")
+    twin, _ = load_model(str(base_path), dtype=torch.float32)
+    linear4bit = {name: m for name, m in quantized.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert len(linear4bit) == 7 * kit.layers.num_layers(twin)  # every linear layer of every block is NF4
+    for name, module in linear4bit.items():
+        twin.get_submodule(name).weight.data = bnb.functional.dequantize_4bit(
+            module.weight.data, module.weight.quant_state
+        ).float()
+    config = kit.HealConfig(rank=4, dropout=0.0)
+    quantized, twin = lora_model(quantized, config), lora_model(twin, config)
+    torch.manual_seed(1)
+    lora = {n: torch.randn_like(p) * 0.1 for n, p in quantized.named_parameters() if "lora_" in n}
+    for model in (quantized, twin):
+        model.load_state_dict(lora, strict=False)  # non-zero B so that A gets gradients too
+    ids = blocks_of(tokenizer, texts, config.replace(seq_len=32), 2)
+    grads = []
+    for model in (quantized, twin):
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.flatten() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() == lora.keys()
+    for name in lora:
+        assert F.cosine_similarity(grads[0][name], grads[1][name], dim=0) > 0.999, name
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+def test_training_lowers_the_loss_and_changes_only_lora(healed, base_path, texts):
+    result, tokenizer, config = healed
+    fresh, _ = load_model(str(base_path), quantize="4bit")  # what quantizing the in-memory model must give
+    # state dicts first: on AVX512-BF16 CPUs an inference forward repacks NF4 weights, and
+    # state_dict() unpacks them lossily (bitsandbytes 0.50)
+    trained = {
+        name.replace(".base_layer", ""): value
+        for name, value in result.model.get_base_model().state_dict().items()
+        if "lora_" not in name
+    }
+    reference = fresh.state_dict()
+    assert trained.keys() == reference.keys()
+    assert [n for n in reference if not torch.equal(trained[n], reference[n])] == []
+    ids = pack(tokenizer, texts, config.seq_len)
+    assert len(ids) <= config.batch_size  # every step saw this same batch
+    assert lm_loss(result.model, ids) < lm_loss(fresh, ids) - 0.2
+    lora_b = [p for n, p in result.model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # B starts at zero
+
+
+def test_history_records_train_and_validation_losses(healed, val_texts):
+    result, tokenizer, config = healed
+    assert [e["step"] for e in result.history["train"]] == list(range(1, config.steps + 1))
+    assert [e["step"] for e in result.history["validation"]] == [4, 8]
+    val = pack(tokenizer, val_texts, config.seq_len)  # equal-length blocks: the mean over all their tokens
+    # rel 1e-4: after training, bitsandbytes' CPU inference kernel sums in another order
+    assert result.history["validation"][-1]["loss"] == pytest.approx(lm_loss(result.model, val), rel=1e-4)
+
+
+def test_adapter_round_trip_gives_equal_logits(healed, base_path, texts):
+    result, tokenizer, config = healed
+    base, _ = load_model(str(base_path), quantize="4bit")
+    reloaded = PeftModel.from_pretrained(base, str(result.adapter_path)).eval()
+    ids = blocks_of(tokenizer, texts, config, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, result.model(input_ids=ids).logits)
+
+
+def test_merged_checkpoint_equals_base_plus_adapter(healed, base_path, texts, tmp_path):
+    result, tokenizer, config = healed
+    out = merge_adapter(base_path, result.adapter_path, tmp_path / "merged")
+    merged, _ = load_model(str(out))
+    base, _ = load_model(str(base_path))
+    adapter = load_file(result.adapter_path / "adapter_model.safetensors")
+    scale = config.alpha / config.rank
+    merged_state, base_state = merged.state_dict(), base.state_dict()
+    assert merged_state.keys() == base_state.keys() and not hasattr(merged.config, "quantization_config")
+    for name, weight in base_state.items():
+        module = name.removesuffix(".weight")
+        a = adapter.get(f"base_model.model.{module}.lora_A.weight")
+        expected = weight if a is None else weight + scale * adapter[f"base_model.model.{module}.lora_B.weight"] @ a
+        torch.testing.assert_close(merged_state[name], expected, msg=name)
+    ids = blocks_of(tokenizer, texts, config, 2)
+    unmerged = PeftModel.from_pretrained(base, str(result.adapter_path)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, unmerged(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+class Interrupt(TrainerCallback):
+    """Crash right after the checkpoint of step `at` is written."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.at:
+            raise KeyboardInterrupt
+
+
+class Steps(TrainerCallback):
+    def __init__(self):
+        self.seen = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seen.append(state.global_step)
+
+
+def test_resume_continues_from_the_checkpoint_and_ends_at_the_same_weights(base_path, texts, val_texts, tmp_path):
+    _, tokenizer = kit.tiny_model("llama")
+    config = kit.HealConfig(**{**TINY, "dropout": 0.1}, steps=4, save_every=2, eval_every=2)
+    run = dict(val_texts=val_texts)
+    straight = heal(base_path, tokenizer, texts, config, output_dir=tmp_path / "straight", **run)
+    with pytest.raises(KeyboardInterrupt):
+        heal(base_path, tokenizer, texts, config, output_dir=tmp_path / "resumed", callbacks=[Interrupt(at=2)], **run)
+    assert sorted(p.name for p in (tmp_path / "resumed").glob("checkpoint-*")) == ["checkpoint-2"]
+    steps = Steps()
+    resumed = heal(base_path, tokenizer, texts, config, output_dir=tmp_path / "resumed", callbacks=[steps], **run)
+    assert steps.seen == [3, 4]
+    assert resumed.history == straight.history
+    a = load_file(straight.adapter_path / "adapter_model.safetensors")
+    b = load_file(resumed.adapter_path / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="checkpoints of a healing run with different settings"):
+        heal(base_path, tokenizer, texts, config.replace(lr=1e-3), output_dir=tmp_path / "resumed")
+
+
+# ------------------------------------------------------------------------------------ distillation
+
+
+def test_distillation_kl_is_the_temperature_scaled_kl_divergence():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    expected = F.kl_div(
+        F.log_softmax(student / 2, -1), F.log_softmax(teacher / 2, -1), log_target=True, reduction="none"
+    ).sum(-1) * 4
+    torch.testing.assert_close(distillation_kl(student, teacher, 2.0), expected)
+    assert distillation_kl(student, student, 2.0).abs().max() < 1e-6
+
+
+def test_distillation_loss_mixes_lm_loss_and_kl(texts, tmp_path):
+    student, tokenizer = kit.tiny_model("llama", num_layers=2)
+    teacher, _ = kit.tiny_model("llama", num_layers=4, seed=1)
+    config = kit.HealConfig(quantize=None, gradient_checkpointing=False, dropout=0.0, distill_weight=0.25)
+    model = lora_model(student, config)
+    trainer = HealTrainer(
+        model=model,
+        args=training_arguments(config, tmp_path, evaluate=False),
+        teacher=teacher,
+        distill_weight=0.25,
+        temperature=1.0,
+    )
+    ids = blocks_of(tokenizer, texts, config.replace(seq_len=32), 2)
+    with torch.no_grad():
+        lm = model(input_ids=ids, labels=ids).loss
+        kl = distillation_kl(model(input_ids=ids).logits[:, :-1], teacher(input_ids=ids).logits[:, :-1], 1.0).mean()
+        model.train()
+        loss = trainer.compute_loss(model, {"input_ids": ids, "labels": ids})
+        model.eval()
+        eval_loss = trainer.compute_loss(model, {"input_ids": ids, "labels": ids})
+    torch.testing.assert_close(loss, 0.75 * lm + 0.25 * kl)
+    torch.testing.assert_close(eval_loss, lm)  # validation reports the plain LM loss
+
+
+def test_distillation_needs_teacher_and_weight_together(base_path, texts, tmp_path):
+    _, tokenizer = kit.tiny_model("llama")
+    teacher, _ = kit.tiny_model("llama")
+    with pytest.raises(ValueError, match="needs both a teacher model and config.distill_weight > 0"):
+        heal(base_path, tokenizer, texts, kit.HealConfig(), output_dir=tmp_path, teacher=teacher)
+    with pytest.raises(ValueError, match="needs both a teacher model and config.distill_weight > 0"):
+        heal(base_path, tokenizer, texts, kit.HealConfig(distill_weight=0.5), output_dir=tmp_path)
