@@ -124,7 +124,7 @@ def _tiny_config(arch: str, num_layers: int, vocab: int):
     ids = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0)
     common = dict(
         vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **ids,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, **ids,
     )  # fmt: skip
     builders = {
         "llama": lambda: tf.LlamaConfig(**common),
@@ -134,14 +134,14 @@ def _tiny_config(arch: str, num_layers: int, vocab: int):
         "gemma3": lambda: tf.Gemma3TextConfig(**common, head_dim=16, sliding_window=32),
         "phi3": lambda: tf.Phi3Config(**common),
         "phi": lambda: tf.PhiConfig(**{k: v for k, v in common.items() if k != "num_key_value_heads"}),
-        "gpt2": lambda: tf.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=num_layers, n_head=4, n_positions=512, **ids),
+        "gpt2": lambda: tf.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=num_layers, n_head=4, n_positions=2048, **ids),
         "gpt_neox": lambda: tf.GPTNeoXConfig(
             vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
-            num_attention_heads=4, max_position_embeddings=512, **ids,
+            num_attention_heads=4, max_position_embeddings=2048, **ids,
         ),  # fmt: skip
         "opt": lambda: tf.OPTConfig(
             vocab_size=vocab, hidden_size=64, ffn_dim=128, num_hidden_layers=num_layers, num_attention_heads=4,
-            max_position_embeddings=512, word_embed_proj_dim=64, **ids,
+            max_position_embeddings=2048, word_embed_proj_dim=64, **ids,
         ),  # fmt: skip
     }
     if arch not in builders:
