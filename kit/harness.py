@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import LETTERS, MMLUQuestion, mmlu_fewshot_pool
-from .mmlu import MMLUResult, _shots, result_from_loglikelihoods
+from .mmlu import MMLUResult, fewshot_examples, result_from_loglikelihoods, subject_header
 
 
 def _write_jsonl(path: Path, questions: list[MMLUQuestion]) -> None:
@@ -32,7 +32,7 @@ def _task(subject: str, questions, shots, folder: Path) -> dict:
         "task": f"kit_mmlu_{subject}",
         "dataset_path": "json",
         "dataset_kwargs": {"data_files": files, "cache_dir": str(folder / "cache")},
-        "description": f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n",
+        "description": subject_header(subject),
     }
 
 
@@ -51,7 +51,7 @@ def lm_eval_mmlu(model, tokenizer, questions: list[MMLUQuestion], *, shots: int 
     loglik = np.empty((len(questions), len(LETTERS)))
     with tempfile.TemporaryDirectory(prefix="kit-lm-eval-") as tmp:
         tasks = [
-            _task(subject, [questions[i] for i in indices], _shots(fewshot, subject, shots), Path(tmp))
+            _task(subject, [questions[i] for i in indices], fewshot_examples(fewshot, subject, shots), Path(tmp))
             for subject, indices in by_subject.items()
         ]
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)

@@ -21,10 +21,13 @@ class MMLUResult:
     loglikelihoods: np.ndarray  # (questions, 4): log p(" A".." D" | prompt)
 
 
+def subject_header(subject: str) -> str:
+    return f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+
+
 def fewshot_prefix(subject: str, shots: list[MMLUQuestion]) -> str:
     """The subject header and the answered shots that every prompt of `subject` starts with."""
-    header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
-    return header + "".join(f"{format_mmlu_question(shot)} {LETTERS[shot.answer]}\n\n" for shot in shots)
+    return subject_header(subject) + "".join(f"{format_mmlu_question(shot)} {LETTERS[shot.answer]}\n\n" for shot in shots)
 
 
 def mmlu_prompt(question: MMLUQuestion, shots: list[MMLUQuestion]) -> str:
@@ -32,7 +35,8 @@ def mmlu_prompt(question: MMLUQuestion, shots: list[MMLUQuestion]) -> str:
     return fewshot_prefix(question.subject, shots) + format_mmlu_question(question)
 
 
-def _shots(fewshot, subject: str, shots: int) -> list[MMLUQuestion]:
+def fewshot_examples(fewshot, subject: str, shots: int) -> list[MMLUQuestion]:
+    """The first `shots` questions of `fewshot(subject)`."""
     pool = list(fewshot(subject))
     if len(pool) < shots:
         raise ValueError(f"the few-shot pool of {subject!r} holds {len(pool)} questions, fewer than shots={shots}")
@@ -71,7 +75,7 @@ def mmlu(model, tokenizer, questions: list[MMLUQuestion], *, shots: int = 5, bat
     for i, question in enumerate(questions):
         by_subject[question.subject].append(i)
     for subject, indices in tqdm(by_subject.items(), desc="MMLU subjects"):
-        examples = _shots(fewshot, subject, shots)
+        examples = fewshot_examples(fewshot, subject, shots)
         requests = [
             encode_request(tokenizer, mmlu_prompt(questions[i], examples), f" {letter}")
             for i in indices

@@ -2,14 +2,18 @@
 template on local files), with the network blocked."""
 
 import socket
+from pathlib import Path
 
+import lm_eval
 import numpy as np
+import yaml
 import pytest
 from test_evaluate import QUESTIONS, pool
 
 import kit
 from kit.data import mmlu_questions
 from kit.evaluate import lm_eval_mmlu, mmlu
+from kit.mmlu import subject_header
 
 
 @pytest.fixture(autouse=True)
@@ -41,3 +45,9 @@ def test_embedded_model_agrees_with_lm_eval_5_shot():
     assert ours.predictions == theirs.predictions
     np.testing.assert_allclose(ours.loglikelihoods, theirs.loglikelihoods, atol=1e-3)
     assert list(theirs.by_subject["subject"]) == ["conceptual_physics", "world_religions"]
+
+
+@pytest.mark.parametrize("subject", ["anatomy", "high_school_biology"])
+def test_subject_header_is_lm_evals(subject):
+    config = Path(lm_eval.__file__).parent / "tasks" / "mmlu" / "default" / f"mmlu_{subject}.yaml"
+    assert yaml.safe_load(config.read_text())["description"] == subject_header(subject)
