@@ -20,6 +20,7 @@ _EXPORTS = {
     "HealConfig": "config",
     "heal": "heal",
     "merge_adapter": "heal",
+    "HealResult": "heal",
 }
 
 __all__ = sorted(_EXPORTS) + [

@@ -148,7 +148,7 @@ def _training_layout(model: nn.Module):
 
 def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(teacher || student) of the temperature-softened next-token distributions at each
-    position, times T^2 so gradients keep their scale (Hinton et al. 2015). Shape: logits[..., 0]."""
+    position, times T^2 so gradients keep their scale (Hinton et al. 2015); shape logits.shape[:-1]."""
     student = F.log_softmax(student_logits.float() / temperature, dim=-1)
     teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     return (teacher.exp() * (teacher - student)).sum(-1) * temperature**2
@@ -169,7 +169,8 @@ class HealTrainer(Trainer):
             with torch.no_grad():
                 teacher_logits = self.teacher(input_ids=inputs["input_ids"].to(self.teacher.device)).logits
             # positions that predict a label, normalised like the LM loss (over the whole accumulated batch)
-            kl = distillation_kl(outputs.logits[:, :-1], teacher_logits[:, :-1].to(outputs.logits.device), self.temperature)
+            student_logits, teacher_logits = outputs.logits[:, :-1], teacher_logits[:, :-1].to(outputs.logits.device)
+            kl = distillation_kl(student_logits, teacher_logits, self.temperature)
             if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
                 kl = kl.sum() / num_items_in_batch
             else:
@@ -178,8 +179,10 @@ class HealTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def training_arguments(config: HealConfig, output_dir: Path, *, evaluate: bool) -> TrainingArguments:
-    """The Trainer settings of a healing run."""
+def training_arguments(
+    config: HealConfig, output_dir: Path, *, evaluate: bool, resuming: bool = False
+) -> TrainingArguments:
+    """The Trainer settings of a healing run (validation also at step 0, unless resuming)."""
     return TrainingArguments(
         output_dir=str(output_dir),
         max_steps=config.steps,
@@ -191,6 +194,7 @@ def training_arguments(config: HealConfig, output_dir: Path, *, evaluate: bool) 
         warmup_steps=config.effective_warmup,
         logging_steps=config.log_every,
         eval_strategy="steps" if evaluate else "no",
+        eval_on_start=evaluate and not resuming,
         eval_steps=config.eval_every,
         save_strategy="steps",
         save_steps=config.save_every,
@@ -219,20 +223,31 @@ def _check_resumable(output_dir: Path, config: HealConfig) -> str | None:
 
 
 def _history(log_history: list[dict]) -> dict:
-    train = [{"step": e["step"], "loss": e["loss"], "learning_rate": e["learning_rate"]} for e in log_history if "loss" in e]
+    train = [
+        {"step": e["step"], "loss": e["loss"], "learning_rate": e["learning_rate"]} for e in log_history if "loss" in e
+    ]
     validation = [{"step": e["step"], "loss": e["eval_loss"]} for e in log_history if "eval_loss" in e]
     return {"train": train, "validation": validation}
 
 
 def heal(
-    model_or_path, tokenizer, texts: list[str], config: HealConfig, *, output_dir, val_texts=None, teacher=None, callbacks=()
+    model_or_path,
+    tokenizer,
+    texts: list[str],
+    config: HealConfig,
+    *,
+    output_dir,
+    val_texts: list[str] | None = None,
+    teacher: nn.Module | None = None,
+    callbacks=(),
 ) -> HealResult:
     """Train LoRA adapters on a (pruned) model to restore its language-modelling loss.
 
     model_or_path: a checkpoint folder or model name (loaded 4-bit when config.quantize == "4bit"),
-        or an in-memory model (quantized through a temporary checkpoint in output_dir when needed;
-        with quantize=None it gets its adapters in place).
-    texts / val_texts: packed into blocks of config.seq_len tokens; validation every config.eval_every steps.
+        or an in-memory model (which gets its adapters in place, unless it must be quantized first:
+        then it is re-loaded 4-bit through a temporary checkpoint in output_dir).
+    texts / val_texts: packed into blocks of config.seq_len tokens; validation loss at step 0 and
+        every config.eval_every steps.
     output_dir: Trainer checkpoints (every config.save_every steps) and the final adapter; a run
         interrupted there resumes from its last checkpoint when called again with the same settings.
     teacher: the unpruned model, required when config.distill_weight > 0 (and only then).
@@ -250,7 +265,7 @@ def heal(
     model = lora_model(_base_model(model_or_path, tokenizer, config.quantize, output_dir), config)
     trainer = HealTrainer(
         model=model,
-        args=training_arguments(config, output_dir, evaluate=val is not None),
+        args=training_arguments(config, output_dir, evaluate=val is not None, resuming=last is not None),
         train_dataset=train,
         eval_dataset=val,
         data_collator=default_data_collator,

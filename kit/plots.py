@@ -84,3 +84,15 @@ def sweep_plot(results, metric: str, *, hue: str = "strategy", chance: float | N
         ax.legend()
     ax.set(xlabel="fraction of layers dropped", ylabel=metric)
     return ax
+
+
+def heal_curve(history: dict, ax=None):
+    """Training and validation loss of a healing run against the optimiser step (HealResult.history)."""
+    ax = _axes(ax)
+    for key, style in (("train", dict(lw=1, alpha=0.8)), ("validation", dict(marker="o", lw=2))):
+        points = history.get(key, [])
+        if points:
+            ax.plot([p["step"] for p in points], [p["loss"] for p in points], label=key, **style)
+    ax.set(xlabel="optimiser step", ylabel="loss (nats per token)", title="healing")
+    ax.legend()
+    return ax

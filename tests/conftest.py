@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 SMOKE_PARAMETERS = {
     "01_similarity": {},
     "02_select_and_prune": {"N": 4, "N_VAL_TEXTS": 4, "MAX_LENGTH": 64, "BATCH_SIZE": 4},
-    "03_heal": {},
+    "03_heal": {"STEPS": 2, "BATCH_SIZE": 2, "SEQ_LEN": 32, "RANK": 2, "LR": 1e-2, "N_TRAIN_TEXTS": 4,
+                "N_VAL_TEXTS": 2, "EVAL_EVERY": 1},
     "04_compare": {},
 }
 

@@ -2,6 +2,7 @@
 resume, distillation and the paper's settings."""
 
 import bitsandbytes as bnb
+import matplotlib.pyplot as plt
 import pytest
 import torch
 import torch.nn.functional as F
@@ -195,7 +196,7 @@ def test_training_lowers_the_loss_and_changes_only_lora(healed, base_path, texts
 def test_history_records_train_and_validation_losses(healed, val_texts):
     result, tokenizer, config = healed
     assert [e["step"] for e in result.history["train"]] == list(range(1, config.steps + 1))
-    assert [e["step"] for e in result.history["validation"]] == [4, 8]
+    assert [e["step"] for e in result.history["validation"]] == [0, 4, 8]
     val = pack(tokenizer, val_texts, config.seq_len)  # equal-length blocks: the mean over all their tokens
     # rel 1e-4: after training, bitsandbytes' CPU inference kernel sums in another order
     assert result.history["validation"][-1]["loss"] == pytest.approx(lm_loss(result.model, val), rel=1e-4)
@@ -299,9 +300,13 @@ def test_distillation_loss_mixes_lm_loss_and_kl(texts, tmp_path):
         kl = distillation_kl(model(input_ids=ids).logits[:, :-1], teacher(input_ids=ids).logits[:, :-1], 1.0).mean()
         model.train()
         loss = trainer.compute_loss(model, {"input_ids": ids, "labels": ids})
+        # under gradient accumulation both terms are normalised by the whole batch's label count
+        assert trainer.model_accepts_loss_kwargs
+        half = trainer.compute_loss(model, {"input_ids": ids, "labels": ids}, num_items_in_batch=2 * ids[:, 1:].numel())
         model.eval()
         eval_loss = trainer.compute_loss(model, {"input_ids": ids, "labels": ids})
     torch.testing.assert_close(loss, 0.75 * lm + 0.25 * kl)
+    torch.testing.assert_close(half, loss / 2)
     torch.testing.assert_close(eval_loss, lm)  # validation reports the plain LM loss
 
 
@@ -312,3 +317,11 @@ def test_distillation_needs_teacher_and_weight_together(base_path, texts, tmp_pa
         heal(base_path, tokenizer, texts, kit.HealConfig(), output_dir=tmp_path, teacher=teacher)
     with pytest.raises(ValueError, match="needs both a teacher model and config.distill_weight > 0"):
         heal(base_path, tokenizer, texts, kit.HealConfig(distill_weight=0.5), output_dir=tmp_path)
+
+
+def test_heal_curve_draws_the_history():
+    history = {"train": [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5}], "validation": [{"step": 2, "loss": 2.7}]}
+    ax = kit.plots.heal_curve(history)
+    lines = {line.get_label(): line.get_xydata().tolist() for line in ax.lines}
+    assert lines == {"train": [[1, 3.0], [2, 2.5]], "validation": [[2, 2.7]]}
+    plt.close(ax.figure)
