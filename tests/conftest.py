@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Smoke parameters: each notebook small enough for a 2-core CPU, on the embedded model.
 SMOKE_PARAMETERS = {
-    "01_similarity": {},
+    "01_similarity": {"N_TEXTS": 16, "BATCH_SIZE": 8, "MAX_LENGTH": 64},
     "02_select_and_prune": {"N": 4, "N_VAL_TEXTS": 4, "MAX_LENGTH": 64, "BATCH_SIZE": 4},
     "03_heal": {"STEPS": 2, "BATCH_SIZE": 2, "SEQ_LEN": 32, "RANK": 2, "LR": 1e-2, "N_TRAIN_TEXTS": 4,
                 "N_VAL_TEXTS": 2, "EVAL_EVERY": 1},
