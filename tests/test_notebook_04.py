@@ -1,0 +1,47 @@
+import pandas as pd
+import pytest
+
+from kit import sweep
+
+
+@pytest.fixture(scope="module")
+def run(notebook_run):
+    return notebook_run("04_compare")
+
+
+def test_sweep_covers_both_strategies_and_every_metric(run):
+    table = pd.read_csv(run / "sweep.csv")
+    assert set(table["strategy"]) == set(sweep.STRATEGIES)
+    assert sorted(set(table["n"])) == [0, 10, 20]
+    assert set(table["metric"]) == {"mmlu", "mmlu_subjects", "val_loss", "val_loss_norm", "boolq"}
+    assert table["fraction"].max() == pytest.approx(20 / 30)
+    unpruned = table[table["n"] == 0].pivot(index="strategy", columns="metric", values="value")
+    assert (unpruned.nunique() == 1).all(), "n = 0 is the same model for both strategies"
+    assert (run / "sweep.png").stat().st_size > 0
+
+
+def test_comparison_of_original_pruned_and_healed(run):
+    table = pd.read_csv(run / "comparison.csv", index_col="model")
+    assert table.index.tolist() == ["original", "pruned", "healed"]
+    assert table["layers"].tolist() == [30, 26, 26]
+    assert table.loc["original", "parameters"] > table.loc["pruned", "parameters"] == table.loc["healed", "parameters"]
+    assert {"mmlu", "boolq", "val_loss_norm"} <= set(table.columns)
+    assert table["mmlu"].between(0, 1).all()
+
+
+def test_missing_heal_names_notebook_03(run, tmp_path):
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    from conftest import REPO, SMOKE_PARAMETERS
+
+    empty = tmp_path / "runs"
+    for name in ("distances.safetensors", "selection.json"):
+        (empty / "partial").mkdir(parents=True, exist_ok=True)
+        (empty / "partial" / name).write_bytes((run / name).read_bytes())
+    (empty / "partial" / "pruned").mkdir()
+    with pytest.raises(PapermillExecutionError, match="03_heal.ipynb"):
+        papermill.execute_notebook(
+            REPO / "notebooks" / "04_compare.ipynb", tmp_path / "out.ipynb", kernel_name="python3", progress_bar=False,
+            parameters={**SMOKE_PARAMETERS["04_compare"], "RUN": "partial", "RUNS_ROOT": str(empty)}, cwd=str(REPO / "notebooks"),
+        )  # fmt: skip
