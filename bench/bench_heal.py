@@ -16,7 +16,7 @@ import kit
 from kit.heal import heal, pack
 
 MODEL = "smollm2-135m"
-CONFIG = kit.HealConfig(rank=8, steps=8, batch_size=2, seq_len=128, save_every=8, log_every=1)
+CONFIG = kit.HealConfig(rank=8, steps=4, batch_size=2, seq_len=128, save_every=4, log_every=1)
 N_TEXTS, REPEATS = 16, 2
 
 
