@@ -13,7 +13,7 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import Trainer, TrainingArguments, default_data_collator
 
 import kit
-from kit.heal import heal, pack
+from kit.healing import heal, pack
 
 MODEL = "smollm2-135m"
 CONFIG = kit.HealConfig(rank=8, steps=4, batch_size=2, seq_len=128, save_every=4, log_every=1)

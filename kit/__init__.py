@@ -18,13 +18,13 @@ _EXPORTS = {
     "angular_distances": "similarity",
     "Distances": "similarity",
     "HealConfig": "config",
-    "heal": "heal",
-    "merge_adapter": "heal",
-    "HealResult": "heal",
+    "heal": "healing",
+    "merge_adapter": "healing",
+    "HealResult": "healing",
 }
 
 __all__ = sorted(_EXPORTS) + [
-    "artifacts", "assets", "config", "data", "evaluate", "layers", "models", "plots", "prune", "reports", "similarity",
+    "artifacts", "assets", "config", "data", "evaluate", "healing", "layers", "models", "plots", "prune", "reports", "similarity",
     "sweep", "widgets",
 ]
 

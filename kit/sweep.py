@@ -119,7 +119,7 @@ def healer(texts: list[str], config, *, output_root, val_texts=None) -> Callable
     """A `heal` function for sweep(): kit.heal with `config` on `texts`, adapters under output_root/n{n}."""
     from pathlib import Path
 
-    from .heal import heal as heal_model
+    from .healing import heal as heal_model
 
     def run(pruned, tokenizer, block: Block):
         output_dir = Path(output_root) / f"n{block.n}"

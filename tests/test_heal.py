@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 
 import kit
 from kit.config import PAPER_HEALING
-from kit.heal import (
+from kit.healing import (
     Blocks,
     HealTrainer,
     distillation_kl,

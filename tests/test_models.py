@@ -110,3 +110,13 @@ def test_cached_checkpoint_loads_without_the_kit():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "30"
+
+
+def test_top_level_names_survive_submodule_imports():
+    import importlib
+
+    import kit.healing  # noqa: F401  (binds the submodule on the package)
+
+    for name, module in kit._EXPORTS.items():
+        assert getattr(kit, name) is getattr(importlib.import_module(f"kit.{module}"), name)
+    assert callable(kit.heal) and kit.heal.__module__ == "kit.healing"

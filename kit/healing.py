@@ -1,0 +1,295 @@
+"""QLoRA healing after the paper's Appendix A: LoRA adapters on a 4-bit NF4 base, trained with the
+HF Trainer on packed text blocks; optionally distilled from the unpruned model; merged into a plain
+checkpoint at the end."""
+
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
+from transformers.pytorch_utils import Conv1D
+from transformers.trainer_utils import get_last_checkpoint
+
+from . import layers
+from .artifacts import atomic_dir, read_json, write_json
+from .config import HealConfig
+from .data import batched
+from .models import load_model
+
+ADAPTER_DIR = "adapter"  # inside output_dir: the final adapter; Trainer's checkpoint-N folders sit beside it
+CONFIG_FILE = "heal_config.json"  # inside output_dir: the settings its checkpoints were trained with
+
+
+@dataclass
+class HealResult:
+    model: nn.Module  # the (quantized) base with the trained LoRA adapters, a peft model
+    history: dict  # {"train": [{step, loss, learning_rate}, ...], "validation": [{step, loss}, ...]}
+    adapter_path: Path  # the saved adapter, for merge_adapter or PeftModel.from_pretrained
+
+
+# ---------------------------------------------------------------------------------------- data
+
+
+def pack(tokenizer, texts: list[str], seq_len: int) -> torch.Tensor:
+    """All texts as one token stream, each text followed by EOS, cut into rows of seq_len tokens
+    (the incomplete last row is dropped). Returns a LongTensor of shape (blocks, seq_len)."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("The tokenizer has no EOS token to separate packed texts: set tokenizer.eos_token.")
+    chunks = []
+    for batch in batched(texts, 1000, desc="tokenizing"):
+        ids = tokenizer(list(batch), add_special_tokens=False, verbose=False)["input_ids"]
+        chunks.append(np.fromiter((t for row in ids for t in (*row, eos)), dtype=np.int64))
+    stream = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
+    n = len(stream) // seq_len
+    if n == 0:
+        raise ValueError(
+            f"The texts hold {len(stream)} tokens, less than one block of seq_len={seq_len}: "
+            "pass more texts or a smaller seq_len."
+        )
+    return torch.from_numpy(stream[: n * seq_len]).view(n, seq_len)
+
+
+class Blocks(torch.utils.data.Dataset):
+    """Packed blocks as causal-LM examples: the labels are the inputs (the model shifts them)."""
+
+    def __init__(self, blocks: torch.Tensor):
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.blocks[i], "labels": self.blocks[i]}
+
+
+# ---------------------------------------------------------------------------------------- model
+
+
+def target_modules(model: nn.Module, config: HealConfig) -> list[str] | str:
+    """The module names LoRA adapts: the architecture's MLP projections, all linear layers, or
+    the names given in the config."""
+    if config.target_modules == "mlp":
+        return layers.mlp_modules(model)
+    if config.target_modules == "all-linear":
+        return "all-linear"
+    if isinstance(config.target_modules, str):
+        raise ValueError(
+            f"target_modules must be 'mlp', 'all-linear' or a tuple of module names, not {config.target_modules!r}"
+        )
+    return list(config.target_modules)
+
+
+def lora_model(model: nn.Module, config: HealConfig):
+    """`model` (modified in place) with fresh LoRA adapters on its target modules, ready to train:
+    a 4-bit base goes through peft's prepare_model_for_kbit_training first."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if getattr(model, "is_loaded_in_4bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if config.gradient_checkpointing:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    model.config.use_cache = False
+    lora = LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=target_modules(model, config),
+        fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules()),  # GPT-2 stores weights transposed
+        task_type="CAUSAL_LM",
+    )
+    set_seed(config.seed)  # the adapters' initialisation
+    return get_peft_model(model, lora)
+
+
+def _base_model(model_or_path, tokenizer, quantize: str | None, scratch: Path) -> nn.Module:
+    """The model to put adapters on: loaded from a path (4-bit if asked), or the in-memory model,
+    re-loaded through a checkpoint in `scratch` when it must be quantized (bitsandbytes quantizes
+    while loading)."""
+    if isinstance(model_or_path, (str, Path)):
+        dtype = torch.float32 if quantize is None and not torch.cuda.is_available() else None
+        return load_model(str(model_or_path), quantize=quantize, dtype=dtype)[0]
+    model = model_or_path
+    if quantize is None or getattr(model, "is_loaded_in_4bit", False):
+        return model
+    scratch.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=scratch, prefix=".unquantized.") as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        quantized = load_model(tmp, quantize=quantize)[0]
+    quantized.name_or_path, quantized.config._name_or_path = model.name_or_path, model.config._name_or_path  # not tmp
+    return quantized
+
+
+@contextmanager
+def _training_layout(model: nn.Module):
+    """Keep 4-bit weights in their training layout for the duration of the block.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks NF4 weights at the first inference forward
+    and unpacks them at the next training forward, re-quantizing the double-quantized scales:
+    each validation pass would nudge the frozen base (and break exact resumption)."""
+    repacking = [m for m in model.modules() if getattr(m, "support_avx512bf16_for_cpu", False)]
+    for module in repacking:
+        module.support_avx512bf16_for_cpu = False
+    try:
+        yield
+    finally:
+        for module in repacking:
+            module.support_avx512bf16_for_cpu = True
+
+
+# ---------------------------------------------------------------------------------------- training
+
+
+def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) of the temperature-softened next-token distributions at each
+    position, times T^2 so gradients keep their scale (Hinton et al. 2015); shape logits.shape[:-1]."""
+    student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return (teacher.exp() * (teacher - student)).sum(-1) * temperature**2
+
+
+class HealTrainer(Trainer):
+    """Trainer whose training loss is (1 - w) * LM loss + w * KL to a teacher's logits when a
+    teacher is given; evaluation always reports the plain LM loss."""
+
+    def __init__(self, *args, teacher: nn.Module | None = None, distill_weight=0.0, temperature=1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
+        self.distill_weight, self.temperature = distill_weight, temperature
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if self.teacher is not None and model.training:
+            with torch.no_grad():
+                teacher_logits = self.teacher(input_ids=inputs["input_ids"].to(self.teacher.device)).logits
+            # positions that predict a label, normalised like the LM loss (over the whole accumulated batch)
+            student_logits, teacher_logits = outputs.logits[:, :-1], teacher_logits[:, :-1].to(outputs.logits.device)
+            kl = distillation_kl(student_logits, teacher_logits, self.temperature)
+            if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
+                kl = kl.sum() / num_items_in_batch
+            else:
+                kl = kl.mean()
+            loss = (1 - self.distill_weight) * loss + self.distill_weight * kl
+        return (loss, outputs) if return_outputs else loss
+
+
+def training_arguments(
+    config: HealConfig, output_dir: Path, *, evaluate: bool, resuming: bool = False
+) -> TrainingArguments:
+    """The Trainer settings of a healing run (validation also at step 0, unless resuming)."""
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=config.steps,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.lr,
+        lr_scheduler_type=config.scheduler,
+        warmup_steps=config.effective_warmup,
+        logging_steps=config.log_every,
+        eval_strategy="steps" if evaluate else "no",
+        eval_on_start=evaluate and not resuming,
+        eval_steps=config.eval_every,
+        save_strategy="steps",
+        save_steps=config.save_every,
+        save_total_limit=2,
+        seed=config.seed,
+        data_seed=config.seed,
+        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        dataloader_pin_memory=torch.cuda.is_available(),
+        remove_unused_columns=False,
+        report_to="none",
+    )
+
+
+def _check_resumable(output_dir: Path, config: HealConfig) -> str | None:
+    """The last checkpoint in output_dir (None if there is none), after checking that it was
+    trained with the same settings; records the settings for later runs."""
+    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    record = output_dir / CONFIG_FILE
+    if last is not None and record.exists() and read_json(record)["digest"] != config.digest():
+        raise ValueError(
+            f"{output_dir} holds checkpoints of a healing run with different settings ({record}). "
+            "Delete that folder to start afresh, or pass another output_dir."
+        )
+    write_json(record, {"digest": config.digest(), "config": config.to_dict()})
+    return last
+
+
+def _history(log_history: list[dict]) -> dict:
+    train = [
+        {"step": e["step"], "loss": e["loss"], "learning_rate": e["learning_rate"]} for e in log_history if "loss" in e
+    ]
+    validation = [{"step": e["step"], "loss": e["eval_loss"]} for e in log_history if "eval_loss" in e]
+    return {"train": train, "validation": validation}
+
+
+def heal(
+    model_or_path,
+    tokenizer,
+    texts: list[str],
+    config: HealConfig,
+    *,
+    output_dir,
+    val_texts: list[str] | None = None,
+    teacher: nn.Module | None = None,
+    callbacks=(),
+) -> HealResult:
+    """Train LoRA adapters on a (pruned) model to restore its language-modelling loss.
+
+    model_or_path: a checkpoint folder or model name (loaded 4-bit when config.quantize == "4bit"),
+        or an in-memory model (which gets its adapters in place, unless it must be quantized first:
+        then it is re-loaded 4-bit through a temporary checkpoint in output_dir).
+    texts / val_texts: packed into blocks of config.seq_len tokens; validation loss at step 0 and
+        every config.eval_every steps.
+    output_dir: Trainer checkpoints (every config.save_every steps) and the final adapter; a run
+        interrupted there resumes from its last checkpoint when called again with the same settings.
+    teacher: the unpruned model, required when config.distill_weight > 0 (and only then).
+    callbacks: extra transformers TrainerCallbacks.
+    """
+    if (teacher is not None) != (config.distill_weight > 0):
+        raise ValueError(
+            "Distillation needs both a teacher model and config.distill_weight > 0: "
+            f"got teacher={'a model' if teacher is not None else None}, distill_weight={config.distill_weight}."
+        )
+    output_dir = Path(output_dir)
+    last = _check_resumable(output_dir, config)
+    train = Blocks(pack(tokenizer, texts, config.seq_len))
+    val = Blocks(pack(tokenizer, val_texts, config.seq_len)) if val_texts else None
+    model = lora_model(_base_model(model_or_path, tokenizer, config.quantize, output_dir), config)
+    trainer = HealTrainer(
+        model=model,
+        args=training_arguments(config, output_dir, evaluate=val is not None, resuming=last is not None),
+        train_dataset=train,
+        eval_dataset=val,
+        data_collator=default_data_collator,
+        callbacks=list(callbacks),
+        teacher=teacher,
+        distill_weight=config.distill_weight,
+        temperature=config.distill_temperature,
+    )
+    with _training_layout(model):
+        trainer.train(resume_from_checkpoint=last)
+    adapter_path = output_dir / ADAPTER_DIR
+    with atomic_dir(adapter_path) as tmp:
+        model.save_pretrained(tmp)
+    return HealResult(model.eval(), _history(trainer.state.log_history), adapter_path)
+
+
+def merge_adapter(base, adapter_path, out_dir) -> Path:
+    """Merge a LoRA adapter into its unquantized base and write a plain checkpoint (safetensors,
+    with the base's tokenizer) to out_dir, atomically. base: a checkpoint folder or model name."""
+    from peft import PeftModel
+
+    model, tokenizer = load_model(str(base))
+    merged = PeftModel.from_pretrained(model, str(adapter_path)).merge_and_unload()
+    with atomic_dir(out_dir) as tmp:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return Path(out_dir)
