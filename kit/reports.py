@@ -1,5 +1,6 @@
-"""`make reports`: notebooks 01-04 run headless through papermill on the embedded model, with
-parameters sized for a 2-core CPU, written as executed notebooks, HTML and figures under reports/."""
+"""`make reports`: notebooks 01-04 run headless through papermill on the embedded model with
+their default parameters (sized for a 2-core CPU), written as executed notebooks, HTML and
+figures under reports/."""
 
 import argparse
 import shutil
@@ -8,14 +9,6 @@ from pathlib import Path
 
 NOTEBOOKS = ("01_similarity", "02_select_and_prune", "03_heal", "04_compare")
 NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
-
-# Parameters for a full report on a 2-core CPU (about 20 minutes in all).
-REPORT_PARAMETERS: dict[str, dict] = {
-    "01_similarity": {},
-    "02_select_and_prune": {},
-    "03_heal": {},
-    "04_compare": {},
-}
 
 
 def execute(name: str, *, output_dir: Path, parameters: dict, notebooks_dir: Path = NOTEBOOKS_DIR) -> Path:
@@ -51,7 +44,7 @@ def main(argv=None):
     shutil.rmtree(out / "runs" / args.run, ignore_errors=True)  # a report starts from a clean run
     for name in NOTEBOOKS:
         started = time.perf_counter()
-        parameters = {**REPORT_PARAMETERS[name], "RUN": args.run, "RUNS_ROOT": str((out / "runs").resolve())}
+        parameters = {"RUN": args.run, "RUNS_ROOT": str((out / "runs").resolve())}
         html = to_html(execute(name, output_dir=out, parameters=parameters))
         print(f"{name}: {html} ({time.perf_counter() - started:.0f} s)")
     print(f"figures and artifacts: {out / 'runs' / args.run}")
