@@ -1,9 +1,12 @@
-"""Similarity scan on the embedded model: its time relative to a plain forward pass over the
+"""Similarity scan on the embedded model: its cost relative to a plain forward pass over the
 same batches (goal <= 1.10), and its peak memory with 64 vs 512 texts (goal: flat).
 
-The scan stops after the last decoder layer, so it is compared both to the full forward (with the
-LM head) and to the decoder stack alone (`model.base_model`): the second ratio is the scan's own
-overhead (hooks and pairwise distances)."""
+Times are CPU seconds of one torch thread (best of a few interleaved runs), so other jobs on a
+shared machine do not skew the ratios. The scan stops after the last decoder layer, so it is
+compared both to the full forward (with the LM head) and to the decoder stack alone
+(`model.base_model`); the second ratio is the scan's own overhead (hooks, pairwise distances).
+Memory is the peak resident size (VmHWM) of a fresh process, compared with a plain forward loop
+over the same batches: the process's allocators grow a little with the number of batches anyway."""
 
 import multiprocessing
 import time
@@ -18,46 +21,47 @@ from kit.data import encode
 MODEL = "smollm2-135m"
 TIME_TEXTS, TIME_LENGTH, BATCH_SIZE, REPEATS = 24, 128, 8, 3
 MEMORY_TEXTS, MEMORY_LENGTH = (64, 512), 32
+METRICS = ("angular_last", "angular_all")
 
 
 @torch.no_grad()
-def _forward(module, tokenizer, texts):
+def _forward(module, tokenizer, texts, max_length):
     """A plain forward pass over the scan's batches (tokenization included, as in the scan)."""
     for start in range(0, len(texts), BATCH_SIZE):
-        enc = encode(tokenizer, texts[start : start + BATCH_SIZE], max_length=TIME_LENGTH, padding_side="right")
-        module(**enc, use_cache=False)
+        module(**encode(tokenizer, texts[start : start + BATCH_SIZE], max_length=max_length), use_cache=False)
 
 
-def _seconds(fn) -> float:
-    start = time.perf_counter()
+def _cpu_seconds(fn) -> float:
+    start = time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.process_time() - start
 
 
 def time_ratios():
+    torch.set_num_threads(1)
     model, tokenizer = kit.load_model(MODEL)
     texts = kit.data.load_texts("corpus", "train", TIME_TEXTS)
     runs = {
-        "forward": lambda: _forward(model, tokenizer, texts),
-        "layers": lambda: _forward(model.base_model, tokenizer, texts),
+        "forward": lambda: _forward(model, tokenizer, texts, TIME_LENGTH),
+        "decoder stack": lambda: _forward(model.base_model, tokenizer, texts, TIME_LENGTH),
         **{
             metric: lambda metric=metric: kit.angular_distances(
                 model, tokenizer, texts, batch_size=BATCH_SIZE, max_length=TIME_LENGTH, metric=metric
             )
-            for metric in ("angular_last", "angular_all")
+            for metric in METRICS
         },
     }
-    _forward(model, tokenizer, texts[:BATCH_SIZE])  # warm-up
+    _forward(model, tokenizer, texts[:BATCH_SIZE], TIME_LENGTH)  # warm-up
     best = {name: float("inf") for name in runs}
-    for _ in range(REPEATS):  # interleaved, best of REPEATS: robust to a busy machine
+    for _ in range(REPEATS):
         for name, fn in runs.items():
-            best[name] = min(best[name], _seconds(fn))
-    print(f"time, {TIME_TEXTS} texts x {TIME_LENGTH} tokens, batch {BATCH_SIZE}, best of {REPEATS}:")
-    print(f"  plain forward {best['forward']:.2f} s, decoder stack alone {best['layers']:.2f} s")
-    for metric in ("angular_last", "angular_all"):
+            best[name] = min(best[name], _cpu_seconds(fn))
+    print(f"CPU time on one thread, {TIME_TEXTS} texts x {TIME_LENGTH} tokens, batch {BATCH_SIZE}, best of {REPEATS}:")
+    print(f"  plain forward {best['forward']:.2f} s, decoder stack alone {best['decoder stack']:.2f} s")
+    for metric in METRICS:
         print(
             f"  scan {metric:<13} {best[metric]:.2f} s   scan / forward {best[metric] / best['forward']:.3f} "
-            f"(goal <= 1.10), scan / decoder stack {best[metric] / best['layers']:.3f}"
+            f"(goal <= 1.10), scan / decoder stack {best[metric] / best['decoder stack']:.3f}"
         )
 
 
@@ -69,27 +73,38 @@ def _memory_mib(field: str) -> float:
     raise RuntimeError(f"{field} not in /proc/self/status: this benchmark measures memory on Linux only")
 
 
-def _scan_peak(n_texts: int) -> tuple[float, float]:
-    """(resident MiB before the scan, peak MiB during it), in a fresh process, after a warm-up batch."""
+def _peak_growth(job: str, n_texts: int) -> float:
+    """MiB the peak resident size grows while `job` ("scan" or "forward") runs over n_texts,
+    in this fresh process, after a warm-up batch."""
+    torch.set_num_threads(1)
     model, tokenizer = kit.load_model(MODEL)
     texts = kit.data.load_texts("mmlu", n=n_texts)
-    kit.angular_distances(model, tokenizer, texts[:BATCH_SIZE], batch_size=BATCH_SIZE, max_length=MEMORY_LENGTH)
+
+    def run(batch):
+        if job == "scan":
+            kit.angular_distances(model, tokenizer, batch, batch_size=BATCH_SIZE, max_length=MEMORY_LENGTH)
+        else:
+            _forward(model, tokenizer, batch, MEMORY_LENGTH)
+
+    run(texts[:BATCH_SIZE])
     before = _memory_mib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current RSS
-    kit.angular_distances(model, tokenizer, texts, batch_size=BATCH_SIZE, max_length=MEMORY_LENGTH)
-    return before, _memory_mib("VmHWM")
+    run(texts)
+    return _memory_mib("VmHWM") - before
 
 
 def memory_ratio():
-    peaks = {}
-    for n_texts in MEMORY_TEXTS:
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh:
-            peaks[n_texts] = fresh.submit(_scan_peak, n_texts).result()
+    growth = {}
+    for job in ("forward", "scan"):
+        for n_texts in MEMORY_TEXTS:
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh:
+                growth[job, n_texts] = fresh.submit(_peak_growth, job, n_texts).result()
     small, large = MEMORY_TEXTS
-    print(f"peak resident memory during the scan (VmHWM, fresh process each), MMLU texts x {MEMORY_LENGTH} tokens:")
-    for n_texts, (before, peak) in peaks.items():
-        print(f"  {n_texts:>4} texts: {before:.0f} MiB before, peak {peak:.0f} MiB (+{peak - before:.1f} MiB)")
-    print(f"  peak {large} / {small} texts: {peaks[large][1] / peaks[small][1]:.3f} (goal 1.00, flat)")
+    print(f"peak resident memory growth (VmHWM, fresh process each), MMLU texts x {MEMORY_LENGTH} tokens:")
+    for job in ("forward", "scan"):
+        print(f"  {job:<7}: {small} texts +{growth[job, small]:.1f} MiB, {large} texts +{growth[job, large]:.1f} MiB")
+    extra = {n: growth["scan", n] - growth["forward", n] for n in MEMORY_TEXTS}
+    print(f"  scan beyond a plain forward: {small} texts {extra[small]:+.1f} MiB, {large} texts {extra[large]:+.1f} MiB (goal: flat)")
 
 
 def main():

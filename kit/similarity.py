@@ -28,7 +28,7 @@ METRICS = {
     "block_influence": "ShortGPT's Block Influence, 1 - cos averaged over all non-pad tokens",
 }
 _FORMAT = "kit.distances/1"
-_TOKEN_CHUNK = 1024  # tokens per pairwise-cosine chunk: bounds the [tokens, L+1, L+1] buffer
+_TOKEN_CHUNK = 1024  # tokens per pairwise-cosine chunk: bounds the [tokens, L+1, L+1] buffers
 
 
 @dataclass
@@ -116,8 +116,8 @@ class _Residuals:
         self._keep(output[0] if isinstance(output, tuple) else output)
         raise _EndOfLayers
 
-    def __call__(self, enc, select: torch.Tensor) -> torch.Tensor:
-        """States [L+1, tokens, hidden] of the `select`ed tokens ([batch, seq] bool)."""
+    def __call__(self, enc, select: torch.Tensor) -> list[torch.Tensor]:
+        """States at positions 0..L of the `select`ed tokens ([batch, seq] bool): L+1 x [tokens, hidden]."""
         self.select, self.states = select, []
         positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # same under left and right padding
         try:
@@ -126,13 +126,14 @@ class _Residuals:
             pass
         if len(self.states) != len(self.layers) + 1:
             raise RuntimeError(f"captured {len(self.states)} residual positions, expected {len(self.layers) + 1}")
-        return torch.stack(self.states)
+        return self.states
 
 
-def _pair_sums(states: torch.Tensor, metric: str) -> torch.Tensor:
+def _pair_sums(states: list[torch.Tensor], metric: str) -> torch.Tensor:
     """Sum over tokens of the distance between every pair of positions ([L+1, L+1], float64)."""
-    total = torch.zeros(states.shape[0], states.shape[0], dtype=torch.float64, device=states.device)
-    for chunk in states.split(_TOKEN_CHUNK, dim=1):
+    total = torch.zeros(len(states), len(states), dtype=torch.float64, device=states[0].device)
+    for start in range(0, len(states[0]), _TOKEN_CHUNK):
+        chunk = torch.stack([state[start : start + _TOKEN_CHUNK] for state in states])
         unit = F.normalize(chunk.double(), dim=-1)
         cos = torch.einsum("ptd,qtd->tpq", unit, unit).clamp_(-1.0, 1.0)
         total += (1.0 - cos if metric == "block_influence" else torch.arccos(cos) / math.pi).sum(0)

@@ -85,6 +85,11 @@ def test_matches_brute_force_on_embedded_model(smollm, texts):
     assert_matches_brute_force(*smollm, texts[:4], batch_size=4)
 
 
+def test_token_chunks_add_up(monkeypatch, texts):
+    monkeypatch.setattr(kit.similarity, "_TOKEN_CHUNK", 7)  # many chunks per batch, a ragged last one
+    assert_matches_brute_force(*kit.tiny_model("qwen3"), texts, batch_size=3)
+
+
 def test_bfloat16_model_is_measured_in_float32(texts):
     model, tokenizer = kit.tiny_model("llama")
     model.to(torch.bfloat16)
