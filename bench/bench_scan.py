@@ -5,7 +5,7 @@ Times are CPU seconds of one torch thread (best of a few interleaved runs), so o
 shared machine do not skew the ratios. The scan stops after the last decoder layer, so it is
 compared both to the full forward (with the LM head) and to the decoder stack alone
 (`model.base_model`); the second ratio is the scan's own overhead (hooks, pairwise distances).
-Memory is the peak resident size (VmHWM) of a fresh process, compared with a plain forward loop
+Memory is the peak resident size (VmHWM) of a fresh process, compared with the decoder stack run
 over the same batches: the process's allocators grow a little with the number of batches anyway."""
 
 import multiprocessing
@@ -74,7 +74,7 @@ def _memory_mib(field: str) -> float:
 
 
 def _peak_growth(job: str, n_texts: int) -> float:
-    """MiB the peak resident size grows while `job` ("scan" or "forward") runs over n_texts,
+    """MiB the peak resident size grows while `job` ("scan" or "decoder stack") runs over n_texts,
     in this fresh process, after a warm-up batch."""
     torch.set_num_threads(1)
     model, tokenizer = kit.load_model(MODEL)
@@ -84,7 +84,7 @@ def _peak_growth(job: str, n_texts: int) -> float:
         if job == "scan":
             kit.angular_distances(model, tokenizer, batch, batch_size=BATCH_SIZE, max_length=MEMORY_LENGTH)
         else:
-            _forward(model, tokenizer, batch, MEMORY_LENGTH)
+            _forward(model.base_model, tokenizer, batch, MEMORY_LENGTH)
 
     run(texts[:BATCH_SIZE])
     before = _memory_mib("VmRSS")
@@ -95,16 +95,16 @@ def _peak_growth(job: str, n_texts: int) -> float:
 
 def memory_ratio():
     growth = {}
-    for job in ("forward", "scan"):
+    for job in ("decoder stack", "scan"):
         for n_texts in MEMORY_TEXTS:
             with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh:
                 growth[job, n_texts] = fresh.submit(_peak_growth, job, n_texts).result()
     small, large = MEMORY_TEXTS
     print(f"peak resident memory growth (VmHWM, fresh process each), MMLU texts x {MEMORY_LENGTH} tokens:")
-    for job in ("forward", "scan"):
-        print(f"  {job:<7}: {small} texts +{growth[job, small]:.1f} MiB, {large} texts +{growth[job, large]:.1f} MiB")
-    extra = {n: growth["scan", n] - growth["forward", n] for n in MEMORY_TEXTS}
-    print(f"  scan beyond a plain forward: {small} texts {extra[small]:+.1f} MiB, {large} texts {extra[large]:+.1f} MiB (goal: flat)")
+    for job in ("decoder stack", "scan"):
+        print(f"  {job:<13}: {small} texts +{growth[job, small]:.1f} MiB, {large} texts +{growth[job, large]:.1f} MiB")
+    extra = {n: growth["scan", n] - growth["decoder stack", n] for n in MEMORY_TEXTS}
+    print(f"  scan beyond the decoder stack: {small} texts {extra[small]:+.1f} MiB, {large} texts {extra[large]:+.1f} MiB (goal: flat)")
 
 
 def main():
