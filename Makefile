@@ -21,7 +21,7 @@ reports:  ## notebooks 01-04 headless on the embedded model -> reports/ (HTML, f
 	$(PY) -m kit.reports --out reports
 
 bench:  ## benchmarks: ratios measured in one run
-	$(PY) -m bench
+	TQDM_DISABLE=1 $(PY) -m bench
 
 clean:
 	rm -rf reports runs .pytest_cache
