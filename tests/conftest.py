@@ -21,7 +21,8 @@ SMOKE_PARAMETERS = {
     "03_heal": {"STEPS": 2, "BATCH_SIZE": 2, "SEQ_LEN": 32, "RANK": 2, "LR": 1e-2, "N_TRAIN_TEXTS": 4,
                 "N_VAL_TEXTS": 2, "EVAL_EVERY": 1},
     "04_compare": {"MMLU_SUBJECTS": 2, "MMLU_PER_SUBJECT": 2, "SHOTS": 1, "N_VAL_TEXTS": 4, "MAX_LENGTH": 64, "SWEEP_STEP": 10,
-                   "BOOLQ": str(REPO / "tests" / "fixtures" / "boolq.jsonl"), "N_BOOLQ": 4},
+                   "BOOLQ": str(REPO / "tests" / "fixtures" / "boolq.jsonl"), "N_BOOLQ": 4,
+                   "HEAL_NS": [10], "HEAL_STEPS": 2, "HEAL_SEQ_LEN": 32},
 }
 
 

@@ -20,6 +20,14 @@ def test_sweep_covers_both_strategies_and_every_metric(run):
     assert (run / "sweep.png").stat().st_size > 0
 
 
+def test_healed_sweep_pairs_each_healed_size_with_its_unhealed_twin(run):
+    table = pd.read_csv(run / "sweep_healed.csv")
+    assert set(table["n"]) == {10} and sorted(set(table["healed"])) == [False, True]
+    loss = table[table["metric"] == "val_loss"].set_index("healed")["value"]
+    assert loss[True] != loss[False]
+    assert (run / "sweep_healed" / "n10" / "adapter").is_dir() and (run / "sweep_healed.png").exists()
+
+
 def test_comparison_of_original_pruned_and_healed(run):
     table = pd.read_csv(run / "comparison.csv", index_col="model")
     assert table.index.tolist() == ["original", "pruned", "healed"]

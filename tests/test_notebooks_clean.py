@@ -16,3 +16,13 @@ def test_notebook_is_committed_clean(name):
     source = "".join(parameters[0]["source"])
     assert 'RUN = "demo"' in source and "RUNS_ROOT" in source
     assert "colab.research.google.com" in "".join(nb["cells"][0]["source"]), f"{name}: Colab badge in the first cell"
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_papermill_reads_every_parameter(name):
+    import papermill
+
+    nb = json.loads((REPO / "notebooks" / f"{name}.ipynb").read_text())
+    cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
+    assigned = [line.split("=")[0].strip() for line in "".join(cell["source"]).splitlines() if line.strip()]
+    assert list(papermill.inspect_notebook(REPO / "notebooks" / f"{name}.ipynb")) == assigned
