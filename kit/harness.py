@@ -3,13 +3,12 @@ MMLU task template, pointed at local jsonl files of our questions. Nothing touch
 
 import json
 import tempfile
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
 from .data import LETTERS, MMLUQuestion, mmlu_fewshot_pool
-from .mmlu import MMLUResult, fewshot_examples, result_from_loglikelihoods, subject_header
+from .mmlu import MMLUResult, fewshot_examples, indices_by_subject, result_from_loglikelihoods, subject_header
 
 
 def _write_jsonl(path: Path, questions: list[MMLUQuestion]) -> None:
@@ -45,9 +44,7 @@ def lm_eval_mmlu(model, tokenizer, questions: list[MMLUQuestion], *, shots: int 
 
     if not questions:
         raise ValueError("lm_eval_mmlu needs at least one question, e.g. kit.data.mmlu_questions(per_subject=10)")
-    by_subject = defaultdict(list)
-    for i, question in enumerate(questions):
-        by_subject[question.subject].append(i)
+    by_subject = indices_by_subject(questions)
     loglik = np.empty((len(questions), len(LETTERS)))
     with tempfile.TemporaryDirectory(prefix="kit-lm-eval-") as tmp:
         tasks = [

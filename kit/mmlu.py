@@ -43,6 +43,14 @@ def fewshot_examples(fewshot, subject: str, shots: int) -> list[MMLUQuestion]:
     return pool[:shots]
 
 
+def indices_by_subject(questions: list[MMLUQuestion]) -> dict[str, list[int]]:
+    """Positions of the questions of each subject, in order of first appearance."""
+    groups = defaultdict(list)
+    for i, question in enumerate(questions):
+        groups[question.subject].append(i)
+    return dict(groups)
+
+
 def result_from_loglikelihoods(questions: list[MMLUQuestion], loglik: np.ndarray) -> MMLUResult:
     """Predictions (most likely letter) and accuracies from the (questions, 4) log-likelihoods."""
     chosen = loglik.argmax(axis=1)
@@ -71,10 +79,7 @@ def mmlu(model, tokenizer, questions: list[MMLUQuestion], *, shots: int = 5, bat
     if not questions:
         raise ValueError("mmlu needs at least one question, e.g. kit.data.mmlu_questions(per_subject=10)")
     loglik = np.empty((len(questions), len(LETTERS)))
-    by_subject = defaultdict(list)
-    for i, question in enumerate(questions):
-        by_subject[question.subject].append(i)
-    for subject, indices in tqdm(by_subject.items(), desc="MMLU subjects"):
+    for subject, indices in tqdm(indices_by_subject(questions).items(), desc="MMLU subjects"):
         examples = fewshot_examples(fewshot, subject, shots)
         requests = [
             encode_request(tokenizer, mmlu_prompt(questions[i], examples), f" {letter}")
