@@ -1,12 +1,13 @@
 """Log-likelihoods of continuations, as lm-evaluation-harness computes them, batched, with an
 optional KV cache of the tokens that every request starts with (a few-shot prefix)."""
 
-import copy
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
 
 from .data import batched
+from .device import model_device
 
 
 @dataclass(frozen=True)
@@ -47,17 +48,32 @@ def _right_pad(rows, device):
     return ids.to(device), mask.to(device)
 
 
+class SharedPrefixCache(DynamicCache):
+    """A prefix's KV cache read by every row of a batch and never written: each layer attends to the
+    prefix (broadcast over the batch, a view) followed by the rows' own keys and values, which are
+    not kept. No copy of the prefix per batch or per row; memory beyond the forward's own is one
+    layer's concatenated keys and values at a time."""
+
+    def __init__(self, prefix: DynamicCache):
+        self.__dict__.update(prefix.__dict__)  # the prefix's layers and settings, shared read-only
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        layer, batch = self.layers[layer_idx], key_states.shape[0]
+        keys = torch.cat([layer.keys.expand(batch, -1, -1, -1), key_states], dim=-2)
+        values = torch.cat([layer.values.expand(batch, -1, -1, -1), value_states], dim=-2)
+        return keys, values
+
+
 def _forward(model, rows, keep: torch.Tensor, prefix_cache, prefix_len: int) -> torch.Tensor:
     """Logits at positions `keep` (batch, k) of right-padded rows that continue a cached prefix of
     `prefix_len` tokens (or stand alone when `prefix_cache` is None)."""
-    ids, mask = _right_pad(rows, model.device)
-    keep = keep.to(model.device)
+    ids, mask = _right_pad(rows, model_device(model))
+    keep = keep.to(ids.device)
     if prefix_cache is None:
         return model(input_ids=ids, attention_mask=mask, logits_to_keep=keep, use_cache=False).logits
-    cache = copy.deepcopy(prefix_cache)  # the forward appends to the cache: keep the shared one intact
-    cache.batch_repeat_interleave(len(rows))
     mask = torch.cat([mask.new_ones(len(rows), prefix_len), mask], dim=1)
     positions = torch.arange(prefix_len, prefix_len + ids.shape[1], device=ids.device).expand(len(rows), -1)
+    cache = SharedPrefixCache(prefix_cache)
     return model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, logits_to_keep=keep).logits
 
 
@@ -84,8 +100,8 @@ def loglikelihoods(model, requests: list[Request], *, batch_size: int = 8, cache
         # at least the last context token stays out of the prefix: every row has a logit to read
         prefix_len = min(_shared_length(list(rows)), min(len(r.context) for r in requests) - 1)
     if prefix_len > 0:
-        prefix = torch.tensor([next(iter(rows))[:prefix_len]], device=model.device)
-        prefix_cache = model(input_ids=prefix, use_cache=True).cache
+        prefix = torch.tensor([next(iter(rows))[:prefix_len]], device=model_device(model))
+        prefix_cache = model(input_ids=prefix, use_cache=True, logits_to_keep=1).cache  # no logits over the prefix
     scores = [0.0] * len(requests)
     for batch in batched(sorted(rows, key=len), batch_size, desc=desc):
         # the positions (after the prefix) whose logits predict each request's continuation
@@ -96,10 +112,16 @@ def loglikelihoods(model, requests: list[Request], *, batch_size: int = 8, cache
         width = max(map(len, needed))
         keep = torch.tensor([positions + positions[-1:] * (width - len(positions)) for positions in needed])
         logits = _forward(model, [row[prefix_len:] for row in batch], keep, prefix_cache, prefix_len)
+        logprobs = logits.float().log_softmax(-1)  # (batch, width, vocab): only the kept positions
+        index, owners = [], []  # (row, column, token) of each continuation token; the request it belongs to
         for b, row in enumerate(batch):
             for i in rows[row]:
-                columns = [needed[b].index(p) for p in spans[i]]
-                logprobs = logits[b, columns].float().log_softmax(-1)
-                targets = torch.tensor(requests[i].continuation, device=logprobs.device)
-                scores[i] = logprobs.gather(-1, targets[:, None]).sum().item()
+                index += [(b, needed[b].index(p), t) for p, t in zip(spans[i], requests[i].continuation)]
+                owners += [i] * len(requests[i].continuation)
+        b, column, token = torch.tensor(index, device=logprobs.device).T
+        owner_ids, owner_index = torch.tensor(owners).unique(return_inverse=True)
+        sums = torch.zeros(len(owner_ids), dtype=logprobs.dtype, device=logprobs.device)
+        sums.index_add_(0, owner_index.to(logprobs.device), logprobs[b, column, token])
+        for i, value in zip(owner_ids.tolist(), sums.tolist()):  # one device sync per batch
+            scores[i] = value
     return scores

@@ -1,0 +1,79 @@
+"""The one device and dtype policy of the kit: GPU when there is one, else CPU; bf16 only where
+the GPU computes it natively (Ampere and newer), fp16 on older GPUs (T4, V100), fp32 on CPU.
+The same choice sets the 4-bit compute dtype and the Trainer's mixed-precision flag."""
+
+import torch
+
+AUTO = "auto"
+
+
+def default_device() -> torch.device:
+    """cuda:0 when a CUDA GPU is visible, else the CPU."""
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_device(device=AUTO) -> torch.device:
+    """A torch.device from "auto", "cpu", "cuda", "cuda:1" or a torch.device; CUDA must exist."""
+    device = default_device() if device == AUTO else torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} asked for, but no CUDA GPU is visible: use device='auto' or 'cpu'")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 in hardware (a T4 only emulates it, several times slower)."""
+    if device.type != "cuda":
+        return False
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch < 2.4 has no including_emulation
+        return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def resolve_dtype(dtype=AUTO, device=AUTO) -> torch.dtype:
+    """The dtype for weights and compute: the policy's for "auto", else `dtype` itself."""
+    if dtype != AUTO:
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype.removeprefix("torch."), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError("dtype must be 'auto', a torch dtype or its name such as 'bfloat16'")
+        return dtype
+    device = resolve_device(device)
+    if device.type == "cpu":
+        return torch.float32
+    return torch.bfloat16 if native_bf16(device) else torch.float16
+
+
+def mixed_precision(dtype: torch.dtype, device: torch.device) -> dict[str, bool]:
+    """TrainingArguments' bf16 / fp16 flags for training in `dtype` on `device`."""
+    on_gpu = device.type == "cuda"
+    return {"bf16": on_gpu and dtype == torch.bfloat16, "fp16": on_gpu and dtype == torch.float16}
+
+
+def model_device(model) -> torch.device:
+    """Where the model's inputs go: the device of its input embeddings."""
+    return model.get_input_embeddings().weight.device
+
+
+def compute_dtype(model) -> torch.dtype:
+    """The dtype the model computes in (a 4-bit model's compute dtype, not its storage)."""
+    quantization = getattr(model.config, "quantization_config", None)
+    compute = getattr(quantization, "bnb_4bit_compute_dtype", None) if quantization is not None else None
+    if isinstance(compute, str):
+        compute = getattr(torch, compute)
+    return compute if isinstance(compute, torch.dtype) else model.get_input_embeddings().weight.dtype
+
+
+def provenance(model) -> dict:
+    """How the model was loaded and where it runs: device, GPU name, dtype and quantization.
+    Recorded in manifests and part of the scan's resume fingerprint."""
+    device = model_device(model)
+    return {
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "dtype": str(compute_dtype(model)).removeprefix("torch."),
+        "quantization": "4bit" if getattr(model, "is_loaded_in_4bit", False) else None,
+        "devices": sorted({str(p.device) for p in model.parameters()}),
+    }
