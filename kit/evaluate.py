@@ -8,7 +8,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import layers
 from .data import BoolQItem, batched, encode
+from .device import model_device
 from .harness import lm_eval_mmlu
 from .mmlu import MMLUResult, mmlu
 from .scoring import encode_request, loglikelihoods
@@ -23,23 +25,41 @@ class LossResult:
     tokens: int  # number of predicted tokens
 
 
+_LOGIT_ELEMENTS = 2**25  # logits materialised at once (128 MiB in fp32), whatever the vocabulary
+
+
+def token_losses(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of `targets` (-100: ignored, loss 0) under the LM head applied to `hidden`,
+    in float32, computed over chunks of tokens so that no [tokens, vocab] fp32 tensor is built."""
+    flat_hidden, flat_targets = hidden.flatten(0, -2), targets.flatten()
+    vocab = layers.lm_head(model).weight.shape[0]
+    step = max(1, _LOGIT_ELEMENTS // vocab)
+    losses = [
+        F.cross_entropy(layers.logits(model, flat_hidden[i : i + step]).float(), flat_targets[i : i + step],
+                        ignore_index=-100, reduction="none")
+        for i in range(0, len(flat_targets), step)
+    ]  # fmt: skip
+    return torch.cat(losses).view(targets.shape)
+
+
 @torch.no_grad()
 def validation_loss(model, tokenizer, texts: list[str], *, max_length: int = 512, batch_size: int = 8) -> LossResult:
     """Token-weighted mean next-token loss of `model` on `texts`."""
     if not texts:
         raise ValueError("validation_loss needs at least one text")
-    total, count, vocab = 0.0, 0, None
+    device = model_device(model)
+    total, count = torch.zeros((), dtype=torch.float64, device=device), torch.zeros((), dtype=torch.long, device=device)
     for batch in batched(texts, batch_size, desc="validation loss"):
-        enc = encode(tokenizer, batch, max_length=max_length, device=model.device)
-        logits = model(**enc).logits.float()
-        vocab = logits.shape[-1]
+        enc = encode(tokenizer, batch, max_length=max_length, device=device)
+        hidden = layers.body(model)(**enc, use_cache=False).last_hidden_state
         targets = enc["input_ids"][:, 1:].masked_fill(enc["attention_mask"][:, 1:] == 0, -100)
-        total += F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum").item()
-        count += int((targets != -100).sum())
+        total += token_losses(model, hidden[:, :-1], targets).sum()
+        count += (targets != -100).sum()
+    total, count = total.item(), int(count)
     if count == 0:
         raise ValueError("the texts hold no tokens to predict (each needs at least two tokens)")
     loss = total / count
-    return LossResult(loss, loss / math.log(vocab), count)
+    return LossResult(loss, loss / math.log(layers.lm_head(model).weight.shape[0]), count)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 HF Trainer on packed text blocks; optionally distilled from the unpruned model; merged into a plain
 checkpoint at the end."""
 
+import math
+import shutil
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -10,16 +12,22 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
 from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
 from transformers.pytorch_utils import Conv1D
 from transformers.trainer_utils import get_last_checkpoint
+from transformers.training_args import ParallelMode
 
 from . import layers
 from .artifacts import atomic_dir, read_json, write_json
 from .config import HealConfig
 from .data import batched
-from .models import load_model
+from .device import compute_dtype, mixed_precision, model_device
+from .models import load_model, resolve
 
 ADAPTER_DIR = "adapter"  # inside output_dir: the final adapter; Trainer's checkpoint-N folders sit beside it
 CONFIG_FILE = "heal_config.json"  # inside output_dir: the settings its checkpoints were trained with
@@ -112,8 +120,7 @@ def _base_model(model_or_path, tokenizer, quantize: str | None, scratch: Path) -
     re-loaded through a checkpoint in `scratch` when it must be quantized (bitsandbytes quantizes
     while loading)."""
     if isinstance(model_or_path, (str, Path)):
-        dtype = torch.float32 if quantize is None and not torch.cuda.is_available() else None
-        return load_model(str(model_or_path), quantize=quantize, dtype=dtype)[0]
+        return load_model(str(model_or_path), quantize=quantize)[0]
     model = model_or_path
     if quantize is None or getattr(model, "is_loaded_in_4bit", False):
         return model
@@ -121,7 +128,7 @@ def _base_model(model_or_path, tokenizer, quantize: str | None, scratch: Path) -
     with tempfile.TemporaryDirectory(dir=scratch, prefix=".unquantized.") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        quantized = load_model(tmp, quantize=quantize)[0]
+        quantized = load_model(tmp, quantize=quantize, device=model_device(model))[0]
     quantized.name_or_path, quantized.config._name_or_path = model.name_or_path, model.config._name_or_path  # not tmp
     return quantized
 
@@ -146,12 +153,27 @@ def _training_layout(model: nn.Module):
 # ---------------------------------------------------------------------------------------- training
 
 
-def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(teacher || student) of the temperature-softened next-token distributions at each
-    position, times T^2 so gradients keep their scale (Hinton et al. 2015); shape logits.shape[:-1]."""
+_KL_TOKENS = 256  # positions per distillation chunk: two [chunk, vocab] fp32 tensors at a time
+
+
+def _kl_chunk(student_logits, teacher_logits, temperature: float) -> torch.Tensor:
     student = F.log_softmax(student_logits.float() / temperature, dim=-1)
     teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     return (teacher.exp() * (teacher - student)).sum(-1) * temperature**2
+
+
+def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) of the temperature-softened next-token distributions at each
+    position, times T^2 so gradients keep their scale (Hinton et al. 2015); shape logits.shape[:-1].
+
+    Computed over chunks of positions, each recomputed in the backward pass (activation
+    checkpointing), so no [batch, tokens, vocab] fp32 tensor is ever held."""
+    student, teacher = student_logits.flatten(0, -2), teacher_logits.flatten(0, -2)
+    chunks = [
+        checkpoint(_kl_chunk, student[i : i + _KL_TOKENS], teacher[i : i + _KL_TOKENS], temperature, use_reentrant=False)
+        for i in range(0, len(student), _KL_TOKENS)
+    ]
+    return torch.cat(chunks).view(student_logits.shape[:-1])
 
 
 class HealTrainer(Trainer):
@@ -180,10 +202,15 @@ class HealTrainer(Trainer):
 
 
 def training_arguments(
-    config: HealConfig, output_dir: Path, *, evaluate: bool, resuming: bool = False
+    config: HealConfig, output_dir: Path, *, evaluate: bool, resuming: bool = False, model: nn.Module | None = None
 ) -> TrainingArguments:
-    """The Trainer settings of a healing run (validation also at step 0, unless resuming)."""
-    return TrainingArguments(
+    """The Trainer settings of a healing run (validation also at step 0, unless resuming).
+
+    Mixed precision follows the device policy for `model` (bf16 only where the GPU has it natively,
+    else fp16; none on CPU). Without a distributed launch the run uses the model's one GPU, so the
+    global batch stays batch_size * grad_accum however many GPUs are visible."""
+    precision = mixed_precision(compute_dtype(model), model_device(model)) if model is not None else {}
+    args = TrainingArguments(
         output_dir=str(output_dir),
         max_steps=config.steps,
         per_device_train_batch_size=config.batch_size,
@@ -201,11 +228,21 @@ def training_arguments(
         save_total_limit=2,
         seed=config.seed,
         data_seed=config.seed,
-        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
         dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=False,
         report_to="none",
+        **precision,
     )
+    return single_gpu(args)
+
+
+def single_gpu(args: TrainingArguments) -> TrainingArguments:
+    """Without a distributed launch the Trainer multiplies the per-device batch by the number of
+    visible GPUs (DataParallel); the kit's model sits on one GPU, so it trains on that one, as the
+    Trainer itself does for models placed by a device map. Use `accelerate launch` for several."""
+    if args.n_gpu > 1 and args.parallel_mode != ParallelMode.DISTRIBUTED:
+        args._n_gpu = 1
+    return args
 
 
 def _check_resumable(output_dir: Path, config: HealConfig) -> str | None:
@@ -265,7 +302,7 @@ def heal(
     model = lora_model(_base_model(model_or_path, tokenizer, config.quantize, output_dir), config)
     trainer = HealTrainer(
         model=model,
-        args=training_arguments(config, output_dir, evaluate=val is not None, resuming=last is not None),
+        args=training_arguments(config, output_dir, evaluate=val is not None, resuming=last is not None, model=model),
         train_dataset=train,
         eval_dataset=val,
         data_collator=default_data_collator,
@@ -282,14 +319,68 @@ def heal(
     return HealResult(model.eval(), _history(trainer.state.log_history), adapter_path)
 
 
+def _checkpoint_folder(base) -> Path:
+    """The local folder of a checkpoint: an alias's or a folder as is; a Hub id's downloaded files."""
+    source = Path(resolve(str(base)))
+    if source.is_dir():
+        return source
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(base), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+
+
+def _lora_deltas(adapter_path: Path) -> dict[str, torch.Tensor]:
+    """{base weight name: scaled delta} of a saved LoRA adapter (transposed for fan-in-fan-out layers)."""
+    from peft import LoraConfig
+
+    lora = LoraConfig.from_pretrained(str(adapter_path))
+    if lora.rank_pattern or lora.alpha_pattern or lora.use_dora:
+        raise ValueError(f"{adapter_path}: streamed merging supports plain LoRA (no rank/alpha patterns, no DoRA)")
+    weights = load_file(Path(adapter_path) / "adapter_model.safetensors")
+    deltas = {}
+    for key, a in weights.items():
+        if key.endswith(".lora_A.weight"):
+            module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            b = weights[key.replace(".lora_A.", ".lora_B.")]
+            scale = lora.lora_alpha / (math.sqrt(a.shape[0]) if lora.use_rslora else a.shape[0])
+            delta = (b.float() @ a.float()) * scale
+            deltas[f"{module}.weight"] = delta.T if lora.fan_in_fan_out else delta
+    if not deltas:
+        raise ValueError(f"{adapter_path} holds no LoRA weights (adapter_model.safetensors has no lora_A tensors)")
+    return deltas
+
+
 def merge_adapter(base, adapter_path, out_dir) -> Path:
     """Merge a LoRA adapter into its unquantized base and write a plain checkpoint (safetensors,
-    with the base's tokenizer) to out_dir, atomically. base: a checkpoint folder or model name."""
-    from peft import PeftModel
+    with the base's config and tokenizer) to out_dir, atomically.
 
-    model, tokenizer = load_model(str(base))
-    merged = PeftModel.from_pretrained(model, str(adapter_path)).merge_and_unload()
+    Streamed shard by shard: peak memory is about one shard of the base plus the adapter, not the
+    model (a 70B base merges on a machine with a few GB of RAM). The result equals peft's
+    `merge_and_unload` (W + scale * B @ A in the base's dtype).
+
+    Args:
+        base: the checkpoint the adapter was trained on: a folder, an embedded alias or a Hub id.
+        adapter_path: the adapter folder written by `heal` (output_dir/adapter).
+        out_dir: where the merged checkpoint goes.
+    """
+    source = _checkpoint_folder(base)
+    shards = sorted(source.glob("*.safetensors"))
+    if not shards:
+        raise FileNotFoundError(f"{source} holds no .safetensors weights: merge_adapter needs the unquantized base checkpoint")
+    deltas = _lora_deltas(Path(adapter_path))
     with atomic_dir(out_dir) as tmp:
-        merged.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        for shard in tqdm(shards, desc="merging adapter", unit="shard"):
+            with safe_open(shard, framework="pt") as f:
+                metadata = f.metadata()
+                tensors = {name: f.get_tensor(name) for name in f.keys()}  # one shard in memory
+            for name, weight in tensors.items():
+                if name in deltas:
+                    tensors[name] = weight + deltas.pop(name).to(weight.dtype)
+            save_file(tensors, tmp / shard.name, metadata=metadata)
+            del tensors
+        if deltas:
+            raise ValueError(f"the adapter adapts weights the base {source} lacks: {', '.join(sorted(deltas)[:3])}")
+        for extra in source.iterdir():  # config, generation config, shard index, tokenizer files
+            if extra.is_file() and extra.suffix != ".safetensors":
+                shutil.copy2(extra, tmp / extra.name)
     return Path(out_dir)

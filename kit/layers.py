@@ -3,6 +3,7 @@ norm and its MLP projections. Everything else in the kit asks this module."""
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 
@@ -88,3 +89,20 @@ def num_layers(model: nn.Module) -> int:
 def mlp_modules(model: nn.Module) -> list[str]:
     """LoRA target names for the MLP projections (peft matches them as name suffixes)."""
     return list(anatomy(model).mlp)
+
+
+def body(model: nn.Module) -> nn.Module:
+    """The transformer under the LM head: its output is the residual stream after the final norm."""
+    return _base(model).base_model
+
+
+def lm_head(model: nn.Module) -> nn.Module:
+    """The output projection from hidden states to the vocabulary."""
+    return _base(model).get_output_embeddings()
+
+
+def logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head on final hidden states, with the architecture's final soft-capping if any (Gemma 2)."""
+    out = lm_head(model)(hidden)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return out if cap is None else torch.tanh(out / cap) * cap

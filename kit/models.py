@@ -1,6 +1,7 @@
 """Loading decoder-only LMs (embedded aliases, local checkpoints, GGUF files, Hub ids) and
 tiny random models of each supported architecture for tests."""
 
+import importlib.util
 from functools import lru_cache
 from pathlib import Path
 
@@ -8,22 +9,44 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from . import assets, layers
+from . import device as device_policy
 
 
-def _quantization_config(quantize: str | None, dtype):
+def _quantization_config(quantize: str | None, compute_dtype: torch.dtype):
     if quantize is None:
         return None
-    if quantize != "4bit":
-        raise ValueError(f"quantize must be '4bit' or None, not {quantize!r}")
     from transformers import BitsAndBytesConfig
 
-    compute = dtype if isinstance(dtype, torch.dtype) else torch.bfloat16 if torch.cuda.is_available() else torch.float32
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_compute_dtype=compute_dtype,
     )
+
+
+def weight_bytes(source: str, dtype: torch.dtype, trust_remote_code: bool = False) -> int:
+    """Bytes the weights of `source` take in `dtype`, counted on the meta device (nothing loaded)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    with init_empty_weights():
+        empty = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return sum(p.numel() for p in empty.parameters()) * dtype.itemsize
+
+
+def resolve_quantize(quantize, source: str, device: torch.device, dtype: torch.dtype, trust_remote_code=False):
+    """None or "4bit". "auto" picks 4-bit (NF4) only on a GPU that cannot hold the weights in `dtype`
+    with a fifth of its memory to spare, and only when bitsandbytes is installed."""
+    if quantize not in (None, "4bit", device_policy.AUTO):
+        raise ValueError(f"quantize must be '4bit', 'auto' or None, not {quantize!r}")
+    if quantize != device_policy.AUTO:
+        return quantize
+    if device.type != "cuda" or importlib.util.find_spec("bitsandbytes") is None:
+        return None
+    free = 0.8 * torch.cuda.get_device_properties(device).total_memory
+    return "4bit" if weight_bytes(source, dtype, trust_remote_code) > free else None
 
 
 def _gguf_checkpoint(path: Path) -> Path:
@@ -53,16 +76,31 @@ def prepare_tokenizer(tokenizer):
     return tokenizer
 
 
-def load_model(name: str, *, dtype=None, device_map=None, quantize: str | None = None, trust_remote_code: bool = False):
+def load_model(
+    name: str, *, device=device_policy.AUTO, dtype=device_policy.AUTO, quantize: str | None = None,
+    device_map=None, max_memory=None, offload_folder=None, trust_remote_code: bool = False,
+):  # fmt: skip
     """Load a causal LM and its tokenizer, in eval mode, from safetensors weights.
 
-    name: an embedded alias (offline), a local checkpoint folder, a `.gguf` file, or a Hub id.
-    quantize: "4bit" loads NF4 weights through bitsandbytes (QLoRA's base), on GPU or CPU.
+    Args:
+        name: an embedded alias (offline), a local checkpoint folder, a `.gguf` file, or a Hub id.
+        device: "auto" (the first GPU if there is one, else the CPU), "cpu", "cuda", "cuda:1".
+        dtype: "auto" (fp32 on CPU; bf16 on GPUs that have it natively, else fp16) or a torch dtype.
+            For a 4-bit model this is the compute dtype.
+        quantize: "4bit" loads NF4 weights through bitsandbytes (QLoRA's base); "auto" does so only
+            when the weights would not fit the GPU; None keeps full precision.
+        device_map, max_memory, offload_folder: accelerate's dispatch over several devices (and
+            CPU/disk offload), passed through; `device` is then ignored.
     """
     source = resolve(name)
+    target = device_policy.resolve_device(device)
+    dtype = device_policy.resolve_dtype(dtype, target)
+    quantize = resolve_quantize(quantize, source, target, dtype, trust_remote_code)
     kwargs = dict(
-        dtype=dtype if dtype is not None else "auto",
-        device_map=device_map,
+        dtype=dtype,
+        device_map=device_map if device_map is not None else {"": target},
+        max_memory=max_memory,
+        offload_folder=offload_folder,
         quantization_config=_quantization_config(quantize, dtype),
         trust_remote_code=trust_remote_code,
         use_safetensors=True,

@@ -325,3 +325,57 @@ def test_heal_curve_draws_the_history():
     lines = {line.get_label(): line.get_xydata().tolist() for line in ax.lines}
     assert lines == {"train": [[1, 3.0], [2, 2.5]], "validation": [[2, 2.7]]}
     plt.close(ax.figure)
+
+
+# ------------------------------------------------------------------------------------ scale
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: Conv1D weights, a fan-in-fan-out adapter
+def test_streamed_merge_of_a_sharded_base_equals_peft_merge_and_unload(arch, tmp_path):
+    model, tokenizer = kit.tiny_model(arch, num_layers=3)
+    base = tmp_path / "base"
+    model.save_pretrained(base, max_shard_size="100KB")  # several shards and an index
+    tokenizer.save_pretrained(base)
+    assert len(list(base.glob("*.safetensors"))) > 2
+    peft_model = lora_model(model, kit.HealConfig(rank=4, quantize=None, gradient_checkpointing=False))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.1)  # a trained-looking adapter: B is zero at initialisation
+    peft_model.save_pretrained(tmp_path / "adapter")
+    out = merge_adapter(base, tmp_path / "adapter", tmp_path / "merged")
+    expected = peft_model.merge_and_unload().state_dict()
+    merged, _ = load_model(str(out))
+    assert merged.state_dict().keys() == expected.keys()
+    for name, weight in merged.state_dict().items():
+        torch.testing.assert_close(weight, expected[name], rtol=0, atol=1e-6, msg=name)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in base.iterdir())
+
+
+def test_merge_refuses_an_adapter_for_another_base(healed, tmp_path):
+    result, _, _ = healed
+    other, tokenizer = kit.tiny_model("llama", num_layers=2)
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="adapts weights the base .* lacks"):
+        merge_adapter(tmp_path / "other", result.adapter_path, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists() and not list(tmp_path.glob(".merged.*"))
+
+
+def test_distillation_kl_in_chunks_equals_the_whole_and_its_gradient(monkeypatch):
+    torch.manual_seed(0)
+    student, teacher = torch.randn(3, 7, 13, requires_grad=True), torch.randn(3, 7, 13)
+    whole = distillation_kl(student, teacher, 1.5)
+    (grad_whole,) = torch.autograd.grad(whole.sum(), student)
+    monkeypatch.setattr(kit.healing, "_KL_TOKENS", 4)  # 21 positions in 6 chunks
+    chunked = distillation_kl(student, teacher, 1.5)
+    (grad_chunked,) = torch.autograd.grad(chunked.sum(), student)
+    torch.testing.assert_close(chunked, whole)
+    torch.testing.assert_close(grad_chunked, grad_whole)
+
+
+def test_several_visible_gpus_without_a_launcher_keep_the_global_batch(tmp_path):
+    config = kit.HealConfig(batch_size=4, grad_accum=2)
+    args = training_arguments(config, tmp_path, evaluate=False)
+    args._n_gpu = 4  # as the Trainer counts them on a 4-GPU machine started without torchrun / accelerate
+    assert args.train_batch_size == 16  # what the Trainer would silently train with
+    assert kit.healing.single_gpu(args).train_batch_size * config.grad_accum == config.global_batch

@@ -66,7 +66,7 @@ def test_missing_gguf_file(tmp_path):
 
 
 def test_bad_quantize_value():
-    with pytest.raises(ValueError, match="'4bit' or None"):
+    with pytest.raises(ValueError, match="'4bit', 'auto' or None"):
         kit.load_model("smollm2-135m", quantize="3bit")
 
 

@@ -1,0 +1,78 @@
+"""The device and dtype policy under mocked GPUs: bf16 only where native, fp16 on older GPUs, fp32 on CPU."""
+
+import pytest
+import torch
+
+import kit
+from kit import device as policy
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    """A pretend CUDA machine; `gpu(native_bf16=...)` sets what its GPU computes natively."""
+
+    def make(native_bf16: bool, memory_gb: float = 16):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native_bf16 or including_emulation)
+        props = type("Props", (), {"total_memory": int(memory_gb * 2**30)})()
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+
+    return make
+
+
+def test_cpu_computes_in_fp32_without_mixed_precision():
+    device = policy.resolve_device("cpu")
+    assert policy.resolve_dtype("auto", device) == torch.float32
+    assert policy.mixed_precision(torch.float32, device) == {"bf16": False, "fp16": False}
+
+
+def test_a_t4_gets_fp16_although_torch_says_bf16_is_supported(gpu):
+    gpu(native_bf16=False)  # a T4: is_bf16_supported() is True through emulation
+    assert torch.cuda.is_bf16_supported()
+    device = policy.resolve_device("auto")
+    assert device == torch.device("cuda", 0)
+    assert policy.resolve_dtype("auto", device) == torch.float16
+    assert policy.mixed_precision(torch.float16, device) == {"bf16": False, "fp16": True}
+
+
+def test_an_ampere_gpu_gets_bf16(gpu):
+    gpu(native_bf16=True)
+    device = policy.resolve_device("auto")
+    assert policy.resolve_dtype("auto", device) == torch.bfloat16
+    assert policy.mixed_precision(torch.bfloat16, device) == {"bf16": True, "fp16": False}
+
+
+def test_explicit_dtype_wins_and_bad_values_say_what_to_pass():
+    assert policy.resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+    assert policy.resolve_dtype(torch.float16, "cpu") == torch.float16
+    with pytest.raises(ValueError, match="dtype must be 'auto', a torch dtype"):
+        policy.resolve_dtype("float17", "cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_asking_for_cuda_without_a_gpu_is_a_clear_error():
+    with pytest.raises(ValueError, match="no CUDA GPU is visible: use device='auto' or 'cpu'"):
+        policy.resolve_device("cuda")
+
+
+def test_quantize_auto_picks_4bit_only_when_the_weights_do_not_fit(gpu, monkeypatch, tmp_path):
+    model, _ = kit.tiny_model("llama")
+    model.save_pretrained(tmp_path)
+    size = kit.models.weight_bytes(str(tmp_path), torch.float16)
+    assert size == sum(p.numel() for p in model.parameters()) * 2
+    cuda = torch.device("cuda", 0)
+    assert kit.models.resolve_quantize("auto", str(tmp_path), torch.device("cpu"), torch.float32) is None
+    gpu(native_bf16=True, memory_gb=size / 2**30)  # weights take all of the GPU
+    assert kit.models.resolve_quantize("auto", str(tmp_path), cuda, torch.float16) == "4bit"
+    gpu(native_bf16=True, memory_gb=2 * size / 2**30)
+    assert kit.models.resolve_quantize("auto", str(tmp_path), cuda, torch.float16) is None
+    assert kit.models.resolve_quantize(None, str(tmp_path), cuda, torch.float16) is None
+
+
+def test_loads_follow_the_policy_and_record_their_provenance():
+    model, _ = kit.load_model("smollm2-135m")
+    assert model.dtype == torch.float32 and model.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    placement = policy.provenance(model)
+    assert placement["dtype"] == "float32" and placement["quantization"] is None
+    assert placement["device"] == str(model.device)
