@@ -5,6 +5,7 @@ import os
 import platform
 import random
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -21,13 +22,34 @@ def _umask() -> int:
     return mask
 
 
-def runs_root() -> Path:
-    return Path(os.environ.get("KIT_RUNS", "runs"))
+COLAB_DRIVE = Path("/content/drive")  # where Google Drive is mounted in Colab
+COLAB_RUNS = "MyDrive/deeper-layers-kit/runs"  # the runs folder inside it
 
 
-def run_dir(run: str, root: str | Path | None = None) -> Path:
-    """The folder of run `run` (created if needed); notebooks of one run share it."""
-    folder = Path(root if root is not None else runs_root()) / run
+def in_colab() -> bool:
+    return "google.colab" in sys.modules
+
+
+def runs_root(root: str | Path = "auto") -> Path:
+    """The folder holding all runs. "auto": $KIT_RUNS if set; in Colab a folder of the user's Google
+    Drive (mounted on first use), so notebooks run on different Colab machines share their artifacts
+    and healing resumes after a disconnect; else ./runs."""
+    if root != "auto":
+        return Path(root)
+    if "KIT_RUNS" in os.environ:
+        return Path(os.environ["KIT_RUNS"])
+    if in_colab():
+        from google.colab import drive
+
+        if not (COLAB_DRIVE / "MyDrive").is_dir():
+            drive.mount(str(COLAB_DRIVE))
+        return COLAB_DRIVE / COLAB_RUNS
+    return Path("runs")
+
+
+def run_dir(run: str, root: str | Path = "auto") -> Path:
+    """The folder of run `run` under `runs_root(root)` (created if needed); notebooks of one run share it."""
+    folder = runs_root(root) / run
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
@@ -99,8 +121,17 @@ def versions() -> dict[str, str]:
     return found
 
 
+def machine() -> dict:
+    """The accelerators this process sees (recorded in every manifest)."""
+    import torch
+
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return {"platform": platform.platform(), "gpus": gpus}
+
+
 def write_manifest(folder: str | Path, step: str, *, config=None, seed: int | None = None, **extra) -> Path:
-    """Record one step of a run in `folder/manifest.json`: settings, their hash, versions, seed."""
+    """Record one step of a run in `folder/manifest.json`: settings, their hash, versions, machine,
+    seed, and `extra` (notebooks add the model's placement: kit.device.provenance(model))."""
     path = Path(folder) / "manifest.json"
     manifest = json.loads(path.read_text()) if path.exists() else {}
     manifest[step] = {
@@ -108,6 +139,7 @@ def write_manifest(folder: str | Path, step: str, *, config=None, seed: int | No
         "config_hash": config.digest() if hasattr(config, "digest") else None,
         "seed": seed,
         "versions": versions(),
+        "machine": machine(),
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **extra,
     }

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from . import artifacts, layers
 from .data import encode
+from .device import model_device, provenance
 from .prune import Block
 
 METRICS = {
@@ -148,31 +149,32 @@ def _select(mask: torch.Tensor, metric: str) -> torch.Tensor:
     return F.one_hot(last, mask.shape[1]).bool()
 
 
-def _fingerprint(texts, **settings) -> str:
+def _fingerprint(texts, settings: dict) -> str:
     digest = hashlib.sha256()
     for text in texts:
         digest.update(f"{len(text)}:{text}".encode())
-    settings["texts"] = digest.hexdigest()
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps({**settings, "texts": digest.hexdigest()}, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _resume(cache_path, fingerprint: str, size: int):
+def _resume(cache_path, fingerprint: str, settings: dict, size: int):
     """(sums, count, batches done) from the cache, or a fresh start."""
     if cache_path is None or not Path(cache_path).exists():
         return torch.zeros(size, size, dtype=torch.float64), 0, 0
     with safe_open(cache_path, framework="pt") as f:
         meta = f.metadata() or {}
         if meta.get("fingerprint") != fingerprint:
+            cached = json.loads(meta.get("settings", "{}"))
+            changed = [f"{k}: {cached.get(k)!r} -> {v!r}" for k, v in settings.items() if cached.get(k) != v]
             raise ValueError(
-                f"{cache_path} holds a scan with other settings (model, texts, metric, batch_size, max_length "
-                f"or padding side). Delete it or pass another cache_path."
+                f"{cache_path} holds a scan made with other settings ({'; '.join(changed) or 'other texts'}). "
+                "Delete it, or pass another cache_path, or load the model as before."
             )
         return f.get_tensor("sums"), int(meta["count"]), int(meta["batches"])
 
 
-def _checkpoint(cache_path, fingerprint: str, sums: torch.Tensor, count: int, batches: int):
+def _checkpoint(cache_path, fingerprint: str, settings: dict, sums: torch.Tensor, count: int, batches: int):
     with artifacts.atomic_path(cache_path) as tmp:
-        meta = {"fingerprint": fingerprint, "count": str(count), "batches": str(batches)}
+        meta = {"fingerprint": fingerprint, "settings": json.dumps(settings), "count": str(count), "batches": str(batches)}
         save_file({"sums": sums.cpu()}, tmp, metadata=meta)
 
 
@@ -197,12 +199,15 @@ def angular_distances(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     name = model_name or getattr(model, "name_or_path", None) or "unknown"
     size = layers.num_layers(model) + 1
-    fingerprint = _fingerprint(
-        texts, model=name, positions=size, metric=metric, batch_size=batch_size, max_length=max_length,
-        padding_side=tokenizer.padding_side,
+    placement = provenance(model)
+    settings = dict(
+        model=name, positions=size, metric=metric, batch_size=batch_size, max_length=max_length,
+        padding_side=tokenizer.padding_side, device=placement["device"], gpu=placement["gpu"],
+        dtype=placement["dtype"], quantization=placement["quantization"],
     )  # fmt: skip
-    sums, count, done = _resume(cache_path, fingerprint, size)
-    device = model.get_input_embeddings().weight.device
+    fingerprint = _fingerprint(texts, settings)
+    sums, count, done = _resume(cache_path, fingerprint, settings, size)
+    device = model_device(model)
     sums = sums.to(device)
     starts = range(0, len(texts), batch_size)
     was_training = model.training
@@ -221,13 +226,13 @@ def angular_distances(
                 sums += _pair_sums(residuals(enc, select), metric)
                 count += int(select.sum())
                 if cache_path is not None:
-                    _checkpoint(cache_path, fingerprint, sums, count, index + 1)
+                    _checkpoint(cache_path, fingerprint, settings, sums, count, index + 1)
     finally:
         model.train(was_training)
     matrix = (sums + sums.T).cpu() / (2 * count)
     matrix.fill_diagonal_(0.0)
     meta = dict(
         model=name, n_texts=len(texts), tokens=count, max_length=max_length, metric=metric,
-        num_layers=size - 1, versions=artifacts.versions(),
+        num_layers=size - 1, placement=placement, versions=artifacts.versions(),
     )  # fmt: skip
     return Distances(matrix.float(), meta)

@@ -1,6 +1,11 @@
+import importlib.metadata
 import json
+import sys
+import types
+from pathlib import Path
 
 import pytest
+import torch
 
 from kit import artifacts
 from kit.config import ScanConfig
@@ -42,7 +47,8 @@ def test_manifest_records_each_step(tmp_path):
     assert manifest["scan"]["config"]["n_texts"] == 8
     assert manifest["scan"]["config_hash"] == config.digest() != ScanConfig().digest()
     assert manifest["prune"]["config"] == {"n": 3}
-    assert manifest["scan"]["versions"]["transformers"].startswith("5.")
+    assert manifest["scan"]["versions"]["transformers"] == importlib.metadata.version("transformers")
+    assert manifest["scan"]["machine"]["gpus"] == [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
 
 
 def test_run_dir(tmp_path):
@@ -61,3 +67,24 @@ def test_atomic_writes_get_the_usual_permissions(tmp_path):
         os.umask(mask)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "ckpt").stat().st_mode & 0o777 == 0o755
+
+
+def test_runs_root_in_colab_is_on_the_mounted_google_drive(tmp_path, monkeypatch):
+    mounted = []
+    colab = types.ModuleType("google.colab")
+    colab.drive = types.SimpleNamespace(mount=lambda path: (mounted.append(path), (Path(path) / "MyDrive").mkdir(parents=True)))
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    monkeypatch.delenv("KIT_RUNS", raising=False)
+    monkeypatch.setattr(artifacts, "COLAB_DRIVE", tmp_path / "drive")
+    run = artifacts.run_dir("demo")
+    assert run == tmp_path / "drive" / "MyDrive" / "deeper-layers-kit" / "runs" / "demo" and run.is_dir()
+    assert artifacts.run_dir("demo") == run and mounted == [str(tmp_path / "drive")]  # mounted once
+    assert artifacts.run_dir("demo", tmp_path / "mine") == tmp_path / "mine" / "demo"  # an explicit root wins
+
+
+def test_runs_root_outside_colab(monkeypatch):
+    monkeypatch.delitem(sys.modules, "google.colab", raising=False)
+    monkeypatch.delenv("KIT_RUNS", raising=False)
+    assert artifacts.runs_root() == Path("runs")
+    monkeypatch.setenv("KIT_RUNS", "/data/runs")
+    assert artifacts.runs_root() == Path("/data/runs")

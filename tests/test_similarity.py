@@ -136,8 +136,10 @@ def test_resume_after_interruption_gives_the_same_matrix(tmp_path, texts):
     assert len(forwards) == 4  # batches 1, 2, the interrupted 3, then only 3 again
     assert torch.equal(resumed.matrix, expected)
     assert resumed.meta["tokens"] == scan(model, tokenizer, texts, batch_size=2, metric="angular_all").meta["tokens"]
-    with pytest.raises(ValueError, match="other settings.*Delete it"):
+    with pytest.raises(ValueError, match="other settings.*batch_size: 2 -> 3.*Delete it"):
         scan(model, tokenizer, texts, batch_size=3, metric="angular_all", cache_path=cache)
+    with pytest.raises(ValueError, match="other settings \\(dtype: 'float32' -> 'bfloat16'\\)"):
+        scan(model.to(torch.bfloat16), tokenizer, texts, batch_size=2, metric="angular_all", cache_path=cache)
 
 
 def test_scan_result_is_a_distance_matrix(texts):
