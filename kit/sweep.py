@@ -1,13 +1,14 @@
 """Pruning sweeps: evaluate one loaded model with every block size n removed, the way the
 paper's Figures 2, 3, 5 and 6 do, without reloading or copying the model."""
 
+import copy
 from collections.abc import Callable, Sequence
 
 import pandas as pd
 from tqdm.auto import tqdm
 
 from . import evaluate, layers
-from .prune import Block, drop_layers, dropped, heuristic_block
+from .prune import Block, dropped, heuristic_block
 
 # An evaluation maps (model, tokenizer) to named metrics, e.g. {"mmlu": 0.41}.
 Evaluation = Callable[..., dict[str, float]]
@@ -87,8 +88,8 @@ def sweep(
     """Evaluate `model` with n layers removed for every n in `ns` (0 = the unpruned model).
 
     Each pruned model is a view of the loaded one (kit.prune.dropped), restored afterwards.
-    heal(pruned_model, tokenizer, block) -> healed model is applied, on a pruned copy, to every n
-    in `heal_ns`, and those rows carry healed=True.
+    heal(pruned_model, tokenizer, block) -> healed model is applied to every n in `heal_ns` (it gets
+    the pruned view and must not modify it: see healer), and those rows carry healed=True.
     Returns one row per (n, metric): strategy, n, fraction (n / L), start, distance, healed, metric, value.
     """
     num = layers.num_layers(model)
@@ -109,20 +110,24 @@ def sweep(
             continue
         with dropped(model, block):
             rows += _rows(evaluate_all(model, tokenizer, evals), **columns, healed=False)
-        if n in heal_ns:
-            healed = heal(drop_layers(model, block), tokenizer, block)
-            rows += _rows(evaluate_all(healed, tokenizer, evals), **columns, healed=True)
+            if n in heal_ns:
+                healed = heal(model, tokenizer, block)  # from the pruned view; heal must leave it untouched
+                rows += _rows(evaluate_all(healed, tokenizer, evals), **columns, healed=True)
+                del healed
     return pd.DataFrame(rows)
 
 
 def healer(texts: list[str], config, *, output_root, val_texts=None) -> Callable:
-    """A `heal` function for sweep(): kit.heal with `config` on `texts`, adapters under output_root/n{n}."""
+    """A `heal` function for sweep(): kit.heal with `config` on `texts`, adapters under output_root/n{n}.
+    The loaded model is never copied for a 4-bit heal; with config.quantize=None the pruned model is."""
     from pathlib import Path
 
     from .healing import heal as heal_model
 
     def run(pruned, tokenizer, block: Block):
         output_dir = Path(output_root) / f"n{block.n}"
-        return heal_model(pruned, tokenizer, texts, config, output_dir=output_dir, val_texts=val_texts).model
+        # a 4-bit heal re-loads the pruned weights quantized; LoRA on the full-precision base needs its own copy
+        base = pruned if config.quantize else copy.deepcopy(pruned)
+        return heal_model(base, tokenizer, texts, config, output_dir=output_dir, val_texts=val_texts).model
 
     return run

@@ -51,13 +51,13 @@ def test_sweep_equals_evaluating_each_pruned_copy(strategy):
     assert all(torch.equal(weights[k], after[k]) for k in weights)
 
 
-def test_sweep_heals_chosen_sizes_on_copies():
+def test_sweep_heals_chosen_sizes_from_the_pruned_view():
     model, tokenizer = kit.tiny_model("llama")
     seen = []
 
     def heal(pruned, tok, block):
         seen.append((layers.num_layers(pruned), block))
-        assert pruned is not model
+        assert pruned is model  # the view, never a copy
         return pruned
 
     probe = lambda m, t: {"layers": float(layers.num_layers(m))}  # noqa: E731
@@ -65,6 +65,20 @@ def test_sweep_heals_chosen_sizes_on_copies():
     assert seen == [(4, Block(3, 2))]
     assert table[["n", "healed", "value"]].values.tolist() == [[0, False, 6.0], [2, False, 4.0], [2, True, 4.0]]
     assert layers.num_layers(model) == 6
+
+
+@pytest.mark.parametrize("quantize", ["4bit", None])
+def test_healer_leaves_the_swept_model_untouched(quantize, tmp_path):
+    model, tokenizer = kit.tiny_model("llama")
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    config = kit.HealConfig(rank=2, lr=1e-2, steps=2, batch_size=2, seq_len=32, quantize=quantize, save_every=2)
+    heal = sweep.healer(kit.data.corpus("train")[:4], config, output_root=tmp_path)
+    probe = lambda m, t: {"layers": float(layers.num_layers(m))}  # noqa: E731
+    table = sweep.sweep(model, tokenizer, ns=[2], evals=[probe], strategy="heuristic", heal=heal, heal_ns=[2])
+    assert table[["healed", "value"]].values.tolist() == [[False, 4.0], [True, 4.0]]
+    assert (tmp_path / "n2" / "adapter" / "adapter_model.safetensors").exists()
+    assert model.state_dict().keys() == weights.keys() and layers.num_layers(model) == 6
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
 
 
 def test_sweep_restores_the_model_after_an_error():
