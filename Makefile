@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: setup test lab bench reports clean
+.PHONY: setup test lab bench gpu-check reports clean
 
 setup:  ## create .venv, install the kit with its dev extra, register the kernel, fetch assets
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ reports:  ## notebooks 01-04 headless on the embedded model -> reports/ (HTML, f
 
 bench:  ## benchmarks: ratios measured in one run
 	TQDM_DISABLE=1 $(PY) -m bench
+
+gpu-check:  ## on a GPU machine (offline): versions, GPU vs CPU results, the pipeline, figures at 7B shape
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m bench.gpu_check
 
 clean:
 	rm -rf reports runs .pytest_cache

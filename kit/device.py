@@ -2,13 +2,17 @@
 the GPU computes it natively (Ampere and newer), fp16 on older GPUs (T4, V100), fp32 on CPU.
 The same choice sets the 4-bit compute dtype and the Trainer's mixed-precision flag."""
 
+import os
+
 import torch
 
 AUTO = "auto"
 
 
 def default_device() -> torch.device:
-    """cuda:0 when a CUDA GPU is visible, else the CPU."""
+    """$KIT_DEVICE when set (the test suite pins "cpu"), else cuda:0 when a CUDA GPU is visible, else the CPU."""
+    if os.environ.get("KIT_DEVICE"):
+        return torch.device(os.environ["KIT_DEVICE"])
     return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
 

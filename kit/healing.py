@@ -367,6 +367,11 @@ def merge_adapter(base, adapter_path, out_dir) -> Path:
     shards = sorted(source.glob("*.safetensors"))
     if not shards:
         raise FileNotFoundError(f"{source} holds no .safetensors weights: merge_adapter needs the unquantized base checkpoint")
+    if "quantization_config" in read_json(source / "config.json"):
+        raise ValueError(
+            f"{source} is a quantized checkpoint: merge the adapter into the full-precision base it was pruned "
+            "from (save the pruned model before quantizing it, as notebook 02 does with QUANTIZE=None)."
+        )
     deltas = _lora_deltas(Path(adapter_path))
     with atomic_dir(out_dir) as tmp:
         for shard in tqdm(shards, desc="merging adapter", unit="shard"):

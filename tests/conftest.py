@@ -6,6 +6,8 @@ from pathlib import Path
 # Tests never reach the model or dataset Hub (set before transformers is imported; kernels inherit it).
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
+# Tests compare against CPU fp32 references, on a GPU machine too; `make gpu-check` covers the GPU paths.
+os.environ["KIT_DEVICE"] = "cpu"
 
 import pytest  # noqa: E402
 

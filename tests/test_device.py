@@ -11,6 +11,8 @@ from kit import device as policy
 def gpu(monkeypatch):
     """A pretend CUDA machine; `gpu(native_bf16=...)` sets what its GPU computes natively."""
 
+    monkeypatch.delenv("KIT_DEVICE")
+
     def make(native_bf16: bool, memory_gb: float = 16):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
@@ -50,8 +52,8 @@ def test_explicit_dtype_wins_and_bad_values_say_what_to_pass():
         policy.resolve_dtype("float17", "cpu")
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
-def test_asking_for_cuda_without_a_gpu_is_a_clear_error():
+def test_asking_for_cuda_without_a_gpu_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="no CUDA GPU is visible: use device='auto' or 'cpu'"):
         policy.resolve_device("cuda")
 
@@ -70,9 +72,15 @@ def test_quantize_auto_picks_4bit_only_when_the_weights_do_not_fit(gpu, monkeypa
     assert kit.models.resolve_quantize(None, str(tmp_path), cuda, torch.float16) is None
 
 
+def test_kit_device_pins_the_default_device(monkeypatch):
+    monkeypatch.setenv("KIT_DEVICE", "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert policy.default_device() == torch.device("cpu")
+
+
 def test_loads_follow_the_policy_and_record_their_provenance():
-    model, _ = kit.load_model("smollm2-135m")
-    assert model.dtype == torch.float32 and model.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    model, _ = kit.load_model("smollm2-135m")  # on the CPU: the suite pins KIT_DEVICE=cpu
+    assert model.dtype == torch.float32 and model.device.type == "cpu"
     placement = policy.provenance(model)
     assert placement["dtype"] == "float32" and placement["quantization"] is None
     assert placement["device"] == str(model.device)

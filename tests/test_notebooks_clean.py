@@ -1,6 +1,8 @@
 """Committed notebooks carry no outputs and follow the team's anatomy."""
 
 import json
+import re
+import tomllib
 
 import pytest
 from conftest import NOTEBOOKS, REPO
@@ -26,3 +28,25 @@ def test_papermill_reads_every_parameter(name):
     cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
     assigned = [line.split("=")[0].strip() for line in "".join(cell["source"]).splitlines() if line.strip()]
     assert list(papermill.inspect_notebook(REPO / "notebooks" / f"{name}.ipynb")) == assigned
+
+
+REPOSITORY = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_colab_cells_use_the_repository_of_pyproject(name):
+    text = (REPO / "notebooks" / f"{name}.ipynb").read_text()
+    installs = re.findall(r'%pip install -q \\"kit @ git\+([^\\"]+)\\"', text)
+    assert installs == [REPOSITORY], f"{name}: the Colab cell installs the kit from [project.urls] Repository"
+    badge = REPOSITORY.replace("https://github.com/", "https://colab.research.google.com/github/")
+    assert f"{badge}/blob/main/notebooks/{name}.ipynb" in text
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_every_notebook_takes_the_device_policy_as_parameters(name):
+    import papermill
+
+    parameters = papermill.inspect_notebook(REPO / "notebooks" / f"{name}.ipynb")
+    assert {"DEVICE", "DTYPE", "QUANTIZE"} <= set(parameters), f"{name}: DEVICE, DTYPE and QUANTIZE parameters"
+    assert parameters["DEVICE"]["default"] == parameters["DTYPE"]["default"] == '"auto"'
+    assert parameters["RUNS_ROOT"]["default"] == '"auto"'
