@@ -5,11 +5,17 @@ PY := $(VENV)/bin/python
 
 .PHONY: setup test lab bench gpu-check reports clean
 
-setup:  ## create .venv, install the kit with its dev extra, register the kernel, fetch assets
+setup:  ## create .venv, install the kit with its dev extra, register the kernel, fetch assets, chromium if root
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (kit)"
 	$(PY) -m kit.assets fetch
+	@# Debian's Chromium for the JupyterLab browser test (Playwright drives it; it never downloads a browser)
+	@if command -v chromium >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) \
+			|| echo "chromium not installed: tests/test_jupyterlab.py will be skipped"; \
+	else echo "not root or no apt-get: chromium not installed, tests/test_jupyterlab.py will be skipped"; fi
 
 test:  ## the whole test suite, notebooks included
 	$(PY) -m pytest -q

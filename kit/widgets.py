@@ -36,6 +36,7 @@ class BlockPicker:
         self._info = widgets.HTML()
         self._image = widgets.Image(format="png")
         self.widget = widgets.VBox([widgets.HBox([self._n, self._start]), self._info, self._image])
+        self.widget.add_class("kit-block-picker")  # a stable handle for styling and browser tests
         self._moving = False
         self._n.observe(self._on_n, names="value")
         self._start.observe(self._refresh, names="value")
