@@ -329,25 +329,37 @@ def _checkpoint_folder(base) -> Path:
     return Path(snapshot_download(str(base), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
 
 
-def _lora_deltas(adapter_path: Path) -> dict[str, torch.Tensor]:
-    """{base weight name: scaled delta} of a saved LoRA adapter (transposed for fan-in-fan-out layers)."""
+@dataclass(frozen=True)
+class _LoraFactors:
+    """One adapted weight's low-rank update: scale * B @ A (transposed for fan-in-fan-out layers)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: float
+    transpose: bool
+
+    def delta(self, dtype: torch.dtype) -> torch.Tensor:
+        delta = (self.b.float() @ self.a.float()) * self.scale
+        return (delta.T if self.transpose else delta).to(dtype)
+
+
+def _lora_factors(adapter_path: Path) -> dict[str, _LoraFactors]:
+    """{base weight name: its low-rank update} of a saved LoRA adapter (factors only: small)."""
     from peft import LoraConfig
 
     lora = LoraConfig.from_pretrained(str(adapter_path))
     if lora.rank_pattern or lora.alpha_pattern or lora.use_dora:
         raise ValueError(f"{adapter_path}: streamed merging supports plain LoRA (no rank/alpha patterns, no DoRA)")
     weights = load_file(Path(adapter_path) / "adapter_model.safetensors")
-    deltas = {}
+    factors = {}
     for key, a in weights.items():
         if key.endswith(".lora_A.weight"):
             module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
-            b = weights[key.replace(".lora_A.", ".lora_B.")]
             scale = lora.lora_alpha / (math.sqrt(a.shape[0]) if lora.use_rslora else a.shape[0])
-            delta = (b.float() @ a.float()) * scale
-            deltas[f"{module}.weight"] = delta.T if lora.fan_in_fan_out else delta
-    if not deltas:
+            factors[f"{module}.weight"] = _LoraFactors(a, weights[key.replace(".lora_A.", ".lora_B.")], scale, lora.fan_in_fan_out)
+    if not factors:
         raise ValueError(f"{adapter_path} holds no LoRA weights (adapter_model.safetensors has no lora_A tensors)")
-    return deltas
+    return factors
 
 
 def merge_adapter(base, adapter_path, out_dir) -> Path:
@@ -372,19 +384,19 @@ def merge_adapter(base, adapter_path, out_dir) -> Path:
             f"{source} is a quantized checkpoint: merge the adapter into the full-precision base it was pruned "
             "from (save the pruned model before quantizing it, as notebook 02 does with QUANTIZE=None)."
         )
-    deltas = _lora_deltas(Path(adapter_path))
+    factors = _lora_factors(Path(adapter_path))
     with atomic_dir(out_dir) as tmp:
         for shard in tqdm(shards, desc="merging adapter", unit="shard"):
             with safe_open(shard, framework="pt") as f:
                 metadata = f.metadata()
                 tensors = {name: f.get_tensor(name) for name in f.keys()}  # one shard in memory
             for name, weight in tensors.items():
-                if name in deltas:
-                    tensors[name] = weight + deltas.pop(name).to(weight.dtype)
+                if name in factors:
+                    tensors[name] = weight + factors.pop(name).delta(weight.dtype)
             save_file(tensors, tmp / shard.name, metadata=metadata)
             del tensors
-        if deltas:
-            raise ValueError(f"the adapter adapts weights the base {source} lacks: {', '.join(sorted(deltas)[:3])}")
+        if factors:
+            raise ValueError(f"the adapter adapts weights the base {source} lacks: {', '.join(sorted(factors)[:3])}")
         for extra in source.iterdir():  # config, generation config, shard index, tokenizer files
             if extra.is_file() and extra.suffix != ".safetensors":
                 shutil.copy2(extra, tmp / extra.name)
