@@ -24,7 +24,7 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS) + [
-    "artifacts", "assets", "config", "data", "evaluate", "healing", "layers", "models", "plots", "prune", "reports", "similarity",
+    "artifacts", "assets", "config", "cost", "data", "evaluate", "healing", "layers", "models", "plots", "prune", "reports", "similarity",
     "sweep", "widgets",
 ]
 

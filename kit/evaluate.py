@@ -9,13 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from . import layers
+from .cost import CostResult, cost
 from .data import BoolQItem, batched, encode
 from .device import model_device
 from .harness import lm_eval_mmlu
 from .mmlu import MMLUResult, mmlu
 from .scoring import encode_request, loglikelihoods
 
-__all__ = ["mmlu", "boolq", "validation_loss", "lm_eval_mmlu", "MMLUResult", "BoolQResult", "LossResult"]
+__all__ = ["mmlu", "boolq", "validation_loss", "lm_eval_mmlu", "cost", "MMLUResult", "BoolQResult", "LossResult", "CostResult"]
 
 
 @dataclass(frozen=True)

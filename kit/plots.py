@@ -96,3 +96,33 @@ def heal_curve(history: dict, ax=None):
     ax.set(xlabel="optimiser step", ylabel="loss (nats per token)", title="healing")
     ax.legend()
     return ax
+
+
+def quality_cost(results, metric: str, *, comparison=None, cost: str = "decode_tokens_per_s", ax=None):
+    """Quality against inference cost: `metric` against `cost` (default: decode tokens/s).
+
+    results: kit.sweep.sweep rows with sweep.cost_metrics() among the evaluations; one point per block
+    size (labelled n) on one line per strategy, healed rows on their own dashed line.
+    comparison: kit.sweep.compare's table; each checkpoint (original, pruned, healed...) a labelled star.
+    """
+    missing = sorted({metric, cost} - set(results["metric"]))
+    if missing:
+        raise ValueError(
+            f"no rows for {missing}; metrics present: {sorted(results['metric'].unique())}. "
+            "Cost needs kit.sweep.cost_metrics() among the sweep's evaluations."
+        )
+    ax = _axes(ax)
+    table = results.pivot_table(index=["strategy", "healed", "n"], columns="metric", values="value").reset_index()
+    for (strategy, healed), rows in table.groupby(["strategy", "healed"]):
+        ax.plot(rows[cost], rows[metric], marker="s" if healed else "o", ls="--" if healed else "-",
+                label=f"{strategy}, healed" if healed else strategy)  # fmt: skip
+        for x, y, n in rows[[cost, metric, "n"]].itertuples(index=False):
+            ax.annotate(f"n={n:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize="x-small")
+    if comparison is not None:
+        if absent := sorted({metric, cost} - set(comparison.columns)):
+            raise ValueError(f"the comparison has no column {absent}: pass the same evaluations to kit.sweep.compare")
+        for label, row in comparison.iterrows():
+            ax.scatter(row[cost], row[metric], marker="*", s=180, zorder=3, label=label)
+    ax.set(xlabel=cost, ylabel=metric, title=f"{metric} against {cost}")
+    ax.legend(fontsize="small")
+    return ax

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import evaluate, layers
+from . import cost, evaluate, layers
 from .prune import Block, dropped, heuristic_block
 
 # An evaluation maps (model, tokenizer) to named metrics, e.g. {"mmlu": 0.41}.
@@ -41,6 +41,17 @@ def loss_metrics(texts, *, max_length: int = 512, batch_size: int = 8) -> Evalua
     return run
 
 
+def cost_metrics(*, prompt_tokens: int = 128, new_tokens: int = 32, batch_size: int = 1, repeats: int = 5,
+                 threads: int | None = None) -> Evaluation:  # fmt: skip
+    """Inference cost (kit.evaluate.cost): parameters, weight and KV bytes, prefill and decode speed, peak memory."""
+
+    def run(model, tokenizer):
+        return evaluate.cost(model, tokenizer, prompt_tokens=prompt_tokens, new_tokens=new_tokens, batch_size=batch_size,
+                             repeats=repeats, threads=threads).metrics()  # fmt: skip
+
+    return run
+
+
 def evaluate_all(model, tokenizer, evals: Sequence[Evaluation]) -> dict[str, float]:
     """Every metric of every evaluation, in one dict."""
     metrics: dict[str, float] = {}
@@ -49,16 +60,28 @@ def evaluate_all(model, tokenizer, evals: Sequence[Evaluation]) -> dict[str, flo
     return metrics
 
 
-def compare(checkpoints: dict[str, str], evals: Sequence[Evaluation], **load_kwargs) -> pd.DataFrame:
-    """One row per labelled checkpoint (loaded one at a time with kit.load_model): layers,
-    parameters and every metric of `evals`, e.g. {"original": "smollm2-135m", "pruned": "runs/x/pruned"}."""
+def _load(name, **load_kwargs):
+    """A checkpoint with kit.load_model; a (base, adapter) pair gets its LoRA adapter unmerged."""
     from .models import load_model
 
+    if not isinstance(name, tuple):
+        return load_model(str(name), **load_kwargs)
+    from peft import PeftModel
+
+    base, adapter = name
+    model, tokenizer = load_model(str(base), **load_kwargs)
+    return PeftModel.from_pretrained(model, str(adapter)).eval(), tokenizer
+
+
+def compare(checkpoints: dict, evals: Sequence[Evaluation], **load_kwargs) -> pd.DataFrame:
+    """One row per labelled checkpoint (loaded one at a time with kit.load_model): layers,
+    parameters and every metric of `evals`, e.g. {"original": "smollm2-135m", "pruned": "runs/x/pruned",
+    "healed (adapter)": ("runs/x/pruned", "runs/x/healed/adapter")}; a (base, adapter) pair is
+    evaluated with the adapter unmerged. cost_metrics() among `evals` puts the inference cost beside the quality."""
     rows = []
     for label, name in checkpoints.items():
-        model, tokenizer = load_model(str(name), **load_kwargs)
-        parameters = sum(p.numel() for p in model.parameters())
-        rows.append({"model": label, "layers": layers.num_layers(model), "parameters": parameters,
+        model, tokenizer = _load(name, **load_kwargs)
+        rows.append({"model": label, "layers": layers.num_layers(model), "parameters": cost.parameters(model),
                      **evaluate_all(model, tokenizer, evals)})  # fmt: skip
         del model
     return pd.DataFrame(rows).set_index("model")

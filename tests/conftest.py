@@ -24,7 +24,8 @@ SMOKE_PARAMETERS = {
                 "N_VAL_TEXTS": 2, "EVAL_EVERY": 1},
     "04_compare": {"MMLU_SUBJECTS": 2, "MMLU_PER_SUBJECT": 2, "SHOTS": 1, "N_VAL_TEXTS": 4, "MAX_LENGTH": 64, "SWEEP_STEP": 10,
                    "BOOLQ": str(REPO / "tests" / "fixtures" / "boolq.jsonl"), "N_BOOLQ": 4,
-                   "HEAL_NS": [10], "HEAL_STEPS": 2, "HEAL_SEQ_LEN": 32},
+                   "HEAL_NS": [10], "HEAL_STEPS": 2, "HEAL_SEQ_LEN": 32,
+                   "COST_PROMPT_TOKENS": 8, "COST_NEW_TOKENS": 3, "COST_REPEATS": 1},
 }
 
 

@@ -69,3 +69,29 @@ def test_figures_draw_on_a_given_axes_and_save_atomically(distances, tmp_path):
     path = kit.plots.save(left, tmp_path / "figure.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["figure.png"]
+
+
+def test_quality_cost_draws_each_strategy_and_marks_each_checkpoint():
+    import pandas as pd
+
+    rows = [
+        dict(strategy=s, n=n, healed=h, metric=m, value=v)
+        for s, bonus in (("similarity", 0.0), ("heuristic", 1.0))
+        for n in (0, 2, 4)
+        for h in ((False, True) if n == 2 and s == "similarity" else (False,))
+        for m, v in (("val_loss", 3 + n / 10 + bonus - h), ("decode_tokens_per_s", 100 / (6 - n)))
+    ]
+    comparison = pd.DataFrame({"val_loss": [3.0, 3.4], "decode_tokens_per_s": [16.7, 25.0]}, index=["original", "pruned"])
+    ax = kit.plots.quality_cost(pd.DataFrame(rows), "val_loss", comparison=comparison)
+    lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.lines}
+    speeds = [100 / 6, 100 / 4, 100 / 2]
+    assert lines["heuristic"] == (speeds, [4.0, 4.2, 4.4]) and lines["similarity"] == (speeds, [3.0, 3.2, 3.4])
+    assert lines["similarity, healed"] == ([25.0], [2.2])
+    stars = [(c.get_label(), c.get_offsets().tolist()) for c in ax.collections]
+    assert stars == [("original", [[16.7, 3.0]]), ("pruned", [[25.0, 3.4]])]
+    assert sorted(t.get_text() for t in ax.texts) == sorted(["n=0", "n=2", "n=4"] * 2 + ["n=2"])
+    with pytest.raises(ValueError, match="cost_metrics"):
+        kit.plots.quality_cost(pd.DataFrame(rows).query("metric == 'val_loss'"), "val_loss")
+    with pytest.raises(ValueError, match="no column \\['mmlu'\\]"):
+        kit.plots.quality_cost(pd.DataFrame(rows).replace("val_loss", "mmlu"), "mmlu", comparison=comparison)
+    plt.close("all")

@@ -140,3 +140,38 @@ def test_compare_loads_each_checkpoint(tmp_path):
     assert table.loc["original", "parameters"] - table.loc["pruned", "parameters"] == 2 * per_layer
     expected = evaluate.validation_loss(model, tokenizer, TEXTS, max_length=64).loss
     assert table.loc["original", "val_loss"] == pytest.approx(expected, abs=1e-6)
+
+
+COST = sweep.cost_metrics(prompt_tokens=8, new_tokens=3, repeats=1, threads=1)
+
+
+def test_cost_metrics_in_a_sweep():
+    model, tokenizer = kit.tiny_model("llama")
+    table = sweep.sweep(model, tokenizer, ns=[0, 2], evals=[COST], strategy="heuristic")
+    values = table.pivot(index="n", columns="metric", values="value")
+    assert values.loc[2, "kv_bytes_per_token"] == values.loc[0, "kv_bytes_per_token"] * 4 / 6
+    per_layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    assert values.loc[0, "parameters"] - values.loc[2, "parameters"] == 2 * per_layer
+    assert values.loc[0, "weight_bytes"] == 4 * values.loc[0, "parameters"]
+    assert (values[["prefill_tokens_per_s", "decode_tokens_per_s", "time_to_first_token_s"]] > 0).all().all()
+
+
+def test_compare_an_unmerged_adapter_against_its_merged_checkpoint(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = kit.tiny_model("llama")
+    config = LoraConfig(r=2, lora_alpha=2, target_modules=layers.mlp_modules(model), init_lora_weights=False)
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    adapted = get_peft_model(model, config)
+    adapted.save_pretrained(tmp_path / "adapter")
+    lora = sum(p.numel() for name, p in adapted.named_parameters() if "lora_" in name)
+    adapted.merge_and_unload().save_pretrained(tmp_path / "merged")
+    tokenizer.save_pretrained(tmp_path / "merged")
+    evals = [sweep.loss_metrics(TEXTS, max_length=64), COST]
+    table = sweep.compare({"merged": tmp_path / "merged", "adapter": (tmp_path / "base", tmp_path / "adapter")}, evals)
+    merged, unmerged = table.loc["merged"], table.loc["adapter"]
+    assert unmerged["parameters"] - merged["parameters"] == lora > 0 and (table["layers"] == 6).all()
+    assert unmerged["weight_bytes"] - merged["weight_bytes"] == 4 * lora
+    assert unmerged["kv_bytes_per_token"] == merged["kv_bytes_per_token"]
+    assert unmerged["val_loss"] == pytest.approx(merged["val_loss"], abs=1e-5)

@@ -1,0 +1,130 @@
+"""Inference cost: exact counts against hand computation and the real cache, generation with the cache."""
+
+import statistics
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+import kit
+from kit import cost
+from kit.prune import Block, drop_layers, dropped
+
+
+def _hand_parameters(arch: str, config) -> int:
+    """Parameter count of the tiny configs, term by term from the architectures' definitions."""
+    V, H, I, P = config.vocab_size, config.hidden_size, config.intermediate_size if arch != "gpt2" else 0, 2048
+    heads, kv, hd = 4, 2, 16
+    attention = H * heads * hd + 2 * H * kv * hd + heads * hd * H  # q, k, v, o (no biases)
+    if arch == "llama":  # untied head, GQA, 2 RMSNorms per layer
+        return V * H + 6 * (attention + 3 * H * I + 2 * H) + H + V * H
+    if arch == "gemma3":  # tied head, GQA, 4 RMSNorms per layer and q/k norms over head_dim
+        return V * H + 6 * (attention + 3 * H * I + 4 * H + 2 * hd) + H
+    if arch == "gpt2":  # tied head, learned positions, biases everywhere, 2 LayerNorms per layer, MLP 4H
+        layer = 2 * H + (H * 3 * H + 3 * H) + (H * H + H) + 2 * H + (H * 4 * H + 4 * H) + (4 * H * H + H)
+        return V * H + P * H + 6 * layer + 2 * H
+    raise ValueError(arch)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2"])
+def test_parameters_and_weight_bytes_by_hand(arch):
+    model, _ = kit.tiny_model(arch)
+    expected = _hand_parameters(arch, model.config)
+    assert cost.parameters(model) == expected
+    assert cost.weight_bytes(model) == 4 * expected
+    assert cost.weight_bytes(model.to(torch.bfloat16)) == 2 * expected
+
+
+def test_kv_bytes_by_hand():
+    llama, _ = kit.tiny_model("llama")  # 6 full layers, 2 KV heads of 16 dims, float32: 2 * 2 * 16 * 4 bytes per layer
+    assert cost.kv_cache_bytes(llama, 100, batch_size=3) == 3 * 100 * 6 * 256
+    gemma, _ = kit.tiny_model("gemma3")  # 5 sliding layers (window 32: 31 cached tokens) and 1 full
+    assert cost.kv_cache_bytes(gemma, 100) == (5 * 31 + 100) * 256
+    assert cost.kv_cache_bytes(gemma, 20) == 6 * 20 * 256
+    gpt2, _ = kit.tiny_model("gpt2")  # multi-head: 4 KV heads of 64 / 4 dims
+    assert cost.kv_cache_bytes(gpt2.to(torch.float16), 10) == 10 * 6 * 2 * 4 * 16 * 2
+
+
+def _cache_bytes(cache) -> int:
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+
+
+def test_kv_bytes_equal_the_real_cache(tiny):
+    model, tokenizer = tiny
+    prompt = cost.prompt_ids(tokenizer, 36).expand(2, -1)
+    _, _, _, cache = cost.generate(model, prompt, 6)  # 41 tokens cached: past every tiny sliding window (32)
+    assert _cache_bytes(cache) == cost.kv_cache_bytes(model, 41, batch_size=2)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_pruned_models_cache_fewer_layers_exactly(arch):
+    model, tokenizer = kit.tiny_model(arch)
+    block = Block(3, 2)
+    kinds = cost.attention_types(model.config)
+    removed = sum(min(50, 31) if kinds[i] == "sliding_attention" else 50 for i in block.layers) * 256
+    pruned = drop_layers(model, block)
+    assert cost.kv_cache_bytes(model, 50) - cost.kv_cache_bytes(pruned, 50) == removed
+    with dropped(model, block):
+        assert cost.kv_cache_bytes(model, 50) == cost.kv_cache_bytes(pruned, 50)
+        _, _, _, cache = cost.generate(model, cost.prompt_ids(tokenizer, 45), 6)
+        assert _cache_bytes(cache) == cost.kv_cache_bytes(pruned, 50)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2"])
+def test_generation_feeds_one_token_per_step_and_matches_recomputation(arch):
+    model, tokenizer = kit.tiny_model(arch)
+    prompt = cost.prompt_ids(tokenizer, 28).expand(2, -1)
+    lengths = []
+    hook = model.get_input_embeddings().register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1]))
+    tokens, *_ = cost.generate(model, prompt, 8)
+    hook.remove()
+    assert lengths == [28] + [1] * 7, "each decode step must feed only the new token and reuse the cache"
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(8):  # brute force: the whole sequence again at every step, no cache
+            ids = torch.cat([ids, model(input_ids=ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(tokens, ids[:, 28:])
+
+
+def test_cost_result():
+    model, tokenizer = kit.tiny_model("qwen2")
+    threads = torch.get_num_threads()
+    result = cost.cost(model, tokenizer, prompt_tokens=20, new_tokens=5, batch_size=2, repeats=3, threads=1)
+    assert torch.get_num_threads() == threads and result.threads == 1
+    assert (result.device, result.dtype, result.context, result.batch_size) == ("cpu", "float32", 24, 2)
+    assert result.parameters == sum(p.numel() for p in model.parameters())
+    assert result.kv_bytes_per_token == cost.kv_cache_bytes(model, 24) / 24
+    assert len(result.prefill_seconds) == len(result.decode_seconds) == 3
+    assert result.time_to_first_token_s == statistics.median(result.prefill_seconds)
+    assert result.prefill_tokens_per_s == pytest.approx(2 * 20 / statistics.median(result.prefill_seconds))
+    assert result.decode_tokens_per_s == pytest.approx(2 * 4 / statistics.median(result.decode_seconds))
+    assert result.peak_memory_bytes is None or result.peak_memory_bytes >= result.weight_bytes
+    assert set(result.spread) == {"prefill", "decode"} and all(value >= 0 for value in result.spread.values())
+    assert result.metrics()["kv_bytes_per_token"] == result.kv_bytes_per_token
+
+
+def test_unmerged_adapter_counts_and_generates():
+    model, tokenizer = kit.tiny_model("llama")
+    base = cost.parameters(model)
+    config = LoraConfig(r=2, lora_alpha=2, target_modules=kit.layers.mlp_modules(model), task_type="CAUSAL_LM")
+    adapted = get_peft_model(model, config)
+    lora = sum(p.numel() for name, p in adapted.named_parameters() if "lora_" in name)
+    assert lora == 6 * 3 * 2 * (64 + 128) and cost.parameters(adapted) == base + lora
+    tokens, *_ = cost.generate(adapted, cost.prompt_ids(tokenizer, 10), 3)
+    assert tokens.shape == (1, 3)
+
+
+def test_bad_input():
+    model, tokenizer = kit.tiny_model("llama")
+    for kwargs, message in [
+        (dict(prompt_tokens=0), "prompt_tokens must be an integer >= 1, got 0"),
+        (dict(new_tokens=-3), "new_tokens must be an integer >= 2, got -3"),
+        (dict(new_tokens=1), "new_tokens must be an integer >= 2"),
+        (dict(batch_size=0), "batch_size must be"),
+        (dict(repeats=0), "repeats must be"),
+        (dict(prompt_tokens=2040, new_tokens=9), "2049 exceeds the model's 2048 positions"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            cost.cost(model, tokenizer, **kwargs)
+    with pytest.raises(ValueError, match="needs a causal LM with a generation head, got LlamaModel"):
+        cost.cost(model.model, tokenizer)
