@@ -74,6 +74,10 @@ class HealConfig(_Settings):
             raise ValueError(f"quantize must be '4bit' or None, not {self.quantize!r}")
         if not 0.0 <= self.distill_weight <= 1.0:
             raise ValueError(f"distill_weight must be in [0, 1], got {self.distill_weight}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr} (the paper's peak learning rates are 3e-6 to 3e-4)")
+        if self.alpha <= 0 or not 0.0 <= self.dropout < 1.0 or self.warmup_steps < 0:
+            raise ValueError(f"need alpha > 0, 0 <= dropout < 1 and warmup_steps >= 0; got {self.alpha}, {self.dropout}, {self.warmup_steps}")
         if self.distill_temperature <= 0:
             raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature}")
         for name in ("rank", "steps", "batch_size", "grad_accum", "seq_len", "log_every", "eval_every", "save_every"):

@@ -52,6 +52,8 @@ def validation_loss(model, tokenizer, texts: list[str], *, max_length: int = 512
     total, count = torch.zeros((), dtype=torch.float64, device=device), torch.zeros((), dtype=torch.long, device=device)
     for batch in batched(texts, batch_size, desc="validation loss"):
         enc = encode(tokenizer, batch, max_length=max_length, device=device)
+        if enc["input_ids"].shape[1] < 2:
+            continue  # nothing to predict in this batch (empty or one-token texts)
         hidden = layers.body(model)(**enc, use_cache=False).last_hidden_state
         targets = enc["input_ids"][:, 1:].masked_fill(enc["attention_mask"][:, 1:] == 0, -100)
         total += token_losses(model, hidden[:, :-1], targets).sum()

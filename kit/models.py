@@ -65,6 +65,11 @@ def resolve(name: str) -> str:
             raise FileNotFoundError(f"GGUF file {path} does not exist")
         return str(_gguf_checkpoint(path))
     if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{path} holds no checkpoint (no config.json): pass a folder written by save_pretrained / "
+                f"kit.save_pruned, a .gguf file, an embedded alias ({', '.join(assets.MODEL_ALIASES)}) or a Hub id"
+            )
         return str(path)
     return name
 

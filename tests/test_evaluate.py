@@ -195,3 +195,9 @@ def test_validation_loss_is_the_token_weighted_hf_loss(arch, monkeypatch):
     assert result.tokens == count
     assert result.loss == pytest.approx(total / count, rel=1e-5)
     assert result.normalized == pytest.approx(result.loss / math.log(len(tokenizer)), rel=1e-5)
+
+
+def test_validation_loss_of_texts_without_tokens_says_so():
+    model, tokenizer = kit.tiny_model("llama")
+    with pytest.raises(ValueError, match="hold no tokens to predict"):
+        validation_loss(model, tokenizer, ["", ""])

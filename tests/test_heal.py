@@ -105,6 +105,10 @@ def test_config_warmup_is_capped_and_bad_values_are_refused():
         kit.HealConfig(distill_weight=2.0)
     with pytest.raises(ValueError, match="steps must be >= 1"):
         kit.HealConfig(steps=0)
+    with pytest.raises(ValueError, match="lr must be > 0, got -1"):
+        kit.HealConfig(lr=-1)
+    with pytest.raises(ValueError, match="0 <= dropout < 1"):
+        kit.HealConfig(dropout=1.5)
 
 
 # ------------------------------------------------------------------------------------ data

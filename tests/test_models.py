@@ -120,3 +120,8 @@ def test_top_level_names_survive_submodule_imports():
     for name, module in kit._EXPORTS.items():
         assert getattr(kit, name) is getattr(importlib.import_module(f"kit.{module}"), name)
     assert callable(kit.heal) and kit.heal.__module__ == "kit.healing"
+
+
+def test_an_empty_folder_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint \\(no config.json\\)"):
+        kit.load_model(str(tmp_path))
