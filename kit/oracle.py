@@ -4,13 +4,15 @@ of removing each block of consecutive layers, measured without rebuilding any mo
 Per batch one pass stores every layer's input (and the keyword arguments it was called with:
 attention mask, rotary position embeddings, ...); block (start, n) re-runs only layers
 start+n .. L-1 from the stored input of layer `start`, then the final norm and the LM head.
-The values equal `validation_loss(drop_layers(model, block), ...)` on the same batches."""
+The values equal `validation_loss(drop_layers(model, block), ...)` on the same batches.
+`compare_criteria` judges the block-choosing criteria of kit.prune.CRITERIA against it."""
 
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
@@ -19,7 +21,7 @@ from tqdm.auto import tqdm
 
 from . import artifacts, layers
 from .data import encode
-from .prune import Block
+from .prune import Block, choose_block
 
 _FORMAT = "kit.ablation/1"
 _TOKEN_CHUNK = 256  # tokens per LM-head chunk: bounds the [tokens, vocab] logits of a pruned model
@@ -215,3 +217,60 @@ def ablation_losses(
 def _scored(hidden: torch.Tensor, scored: torch.Tensor):
     """The hidden states of the scored positions, in chunks of _TOKEN_CHUNK tokens."""
     return hidden[:, :-1][scored].split(_TOKEN_CHUNK)
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman rank correlation (average ranks on ties)."""
+    rx, ry = pd.Series(x).rank().to_numpy(), pd.Series(y).rank().to_numpy()
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def _check_same_model(tables: dict[str, object]) -> None:
+    """Every table describes the same number of layers and, where recorded, the same model."""
+    for key, what in (("num_layers", "layers"), ("model", "model")):
+        found = {name: getattr(t, key) if key == "num_layers" else t.meta.get(key) for name, t in tables.items()}
+        found = {name: value for name, value in found.items() if value is not None}
+        if len(set(found.values())) > 1:
+            listed = ", ".join(f"{name}: {value}" for name, value in found.items())
+            raise ValueError(f"the tables come from different {what} ({listed}): measure them all on one model")
+
+
+def compare_criteria(held_out: Ablation, *, distances=(), calibration: Ablation | None = None, ns=None) -> pd.DataFrame:
+    """How well each criterion picks blocks, judged on held-out texts it did not choose on.
+
+    Args:
+        held_out: kit.ablation_losses on held-out texts (the oracle the criteria are judged by).
+        distances: scans (kit.Distances, one per metric); each is the criterion named by its metric.
+        calibration: kit.ablation_losses on calibration texts, for the "loss" criterion.
+        ns: block sizes (default: every size measured on held_out).
+    Returns one row per (n, criterion): start chosen, its held-out loss and kl, the held-out best
+    start and loss, regret (loss - best loss, >= 0), and spearman: the rank correlation over starts
+    between the criterion's scores (distances, calibration losses) and the held-out losses
+    (NaN for the heuristic, which scores nothing).
+    """
+    scans = {scan.meta.get("metric", "similarity"): scan for scan in distances}
+    tables = {"held_out": held_out, **({"calibration": calibration} if calibration is not None else {}), **scans}
+    _check_same_model(tables)
+    L = held_out.num_layers
+    sizes = held_out.ns if ns is None else list(ns)
+    if missing := sorted(set(sizes) - set(held_out.ns)):
+        raise ValueError(f"block sizes {missing} were not measured on the held-out texts; measured: {held_out.ns}")
+    scores = {metric: scan.by_block() for metric, scan in scans.items()}
+    if calibration is not None:
+        scores["loss"] = calibration.loss
+    criteria = [*scans, "heuristic", *(["loss"] if calibration is not None else [])]
+    rows = []
+    for n in sizes:
+        starts = np.arange(L - n + 1)
+        truth = held_out.loss[n, starts]
+        best = held_out.best_block(n)
+        for name in criteria:
+            block = choose_block(name, L, n, distances=scans, oracle=calibration)
+            loss = held_out.loss[n, block.start]
+            spearman = _spearman(scores[name][n, starts], truth) if name in scores else np.nan
+            rows.append(dict(
+                n=n, criterion=name, start=block.start, loss=loss, kl=held_out.kl[n, block.start],
+                best_start=best.start, best_loss=held_out.loss[n, best.start], regret=loss - held_out.loss[n, best.start],
+                spearman=spearman,
+            ))  # fmt: skip
+    return pd.DataFrame(rows)

@@ -7,7 +7,7 @@ import torch
 import kit
 from kit.data import corpus, encode
 from kit.evaluate import validation_loss
-from kit.oracle import Ablation, ablation_losses
+from kit.oracle import Ablation, ablation_losses, compare_criteria
 from kit.prune import Block, drop_layers
 from kit.similarity import Distances
 
@@ -84,3 +84,54 @@ def test_bad_input_says_what_to_do():
     oracle = ablation_losses(model, tokenizer, TEXTS[:1], ns=[1], max_length=8)
     with pytest.raises(ValueError, match=r"n=2 was not measured; measured: \[1\]"):
         oracle.best_block(2)
+
+
+def _table(rows: dict[int, list[float]], L: int = 4) -> np.ndarray:
+    table = np.full((L + 1, L + 1), np.nan)
+    for n, values in rows.items():
+        table[n, : len(values)] = values
+    return table
+
+
+def test_compare_criteria_exact_on_hand_made_tables():
+    held = Ablation(_table({1: [5.0, 2.0, 3.0, 4.0], 2: [6.0, 7.0, 4.5]}), _table({1: [0.5, 0.2, 0.3, 0.4], 2: [1, 2, 3]}))
+    calibration = Ablation(_table({1: [5.0, 3.0, 2.0, 4.0], 2: [7.0, 6.0, 5.0]}), _table({1: [0] * 4, 2: [0] * 3}))
+    matrix = torch.full((5, 5), 0.5)
+    matrix[0, 1] = matrix[1, 0] = 0.1  # n=1: start 0 ranks first; n=2 all tie but for (2, 4)
+    matrix[2, 4] = matrix[4, 2] = 0.2
+    scan = Distances(matrix, {"metric": "angular_last"})
+    table = compare_criteria(held, distances=[scan], calibration=calibration).set_index(["n", "criterion"])
+    assert table.loc[(1, "angular_last"), ["start", "loss", "kl", "best_start", "regret"]].tolist() == [0, 5.0, 0.5, 1, 3.0]
+    assert table.loc[(1, "heuristic"), ["start", "regret"]].tolist() == [2, 1.0]  # keep layer 3, drop layer 2
+    assert table.loc[(1, "loss"), ["start", "regret"]].tolist() == [2, 1.0]
+    assert table.loc[(2, "angular_last"), ["start", "regret"]].tolist() == [2, 0.0]
+    assert table.loc[(2, "heuristic"), ["start", "regret"]].tolist() == [1, 2.5]
+    # Spearman over starts: brute force from ranks
+    assert table.loc[(1, "loss"), "spearman"] == pytest.approx(np.corrcoef([4, 2, 1, 3], [4, 1, 2, 3])[0, 1])
+    assert table.loc[(1, "angular_last"), "spearman"] == pytest.approx(np.corrcoef([1, 3, 3, 3], [4, 1, 2, 3])[0, 1])
+    assert np.isnan(table.loc[(1, "heuristic"), "spearman"]) and (table["regret"] >= 0).all()
+
+
+def test_compare_criteria_on_a_tiny_model():
+    model, tokenizer = kit.tiny_model("qwen2")
+    texts = corpus("validation")[:4]
+    calibration = ablation_losses(model, tokenizer, texts[:2], ns=[1, 2], max_length=16)
+    held = ablation_losses(model, tokenizer, texts[2:], ns=[1, 2], max_length=16)
+    scans = [kit.angular_distances(model, tokenizer, texts[:2], max_length=16, metric=m) for m in ("angular_last", "block_influence")]
+    table = compare_criteria(held, distances=scans, calibration=calibration)
+    assert set(table["criterion"]) == {"angular_last", "block_influence", "heuristic", "loss"} and set(table["n"]) == {1, 2}
+    assert (table["regret"] >= 0).all()
+    assert table.groupby("n")["best_loss"].nunique().eq(1).all()
+    assert (compare_criteria(held, calibration=held).query("criterion == 'loss'")["regret"] == 0).all()
+
+
+def test_compare_criteria_bad_input():
+    L4 = Ablation(_table({1: [1.0, 2, 3, 4]}), _table({1: [0.0] * 4}), {"model": "a"})
+    L5 = Ablation(np.zeros((6, 6)), np.zeros((6, 6)), {"model": "a"})
+    with pytest.raises(ValueError, match=r"different layers \(held_out: 4, calibration: 5\)"):
+        compare_criteria(L4, calibration=L5)
+    other = Distances(torch.zeros(5, 5), {"model": "b", "metric": "angular_last"})
+    with pytest.raises(ValueError, match=r"different model \(held_out: a, angular_last: b\)"):
+        compare_criteria(L4, distances=[other])
+    with pytest.raises(ValueError, match=r"block sizes \[2\] were not measured on the held-out texts; measured: \[1\]"):
+        compare_criteria(L4, ns=[1, 2])
