@@ -104,8 +104,9 @@ def regret_plot(comparison, ax=None):
     comparison: the DataFrame of kit.compare_criteria."""
     ax = _axes(ax)
     sns.lineplot(data=comparison, x="n", y="regret", hue="criterion", style="criterion", markers=True, dashes=False, ax=ax)
-    ax.axhline(0, color="gray", lw=1)
-    ax.set(xlabel="block size n (layers removed)", ylabel="regret (nats per token)")
+    ax.set_yscale("symlog", linthresh=0.01)  # regrets span 0 to tens of nats
+    ax.set_ylim(bottom=0)
+    ax.set(xlabel="block size n (layers removed)", ylabel="regret (nats per token, symlog)")
     ax.set_title("held-out loss above the best block's, per criterion")
     return ax
 
