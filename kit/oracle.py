@@ -138,6 +138,11 @@ def _head(model):
     return logits
 
 
+def _scored(hidden: torch.Tensor, scored: torch.Tensor):
+    """The hidden states of the scored positions, in chunks of _TOKEN_CHUNK tokens."""
+    return hidden[:, :-1][scored].split(_TOKEN_CHUNK)
+
+
 def _sizes(ns, num_layers: int) -> list[int]:
     sizes = list(range(1, num_layers)) if ns is None else sorted(set(ns))
     for n in sizes:
@@ -212,11 +217,6 @@ def ablation_losses(
         num_layers=L, versions=artifacts.versions(),
     )  # fmt: skip
     return Ablation(loss, kl, meta)
-
-
-def _scored(hidden: torch.Tensor, scored: torch.Tensor):
-    """The hidden states of the scored positions, in chunks of _TOKEN_CHUNK tokens."""
-    return hidden[:, :-1][scored].split(_TOKEN_CHUNK)
 
 
 def _spearman(x: np.ndarray, y: np.ndarray) -> float:
