@@ -23,6 +23,8 @@ SMOKE_PARAMETERS = {
     "04_compare": {"MMLU_SUBJECTS": 2, "MMLU_PER_SUBJECT": 2, "SHOTS": 1, "N_VAL_TEXTS": 4, "MAX_LENGTH": 64, "SWEEP_STEP": 10,
                    "BOOLQ": str(REPO / "tests" / "fixtures" / "boolq.jsonl"), "N_BOOLQ": 4,
                    "HEAL_NS": [10], "HEAL_STEPS": 2, "HEAL_SEQ_LEN": 32},
+    "05_criteria": {"N_CALIBRATION": 2, "N_HELD_OUT": 2, "MAX_LENGTH": 16, "BATCH_SIZE": 2, "NS": [26, 28],
+                    "METRICS": ["angular_last", "block_influence"], "SCATTER_NS": [26]},
 }
 
 
