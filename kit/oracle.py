@@ -190,6 +190,8 @@ def ablation_losses(
                 except _EndOfLayers:
                     pass
             calls = inputs.calls
+            if len(calls) != L or inputs.output is None:
+                raise RuntimeError(f"captured the inputs of {len(calls)} layers, expected {L}")
             reference = torch.cat([head(h).log_softmax(-1) for h in _scored(inputs.output, scored)])
             loss[0] += F.nll_loss(reference, targets, reduction="sum").item()
             for block in blocks:
