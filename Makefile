@@ -23,7 +23,7 @@ test:  ## the whole test suite, notebooks included
 lab:  ## JupyterLab on the notebooks
 	$(VENV)/bin/jupyter lab notebooks
 
-reports:  ## notebooks 01-04 headless on the embedded model -> reports/ (HTML, figures, artifacts)
+reports:  ## notebooks 01-05 headless on the embedded model -> reports/ (HTML, figures, artifacts)
 	$(PY) -m kit.reports --out reports
 
 bench:  ## benchmarks: ratios measured in one run

@@ -17,6 +17,9 @@ _EXPORTS = {
     "dropped": "prune",
     "angular_distances": "similarity",
     "Distances": "similarity",
+    "ablation_losses": "oracle",
+    "Ablation": "oracle",
+    "compare_criteria": "oracle",
     "HealConfig": "config",
     "heal": "healing",
     "merge_adapter": "healing",
@@ -24,7 +27,8 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS) + [
-    "artifacts", "assets", "config", "cost", "data", "evaluate", "healing", "layers", "models", "plots", "prune", "reports", "similarity",
+    "artifacts", "assets", "config", "cost", "data", "evaluate", "healing", "layers", "models", "oracle", "plots", "prune",
+    "reports", "similarity",
     "sweep", "widgets",
 ]
 

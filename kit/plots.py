@@ -126,3 +126,29 @@ def quality_cost(results, metric: str, *, comparison=None, cost: str = "decode_t
     ax.set(xlabel=cost, ylabel=metric, title=f"{metric} against {cost}")
     ax.legend(fontsize="small")
     return ax
+
+
+def regret_plot(comparison, ax=None):
+    """Each criterion's regret (held-out loss above the oracle's best block) against the block size n.
+
+    comparison: the DataFrame of kit.compare_criteria."""
+    ax = _axes(ax)
+    sns.lineplot(data=comparison, x="n", y="regret", hue="criterion", style="criterion", markers=True, dashes=False, ax=ax)
+    ax.set_yscale("symlog", linthresh=0.01)  # regrets span 0 to tens of nats
+    ax.set_ylim(bottom=0)
+    ax.set(xlabel="block size n (layers removed)", ylabel="regret (nats per token, symlog)")
+    ax.set_title("held-out loss above the best block's, per criterion")
+    return ax
+
+
+def distance_vs_loss(distances, oracle, ns, ax=None):
+    """For each n in `ns`, every block's distance against the held-out loss of removing it (one point per start)."""
+    ax = _axes(ax)
+    table = distances.by_block()
+    for color, n in zip(sns.color_palette("rocket_r", len(ns)), ns):
+        starts = np.arange(distances.num_layers - n + 1)
+        ax.scatter(table[n, starts], oracle.loss[n, starts], color=color, s=18, label=f"n = {n}")
+    ax.set(xlabel=distances.meta.get("metric", "distance"), ylabel="held-out loss without the block (nats)")
+    ax.set_title(f"{distances.meta.get('model', 'model')}: does a smaller distance mean a smaller loss?")
+    ax.legend(title="block size", fontsize="small")
+    return ax

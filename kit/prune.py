@@ -3,6 +3,7 @@ good (drop_layers), as a plain HF checkpoint (save_pruned), or as a mergekit rec
 
 import copy
 import warnings
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,66 @@ class Block:
 def heuristic_block(num_layers: int, n: int) -> Block:
     """The paper's simple strategy: keep the final layer, drop the n layers before it."""
     return Block(num_layers - 1 - n, n).check(num_layers)
+
+
+# ------------------------------------------------------------------------------ choosing a block
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """A rule that picks the block of n layers to remove, and the evidence it reads ("needs")."""
+
+    description: str
+    needs: str | None  # "distances" (a scan), "oracle" (kit.ablation_losses), "start" or None
+    pick: Callable[..., Block]  # (evidence, num_layers, n) -> Block
+
+
+def _argmin(metric: str | None) -> Callable[..., Block]:
+    def pick(distances, num_layers: int, n: int) -> Block:
+        scans = distances if isinstance(distances, Mapping) else {distances.meta.get("metric"): distances}
+        scan = next(iter(scans.values())) if metric is None and len(scans) == 1 else scans.get(metric)
+        if scan is None:
+            raise ValueError(f"criterion {metric or 'similarity'!r} needs a scan with metric={metric!r}; given: {sorted(map(str, scans))}")
+        return scan.best_block(n)
+
+    return pick
+
+
+CRITERIA: dict[str, Criterion] = {
+    **{
+        metric: Criterion(f"argmin over start of the scan's {metric} distance (kit.angular_distances)", "distances", _argmin(metric))
+        for metric in ("angular_last", "angular_all", "block_influence")
+    },
+    "similarity": Criterion("argmin over start of the given scan, whatever its metric", "distances", _argmin(None)),
+    "heuristic": Criterion("the paper's heuristic: keep the final layer, drop the n before it", None,
+                           lambda _, num_layers, n: heuristic_block(num_layers, n)),
+    "loss": Criterion("argmin over start of the oracle's loss on calibration texts (Shortened LLaMA, SLEB)", "oracle",
+                      lambda oracle, num_layers, n: oracle.best_block(n)),
+    "manual": Criterion("the block starting at a given layer", "start", lambda start, num_layers, n: Block(start, n)),
+}  # fmt: skip
+
+
+def choose_block(criterion: str, num_layers: int, n: int, *, distances=None, oracle=None, start=None) -> Block:
+    """The block of n layers that `criterion` (a name in CRITERIA) removes from a model of `num_layers` layers.
+
+    Args:
+        distances: a scan (kit.Distances), or {metric: Distances}, for the scan criteria.
+        oracle: kit.ablation_losses on calibration texts, for "loss".
+        start: the first layer, for "manual".
+    """
+    if criterion not in CRITERIA:
+        raise ValueError(f"Unknown criterion {criterion!r}; choose one of: {', '.join(CRITERIA)}")
+    rule = CRITERIA[criterion]
+    evidence = {"distances": distances, "oracle": oracle, "start": start}.get(rule.needs)
+    if rule.needs and evidence is None:
+        hints = {"distances": "a scan (notebook 01_similarity)", "oracle": "kit.ablation_losses on calibration texts",
+                 "start": "the block's first layer"}  # fmt: skip
+        raise ValueError(f"criterion {criterion!r} needs the {rule.needs}: pass {rule.needs}=, {hints[rule.needs]}")
+    tables = distances.values() if isinstance(distances, Mapping) else [distances]
+    for name, table in (*(("distances", t) for t in tables), ("oracle", oracle)):
+        if table is not None and table.num_layers != num_layers:
+            raise ValueError(f"the {name} describe {table.num_layers} layers, the model has {num_layers}")
+    return rule.pick(evidence, num_layers, n).check(num_layers)
 
 
 # ------------------------------------------------------------------------------ removing layers

@@ -7,8 +7,8 @@ from collections.abc import Callable, Sequence
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import cost, evaluate, layers
-from .prune import Block, dropped, heuristic_block
+from . import cost, evaluate, layers, prune
+from .prune import Block, dropped
 
 # An evaluation maps (model, tokenizer) to named metrics, e.g. {"mmlu": 0.41}.
 Evaluation = Callable[..., dict[str, float]]
@@ -87,17 +87,9 @@ def compare(checkpoints: dict, evals: Sequence[Evaluation], **load_kwargs) -> pd
     return pd.DataFrame(rows).set_index("model")
 
 
-def choose_block(num_layers: int, n: int, strategy: str, distances=None) -> Block:
-    """The block of n layers a strategy removes: the scan's argmin, or the paper's heuristic."""
-    if strategy == "similarity":
-        if distances is None:
-            raise ValueError("strategy='similarity' needs the distances of a scan (notebook 01_similarity)")
-        if distances.num_layers != num_layers:
-            raise ValueError(f"the distances describe {distances.num_layers} layers, the model has {num_layers}")
-        return distances.best_block(n)
-    if strategy == "heuristic":
-        return heuristic_block(num_layers, n)
-    raise ValueError(f"Unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+def choose_block(num_layers: int, n: int, strategy: str, distances=None, oracle=None) -> Block:
+    """The block of n layers a strategy (a criterion of kit.prune.CRITERIA) removes, e.g. the scan's argmin."""
+    return prune.choose_block(strategy, num_layers, n, distances=distances, oracle=oracle)
 
 
 def _rows(metrics: dict[str, float], **columns) -> list[dict]:
@@ -106,17 +98,18 @@ def _rows(metrics: dict[str, float], **columns) -> list[dict]:
 
 def sweep(
     model, tokenizer, *, ns: Sequence[int], evals: Sequence[Evaluation], distances=None,
-    strategy: str = "similarity", heal: Callable | None = None, heal_ns: Sequence[int] = (),
+    strategy: str = "similarity", heal: Callable | None = None, heal_ns: Sequence[int] = (), oracle=None,
 ) -> pd.DataFrame:  # fmt: skip
     """Evaluate `model` with n layers removed for every n in `ns` (0 = the unpruned model).
 
+    strategy: a criterion of kit.prune.CRITERIA; "loss" reads `oracle` (kit.ablation_losses on calibration texts).
     Each pruned model is a view of the loaded one (kit.prune.dropped), restored afterwards.
     heal(pruned_model, tokenizer, block) -> healed model is applied to every n in `heal_ns` (it gets
     the pruned view and must not modify it: see healer), and those rows carry healed=True.
     Returns one row per (n, metric): strategy, n, fraction (n / L), start, distance, healed, metric, value.
     """
     num = layers.num_layers(model)
-    blocks = {n: choose_block(num, n, strategy, distances) for n in ns if n != 0}
+    blocks = {n: choose_block(num, n, strategy, distances, oracle) for n in ns if n != 0}
     if missing := set(heal_ns) - set(blocks):
         raise ValueError(f"heal_ns {sorted(missing)} must be non-zero block sizes that are also in ns")
     if heal_ns and heal is None:

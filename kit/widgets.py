@@ -9,25 +9,27 @@ import ipywidgets as widgets
 from matplotlib.figure import Figure
 
 from .plots import distance_heatmap
-from .prune import Block, heuristic_block
+from .prune import CRITERIA, Block, choose_block, heuristic_block
 
-STRATEGIES = {"similarity": "argmin", "heuristic": "heuristic"}  # strategy -> source of its default block
+SOURCES = {"similarity": "argmin"}  # how selection.json names a strategy's block (default: the criterion's name)
 
 
 class BlockPicker:
     """Choose the block to prune from a scan's `Distances`.
 
     n: the block size to begin with; start: its first layer (None: the strategy's block).
-    strategy: "similarity" follows `distances.best_block(n)` (the argmin), "heuristic" the paper's
-    heuristic block (keep the final layer, drop the n before it). Changing n moves start to the
+    strategy: a criterion of kit.prune.CRITERIA: "similarity" follows `distances.best_block(n)`
+    (the argmin), "heuristic" the paper's heuristic block (keep the final layer, drop the n before
+    it), "loss" the argmin of `oracle` (kit.ablation_losses). Changing n moves start to the
     strategy's block for the new n; moving start elsewhere by hand makes the choice "manual".
     Display the picker as the last expression of a cell; `.block` and `.selection()` read it.
     """
 
-    def __init__(self, distances, n: int, start: int | None = None, *, strategy: str = "similarity"):
-        if strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
-        self.distances, self.strategy = distances, strategy
+    def __init__(self, distances, n: int, start: int | None = None, *, strategy: str = "similarity", oracle=None):
+        choices = [name for name in CRITERIA if name != "manual"]
+        if strategy not in choices:
+            raise ValueError(f"strategy must be one of {', '.join(choices)}, not {strategy!r}")
+        self.distances, self.strategy, self.oracle = distances, strategy, oracle
         L = distances.num_layers
         default = self._default(n)  # checks n
         start = default.start if start is None else Block(start, n).check(L).start
@@ -43,9 +45,8 @@ class BlockPicker:
         self._refresh()
 
     def _default(self, n: int) -> Block:
-        if self.strategy == "similarity":
-            return self.distances.best_block(n)
-        return self._scored(heuristic_block(self.distances.num_layers, n))
+        block = choose_block(self.strategy, self.distances.num_layers, n, distances=self.distances, oracle=self.oracle)
+        return self._scored(block)
 
     def _scored(self, block: Block) -> Block:
         return Block(block.start, block.n, float(self.distances.matrix[block.start, block.end]))
@@ -57,8 +58,8 @@ class BlockPicker:
 
     @property
     def source(self) -> str:
-        """How the block was chosen: "argmin", "heuristic", or "manual" (start moved by hand)."""
-        return STRATEGIES[self.strategy] if self._start.value == self._default(self._n.value).start else "manual"
+        """How the block was chosen: "argmin", "heuristic", another criterion, or "manual" (start moved by hand)."""
+        return SOURCES.get(self.strategy, self.strategy) if self._start.value == self._default(self._n.value).start else "manual"
 
     def selection(self) -> dict:
         """The choice as notebook 02 saves it in selection.json."""

@@ -26,6 +26,8 @@ SMOKE_PARAMETERS = {
                    "BOOLQ": str(REPO / "tests" / "fixtures" / "boolq.jsonl"), "N_BOOLQ": 4,
                    "HEAL_NS": [10], "HEAL_STEPS": 2, "HEAL_SEQ_LEN": 32,
                    "COST_PROMPT_TOKENS": 8, "COST_NEW_TOKENS": 3, "COST_REPEATS": 1},
+    "05_criteria": {"N_CALIBRATION": 2, "N_HELD_OUT": 2, "MAX_LENGTH": 16, "BATCH_SIZE": 2, "NS": [26, 28],
+                    "METRICS": ["angular_last", "block_influence"], "SCATTER_NS": [26]},
 }
 
 

@@ -95,3 +95,21 @@ def test_quality_cost_draws_each_strategy_and_marks_each_checkpoint():
     with pytest.raises(ValueError, match="no column \\['mmlu'\\]"):
         kit.plots.quality_cost(pd.DataFrame(rows).replace("val_loss", "mmlu"), "mmlu", comparison=comparison)
     plt.close("all")
+
+
+def test_criteria_figures_draw_the_comparison(distances):
+    import pandas as pd
+
+    from kit.oracle import Ablation
+
+    comparison = pd.DataFrame({"n": [1, 2, 1, 2], "criterion": ["angular_last"] * 2 + ["heuristic"] * 2,
+                               "regret": [0.0, 0.5, 1.0, 2.0]})  # fmt: skip
+    ax = kit.plots.regret_plot(comparison)
+    drawn = [(list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()[:2]]  # one line per criterion
+    assert drawn == [([1, 2], [0.0, 0.5]), ([1, 2], [1.0, 2.0])]
+    assert [text.get_text() for text in ax.get_legend().get_texts()] == ["angular_last", "heuristic"]
+    loss = np.arange((L + 1) ** 2, dtype=float).reshape(L + 1, L + 1)
+    ax = kit.plots.distance_vs_loss(distances, Ablation(loss, loss), ns=[1, 3])
+    table = distances.by_block()
+    points = ax.collections[1].get_offsets()  # n = 3
+    np.testing.assert_allclose(points, np.column_stack([table[3, : L - 2], loss[3, : L - 2]]), rtol=1e-6)

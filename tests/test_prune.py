@@ -4,6 +4,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -221,3 +222,45 @@ def test_mergekit_config_ranges(block, ranges):
     assert [s["sources"] for s in config["slices"]] == [[{"model": "org/model", "layer_range": r}] for r in ranges]
     kept = [i for a, b in ranges for i in range(a, b)]  # upper bounds exclusive
     assert kept == [i for i in range(10) if i not in block.layers]
+
+
+def _scan(metric: str, argmin: dict[int, int], L: int = 6):
+    """A Distances whose argmin start for each n is `argmin[n]` (every other block 0.9)."""
+    from kit.similarity import Distances
+
+    matrix = torch.full((L + 1, L + 1), 0.9)
+    for n, start in argmin.items():
+        matrix[start, start + n] = matrix[start + n, start] = 0.1
+    return Distances(matrix, {"metric": metric})
+
+
+def test_every_criterion_picks_its_block():
+    from kit.oracle import Ablation
+    from kit.prune import CRITERIA, choose_block
+
+    scans = {"angular_last": _scan("angular_last", {2: 1}), "angular_all": _scan("angular_all", {2: 3}),
+             "block_influence": _scan("block_influence", {2: 0})}  # fmt: skip
+    loss = np.full((7, 7), np.nan)
+    loss[2, :5] = [3.0, 2.5, 2.9, 2.0, 4.0]
+    oracle = Ablation(loss, loss)
+    evidence = dict(distances=scans, oracle=oracle, start=4)
+    expected = {"angular_last": 1, "angular_all": 3, "block_influence": 0, "heuristic": 3, "loss": 3, "manual": 4}
+    assert {name: choose_block(name, 6, 2, **evidence).start for name in expected} == expected
+    assert choose_block("similarity", 6, 2, distances=scans["angular_all"]) == Block(3, 2, pytest.approx(0.1))
+    assert set(CRITERIA) == set(expected) | {"similarity"}
+
+
+def test_criteria_bad_input():
+    from kit.prune import choose_block
+
+    scan = _scan("angular_last", {2: 1})
+    with pytest.raises(ValueError, match="Unknown criterion 'random'; choose one of: angular_last"):
+        choose_block("random", 6, 2, distances=scan)
+    with pytest.raises(ValueError, match="'loss' needs the oracle: pass oracle=, kit.ablation_losses"):
+        choose_block("loss", 6, 2, distances=scan)
+    with pytest.raises(ValueError, match=r"'angular_all' needs a scan with metric='angular_all'; given: \['angular_last'\]"):
+        choose_block("angular_all", 6, 2, distances=scan)
+    with pytest.raises(ValueError, match="the distances describe 6 layers, the model has 8"):
+        choose_block("heuristic", 8, 2, distances=scan)
+    with pytest.raises(ValueError, match="choose 0 <= start <= 4"):
+        choose_block("manual", 6, 2, start=5)

@@ -72,3 +72,16 @@ def test_static_figure_boxes_the_chosen_block(distances):
     bundle = picker._repr_mimebundle_()
     assert "application/vnd.jupyter.widget-view+json" in bundle
     assert bundle["text/plain"] == "BlockPicker: layers 0-1 (n=2, start=0, manual), distance 0.9000"
+
+
+def test_any_criterion_of_the_registry(distances):
+    import numpy as np
+
+    from kit.oracle import Ablation
+
+    loss = np.full((L + 1, L + 1), np.nan)
+    loss[2, : L - 1] = [3.0, 2.5, 2.9, 2.0, 4.0]
+    picker = BlockPicker(distances, n=2, strategy="loss", oracle=Ablation(loss, loss))
+    assert picker.block == Block(3, 2, pytest.approx(0.5)) and picker.source == "loss"
+    with pytest.raises(ValueError, match="'loss' needs the oracle"):
+        BlockPicker(distances, n=2, strategy="loss")
