@@ -12,6 +12,7 @@ from .data import BoolQItem, batched, encode
 from .harness import lm_eval_mmlu
 from .mmlu import MMLUResult, mmlu
 from .scoring import encode_request, loglikelihoods
+from .stats import ratio_stderr, wilson
 
 __all__ = ["mmlu", "boolq", "validation_loss", "lm_eval_mmlu", "MMLUResult", "BoolQResult", "LossResult"]
 
@@ -21,6 +22,7 @@ class LossResult:
     loss: float  # mean next-token cross-entropy over all non-pad tokens (nats)
     normalized: float  # loss / log(vocab size), as the paper reports it
     tokens: int  # number of predicted tokens
+    stderr: float  # standard error of loss over texts (nats; NaN for one text)
 
 
 @torch.no_grad()
@@ -28,18 +30,20 @@ def validation_loss(model, tokenizer, texts: list[str], *, max_length: int = 512
     """Token-weighted mean next-token loss of `model` on `texts`."""
     if not texts:
         raise ValueError("validation_loss needs at least one text")
-    total, count, vocab = 0.0, 0, None
+    text_losses, text_tokens, vocab = [], [], None
     for batch in batched(texts, batch_size, desc="validation loss"):
         enc = encode(tokenizer, batch, max_length=max_length, device=model.device)
         logits = model(**enc).logits.float()
         vocab = logits.shape[-1]
         targets = enc["input_ids"][:, 1:].masked_fill(enc["attention_mask"][:, 1:] == 0, -100)
-        total += F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum").item()
-        count += int((targets != -100).sum())
+        losses = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
+        text_losses += losses.view(targets.shape).sum(-1).tolist()
+        text_tokens += (targets != -100).sum(-1).tolist()
+    count = sum(text_tokens)
     if count == 0:
         raise ValueError("the texts hold no tokens to predict (each needs at least two tokens)")
-    loss = total / count
-    return LossResult(loss, loss / math.log(vocab), count)
+    loss = sum(text_losses) / count
+    return LossResult(loss, loss / math.log(vocab), count, ratio_stderr(text_losses, text_tokens))
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,8 @@ class BoolQResult:
     accuracy: float
     predictions: list[bool]  # per item, in input order
     loglikelihoods: np.ndarray  # (items, 2): log p(" no" | prompt), log p(" yes" | prompt)
+    correct: np.ndarray  # bool per item, in input order
+    ci: tuple[float, float]  # Wilson 95% interval of accuracy
 
 
 def boolq_prompt(item: BoolQItem) -> str:
@@ -61,5 +67,5 @@ def boolq(model, tokenizer, items: list[BoolQItem], *, batch_size: int = 8) -> B
     scores = loglikelihoods(model, requests, batch_size=batch_size, cache_prefix=False, desc="BoolQ")
     loglik = np.reshape(scores, (len(items), 2))
     predictions = [bool(choice) for choice in loglik.argmax(axis=1)]
-    accuracy = float(np.mean([p == item.answer for p, item in zip(predictions, items)]))
-    return BoolQResult(accuracy, predictions, loglik)
+    correct = np.array([p == item.answer for p, item in zip(predictions, items)])
+    return BoolQResult(float(correct.mean()), predictions, loglik, correct, wilson(int(correct.sum()), len(correct)))
