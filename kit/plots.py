@@ -69,7 +69,8 @@ def distance_curves(distances, ns, ax=None):
 
 
 def sweep_plot(results, metric: str, *, hue: str = "strategy", chance: float | None = None, ax=None):
-    """The paper's Figures 2, 3, 5 and 6: `metric` against the fraction of layers dropped.
+    """The paper's Figures 2, 3, 5 and 6: `metric` against the fraction of layers dropped, with a
+    band for each curve's 95% interval (columns ci_low, ci_high, where present).
 
     results: the DataFrame of kit.sweep.sweep (several concatenated); hue: the column compared,
     "strategy" (similarity vs heuristic) or "healed"; chance: draws the chance line (MMLU: 0.25).
@@ -78,10 +79,14 @@ def sweep_plot(results, metric: str, *, hue: str = "strategy", chance: float | N
     rows = results[results["metric"] == metric]
     if rows.empty:
         raise ValueError(f"no rows for metric {metric!r}; metrics present: {sorted(results['metric'].unique())}")
-    sns.lineplot(data=rows, x="fraction", y="value", hue=hue, style=hue, markers=True, dashes=False, ax=ax)
+    for level, curve in rows.groupby(hue, sort=False):
+        curve = curve.sort_values("fraction")
+        (line,) = ax.plot(curve["fraction"], curve["value"], marker="o", label=str(level))
+        if {"ci_low", "ci_high"} <= set(curve) and curve[["ci_low", "ci_high"]].notna().any(axis=None):
+            ax.fill_between(curve["fraction"], curve["ci_low"], curve["ci_high"], color=line.get_color(), alpha=0.2, lw=0)
     if chance is not None:
         ax.axhline(chance, color="gray", ls="--", lw=1, label="chance")
-        ax.legend()
+    ax.legend(title=hue)
     ax.set(xlabel="fraction of layers dropped", ylabel=metric)
     return ax
 

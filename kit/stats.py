@@ -31,14 +31,16 @@ def too_few(what: str) -> tuple[float, float]:
     return NAN_INTERVAL
 
 
-def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for a proportion of `successes` out of `n` (95% by default)."""
-    if n < 1:
+def wilson(successes, n, z: float = Z95):
+    """Wilson score interval (low, high) for a proportion of `successes` out of `n` (95% by default);
+    elementwise for arrays."""
+    if np.any(np.asarray(n) < 1):
         return too_few("no questions to estimate an accuracy from")
-    p = successes / n
+    p = np.asarray(successes) / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    half = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    low, high = np.maximum(0.0, centre - half), np.minimum(1.0, centre + half)
+    return (float(low), float(high)) if np.ndim(low) == 0 else (low, high)
 
 
 def subject_mean_interval(correct, subjects, *, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
