@@ -22,11 +22,14 @@ def save(ax, path: str | Path, dpi: int = 150) -> Path:
     return Path(path)
 
 
-def distance_heatmap(distances, normalize_rows: bool = False, mark_best: bool = True, highlight=None, ax=None):
+def distance_heatmap(distances, normalize_rows: bool = False, mark_best: bool = True, mark_noise: bool = False,
+                     highlight=None, ax=None):  # fmt: skip
     """The paper's Figure 4: distance of every block, x = first layer `start`, y = block size n.
 
     normalize_rows: rescale each row to [0, 1], so the cheapest start of every n stands out.
     mark_best: mark the argmin of each row (the block `best_block(n)` picks).
+    mark_noise: circle the blocks within noise of each row's best (Distances.within_noise): the
+        scan cannot tell them apart from it.
     highlight: a Block to draw as a box, e.g. the one chosen for pruning.
     """
     L = distances.num_layers
@@ -45,6 +48,10 @@ def distance_heatmap(distances, normalize_rows: bool = False, mark_best: bool = 
     if mark_best:
         ns = np.arange(1, L)
         ax.plot([distances.best_block(n).start for n in ns], ns, "r.-", lw=1, ms=4, label="best start per n")
+    if mark_noise:
+        cells = [(start, n) for n in range(1, L) for start in np.flatnonzero(distances.within_noise(n))]
+        starts, ns = zip(*cells)
+        ax.plot(starts, ns, "o", mec="white", mfc="none", ms=6, ls="none", label="within noise of the best")
     if highlight is not None:
         ax.add_patch(
             Rectangle((highlight.start - 0.5, highlight.n - 0.5), 1, 1, fill=False, edgecolor="cyan", lw=2.5)

@@ -69,3 +69,12 @@ def test_figures_draw_on_a_given_axes_and_save_atomically(distances, tmp_path):
     path = kit.plots.save(left, tmp_path / "figure.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["figure.png"]
+
+
+def test_heatmap_circles_the_blocks_within_noise_of_the_best(distances):
+    distances.stderr = torch.full_like(distances.matrix, 0.04)
+    ax = kit.plots.distance_heatmap(distances, mark_best=False, mark_noise=True)
+    (line,) = ax.lines
+    expected = {(start, n) for n in range(1, L) for start in range(L + 1 - n) if distances.within_noise(n)[start]}
+    assert set(zip(line.get_xdata(), line.get_ydata())) == expected
+    assert len(expected) > L - 1  # more than the best block of each row
