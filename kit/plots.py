@@ -9,6 +9,7 @@ import seaborn as sns
 from matplotlib.patches import Rectangle
 
 from .artifacts import atomic_path
+from .stats import Z95
 
 
 def _axes(ax, figsize=(7, 5)):
@@ -62,13 +63,18 @@ def distance_heatmap(distances, normalize_rows: bool = False, mark_best: bool = 
 
 
 def distance_curves(distances, ns, ax=None):
-    """The paper's Figure 1(b): distance of each block of size n against its first layer, for several n."""
+    """The paper's Figure 1(b): distance of each block of size n against its first layer, for several n,
+    with a band of +-1.96 standard errors (95%) when the scan measured them."""
     ax = _axes(ax)
     table = distances.by_block()
+    errors = None if distances.stderr is None else distances.stderr_by_block()
     palette = sns.color_palette("rocket_r", len(ns))
     for color, n in zip(palette, ns):
         starts = np.arange(distances.num_layers - n + 1)
         ax.plot(starts, table[n, starts], color=color, label=f"n = {n}")
+        if errors is not None:
+            half = Z95 * errors[n, starts]
+            ax.fill_between(starts, table[n, starts] - half, table[n, starts] + half, color=color, alpha=0.2, lw=0)
     ax.set(xlabel="first layer of the block (start)", ylabel=distances.meta.get("metric", "distance"))
     ax.set_title(f"{distances.meta.get('model', 'model')}: block distance by position")
     ax.legend(title="block size", fontsize="small")

@@ -60,6 +60,13 @@ def test_curves_plot_each_block_size_against_its_start(distances):
     for n, line in zip(ns, ax.lines):
         np.testing.assert_array_equal(line.get_xdata(), np.arange(L - n + 1))
         np.testing.assert_array_equal(line.get_ydata(), table[n, : L - n + 1])
+    assert not ax.collections  # no standard errors, no bands
+    distances.stderr = torch.full_like(distances.matrix, 0.01)
+    ax = kit.plots.distance_curves(distances, ns)
+    for n, band in zip(ns, ax.collections):
+        vertices = {tuple(np.round(v, 6)) for v in band.get_paths()[0].vertices}
+        edges = {(s, round(float(table[n, s] + sign * 1.959964 * 0.01), 6)) for s in range(L - n + 1) for sign in (-1, 1)}
+        assert edges <= vertices
 
 
 def test_figures_draw_on_a_given_axes_and_save_atomically(distances, tmp_path):
