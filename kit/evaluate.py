@@ -37,12 +37,13 @@ def validation_loss(model, tokenizer, texts: list[str], *, max_length: int = 512
         vocab = logits.shape[-1]
         targets = enc["input_ids"][:, 1:].masked_fill(enc["attention_mask"][:, 1:] == 0, -100)
         losses = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
-        text_losses += losses.view(targets.shape).sum(-1).tolist()
-        text_tokens += (targets != -100).sum(-1).tolist()
-    count = sum(text_tokens)
+        text_losses.append(losses.view(targets.shape).double().sum(-1))
+        text_tokens.append((targets != -100).sum(-1))
+    text_losses, text_tokens = torch.cat(text_losses).cpu().numpy(), torch.cat(text_tokens).cpu().numpy()
+    count = int(text_tokens.sum())
     if count == 0:
         raise ValueError("the texts hold no tokens to predict (each needs at least two tokens)")
-    loss = sum(text_losses) / count
+    loss = float(text_losses.sum()) / count
     return LossResult(loss, loss / math.log(vocab), count, ratio_stderr(text_losses, text_tokens))
 
 
