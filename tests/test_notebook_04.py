@@ -17,7 +17,15 @@ def test_sweep_covers_both_strategies_and_every_metric(run):
     assert table["fraction"].max() == pytest.approx(20 / 30)
     unpruned = table[table["n"] == 0].pivot(index="strategy", columns="metric", values="value")
     assert (unpruned.nunique() == 1).all(), "n = 0 is the same model for both strategies"
+    assert (table["ci_low"] <= table["value"]).all() and (table["value"] <= table["ci_high"]).all()
     assert (run / "sweep.png").stat().st_size > 0
+
+
+def test_paired_comparison_of_the_strategies(run):
+    paired = pd.read_csv(run / "paired.csv")
+    assert paired["n"].tolist() == [0, 10, 20]
+    assert paired.loc[0, ["difference", "ci_low", "ci_high"]].tolist() == [0, 0, 0]  # n = 0: the same model
+    assert (paired["ci_low"] <= paired["difference"]).all() and (paired["difference"] <= paired["ci_high"]).all()
 
 
 def test_healed_sweep_pairs_each_healed_size_with_its_unhealed_twin(run):
