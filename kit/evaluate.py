@@ -15,6 +15,7 @@ from .device import model_device
 from .harness import lm_eval_mmlu
 from .mmlu import MMLUResult, mmlu
 from .scoring import encode_request, loglikelihoods
+from .stats import ratio_stderr, wilson
 
 __all__ = ["mmlu", "boolq", "validation_loss", "lm_eval_mmlu", "cost", "MMLUResult", "BoolQResult", "LossResult", "CostResult"]
 
@@ -24,6 +25,7 @@ class LossResult:
     loss: float  # mean next-token cross-entropy over all non-pad tokens (nats)
     normalized: float  # loss / log(vocab size), as the paper reports it
     tokens: int  # number of predicted tokens
+    stderr: float  # standard error of loss over texts (nats; NaN for one text)
 
 
 _LOGIT_ELEMENTS = 2**25  # logits materialised at once (128 MiB in fp32), whatever the vocabulary
@@ -49,20 +51,24 @@ def validation_loss(model, tokenizer, texts: list[str], *, max_length: int = 512
     if not texts:
         raise ValueError("validation_loss needs at least one text")
     device = model_device(model)
-    total, count = torch.zeros((), dtype=torch.float64, device=device), torch.zeros((), dtype=torch.long, device=device)
+    text_losses, text_tokens = [], []
     for batch in batched(texts, batch_size, desc="validation loss"):
         enc = encode(tokenizer, batch, max_length=max_length, device=device)
         if enc["input_ids"].shape[1] < 2:
             continue  # nothing to predict in this batch (empty or one-token texts)
         hidden = layers.body(model)(**enc, use_cache=False).last_hidden_state
         targets = enc["input_ids"][:, 1:].masked_fill(enc["attention_mask"][:, 1:] == 0, -100)
-        total += token_losses(model, hidden[:, :-1], targets).sum()
-        count += (targets != -100).sum()
-    total, count = total.item(), int(count)
+        text_losses.append(token_losses(model, hidden[:, :-1], targets).double().sum(-1))
+        text_tokens.append((targets != -100).sum(-1))
+    if not text_losses:
+        raise ValueError("the texts hold no tokens to predict (each needs at least two tokens)")
+    text_losses, text_tokens = torch.cat(text_losses).cpu().numpy(), torch.cat(text_tokens).cpu().numpy()  # one sync
+    count = int(text_tokens.sum())
     if count == 0:
         raise ValueError("the texts hold no tokens to predict (each needs at least two tokens)")
-    loss = total / count
-    return LossResult(loss, loss / math.log(layers.lm_head(model).weight.shape[0]), count)
+    loss = float(text_losses.sum()) / count
+    vocab = layers.lm_head(model).weight.shape[0]
+    return LossResult(loss, loss / math.log(vocab), count, ratio_stderr(text_losses, text_tokens))
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,8 @@ class BoolQResult:
     accuracy: float
     predictions: list[bool]  # per item, in input order
     loglikelihoods: np.ndarray  # (items, 2): log p(" no" | prompt), log p(" yes" | prompt)
+    correct: np.ndarray  # bool per item, in input order
+    ci: tuple[float, float]  # Wilson 95% interval of accuracy
 
 
 def boolq_prompt(item: BoolQItem) -> str:
@@ -84,5 +92,5 @@ def boolq(model, tokenizer, items: list[BoolQItem], *, batch_size: int = 8) -> B
     scores = loglikelihoods(model, requests, batch_size=batch_size, cache_prefix=False, desc="BoolQ")
     loglik = np.reshape(scores, (len(items), 2))
     predictions = [bool(choice) for choice in loglik.argmax(axis=1)]
-    accuracy = float(np.mean([p == item.answer for p, item in zip(predictions, items)]))
-    return BoolQResult(accuracy, predictions, loglik)
+    correct = np.array([p == item.answer for p, item in zip(predictions, items)])
+    return BoolQResult(float(correct.mean()), predictions, loglik, correct, wilson(int(correct.sum()), len(correct)))

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from .data import LETTERS, MMLUQuestion, format_mmlu_question, mmlu_fewshot_pool
 from .scoring import encode_request, loglikelihoods
+from .stats import subject_mean_interval, wilson
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,9 @@ class MMLUResult:
     by_subject: pd.DataFrame  # columns subject, n, accuracy; one row per subject, sorted by name
     predictions: list[str]  # predicted letter per question, in input order
     loglikelihoods: np.ndarray  # (questions, 4): log p(" A".." D" | prompt)
+    correct: np.ndarray  # bool per question, in input order
+    ci: tuple[float, float]  # Wilson 95% interval of accuracy
+    subject_ci: tuple[float, float]  # 95% interval of subject_accuracy: bootstrap over questions within subjects
 
 
 def subject_header(subject: str) -> str:
@@ -62,6 +66,9 @@ def result_from_loglikelihoods(questions: list[MMLUQuestion], loglik: np.ndarray
         by_subject=by_subject,
         predictions=[LETTERS[c] for c in chosen],
         loglikelihoods=loglik,
+        correct=table["correct"].to_numpy(),
+        ci=wilson(int(table["correct"].sum()), len(table)),
+        subject_ci=subject_mean_interval(table["correct"], table["subject"]),
     )
 
 

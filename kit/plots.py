@@ -9,6 +9,7 @@ import seaborn as sns
 from matplotlib.patches import Rectangle
 
 from .artifacts import atomic_path
+from .stats import Z95
 
 
 def _axes(ax, figsize=(7, 5)):
@@ -22,11 +23,14 @@ def save(ax, path: str | Path, dpi: int = 150) -> Path:
     return Path(path)
 
 
-def distance_heatmap(distances, normalize_rows: bool = False, mark_best: bool = True, highlight=None, ax=None):
+def distance_heatmap(distances, normalize_rows: bool = False, mark_best: bool = True, mark_noise: bool = False,
+                     highlight=None, ax=None):  # fmt: skip
     """The paper's Figure 4: distance of every block, x = first layer `start`, y = block size n.
 
     normalize_rows: rescale each row to [0, 1], so the cheapest start of every n stands out.
     mark_best: mark the argmin of each row (the block `best_block(n)` picks).
+    mark_noise: circle the blocks within noise of each row's best (Distances.within_noise): the
+        scan cannot tell them apart from it.
     highlight: a Block to draw as a box, e.g. the one chosen for pruning.
     """
     L = distances.num_layers
@@ -45,6 +49,10 @@ def distance_heatmap(distances, normalize_rows: bool = False, mark_best: bool = 
     if mark_best:
         ns = np.arange(1, L)
         ax.plot([distances.best_block(n).start for n in ns], ns, "r.-", lw=1, ms=4, label="best start per n")
+    if mark_noise:
+        cells = [(start, n) for n in range(1, L) for start in np.flatnonzero(distances.within_noise(n))]
+        starts, ns = zip(*cells)
+        ax.plot(starts, ns, "o", mec="white", mfc="none", ms=6, ls="none", label="within noise of the best")
     if highlight is not None:
         ax.add_patch(
             Rectangle((highlight.start - 0.5, highlight.n - 0.5), 1, 1, fill=False, edgecolor="cyan", lw=2.5)
@@ -55,13 +63,18 @@ def distance_heatmap(distances, normalize_rows: bool = False, mark_best: bool = 
 
 
 def distance_curves(distances, ns, ax=None):
-    """The paper's Figure 1(b): distance of each block of size n against its first layer, for several n."""
+    """The paper's Figure 1(b): distance of each block of size n against its first layer, for several n,
+    with a band of +-1.96 standard errors (95%) when the scan measured them."""
     ax = _axes(ax)
     table = distances.by_block()
+    errors = None if distances.stderr is None else distances.stderr_by_block()
     palette = sns.color_palette("rocket_r", len(ns))
     for color, n in zip(palette, ns):
         starts = np.arange(distances.num_layers - n + 1)
         ax.plot(starts, table[n, starts], color=color, label=f"n = {n}")
+        if errors is not None:
+            half = Z95 * errors[n, starts]
+            ax.fill_between(starts, table[n, starts] - half, table[n, starts] + half, color=color, alpha=0.2, lw=0)
     ax.set(xlabel="first layer of the block (start)", ylabel=distances.meta.get("metric", "distance"))
     ax.set_title(f"{distances.meta.get('model', 'model')}: block distance by position")
     ax.legend(title="block size", fontsize="small")
@@ -69,7 +82,8 @@ def distance_curves(distances, ns, ax=None):
 
 
 def sweep_plot(results, metric: str, *, hue: str = "strategy", chance: float | None = None, ax=None):
-    """The paper's Figures 2, 3, 5 and 6: `metric` against the fraction of layers dropped.
+    """The paper's Figures 2, 3, 5 and 6: `metric` against the fraction of layers dropped, with a
+    band for each curve's 95% interval (columns ci_low, ci_high, where present).
 
     results: the DataFrame of kit.sweep.sweep (several concatenated); hue: the column compared,
     "strategy" (similarity vs heuristic) or "healed"; chance: draws the chance line (MMLU: 0.25).
@@ -78,10 +92,14 @@ def sweep_plot(results, metric: str, *, hue: str = "strategy", chance: float | N
     rows = results[results["metric"] == metric]
     if rows.empty:
         raise ValueError(f"no rows for metric {metric!r}; metrics present: {sorted(results['metric'].unique())}")
-    sns.lineplot(data=rows, x="fraction", y="value", hue=hue, style=hue, markers=True, dashes=False, ax=ax)
+    for level, curve in rows.groupby(hue, sort=False):
+        curve = curve.sort_values("fraction")
+        (line,) = ax.plot(curve["fraction"], curve["value"], marker="o", label=str(level))
+        if {"ci_low", "ci_high"} <= set(curve) and curve[["ci_low", "ci_high"]].notna().any(axis=None):
+            ax.fill_between(curve["fraction"], curve["ci_low"], curve["ci_high"], color=line.get_color(), alpha=0.2, lw=0)
     if chance is not None:
         ax.axhline(chance, color="gray", ls="--", lw=1, label="chance")
-        ax.legend()
+    ax.legend(title=hue)
     ax.set(xlabel="fraction of layers dropped", ylabel=metric)
     return ax
 

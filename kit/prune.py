@@ -20,11 +20,13 @@ _MISSING = object()
 
 @dataclass(frozen=True)
 class Block:
-    """Layers start .. start+n-1 (n consecutive layers), with their distance when a scan chose them."""
+    """Layers start .. start+n-1 (n consecutive layers), with their distance (and its standard error
+    over the calibration texts) when a scan chose them."""
 
     start: int
     n: int
     distance: float | None = None
+    stderr: float | None = None
 
     @property
     def end(self) -> int:

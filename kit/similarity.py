@@ -8,6 +8,7 @@ before the final norm. Block (start, n) removes layers start..start+n-1 and is s
 import hashlib
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from . import artifacts, layers
 from .data import encode
 from .device import model_device, provenance
 from .prune import Block
+from .stats import Z95
 
 METRICS = {
     "angular_last": "arccos(cos) / pi on the last non-pad token of each text (the paper)",
@@ -30,21 +32,39 @@ METRICS = {
 }
 _FORMAT = "kit.distances/1"
 _TOKEN_CHUNK = 1024  # tokens per pairwise-cosine chunk: bounds the [tokens, L+1, L+1] buffers
+GROUPS = 32  # texts are dealt round-robin into this many groups (at most one per text) for resampling
 
 
 @dataclass
 class Distances:
     """Mean distance between residual-stream positions: `matrix[i, j]`, i, j in 0..L.
 
-    meta records how it was measured: model, n_texts, tokens, max_length, metric, versions."""
+    stderr: standard error of each entry over the calibration texts (None for a bare matrix).
+    group_sums, group_counts: the distance sums [K, L+1, L+1] and token counts [K] of K groups of
+    texts, which `stability` resamples. meta records how it was measured: model, n_texts, tokens,
+    max_length, metric, groups, versions."""
 
     matrix: torch.Tensor
     meta: dict = field(default_factory=dict)
+    stderr: torch.Tensor | None = None
+    group_sums: torch.Tensor | None = None
+    group_counts: torch.Tensor | None = None
 
     def __post_init__(self):
         self.matrix = torch.as_tensor(self.matrix, dtype=torch.float32).cpu()
         if self.matrix.ndim != 2 or self.matrix.shape[0] != self.matrix.shape[1] or self.matrix.shape[0] < 2:
             raise ValueError(f"Distances needs a square (L+1) x (L+1) matrix with L >= 1, got shape {tuple(self.matrix.shape)}")
+        if self.stderr is not None:
+            self.stderr = torch.as_tensor(self.stderr, dtype=torch.float32).cpu()
+            if self.stderr.shape != self.matrix.shape:
+                raise ValueError(f"stderr has shape {tuple(self.stderr.shape)}, the matrix {tuple(self.matrix.shape)}")
+        if (self.group_sums is None) != (self.group_counts is None):
+            raise ValueError("group_sums and group_counts go together: pass both or neither")
+        if self.group_sums is not None:
+            self.group_sums = torch.as_tensor(self.group_sums, dtype=torch.float64).cpu()
+            self.group_counts = torch.as_tensor(self.group_counts, dtype=torch.float64).cpu()
+            if self.group_sums.shape != (len(self.group_counts), *self.matrix.shape):
+                raise ValueError(f"group_sums must have shape (K, L+1, L+1) with K = len(group_counts), got {tuple(self.group_sums.shape)}")
 
     @property
     def num_layers(self) -> int:
@@ -54,34 +74,77 @@ class Distances:
         """table[n, start] = distance of block (start, n) = matrix[start, start + n].
 
         Shape (L+1, L+1), indexed directly by n and start: NaN where start + n > L; row 0 is 0."""
-        L = self.num_layers
-        matrix = self.matrix.numpy()
-        table = np.full((L + 1, L + 1), np.nan, dtype=np.float32)
-        for n in range(L + 1):
-            table[n, : L + 1 - n] = np.diagonal(matrix, offset=n)
-        return table
+        return _by_block(self.matrix.numpy())
+
+    def stderr_by_block(self) -> np.ndarray:
+        """Like by_block, for the standard errors."""
+        return _by_block(self._uncertain("stderr").numpy())
 
     def best_block(self, n: int) -> Block:
-        """The block of n layers whose input and output are closest (first one on ties)."""
+        """The block of n layers whose input and output are closest (first one on ties), with its
+        distance's standard error when the scan measured it."""
         Block(0, n).check(self.num_layers)
         row = np.diagonal(self.matrix.numpy(), offset=n)
         start = int(np.argmin(row))
-        return Block(start, n, float(row[start]))
+        stderr = None if self.stderr is None else float(self.stderr[start, start + n])
+        return Block(start, n, float(row[start]), stderr)
+
+    def within_noise(self, n: int, z: float = Z95) -> np.ndarray:
+        """For each start (length L + 1 - n): is block (start, n) within noise of the best block of
+        size n, i.e. is its distance above the best by less than z standard errors of the difference
+        (taken as independent)? The best block itself is always True."""
+        best = self.best_block(n)
+        se = np.diagonal(self._uncertain("stderr").numpy(), offset=n)
+        row = np.diagonal(self.matrix.numpy(), offset=n)
+        return row - best.distance <= z * np.sqrt(se**2 + best.stderr**2)
+
+    def stability(self, n: int, resamples: int = 1000, seed: int = 0) -> np.ndarray:
+        """For each start (length L + 1 - n, summing to 1): the share of bootstrap resamples of the
+        scan's groups of texts in which block (start, n) is the best block of size n."""
+        Block(0, n).check(self.num_layers)
+        sums, counts = self._uncertain("group_sums"), self.group_counts
+        if len(counts) < 2:
+            raise ValueError("stability needs at least 2 groups of texts: rescan with at least 2 texts and groups >= 2")
+        sums, counts = sums.numpy(), counts.numpy()
+        rows = np.diagonal(sums, offset=n, axis1=1, axis2=2) + np.diagonal(sums, offset=-n, axis1=1, axis2=2)  # [K, starts]
+        weights = np.random.default_rng(seed).multinomial(len(counts), np.full(len(counts), 1 / len(counts)), resamples)
+        means = (weights @ rows) / (2 * (weights @ counts))[:, None]  # [resamples, starts]
+        return np.bincount(means.argmin(axis=1), minlength=rows.shape[1]) / resamples
+
+    def _uncertain(self, name: str) -> torch.Tensor:
+        value = getattr(self, name)
+        if value is None:
+            raise ValueError(
+                f"these Distances carry no {name}: they were saved by an older kit or built from a bare matrix; "
+                "rerun the scan (kit.angular_distances, notebook 01_similarity)"
+            )
+        return value
 
     def save(self, path: str | Path) -> Path:
         """One safetensors file; `meta` goes into its header as JSON. Written atomically."""
+        tensors = {"matrix": self.matrix, "stderr": self.stderr, "group_sums": self.group_sums, "group_counts": self.group_counts}
         with artifacts.atomic_path(path) as tmp:
             metadata = {"format": _FORMAT, "meta": json.dumps(self.meta, default=str)}
-            save_file({"matrix": self.matrix.contiguous()}, tmp, metadata=metadata)
+            save_file({k: v.contiguous() for k, v in tensors.items() if v is not None}, tmp, metadata=metadata)
         return Path(path)
 
     @classmethod
     def load(cls, path: str | Path) -> "Distances":
+        """Read a file of `save`; files from before the scan measured uncertainty load without it."""
         with safe_open(artifacts.require(path), framework="pt") as f:
             metadata = f.metadata() or {}
             if metadata.get("format") != _FORMAT:
                 raise ValueError(f"{path} is not a Distances file (saved by Distances.save / notebook 01_similarity)")
-            return cls(f.get_tensor("matrix"), json.loads(metadata["meta"]))
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+            return cls(meta=json.loads(metadata["meta"]), **tensors)
+
+
+def _by_block(matrix: np.ndarray) -> np.ndarray:
+    size = matrix.shape[0]
+    table = np.full((size, size), np.nan, dtype=np.float32)
+    for n in range(size):
+        table[n, : size - n] = np.diagonal(matrix, offset=n)
+    return table
 
 
 class _EndOfLayers(Exception):
@@ -130,15 +193,55 @@ class _Residuals:
         return self.states
 
 
-def _pair_sums(states: list[torch.Tensor], metric: str) -> torch.Tensor:
-    """Sum over tokens of the distance between every pair of positions ([L+1, L+1], float64)."""
-    total = torch.zeros(len(states), len(states), dtype=torch.float64, device=states[0].device)
+def _pair_sums(states: list[torch.Tensor], metric: str, text_of_token: torch.Tensor, n_texts: int) -> torch.Tensor:
+    """Per text, the sum over its tokens of the distance between every pair of positions
+    ([texts, L+1, L+1], float64); text_of_token gives each selected token's row in the batch."""
+    total = torch.zeros(n_texts, len(states), len(states), dtype=torch.float64, device=states[0].device)
     for start in range(0, len(states[0]), _TOKEN_CHUNK):
         chunk = torch.stack([state[start : start + _TOKEN_CHUNK] for state in states])
         unit = F.normalize(chunk.double(), dim=-1)
         cos = torch.einsum("ptd,qtd->tpq", unit, unit).clamp_(-1.0, 1.0)
-        total += (1.0 - cos if metric == "block_influence" else torch.arccos(cos) / math.pi).sum(0)
+        distance = 1.0 - cos if metric == "block_influence" else torch.arccos(cos) / math.pi
+        total.index_add_(0, text_of_token[start : start + _TOKEN_CHUNK], distance)
     return total
+
+
+class _Sums:
+    """The scan's running sums: per group of texts (dealt round-robin), the distance sums and token
+    counts; over all texts, the sums of squares and cross products the standard errors need."""
+
+    def __init__(self, groups: int, size: int, device):
+        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
+        self.tensors = {
+            "group_sums": zeros(groups, size, size), "group_counts": zeros(groups),
+            "squares": zeros(size, size), "cross": zeros(size, size), "count_squares": zeros(()),
+        }  # fmt: skip
+
+    def add(self, first_text: int, sums: torch.Tensor, counts: torch.Tensor):
+        """Texts first_text, first_text + 1, ...: their distance sums [texts, L+1, L+1] and token counts."""
+        t = self.tensors
+        group = torch.arange(first_text, first_text + len(counts), device=counts.device) % len(t["group_counts"])
+        t["group_sums"].index_add_(0, group, sums)
+        t["group_counts"].index_add_(0, group, counts)
+        t["squares"] += torch.einsum("tpq,tpq->pq", sums, sums)
+        t["cross"] += torch.einsum("tpq,t->pq", sums, counts)
+        t["count_squares"] += counts @ counts
+
+    def distances(self, n_texts: int, meta: dict) -> Distances:
+        """Mean distances, their standard errors over texts (delta method for token-weighted means:
+        with per-text sums s, counts c and mean R, se^2 = m / (m - 1) * sum((s - R c)^2) / C^2)."""
+        t = {key: value.cpu() for key, value in self.tensors.items()}
+        symmetric = lambda x: (x + x.T) / 2  # noqa: E731
+        total, count = symmetric(t["group_sums"].sum(0)), t["group_counts"].sum()
+        matrix = (total / count).fill_diagonal_(0.0)
+        if n_texts < 2:
+            warnings.warn("one calibration text: the distances' standard errors are NaN", stacklevel=3)
+            stderr = torch.full_like(matrix, math.nan)
+        else:
+            spread = symmetric(t["squares"]) - 2 * matrix * symmetric(t["cross"]) + matrix**2 * t["count_squares"]
+            stderr = (n_texts / (n_texts - 1) * spread.clamp(min=0)).sqrt() / count
+        stderr.fill_diagonal_(0.0)
+        return Distances(matrix, meta, stderr, t["group_sums"], t["group_counts"])
 
 
 def _select(mask: torch.Tensor, metric: str) -> torch.Tensor:
@@ -156,10 +259,10 @@ def _fingerprint(texts, settings: dict) -> str:
     return hashlib.sha256(json.dumps({**settings, "texts": digest.hexdigest()}, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _resume(cache_path, fingerprint: str, settings: dict, size: int):
-    """(sums, count, batches done) from the cache, or a fresh start."""
+def _resume(cache_path, fingerprint: str, settings: dict, sums: _Sums) -> int:
+    """Batches done: the cache's sums are loaded into `sums`, or none when starting afresh."""
     if cache_path is None or not Path(cache_path).exists():
-        return torch.zeros(size, size, dtype=torch.float64), 0, 0
+        return 0
     with safe_open(cache_path, framework="pt") as f:
         meta = f.metadata() or {}
         if meta.get("fingerprint") != fingerprint:
@@ -169,19 +272,23 @@ def _resume(cache_path, fingerprint: str, settings: dict, size: int):
                 f"{cache_path} holds a scan made with other settings ({'; '.join(changed) or 'other texts'}). "
                 "Delete it, or pass another cache_path, or load the model as before."
             )
-        return f.get_tensor("sums"), int(meta["count"]), int(meta["batches"])
+        for key, value in sums.tensors.items():
+            value.copy_(f.get_tensor(key))
+        return int(meta["batches"])
 
 
-def _checkpoint(cache_path, fingerprint: str, settings: dict, sums: torch.Tensor, count: int, batches: int):
+def _checkpoint(cache_path, fingerprint: str, settings: dict, sums: _Sums, batches: int):
     with artifacts.atomic_path(cache_path) as tmp:
-        meta = {"fingerprint": fingerprint, "settings": json.dumps(settings), "count": str(count), "batches": str(batches)}
-        save_file({"sums": sums.cpu()}, tmp, metadata=meta)
+        tensors = {key: value.cpu().contiguous() for key, value in sums.tensors.items()}
+        meta = {"fingerprint": fingerprint, "settings": json.dumps(settings), "batches": str(batches)}
+        save_file(tensors, tmp, metadata=meta)
 
 
 @torch.no_grad()
 def angular_distances(
     model, tokenizer, texts: list[str], *, batch_size: int = 8, max_length: int = 512,
     metric: str = "angular_last", cache_path: str | Path | None = None, model_name: str | None = None,
+    groups: int | None = None,
 ) -> Distances:  # fmt: skip
     """Distances between all residual-stream positions of `model`, averaged over `texts`.
 
@@ -190,6 +297,8 @@ def angular_distances(
     are kept. Padding follows `tokenizer.padding_side`; left and right give the same result.
     cache_path: progress is saved there after every batch; a rerun resumes from it.
     model_name: recorded in meta["model"] (default: model.name_or_path).
+    groups: texts are dealt round-robin into this many groups, resampled by Distances.stability
+        (default: GROUPS, or one per text when there are fewer texts).
     """
     if metric not in METRICS:
         raise ValueError(f"Unknown metric {metric!r}; choose one of: {', '.join(METRICS)}")
@@ -197,18 +306,21 @@ def angular_distances(
         raise ValueError("texts must be a non-empty list of strings")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    groups = min(GROUPS, len(texts)) if groups is None else groups
+    if not 1 <= groups <= len(texts):
+        raise ValueError(f"groups must be between 1 and the number of texts ({len(texts)}), got {groups}")
     name = model_name or getattr(model, "name_or_path", None) or "unknown"
     size = layers.num_layers(model) + 1
     placement = provenance(model)
     settings = dict(
         model=name, positions=size, metric=metric, batch_size=batch_size, max_length=max_length,
-        padding_side=tokenizer.padding_side, device=placement["device"], gpu=placement["gpu"],
+        padding_side=tokenizer.padding_side, groups=groups, device=placement["device"], gpu=placement["gpu"],
         dtype=placement["dtype"], quantization=placement["quantization"],
     )  # fmt: skip
     fingerprint = _fingerprint(texts, settings)
-    sums, count, done = _resume(cache_path, fingerprint, settings, size)
     device = model_device(model)
-    sums = sums.to(device)
+    sums = _Sums(groups, size, device)
+    done = _resume(cache_path, fingerprint, settings, sums)
     starts = range(0, len(texts), batch_size)
     was_training = model.training
     model.eval()
@@ -223,16 +335,14 @@ def angular_distances(
                 if empty:
                     raise ValueError(f"texts {[starts[index] + i for i in empty]} have no tokens; remove empty texts")
                 select = _select(enc["attention_mask"], metric)
-                sums += _pair_sums(residuals(enc, select), metric)
-                count += int(select.sum())
+                text_sums = _pair_sums(residuals(enc, select), metric, select.nonzero()[:, 0], len(batch))
+                sums.add(starts[index], text_sums, select.sum(-1).double())
                 if cache_path is not None:
-                    _checkpoint(cache_path, fingerprint, settings, sums, count, index + 1)
+                    _checkpoint(cache_path, fingerprint, settings, sums, index + 1)
     finally:
         model.train(was_training)
-    matrix = (sums + sums.T).cpu() / (2 * count)
-    matrix.fill_diagonal_(0.0)
     meta = dict(
-        model=name, n_texts=len(texts), tokens=count, max_length=max_length, metric=metric,
-        num_layers=size - 1, placement=placement, versions=artifacts.versions(),
+        model=name, n_texts=len(texts), tokens=int(sums.tensors["group_counts"].sum()), max_length=max_length,
+        metric=metric, groups=groups, num_layers=size - 1, placement=placement, versions=artifacts.versions(),
     )  # fmt: skip
-    return Distances(matrix.float(), meta)
+    return sums.distances(len(texts), meta)

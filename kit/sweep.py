@@ -2,16 +2,20 @@
 paper's Figures 2, 3, 5 and 6 do, without reloading or copying the model."""
 
 import copy
+import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
 from . import cost, evaluate, layers, prune
 from .prune import Block, dropped
+from .stats import Z95, Estimate, paired_difference, wilson
 
-# An evaluation maps (model, tokenizer) to named metrics, e.g. {"mmlu": 0.41}.
-Evaluation = Callable[..., dict[str, float]]
+# An evaluation maps (model, tokenizer) to named metrics: floats, or Estimates with their interval,
+# e.g. {"mmlu": Estimate(0.41, 0.27, 0.56, outcomes)}.
+Evaluation = Callable[..., dict[str, float | Estimate]]
 STRATEGIES = ("similarity", "heuristic")
 CHANCE = {"mmlu": 0.25, "mmlu_subjects": 0.25, "boolq": 0.5}
 
@@ -21,14 +25,22 @@ def mmlu_metrics(questions, *, shots: int = 5, batch_size: int = 8) -> Evaluatio
 
     def run(model, tokenizer):
         result = evaluate.mmlu(model, tokenizer, questions, shots=shots, batch_size=batch_size)
-        return {"mmlu": result.accuracy, "mmlu_subjects": result.subject_accuracy}
+        return {
+            "mmlu": Estimate(result.accuracy, *result.ci, result.correct),
+            "mmlu_subjects": Estimate(result.subject_accuracy, *result.subject_ci),
+        }
 
     return run
 
 
 def boolq_metrics(items, *, batch_size: int = 8) -> Evaluation:
     """BoolQ 0-shot accuracy ("boolq")."""
-    return lambda model, tokenizer: {"boolq": evaluate.boolq(model, tokenizer, items, batch_size=batch_size).accuracy}
+
+    def run(model, tokenizer):
+        result = evaluate.boolq(model, tokenizer, items, batch_size=batch_size)
+        return {"boolq": Estimate(result.accuracy, *result.ci, result.correct)}
+
+    return run
 
 
 def loss_metrics(texts, *, max_length: int = 512, batch_size: int = 8) -> Evaluation:
@@ -36,7 +48,12 @@ def loss_metrics(texts, *, max_length: int = 512, batch_size: int = 8) -> Evalua
 
     def run(model, tokenizer):
         result = evaluate.validation_loss(model, tokenizer, texts, max_length=max_length, batch_size=batch_size)
-        return {"val_loss": result.loss, "val_loss_norm": result.normalized}
+        half = Z95 * result.stderr  # normal 95% interval from the standard error over texts
+        scale = result.normalized / result.loss
+        return {
+            "val_loss": Estimate(result.loss, result.loss - half, result.loss + half),
+            "val_loss_norm": Estimate(result.normalized, (result.loss - half) * scale, (result.loss + half) * scale),
+        }
 
     return run
 
@@ -52,11 +69,11 @@ def cost_metrics(*, prompt_tokens: int = 128, new_tokens: int = 32, batch_size: 
     return run
 
 
-def evaluate_all(model, tokenizer, evals: Sequence[Evaluation]) -> dict[str, float]:
-    """Every metric of every evaluation, in one dict."""
-    metrics: dict[str, float] = {}
+def evaluate_all(model, tokenizer, evals: Sequence[Evaluation]) -> dict[str, Estimate]:
+    """Every metric of every evaluation, in one dict (plain floats become Estimates without interval)."""
+    metrics: dict[str, Estimate] = {}
     for run in evals:
-        metrics.update(run(model, tokenizer))
+        metrics.update({k: v if isinstance(v, Estimate) else Estimate(float(v)) for k, v in run(model, tokenizer).items()})
     return metrics
 
 
@@ -81,8 +98,8 @@ def compare(checkpoints: dict, evals: Sequence[Evaluation], **load_kwargs) -> pd
     rows = []
     for label, name in checkpoints.items():
         model, tokenizer = _load(name, **load_kwargs)
-        rows.append({"model": label, "layers": layers.num_layers(model), "parameters": cost.parameters(model),
-                     **evaluate_all(model, tokenizer, evals)})  # fmt: skip
+        metrics = {name: estimate.value for name, estimate in evaluate_all(model, tokenizer, evals).items()}
+        rows.append({"model": label, "layers": layers.num_layers(model), "parameters": cost.parameters(model), **metrics})
         del model
     return pd.DataFrame(rows).set_index("model")
 
@@ -92,8 +109,23 @@ def choose_block(num_layers: int, n: int, strategy: str, distances=None, oracle=
     return prune.choose_block(strategy, num_layers, n, distances=distances, oracle=oracle)
 
 
-def _rows(metrics: dict[str, float], **columns) -> list[dict]:
-    return [{**columns, "metric": name, "value": value} for name, value in metrics.items()]
+def _rows(metrics: dict[str, Estimate], **columns) -> list[dict]:
+    return [
+        {**columns, "metric": name, "value": e.value, "ci_low": e.low, "ci_high": e.high, "outcomes": _encode(e.outcomes)}
+        for name, e in metrics.items()
+    ]
+
+
+def _encode(outcomes) -> str | None:
+    """Per-question outcomes as one letter each, R (right) or W (wrong): compact and CSV-safe."""
+    return None if outcomes is None else "".join("R" if right else "W" for right in outcomes)
+
+
+def outcomes(row) -> np.ndarray:
+    """The per-question outcomes (bool) of a sweep row, e.g. results.iloc[0]."""
+    if not isinstance(row["outcomes"], str):
+        raise ValueError(f"metric {row['metric']!r} has no per-question outcomes (only accuracies over questions do: mmlu, boolq)")
+    return np.frombuffer(row["outcomes"].encode(), dtype=np.uint8) == ord("R")
 
 
 def sweep(
@@ -106,7 +138,9 @@ def sweep(
     Each pruned model is a view of the loaded one (kit.prune.dropped), restored afterwards.
     heal(pruned_model, tokenizer, block) -> healed model is applied to every n in `heal_ns` (it gets
     the pruned view and must not modify it: see healer), and those rows carry healed=True.
-    Returns one row per (n, metric): strategy, n, fraction (n / L), start, distance, healed, metric, value.
+    Returns one row per (n, metric): strategy, n, fraction (n / L), start, distance, healed, metric,
+    value, its 95% interval ci_low, ci_high (NaN where a metric has none) and, for accuracies over
+    questions, the outcomes of every question (see `outcomes`).
     """
     num = layers.num_layers(model)
     blocks = {n: choose_block(num, n, strategy, distances, oracle) for n in ns if n != 0}
@@ -131,6 +165,63 @@ def sweep(
                 rows += _rows(evaluate_all(healed, tokenizer, evals), **columns, healed=True)
                 del healed
     return pd.DataFrame(rows)
+
+
+def paired_comparison(results: pd.DataFrame, by: str, a, b, *, metric: str = "mmlu", resamples: int = 2000,
+                      seed: int = 0) -> pd.DataFrame:  # fmt: skip
+    """For every n evaluated both ways, `metric` where results[by] == a minus where it is b, on the
+    same questions, with a paired bootstrap 95% interval (questions resampled together).
+
+    E.g. paired_comparison(results, "strategy", "similarity", "heuristic") or
+    paired_comparison(healed, "healed", True, False). Returns one row per n: n, fraction,
+    "{by}={a}", "{by}={b}", difference, ci_low, ci_high.
+    """
+    rows = results[results["metric"] == metric]
+    table = []
+    for n, group in rows.groupby("n", sort=True):
+        pair = [group[group[by] == label] for label in (a, b)]
+        if any(len(side) > 1 for side in pair):
+            raise ValueError(f"several {metric!r} rows for n={n} with {by}={a!r} or {b!r}: keep one curve per {by} value")
+        if any(side.empty for side in pair):
+            continue
+        (row_a, row_b) = (side.iloc[0] for side in pair)
+        difference = paired_difference(outcomes(row_a), outcomes(row_b), resamples=resamples, seed=seed)
+        table.append({"n": n, "fraction": row_a["fraction"], f"{by}={a}": row_a["value"], f"{by}={b}": row_b["value"],
+                      "difference": difference.value, "ci_low": difference.low, "ci_high": difference.high})  # fmt: skip
+    if not table:
+        raise ValueError(f"no n has {metric!r} rows for both {by}={a!r} and {by}={b!r}")
+    return pd.DataFrame(table)
+
+
+def collapse_point(results: pd.DataFrame, metric: str = "mmlu", chance: float | None = None, *,
+                   resamples: int = 1000, seed: int = 0) -> tuple[float, tuple[float, float]]:  # fmt: skip
+    """The paper's central quantity: the smallest fraction of layers dropped at which accuracy is no
+    longer distinguishable from chance (its Wilson 95% interval reaches `chance`), with a 95% interval
+    from resampling the questions (percentile bootstrap, the same questions at every n).
+
+    results: one sweep curve (one strategy, healed or not). chance: default CHANCE[metric].
+    Returns (fraction, (low, high)); inf where accuracy stays above chance at every fraction swept.
+    """
+    chance = CHANCE.get(metric) if chance is None else chance
+    if chance is None:
+        raise ValueError(f"no chance level known for {metric!r}: pass chance=")
+    rows = results[results["metric"] == metric].sort_values("n")
+    if rows.empty:
+        raise ValueError(f"no rows for metric {metric!r}; metrics present: {sorted(results['metric'].unique())}")
+    if rows["n"].duplicated().any():
+        raise ValueError("results hold several curves: select one, e.g. results[results.strategy == 'similarity']")
+    right = np.stack([outcomes(row) for _, row in rows.iterrows()])  # [points, questions]
+    fractions = np.append(rows["fraction"].to_numpy(float), math.inf)
+
+    def first_collapse(hits: np.ndarray) -> np.ndarray:  # hits [..., points] -> fraction per leading index
+        low, _ = wilson(hits, right.shape[1])
+        collapsed = low <= chance
+        return fractions[np.where(collapsed.any(-1), collapsed.argmax(-1), len(fractions) - 1)]
+
+    rng = np.random.default_rng(seed)
+    resampled = np.stack([right[:, rng.integers(right.shape[1], size=right.shape[1])].sum(1) for _ in range(resamples)])
+    low, high = np.quantile(first_collapse(resampled), [0.025, 0.975], method="inverted_cdf")
+    return float(first_collapse(right.sum(1))), (float(low), float(high))
 
 
 def healer(texts: list[str], config, *, output_root, val_texts=None) -> Callable:

@@ -120,6 +120,10 @@ def test_accuracy_is_mean_over_questions_and_subject_accuracy_mean_over_subjects
     assert list(table.index) == ["astronomy", "high_school_biology"]
     assert table.loc["astronomy", "n"] == 3 and table.loc["astronomy", "accuracy"] == pytest.approx(2 / 3)
     assert table.loc["high_school_biology", "accuracy"] == 1.0
+    assert result.correct.tolist() == [True, True, False, True, True]
+    assert result.ci == kit.stats.wilson(4, 5)
+    # biology is always right; astronomy's 3 questions resample to 0 of 3 right with chance 1/27 > 2.5%
+    assert result.subject_ci == pytest.approx(((0 + 1) / 2, (1 + 1) / 2))
 
 
 def test_mmlu_accuracy_agrees_with_its_predictions():
@@ -158,7 +162,9 @@ def test_boolq_matches_independent_loglikelihoods(arch):
         expected = [reference_loglikelihood(model, tokenizer, context, choice) for choice in (" no", " yes")]
         np.testing.assert_allclose(row, expected, atol=1e-4)
         assert prediction == (expected[1] > expected[0])
-    assert result.accuracy == pytest.approx(np.mean([p == item.answer for p, item in zip(result.predictions, items)]))
+    correct = [p == item.answer for p, item in zip(result.predictions, items)]
+    assert result.correct.tolist() == correct and result.accuracy == pytest.approx(np.mean(correct))
+    assert result.ci == kit.stats.wilson(sum(correct), len(items))
 
 
 def test_boolq_items_reads_local_jsonl(tmp_path):
@@ -186,15 +192,22 @@ def test_validation_loss_is_the_token_weighted_hf_loss(arch, monkeypatch):
     monkeypatch.setattr(kit.evaluate, "_LOGIT_ELEMENTS", 7 * len(tokenizer))  # chunks of 7 tokens
     texts = kit.data.corpus("validation")[:3] + ["A short text."]
     result = validation_loss(model, tokenizer, texts, max_length=64, batch_size=3)
-    total, count = 0.0, 0
+    sums, counts = [], []
     for text in texts:
         ids = torch.tensor([tokenizer(text, truncation=True, max_length=64)["input_ids"]])
         with torch.no_grad():
-            total += model(input_ids=ids, labels=ids).loss.item() * (ids.shape[1] - 1)
-        count += ids.shape[1] - 1
+            sums.append(model(input_ids=ids, labels=ids).loss.item() * (ids.shape[1] - 1))
+        counts.append(ids.shape[1] - 1)
+    total, count = sum(sums), sum(counts)
     assert result.tokens == count
     assert result.loss == pytest.approx(total / count, rel=1e-5)
     assert result.normalized == pytest.approx(result.loss / math.log(len(tokenizer)), rel=1e-5)
+    # standard error over texts of a token-weighted mean (delta method), from the per-text losses
+    residuals = np.array(sums) - total / count * np.array(counts)
+    expected = math.sqrt(len(texts) / (len(texts) - 1) * np.sum(residuals**2)) / count
+    assert result.stderr == pytest.approx(expected, rel=1e-4)
+    with pytest.warns(UserWarning, match="at least 2 texts"):
+        assert math.isnan(validation_loss(model, tokenizer, texts[:1], max_length=64).stderr)
 
 
 def test_validation_loss_of_texts_without_tokens_says_so():

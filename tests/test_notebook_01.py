@@ -13,6 +13,7 @@ def test_notebook_01_writes_the_scan_and_its_figures(notebook_run):
     assert distances.meta["model"] == "smollm2-135m"
     assert distances.meta["n_texts"] == smoke["N_TEXTS"] and distances.meta["max_length"] == smoke["MAX_LENGTH"]
     assert distances.meta["metric"] == "angular_last" and distances.meta["tokens"] == smoke["N_TEXTS"]
+    assert distances.stderr.shape == (31, 31) and abs(distances.stability(4).sum() - 1) < 1e-9
     for figure in ("heatmap.png", "curves.png"):
         assert (run / figure).stat().st_size > 0
     step = read_json(run / "manifest.json")["01_similarity"]

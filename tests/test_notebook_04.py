@@ -22,9 +22,19 @@ def test_sweep_covers_both_strategies_and_every_metric(run):
     unpruned = table[table["n"] == 0].pivot(index="strategy", columns="metric", values="value")
     exact = unpruned.drop(columns=TIMED)  # timings differ from run to run
     assert (exact.nunique() == 1).all(), "n = 0 is the same model for both strategies"
+    intervals = table.dropna(subset=["ci_low"])
+    assert {"mmlu", "val_loss"} <= set(intervals["metric"])
+    assert (intervals["ci_low"] <= intervals["value"]).all() and (intervals["value"] <= intervals["ci_high"]).all()
     assert (run / "sweep.png").stat().st_size > 0
     kv = table[table["metric"] == "kv_bytes_per_token"].set_index(["strategy", "n"])["value"]
     assert (kv.xs(20, level="n") == kv.xs(0, level="n") * 10 / 30).all(), "20 of 30 full-attention layers dropped"
+
+
+def test_paired_comparison_of_the_strategies(run):
+    paired = pd.read_csv(run / "paired.csv")
+    assert paired["n"].tolist() == [0, 10, 20]
+    assert paired.loc[0, ["difference", "ci_low", "ci_high"]].tolist() == [0, 0, 0]  # n = 0: the same model
+    assert (paired["ci_low"] <= paired["difference"]).all() and (paired["difference"] <= paired["ci_high"]).all()
 
 
 def test_healed_sweep_pairs_each_healed_size_with_its_unhealed_twin(run):

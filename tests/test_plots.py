@@ -60,6 +60,13 @@ def test_curves_plot_each_block_size_against_its_start(distances):
     for n, line in zip(ns, ax.lines):
         np.testing.assert_array_equal(line.get_xdata(), np.arange(L - n + 1))
         np.testing.assert_array_equal(line.get_ydata(), table[n, : L - n + 1])
+    assert not ax.collections  # no standard errors, no bands
+    distances.stderr = torch.full_like(distances.matrix, 0.01)
+    ax = kit.plots.distance_curves(distances, ns)
+    for n, band in zip(ns, ax.collections):
+        vertices = {tuple(np.round(v, 6)) for v in band.get_paths()[0].vertices}
+        edges = {(s, round(float(table[n, s] + sign * 1.959964 * 0.01), 6)) for s in range(L - n + 1) for sign in (-1, 1)}
+        assert edges <= vertices
 
 
 def test_figures_draw_on_a_given_axes_and_save_atomically(distances, tmp_path):
@@ -113,3 +120,12 @@ def test_criteria_figures_draw_the_comparison(distances):
     table = distances.by_block()
     points = ax.collections[1].get_offsets()  # n = 3
     np.testing.assert_allclose(points, np.column_stack([table[3, : L - 2], loss[3, : L - 2]]), rtol=1e-6)
+
+
+def test_heatmap_circles_the_blocks_within_noise_of_the_best(distances):
+    distances.stderr = torch.full_like(distances.matrix, 0.04)
+    ax = kit.plots.distance_heatmap(distances, mark_best=False, mark_noise=True)
+    (line,) = ax.lines
+    expected = {(start, n) for n in range(1, L) for start in range(L + 1 - n) if distances.within_noise(n)[start]}
+    assert set(zip(line.get_xdata(), line.get_ydata())) == expected
+    assert len(expected) > L - 1  # more than the best block of each row

@@ -213,3 +213,110 @@ def test_load_rejects_missing_and_foreign_files(tmp_path):
         Distances.load(tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match="square"):
         Distances(torch.zeros(3, 4))
+
+
+# ------------------------------------------------------------------------------ uncertainty
+
+
+@torch.no_grad()
+def per_text_sums(model, tokenizer, texts):
+    """{metric: (per-text distance sums [texts, L+1, L+1], token counts [texts])}, one unpadded text at a time."""
+    sums, counts = {metric: [] for metric in METRICS}, {metric: [] for metric in METRICS}
+    with _FinalNormRemoved(model):
+        for text in texts:
+            ids = tokenizer(text, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
+            x = np.stack([h[0].double().numpy() for h in model(**ids, output_hidden_states=True).hidden_states])
+            x = x / np.linalg.norm(x, axis=-1, keepdims=True)
+            for metric in METRICS:
+                tokens = x[:, -1:] if metric == "angular_last" else x
+                cos = np.clip(np.einsum("ith,jth->tij", tokens, tokens), -1, 1)
+                sums[metric].append(((1 - cos) if metric == "block_influence" else np.arccos(cos) / np.pi).sum(0))
+                counts[metric].append(tokens.shape[1])
+    return {metric: (np.stack(sums[metric]), np.array(counts[metric], float)) for metric in METRICS}
+
+
+def test_standard_errors_and_group_sums_match_brute_force(texts):
+    model, tokenizer = kit.tiny_model("llama")
+    for metric, (sums, counts) in per_text_sums(model, tokenizer, texts).items():
+        distances = scan(model, tokenizer, texts, batch_size=4, metric=metric, groups=4)
+        m, mean = len(texts), sums.sum(0) / counts.sum()
+        if metric == "angular_last":  # one token per text: the textbook standard error of a mean
+            expected = (sums[:, :, :] / counts[:, None, None]).std(axis=0, ddof=1) / np.sqrt(m)
+        else:  # token-weighted mean: delta method over texts
+            expected = np.sqrt(m / (m - 1) * ((sums - mean * counts[:, None, None]) ** 2).sum(0)) / counts.sum()
+        np.fill_diagonal(expected, 0)
+        np.testing.assert_allclose(distances.stderr.numpy(), expected, atol=2e-6, err_msg=metric)
+        groups = np.arange(m) % 4
+        np.testing.assert_allclose(distances.group_sums.numpy(), [sums[groups == k].sum(0) for k in range(4)], atol=1e-6)
+        np.testing.assert_array_equal(distances.group_counts.numpy(), [counts[groups == k].sum() for k in range(4)])
+        best = distances.best_block(2)
+        assert best.stderr == pytest.approx(expected[best.start, best.end], abs=2e-6)
+
+
+def synthetic_scan(per_text, counts, seed=0):
+    """Distances of a scan whose texts had these per-text distance sums, one group per text."""
+    matrix = per_text.sum(0) / counts.sum()
+    return Distances(torch.tensor(matrix), {"model": "synthetic"}, torch.zeros(matrix.shape), torch.tensor(per_text), torch.tensor(counts))
+
+
+def test_stability_agrees_with_a_bootstrap_over_texts():
+    rng = np.random.default_rng(3)
+    L, m, n = 6, 20, 2
+    counts = rng.integers(5, 40, m).astype(float)
+    per_text = rng.random((m, L + 1, L + 1)) * counts[:, None, None]
+    per_text = (per_text + per_text.transpose(0, 2, 1)) / 2
+    for start in (1, 2):  # two contenders, equally good in expectation
+        per_text[:, start, start + n] = per_text[:, start + n, start] = (0.05 + rng.normal(0, 0.05, m)) * counts
+    distances = synthetic_scan(per_text, counts)
+    stability = distances.stability(n, resamples=4000, seed=1)
+    assert stability.shape == (L + 1 - n,) and stability.sum() == pytest.approx(1)
+    wins = np.zeros(L + 1 - n)
+    for _ in range(4000):
+        pick = rng.integers(m, size=m)
+        row = np.diagonal(per_text[pick].sum(0) / counts[pick].sum(), offset=n)
+        wins[np.argmin(row)] += 1
+    np.testing.assert_allclose(stability, wins / 4000, atol=0.03)
+    assert stability[1] > 0.05 and stability[2] > 0.05  # ties in expectation: neither start wins every resample
+
+
+def test_stability_of_a_clear_winner_is_one():
+    counts = np.ones(5)
+    per_text = np.full((5, 5, 5), 0.5) + np.random.default_rng(0).normal(0, 0.01, (5, 5, 5))
+    per_text[:, 1, 2] = per_text[:, 2, 1] = 0.1
+    assert list(synthetic_scan(per_text, counts).stability(1)) == [0, 1, 0, 0]
+
+
+def test_within_noise_compares_each_start_with_the_best():
+    distances = random_distances()
+    distances.stderr = torch.full_like(distances.matrix, 0.05)
+    L, matrix = distances.num_layers, distances.matrix.numpy()
+    for n in range(1, L):
+        row, best = np.diagonal(matrix, offset=n), distances.best_block(n)
+        expected = row - best.distance <= 1.959964 * np.sqrt(2) * 0.05
+        np.testing.assert_array_equal(distances.within_noise(n), expected)
+        assert distances.within_noise(n)[best.start]
+
+
+def test_uncertainty_survives_save_and_load_and_older_files_still_load(tmp_path, texts):
+    distances = scan(*kit.tiny_model("qwen3"), texts, batch_size=4, groups=3)
+    loaded = Distances.load(distances.save(tmp_path / "distances.safetensors"))
+    for key in ("matrix", "stderr", "group_sums", "group_counts"):
+        assert torch.equal(getattr(loaded, key), getattr(distances, key)), key
+    assert loaded.meta["groups"] == 3 and np.array_equal(loaded.stability(2), distances.stability(2))
+    save_file({"matrix": distances.matrix}, tmp_path / "old.safetensors", metadata={"format": "kit.distances/1", "meta": "{}"})
+    old = Distances.load(tmp_path / "old.safetensors")
+    assert torch.equal(old.matrix, distances.matrix) and old.stderr is None and old.best_block(2).stderr is None
+    with pytest.raises(ValueError, match="no group_sums.*rerun the scan"):
+        old.stability(2)
+
+
+def test_too_few_texts_for_uncertainty(texts):
+    model, tokenizer = kit.tiny_model("llama")
+    with pytest.raises(ValueError, match=r"groups must be between 1 and the number of texts \(6\), got 7"):
+        scan(model, tokenizer, texts, groups=7)
+    with pytest.warns(UserWarning, match="one calibration text"):
+        single = scan(model, tokenizer, texts[:1])
+    off_diagonal = ~torch.eye(7, dtype=torch.bool)
+    assert torch.isnan(single.stderr[off_diagonal]).all() and single.meta["groups"] == 1
+    with pytest.raises(ValueError, match="at least 2 groups"):
+        single.stability(1)

@@ -2,6 +2,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import math  # noqa: E402
+
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -34,7 +37,9 @@ def test_sweep_equals_evaluating_each_pruned_copy(strategy):
     evals = [sweep.loss_metrics(TEXTS, max_length=64)]
     table = sweep.sweep(model, tokenizer, ns=[0, 1, 3], evals=evals, distances=distances, strategy=strategy)
 
-    assert list(table.columns) == ["strategy", "n", "fraction", "start", "distance", "healed", "metric", "value"]
+    assert list(table.columns) == [
+        "strategy", "n", "fraction", "start", "distance", "healed", "metric", "value", "ci_low", "ci_high", "outcomes",
+    ]  # fmt: skip
     assert set(table["metric"]) == {"val_loss", "val_loss_norm"} and len(table) == 6
     for n in (0, 1, 3):
         row = table[(table.n == n) & (table.metric == "val_loss")].iloc[0]
@@ -45,7 +50,10 @@ def test_sweep_equals_evaluating_each_pruned_copy(strategy):
             block = distances.best_block(n) if strategy == "similarity" else heuristic_block(6, n)
             assert row.start == block.start
             reference = drop_layers(model, block)
-        assert row.value == pytest.approx(evaluate.validation_loss(reference, tokenizer, TEXTS, max_length=64).loss, abs=1e-6)
+        expected = evaluate.validation_loss(reference, tokenizer, TEXTS, max_length=64)
+        assert row.value == pytest.approx(expected.loss, abs=1e-6)
+        assert (row.ci_low, row.ci_high) == pytest.approx((expected.loss - 1.96 * expected.stderr, expected.loss + 1.96 * expected.stderr), abs=1e-3)
+        assert row.outcomes is None
     after, num_after = _state(model)
     assert num_after == num and layers.num_layers(model) == 6
     assert all(torch.equal(weights[k], after[k]) for k in weights)
@@ -100,8 +108,14 @@ def test_mmlu_metrics_in_a_sweep():
     questions = data.mmlu_questions(["anatomy"], per_subject=4)
     table = sweep.sweep(model, tokenizer, ns=[2], evals=[sweep.mmlu_metrics(questions)], strategy="heuristic")
     direct = evaluate.mmlu(drop_layers(model, heuristic_block(6, 2)), tokenizer, questions)
-    values = dict(zip(table.metric, table.value))
-    assert values == {"mmlu": direct.accuracy, "mmlu_subjects": direct.subject_accuracy}
+    rows = table.set_index("metric")
+    assert rows["value"].to_dict() == {"mmlu": direct.accuracy, "mmlu_subjects": direct.subject_accuracy}
+    assert tuple(rows.loc["mmlu", ["ci_low", "ci_high"]]) == direct.ci
+    assert tuple(rows.loc["mmlu_subjects", ["ci_low", "ci_high"]]) == direct.subject_ci
+    mmlu_row, subjects_row = (table[table.metric == name].iloc[0] for name in ("mmlu", "mmlu_subjects"))
+    assert sweep.outcomes(mmlu_row).tolist() == direct.correct.tolist()
+    with pytest.raises(ValueError, match="'mmlu_subjects' has no per-question outcomes"):
+        sweep.outcomes(subjects_row)
 
 
 def test_sweep_bad_input():
@@ -118,14 +132,77 @@ def test_sweep_bad_input():
         sweep.sweep(model, tokenizer, ns=[6], evals=[], strategy="heuristic")
 
 
-def test_sweep_plot():
+def test_sweep_plot_draws_values_and_interval_bands():
     table = pd.DataFrame(
-        [dict(strategy=s, n=n, fraction=n / 4, healed=False, metric="mmlu", value=0.5 - n / 10) for s in sweep.STRATEGIES for n in range(4)]
-    )
+        [dict(strategy=s, n=n, fraction=n / 4, healed=False, metric="mmlu", value=0.5 - n / 10 - i / 20,
+              ci_low=0.4 - n / 10 - i / 20, ci_high=0.6 - n / 10 - i / 20)
+         for i, s in enumerate(sweep.STRATEGIES) for n in range(4)]
+    )  # fmt: skip
     ax = plots.sweep_plot(table, "mmlu", chance=0.25)
-    assert len(ax.get_lines()) >= 3 and ax.get_xlabel() == "fraction of layers dropped"
+    assert ax.get_xlabel() == "fraction of layers dropped"
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert set(lines) == {*sweep.STRATEGIES, "chance"}
+    assert len(ax.collections) == 2  # one band per strategy
+    for strategy, band in zip(sweep.STRATEGIES, ax.collections):
+        rows = table[table.strategy == strategy]
+        assert list(lines[strategy].get_ydata()) == list(rows.value)
+        vertices = band.get_paths()[0].vertices
+        assert {tuple(v) for v in vertices} >= {(f, y) for f, y in zip(rows.fraction, rows.ci_low)} | {
+            (f, y) for f, y in zip(rows.fraction, rows.ci_high)
+        }
+        assert band.get_facecolor()[0][:3] == pytest.approx(matplotlib.colors.to_rgb(lines[strategy].get_color()))
+    no_bands = plots.sweep_plot(table.drop(columns=["ci_low", "ci_high"]), "mmlu")
+    assert not no_bands.collections
     with pytest.raises(ValueError, match="metrics present: \\['mmlu'\\]"):
         plots.sweep_plot(table, "boolq")
+
+
+def _curve(accuracies, questions, seed=0, strategy="similarity"):
+    """A synthetic MMLU sweep over n = 0..len-1 of 10 layers with the given true accuracies."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for n, p in enumerate(accuracies):
+        right = rng.random(questions) < p
+        rows.append(dict(strategy=strategy, n=n, fraction=n / 10, healed=False, metric="mmlu", value=right.mean(),
+                         outcomes="".join("R" if r else "W" for r in right)))  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_collapse_point_finds_a_known_transition():
+    sharp = [0.7] * 4 + [0.25] * 6  # collapses to chance at n = 4 of 10
+    assert sweep.collapse_point(_curve(sharp, questions=2000)) == (0.4, (0.4, 0.4))
+    fraction, (low, high) = sweep.collapse_point(_curve(sharp, questions=400))
+    assert fraction == 0.4 and low == 0.4 and 0.4 < high <= 0.6  # fewer questions: a point at chance may look above it
+    gradual = _curve([0.7, 0.6, 0.5, 0.4, 0.3, 0.28, 0.26, 0.25, 0.25, 0.25], questions=100, seed=1)
+    fraction, (low, high) = sweep.collapse_point(gradual)
+    assert low <= fraction <= high and 0.3 <= fraction <= 0.7 and high > low  # a real spread of plausible points
+    assert sweep.collapse_point(_curve([0.7] * 10, questions=200)) == (math.inf, (math.inf, math.inf))
+    at_chance = _curve([0.3] * 10, questions=40)  # a small model: indistinguishable from chance unpruned
+    assert sweep.collapse_point(at_chance)[0] == 0.0
+
+
+def test_collapse_point_bad_input():
+    two = pd.concat([_curve([0.7, 0.3], 20), _curve([0.7, 0.3], 20, strategy="heuristic")])
+    with pytest.raises(ValueError, match="several curves"):
+        sweep.collapse_point(two)
+    with pytest.raises(ValueError, match="no chance level known for 'acc'"):
+        sweep.collapse_point(two, metric="acc")
+    with pytest.raises(ValueError, match="metrics present: \\['mmlu'\\]"):
+        sweep.collapse_point(two, metric="boolq")
+
+
+def test_paired_comparison_of_two_strategies():
+    a, b = _curve([0.7, 0.6, 0.5], 300, seed=2), _curve([0.7, 0.4, 0.3], 300, seed=3, strategy="heuristic")
+    table = sweep.paired_comparison(pd.concat([a, b]), "strategy", "similarity", "heuristic")
+    assert list(table.columns) == ["n", "fraction", "strategy=similarity", "strategy=heuristic", "difference", "ci_low", "ci_high"]
+    for n, row in table.iterrows():
+        right_a, right_b = sweep.outcomes(a.iloc[n]), sweep.outcomes(b.iloc[n])
+        expected = kit.stats.paired_difference(right_a, right_b)
+        assert row.difference == pytest.approx(right_a.mean() - right_b.mean())
+        assert (row.ci_low, row.ci_high) == (expected.low, expected.high)
+    assert table.ci_low.iloc[2] > 0.1  # similarity is clearly better at n = 2
+    with pytest.raises(ValueError, match="no n has 'mmlu' rows for both strategy='similarity' and strategy='random'"):
+        sweep.paired_comparison(pd.concat([a, b]), "strategy", "similarity", "random")
 
 
 def test_compare_loads_each_checkpoint(tmp_path):
