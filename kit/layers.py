@@ -96,6 +96,15 @@ def body(model: nn.Module) -> nn.Module:
     return _base(model).base_model
 
 
+def readout(model: nn.Module, residual: torch.Tensor) -> torch.Tensor:
+    """The residual stream after the last layer -> the LM head's input: the final norm, then the
+    output projection of models that have one (OPT-350m's project_out)."""
+    norm = final_norm(model)
+    hidden = norm(residual) if norm is not None else residual
+    project = getattr(_resolve(model, anatomy(model).final_norm.rpartition(".")[0]), "project_out", None)
+    return project(hidden) if project is not None else hidden
+
+
 def lm_head(model: nn.Module) -> nn.Module:
     """The output projection from hidden states to the vocabulary."""
     return _base(model).get_output_embeddings()

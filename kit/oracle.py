@@ -122,20 +122,8 @@ def _run_layer(layer, call, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def _head(model):
-    """hidden states -> float32 logits: final norm, output projection (OPT-350m), LM head, logit soft-capping."""
-    norm = layers.final_norm(model)
-    parent = layers.anatomy(model).final_norm.rpartition(".")[0]
-    project = getattr(layers._resolve(model, parent), "project_out", None)
-    lm_head = model.get_output_embeddings()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-
-    def logits(hidden):
-        for module in (norm, project, lm_head):
-            hidden = module(hidden) if module is not None else hidden
-        hidden = hidden.float()
-        return torch.tanh(hidden / cap) * cap if cap else hidden
-
-    return logits
+    """Residual stream after the last layer -> float32 logits (final norm, projection, LM head, soft-capping)."""
+    return lambda residual: layers.logits(model, layers.readout(model, residual)).float()
 
 
 def _scored(hidden: torch.Tensor, scored: torch.Tensor):
