@@ -221,3 +221,11 @@ def test_mergekit_config_ranges(block, ranges):
     assert [s["sources"] for s in config["slices"]] == [[{"model": "org/model", "layer_range": r}] for r in ranges]
     kept = [i for a, b in ranges for i in range(a, b)]  # upper bounds exclusive
     assert kept == [i for i in range(10) if i not in block.layers]
+
+
+def test_save_pruned_over_a_file_says_so_and_writes_nothing(tmp_path):
+    model, tokenizer = kit.tiny_model("llama")
+    (tmp_path / "pruned").write_text("notes")
+    with pytest.raises(FileExistsError, match="is a file, not a folder"):
+        kit.save_pruned(model, tokenizer, tmp_path / "pruned")
+    assert [p.name for p in tmp_path.iterdir()] == ["pruned"] and (tmp_path / "pruned").read_text() == "notes"
