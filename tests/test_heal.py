@@ -262,6 +262,9 @@ def test_resume_continues_from_the_checkpoint_and_ends_at_the_same_weights(base_
     with pytest.raises(KeyboardInterrupt):
         heal(base_path, tokenizer, texts, config, output_dir=tmp_path / "resumed", callbacks=[Interrupt(at=2)], **run)
     assert sorted(p.name for p in (tmp_path / "resumed").glob("checkpoint-*")) == ["checkpoint-2"]
+    cut_short = tmp_path / "resumed" / "checkpoint-3"  # killed while the Trainer wrote it
+    cut_short.mkdir()
+    (cut_short / "trainer_state.json").write_text('{"global_step": 3, "log_hist')
     steps = Steps()
     resumed = heal(base_path, tokenizer, texts, config, output_dir=tmp_path / "resumed", callbacks=[steps], **run)
     assert steps.seen == [3, 4]
