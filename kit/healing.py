@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
-from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
+from transformers import Trainer, TrainerState, TrainingArguments, default_data_collator, set_seed
 from transformers.pytorch_utils import Conv1D
 from transformers.training_args import ParallelMode
 
@@ -324,8 +324,12 @@ def heal(
         distill_weight=config.distill_weight,
         temperature=config.distill_temperature,
     )
-    with _training_layout(model):
-        trainer.train(resume_from_checkpoint=last)
+    if last is not None and TrainerState.load_from_json(f"{last}/trainer_state.json").global_step >= config.steps:
+        trainer._load_from_checkpoint(last)  # finished before: training again would add a step
+        trainer.state = TrainerState.load_from_json(f"{last}/trainer_state.json")
+    else:
+        with _training_layout(model):
+            trainer.train(resume_from_checkpoint=last)
     adapter_path = output_dir / ADAPTER_DIR
     with atomic_dir(adapter_path) as tmp:
         model.save_pretrained(tmp)
