@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from . import layers
 from .cost import CostResult, cost
 from .data import BoolQItem, batched, encode
-from .device import model_device
+from .device import model_device, require_finite
 from .harness import lm_eval_mmlu
 from .mmlu import MMLUResult, mmlu
 from .scoring import encode_request, loglikelihoods
@@ -61,6 +61,7 @@ def validation_loss(model, tokenizer, texts: list[str], *, max_length: int = 512
     total, count = total.item(), int(count)
     if count == 0:
         raise ValueError("the texts hold no tokens to predict (each needs at least two tokens)")
+    require_finite(math.isfinite(total), "the validation loss", model)
     loss = total / count
     return LossResult(loss, loss / math.log(layers.lm_head(model).weight.shape[0]), count)
 

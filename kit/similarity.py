@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from . import artifacts, layers
 from .data import encode
-from .device import model_device, provenance
+from .device import model_device, provenance, require_finite
 from .prune import Block
 
 METRICS = {
@@ -224,6 +224,7 @@ def angular_distances(
                     raise ValueError(f"texts {[starts[index] + i for i in empty]} have no tokens; remove empty texts")
                 select = _select(enc["attention_mask"], metric)
                 sums += _pair_sums(residuals(enc, select), metric)
+                require_finite(bool(torch.isfinite(sums).all()), f"the scan's distances (batch {index})", model)
                 count += int(select.sum())
                 if cache_path is not None:
                     _checkpoint(cache_path, fingerprint, settings, sums, count, index + 1)
