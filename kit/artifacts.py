@@ -1,9 +1,13 @@
 """Run folders, atomic writes and manifests: how notebooks hand results to each other."""
 
+import ctypes
+import errno
+import glob
 import json
 import os
 import platform
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -54,28 +58,93 @@ def run_dir(run: str, root: str | Path = "auto") -> Path:
     return folder
 
 
+RENAME_EXCHANGE = 2  # renameat2 flag (Linux >= 3.15): swap two paths in one step
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the paths `a` and `b` atomically; False where the system cannot (not Linux, old kernel, filesystem)."""
+    if sys.platform != "linux":
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.tmp-{os.getpid()}-"
+
+
+def _clean_stale_temps(path: Path) -> None:
+    """Remove the temporaries of `path` left by writers that died (killed mid-write): their process is gone."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.tmp-(\d+)-")
+    for sibling in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+        match = pattern.match(sibling.name)
+        if match and not _alive(int(match[1])):
+            shutil.rmtree(sibling, ignore_errors=True) if sibling.is_dir() else sibling.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        pass
+    return True
+
+
+def _replace_dir(new: Path, path: Path) -> None:
+    """Move folder `new` to `path`. An existing folder is swapped out in one step (afterwards `new` holds it);
+    where that is impossible it is renamed aside first, then deleted."""
+    if not path.is_dir() or path.is_symlink():
+        os.replace(new, path)
+    elif not _exchange(new, path):
+        aside = new.with_name(new.name + "-old")
+        os.rename(path, aside)
+        try:
+            os.replace(new, path)
+        except BaseException:
+            os.rename(aside, path)
+            raise
+        os.rename(aside, new)
+
+
 @contextmanager
 def atomic_dir(path: str | Path):
-    """Yield a temporary folder beside `path`; it becomes `path` only if the block succeeds."""
+    """Yield a temporary folder beside `path`; it becomes `path` only if the block succeeds.
+    An existing folder at `path` is replaced in one step (Linux): readers always find a whole folder there."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} is a file, not a folder: remove it or choose another path")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    _clean_stale_temps(path)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_temp_prefix(path)))
     try:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; give it the usual permissions
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; give it the usual permissions
+        _replace_dir(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the failed write, or the replaced folder
 
 
 @contextmanager
 def atomic_path(path: str | Path):
     """Yield a temporary file path beside `path`; it replaces `path` only if the block succeeds."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder, not a file: remove it or choose another path")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    _clean_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=path.suffix)
     os.close(fd)
     try:
         yield Path(tmp)

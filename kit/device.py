@@ -81,3 +81,13 @@ def provenance(model) -> dict:
         "quantization": "4bit" if getattr(model, "is_loaded_in_4bit", False) else None,
         "devices": sorted({str(p.device) for p in model.parameters()}),
     }
+
+
+def require_finite(finite: bool, what: str, model) -> None:
+    """Stop with a clear error where `what` came out inf or NaN (an overflowing fp16 residual stream),
+    instead of returning NaN distances, losses or accuracies."""
+    if not finite:
+        raise FloatingPointError(
+            f"{what} came out inf or NaN: the model's activations overflow in {compute_dtype(model)}. "
+            "Load it in float32 or bfloat16 (kit.load_model(..., dtype='float32')) and run again."
+        )

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from . import layers
 from .cost import CostResult, cost
 from .data import BoolQItem, batched, encode
-from .device import model_device
+from .device import model_device, require_finite
 from .harness import lm_eval_mmlu
 from .mmlu import MMLUResult, mmlu
 from .scoring import encode_request, loglikelihoods
@@ -67,6 +67,7 @@ def validation_loss(model, tokenizer, texts: list[str], *, max_length: int = 512
     if count == 0:
         raise ValueError("the texts hold no tokens to predict (each needs at least two tokens)")
     loss = float(text_losses.sum()) / count
+    require_finite(math.isfinite(loss), "the validation loss", model)
     vocab = layers.lm_head(model).weight.shape[0]
     return LossResult(loss, loss / math.log(vocab), count, ratio_stderr(text_losses, text_tokens))
 

@@ -2,6 +2,7 @@
 HF Trainer on packed text blocks; optionally distilled from the unpruned model; merged into a plain
 checkpoint at the end."""
 
+import json
 import math
 import shutil
 import tempfile
@@ -17,9 +18,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
-from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
+from transformers import Trainer, TrainerState, TrainingArguments, default_data_collator, set_seed
 from transformers.pytorch_utils import Conv1D
-from transformers.trainer_utils import get_last_checkpoint
 from transformers.training_args import ParallelMode
 
 from . import layers
@@ -245,10 +245,23 @@ def single_gpu(args: TrainingArguments) -> TrainingArguments:
     return args
 
 
+def _last_complete_checkpoint(output_dir: Path) -> str | None:
+    """The newest Trainer checkpoint written to the end (its trainer_state.json, saved last, parses);
+    newer ones cut short by a crash are deleted, and training resumes before them."""
+    steps = sorted((int(p.name.split("-")[1]), p) for p in output_dir.glob("checkpoint-*") if p.name.split("-")[1].isdigit())
+    for _, folder in reversed(steps):
+        try:
+            json.loads((folder / "trainer_state.json").read_text())
+            return str(folder)
+        except (OSError, ValueError):
+            shutil.rmtree(folder)
+    return None
+
+
 def _check_resumable(output_dir: Path, config: HealConfig) -> str | None:
     """The last checkpoint in output_dir (None if there is none), after checking that it was
     trained with the same settings; records the settings for later runs."""
-    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    last = _last_complete_checkpoint(output_dir)
     record = output_dir / CONFIG_FILE
     if last is not None and record.exists() and read_json(record)["digest"] != config.digest():
         raise ValueError(
@@ -311,8 +324,12 @@ def heal(
         distill_weight=config.distill_weight,
         temperature=config.distill_temperature,
     )
-    with _training_layout(model):
-        trainer.train(resume_from_checkpoint=last)
+    if last is not None and TrainerState.load_from_json(f"{last}/trainer_state.json").global_step >= config.steps:
+        trainer._load_from_checkpoint(last)  # finished before: training again would add a step
+        trainer.state = TrainerState.load_from_json(f"{last}/trainer_state.json")
+    else:
+        with _training_layout(model):
+            trainer.train(resume_from_checkpoint=last)
     adapter_path = output_dir / ADAPTER_DIR
     with atomic_dir(adapter_path) as tmp:
         model.save_pretrained(tmp)

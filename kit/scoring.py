@@ -1,13 +1,14 @@
 """Log-likelihoods of continuations, as lm-evaluation-harness computes them, batched, with an
 optional KV cache of the tokens that every request starts with (a few-shot prefix)."""
 
+import math
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
 from .data import batched
-from .device import model_device
+from .device import model_device, require_finite
 
 
 @dataclass(frozen=True)
@@ -124,4 +125,5 @@ def loglikelihoods(model, requests: list[Request], *, batch_size: int = 8, cache
         sums.index_add_(0, owner_index.to(logprobs.device), logprobs[b, column, token])
         for i, value in zip(owner_ids.tolist(), sums.tolist()):  # one device sync per batch
             scores[i] = value
+    require_finite(all(map(math.isfinite, scores)), "the log-likelihoods of the answers", model)
     return scores

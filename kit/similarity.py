@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from . import artifacts, layers
 from .data import encode
-from .device import model_device, provenance
+from .device import model_device, provenance, require_finite
 from .prune import Block
 from .stats import Z95
 
@@ -336,6 +336,7 @@ def angular_distances(
                     raise ValueError(f"texts {[starts[index] + i for i in empty]} have no tokens; remove empty texts")
                 select = _select(enc["attention_mask"], metric)
                 text_sums = _pair_sums(residuals(enc, select), metric, select.nonzero()[:, 0], len(batch))
+                require_finite(bool(torch.isfinite(text_sums).all()), f"the scan's distances (batch {index})", model)
                 sums.add(starts[index], text_sums, select.sum(-1).double())
                 if cache_path is not None:
                     _checkpoint(cache_path, fingerprint, settings, sums, index + 1)

@@ -2,14 +2,18 @@
 paper's Figures 2, 3, 5 and 6 do, without reloading or copying the model."""
 
 import copy
+import hashlib
+import json
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import cost, evaluate, layers, prune
+from . import artifacts, cost, evaluate, layers, prune
+from .device import provenance
 from .prune import Block, dropped
 from .stats import Z95, Estimate, paired_difference, wilson
 
@@ -109,11 +113,63 @@ def choose_block(num_layers: int, n: int, strategy: str, distances=None, oracle=
     return prune.choose_block(strategy, num_layers, n, distances=distances, oracle=oracle)
 
 
+def _plain(value):
+    return value.item() if hasattr(value, "item") else value  # numpy / torch scalars -> Python
+
+
 def _rows(metrics: dict[str, Estimate], **columns) -> list[dict]:
+    columns = {k: _plain(v) for k, v in columns.items()}
     return [
-        {**columns, "metric": name, "value": e.value, "ci_low": e.low, "ci_high": e.high, "outcomes": _encode(e.outcomes)}
+        {**columns, "metric": name, "value": _plain(e.value), "ci_low": _plain(e.low), "ci_high": _plain(e.high),
+         "outcomes": _encode(e.outcomes)}
         for name, e in metrics.items()
-    ]
+    ]  # fmt: skip
+
+
+class _Cache:
+    """The finished points of a sweep in one JSON file, rewritten atomically after each point,
+    with the settings that produced them: a rerun with the same settings skips them."""
+
+    def __init__(self, path, settings: dict):
+        self.path, self.settings, self.points = path, settings, {}
+        if path is None or not Path(path).exists():
+            return
+        try:
+            cached = json.loads(Path(path).read_text())
+            old, points = cached["settings"], cached["points"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{path} is not a sweep cache ({error}); delete it or pass another cache_path") from None
+        if old != settings:
+            changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]
+            raise ValueError(f"{path} holds a sweep made with other settings ({'; '.join(changed)}); "
+                             "delete it or pass another cache_path")  # fmt: skip
+        self.points = {(p["n"], p["healed"]): p["rows"] for p in points}
+
+    def run(self, n: int, healed: bool, rows: Callable[[], list[dict]]) -> list[dict]:
+        """The rows of point (n, healed): cached, or computed by rows() and recorded."""
+        if (n, healed) not in self.points:
+            if self.path is None:
+                return rows()
+            self.points[(n, healed)] = json.loads(json.dumps(rows()))  # exactly what a resumed run reads back
+            points = [{"n": n, "healed": h, "rows": r} for (n, h), r in self.points.items()]
+            artifacts.write_text(self.path, json.dumps({"settings": self.settings, "points": points}, indent=1) + "\n")
+        return self.points[(n, healed)]
+
+
+def _digest(array) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
+
+
+def _settings(model, ns, evals, distances, oracle, strategy, heal_ns, settings) -> dict:
+    """What a cached sweep must share with a rerun to be resumed."""
+    return dict(
+        model=getattr(model, "name_or_path", None) or "unknown", num_layers=layers.num_layers(model),
+        placement=provenance(model), ns=[int(n) for n in ns], strategy=strategy,
+        distances=_digest(distances.matrix.numpy()) if distances is not None else None,
+        oracle=_digest(np.asarray(oracle.loss)) if oracle is not None else None,
+        evals=[getattr(e, "__qualname__", type(e).__name__) for e in evals], heal_ns=sorted(int(n) for n in heal_ns),
+        settings=settings,
+    )  # fmt: skip
 
 
 def _encode(outcomes) -> str | None:
@@ -131,6 +187,7 @@ def outcomes(row) -> np.ndarray:
 def sweep(
     model, tokenizer, *, ns: Sequence[int], evals: Sequence[Evaluation], distances=None,
     strategy: str = "similarity", heal: Callable | None = None, heal_ns: Sequence[int] = (), oracle=None,
+    cache_path: str | Path | None = None, settings: dict | None = None,
 ) -> pd.DataFrame:  # fmt: skip
     """Evaluate `model` with n layers removed for every n in `ns` (0 = the unpruned model).
 
@@ -138,6 +195,9 @@ def sweep(
     Each pruned model is a view of the loaded one (kit.prune.dropped), restored afterwards.
     heal(pruned_model, tokenizer, block) -> healed model is applied to every n in `heal_ns` (it gets
     the pruned view and must not modify it: see healer), and those rows carry healed=True.
+    cache_path: a JSON file recording each finished (n, healed) point; a rerun with the same settings
+    skips those points and returns the same table. settings: whatever else changes the results (the
+    evaluations' parameters, a HealConfig digest), JSON-able; recorded there and compared on resume.
     Returns one row per (n, metric): strategy, n, fraction (n / L), start, distance, healed, metric,
     value, its 95% interval ci_low, ci_high (NaN where a metric has none) and, for accuracies over
     questions, the outcomes of every question (see `outcomes`).
@@ -148,6 +208,7 @@ def sweep(
         raise ValueError(f"heal_ns {sorted(missing)} must be non-zero block sizes that are also in ns")
     if heal_ns and heal is None:
         raise ValueError("heal_ns needs a heal function, e.g. kit.sweep.healer(...)")
+    cache = _Cache(cache_path, _settings(model, ns, evals, distances, oracle, strategy, heal_ns, settings))
     rows = []
     for n in tqdm(ns, desc=f"sweep ({strategy})", unit="n"):
         block = blocks.get(n)
@@ -155,16 +216,20 @@ def sweep(
             strategy=strategy, n=n, fraction=n / num,
             start=block.start if block else None, distance=block.distance if block else None,
         )  # fmt: skip
+        unhealed = lambda: _rows(evaluate_all(model, tokenizer, evals), **columns, healed=False)  # noqa: E731
         if block is None:
-            rows += _rows(evaluate_all(model, tokenizer, evals), **columns, healed=False)
+            rows += cache.run(n, False, unhealed)
             continue
         with dropped(model, block):
-            rows += _rows(evaluate_all(model, tokenizer, evals), **columns, healed=False)
+            rows += cache.run(n, False, unhealed)
             if n in heal_ns:
-                healed = heal(model, tokenizer, block)  # from the pruned view; heal must leave it untouched
-                rows += _rows(evaluate_all(healed, tokenizer, evals), **columns, healed=True)
-                del healed
+                rows += cache.run(n, True, lambda: _rows(_healed_metrics(heal, model, tokenizer, block, evals), **columns, healed=True))
     return pd.DataFrame(rows)
+
+
+def _healed_metrics(heal, model, tokenizer, block, evals) -> dict[str, Estimate]:
+    healed = heal(model, tokenizer, block)  # from the pruned view; heal must leave it untouched
+    return evaluate_all(healed, tokenizer, evals)
 
 
 def paired_comparison(results: pd.DataFrame, by: str, a, b, *, metric: str = "mmlu", resamples: int = 2000,
@@ -227,8 +292,6 @@ def collapse_point(results: pd.DataFrame, metric: str = "mmlu", chance: float | 
 def healer(texts: list[str], config, *, output_root, val_texts=None) -> Callable:
     """A `heal` function for sweep(): kit.heal with `config` on `texts`, adapters under output_root/n{n}.
     The loaded model is never copied for a 4-bit heal; with config.quantize=None the pruned model is."""
-    from pathlib import Path
-
     from .healing import heal as heal_model
 
     def run(pruned, tokenizer, block: Block):

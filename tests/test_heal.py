@@ -262,6 +262,9 @@ def test_resume_continues_from_the_checkpoint_and_ends_at_the_same_weights(base_
     with pytest.raises(KeyboardInterrupt):
         heal(base_path, tokenizer, texts, config, output_dir=tmp_path / "resumed", callbacks=[Interrupt(at=2)], **run)
     assert sorted(p.name for p in (tmp_path / "resumed").glob("checkpoint-*")) == ["checkpoint-2"]
+    cut_short = tmp_path / "resumed" / "checkpoint-3"  # killed while the Trainer wrote it
+    cut_short.mkdir()
+    (cut_short / "trainer_state.json").write_text('{"global_step": 3, "log_hist')
     steps = Steps()
     resumed = heal(base_path, tokenizer, texts, config, output_dir=tmp_path / "resumed", callbacks=[steps], **run)
     assert steps.seen == [3, 4]
@@ -271,6 +274,18 @@ def test_resume_continues_from_the_checkpoint_and_ends_at_the_same_weights(base_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="checkpoints of a healing run with different settings"):
         heal(base_path, tokenizer, texts, config.replace(lr=1e-3), output_dir=tmp_path / "resumed")
+
+
+def test_healing_again_a_finished_run_trains_no_further_step(tmp_path):
+    config = kit.HealConfig(rank=2, lr=1e-2, steps=6, batch_size=2, seq_len=32, quantize=None, save_every=1)
+    runs = []
+    for _ in range(3):
+        model, tokenizer = kit.tiny_model("llama")
+        result = heal(model, tokenizer, kit.data.corpus("train")[:8], config, output_dir=tmp_path, callbacks=[steps := Steps()])
+        runs.append((steps.seen, result.history, load_file(result.adapter_path / "adapter_model.safetensors")))
+    assert [seen for seen, _, _ in runs] == [[1, 2, 3, 4, 5, 6], [], []]
+    assert runs[0][1] == runs[1][1] == runs[2][1]
+    assert all(torch.equal(runs[0][2][k], later[2][k]) for later in runs[1:] for k in runs[0][2])
 
 
 # ------------------------------------------------------------------------------------ distillation

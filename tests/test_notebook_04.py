@@ -26,6 +26,7 @@ def test_sweep_covers_both_strategies_and_every_metric(run):
     assert {"mmlu", "val_loss"} <= set(intervals["metric"])
     assert (intervals["ci_low"] <= intervals["value"]).all() and (intervals["value"] <= intervals["ci_high"]).all()
     assert (run / "sweep.png").stat().st_size > 0
+    assert {p.name for p in run.glob("sweep-*.json")} == {f"sweep-{s}.json" for s in sweep.STRATEGIES} | {"sweep-healed.json"}
     kv = table[table["metric"] == "kv_bytes_per_token"].set_index(["strategy", "n"])["value"]
     assert (kv.xs(20, level="n") == kv.xs(0, level="n") * 10 / 30).all(), "20 of 30 full-attention layers dropped"
 

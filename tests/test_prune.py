@@ -264,3 +264,11 @@ def test_criteria_bad_input():
         choose_block("heuristic", 8, 2, distances=scan)
     with pytest.raises(ValueError, match="choose 0 <= start <= 4"):
         choose_block("manual", 6, 2, start=5)
+
+
+def test_save_pruned_over_a_file_says_so_and_writes_nothing(tmp_path):
+    model, tokenizer = kit.tiny_model("llama")
+    (tmp_path / "pruned").write_text("notes")
+    with pytest.raises(FileExistsError, match="is a file, not a folder"):
+        kit.save_pruned(model, tokenizer, tmp_path / "pruned")
+    assert [p.name for p in tmp_path.iterdir()] == ["pruned"] and (tmp_path / "pruned").read_text() == "notes"

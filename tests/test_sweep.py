@@ -252,3 +252,58 @@ def test_compare_an_unmerged_adapter_against_its_merged_checkpoint(tmp_path):
     assert unmerged["weight_bytes"] - merged["weight_bytes"] == 4 * lora
     assert unmerged["kv_bytes_per_token"] == merged["kv_bytes_per_token"]
     assert unmerged["val_loss"] == pytest.approx(merged["val_loss"], abs=1e-5)
+
+
+def test_an_interrupted_sweep_resumes_from_its_cache_with_an_identical_table(tmp_path):
+    model, tokenizer = kit.tiny_model("llama")
+    distances, cache = _distances(6), tmp_path / "sweep.json"
+    calls, stop_at = [], [None]
+
+    def probe(m, t):
+        calls.append(layers.num_layers(m))
+        if len(calls) == stop_at[0]:
+            raise KeyboardInterrupt  # the process dies here
+        return {"loss": evaluate.validation_loss(m, t, TEXTS[:2], max_length=32).loss, "layers": layers.num_layers(m)}
+
+    def heal(pruned, tok, block):
+        return pruned
+
+    def run(**kwargs):
+        return sweep.sweep(model, tokenizer, ns=[0, 1, 3], evals=[probe], distances=distances, heal=heal, heal_ns=[3],
+                           settings={"texts": 2}, **kwargs)  # fmt: skip
+
+    reference = run()
+    assert len(calls) == 4
+    calls.clear()
+    stop_at[0] = 3
+    with pytest.raises(KeyboardInterrupt):
+        run(cache_path=cache)
+    stop_at[0] = None
+    calls.clear()
+    resumed = run(cache_path=cache)
+    assert calls == [3, 3]  # only the points not finished before: n=3, then n=3 healed
+    pd.testing.assert_frame_equal(resumed, reference)
+    calls.clear()
+    pd.testing.assert_frame_equal(run(cache_path=cache), reference)
+    assert calls == [] and [p.name for p in tmp_path.iterdir()] == ["sweep.json"]
+
+
+def test_a_sweep_cache_of_other_settings_is_refused(tmp_path):
+    model, tokenizer = kit.tiny_model("llama")
+    probe = lambda m, t: {"layers": float(layers.num_layers(m))}  # noqa: E731
+    cache = tmp_path / "sweep.json"
+    sweep.sweep(model, tokenizer, ns=[0, 2], evals=[probe], distances=_distances(6), cache_path=cache, settings={"shots": 5})
+    with pytest.raises(ValueError, match=r"other settings \(ns: \[0, 2\] -> \[0, 3\]\); delete it or pass another cache_path"):
+        sweep.sweep(model, tokenizer, ns=[0, 3], evals=[probe], distances=_distances(6), cache_path=cache, settings={"shots": 5})
+    with pytest.raises(ValueError, match=r"settings: \{'shots': 5\} -> \{'shots': 0\}"):
+        sweep.sweep(model, tokenizer, ns=[0, 2], evals=[probe], distances=_distances(6), cache_path=cache, settings={"shots": 0})
+    with pytest.raises(ValueError, match=r"distances: '\w+' -> '\w+'"):
+        sweep.sweep(model, tokenizer, ns=[0, 2], evals=[probe], distances=_distances(6, seed=1), cache_path=cache, settings={"shots": 5})
+    with pytest.raises(ValueError, match="strategy: 'similarity' -> 'heuristic'"):
+        sweep.sweep(model, tokenizer, ns=[0, 2], evals=[probe], strategy="heuristic", cache_path=cache, settings={"shots": 5})
+    with pytest.raises(ValueError, match="num_layers: 6 -> 4"):
+        sweep.sweep(drop_layers(model, Block(0, 2)), tokenizer, ns=[0, 2], evals=[probe], strategy="similarity",
+                    distances=_distances(4), cache_path=cache, settings={"shots": 5})  # fmt: skip
+    cache.write_text("{not json")
+    with pytest.raises(ValueError, match="is not a sweep cache"):
+        sweep.sweep(model, tokenizer, ns=[0, 2], evals=[probe], distances=_distances(6), cache_path=cache)
