@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -85,6 +85,10 @@ class Distances:
         distance's standard error when the scan measured it."""
         Block(0, n).check(self.num_layers)
         row = np.diagonal(self.matrix.numpy(), offset=n)
+        if not np.isfinite(row).all():
+            bad = np.flatnonzero(~np.isfinite(row)).tolist()
+            raise ValueError(f"the distances of blocks of size {n} at starts {bad} are not finite: rerun the scan "
+                             "(notebook 01) in float32 or bfloat16, or check the model's weights")  # fmt: skip
         start = int(np.argmin(row))
         stderr = None if self.stderr is None else float(self.stderr[start, start + n])
         return Block(start, n, float(row[start]), stderr)
@@ -131,12 +135,16 @@ class Distances:
     @classmethod
     def load(cls, path: str | Path) -> "Distances":
         """Read a file of `save`; files from before the scan measured uncertainty load without it."""
-        with safe_open(artifacts.require(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            if metadata.get("format") != _FORMAT:
-                raise ValueError(f"{path} is not a Distances file (saved by Distances.save / notebook 01_similarity)")
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-            return cls(meta=json.loads(metadata["meta"]), **tensors)
+        not_distances = f"{path} is not a Distances file (saved by Distances.save / notebook 01_similarity)"
+        try:
+            with safe_open(artifacts.require(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+                if metadata.get("format") != _FORMAT:
+                    raise ValueError(not_distances)
+                tensors = {key: f.get_tensor(key) for key in f.keys()}
+        except SafetensorError as error:
+            raise ValueError(f"{not_distances}: {error}") from None
+        return cls(meta=json.loads(metadata["meta"]), **tensors)
 
 
 def _by_block(matrix: np.ndarray) -> np.ndarray:

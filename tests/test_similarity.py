@@ -320,3 +320,15 @@ def test_too_few_texts_for_uncertainty(texts):
     assert torch.isnan(single.stderr[off_diagonal]).all() and single.meta["groups"] == 1
     with pytest.raises(ValueError, match="at least 2 groups"):
         single.stability(1)
+
+
+def test_non_finite_distances_and_files_that_are_not_distances_say_so(tmp_path):
+    matrix = torch.rand(5, 5)
+    matrix[1, 3] = float("nan")
+    distances = kit.Distances(matrix)
+    assert distances.best_block(1).start in range(4)  # other sizes are unaffected
+    with pytest.raises(ValueError, match=r"blocks of size 2 at starts \[1\] are not finite: rerun the scan"):
+        distances.best_block(2)
+    (tmp_path / "notes.safetensors").write_text("not a safetensors file")
+    with pytest.raises(ValueError, match="is not a Distances file"):
+        kit.Distances.load(tmp_path / "notes.safetensors")
