@@ -67,7 +67,7 @@ kit.reports.execute("01_similarity", output_dir=out / "executed", parameters=par
 
 
 def _scan(out):
-    _if_there(out / "scan.cache", lambda p: safe_open(p, framework="pt").metadata()["count"])
+    _if_there(out / "scan.cache", lambda p: int(safe_open(p, framework="pt").metadata()["batches"]))
     return _if_there(out / "distances.safetensors", lambda p: kit.Distances.load(p).matrix.numpy().tobytes())
 
 
