@@ -6,7 +6,6 @@ import copy
 import gc
 import tempfile
 import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -109,7 +108,6 @@ def main():
         tmp, base = Path(tmp), Path(tmp) / "base"
         model.save_pretrained(base, max_shard_size="100MB")  # shards as a large checkpoint has them (5 GB each at 70B)
         tokenizer.save_pretrained(base)
-        del model
         adapted = lora_model(kit.load_model(str(base))[0], kit.HealConfig(rank=8, quantize=None, gradient_checkpointing=False))
         adapted.save_pretrained(tmp / "adapter")
         del adapted

@@ -6,13 +6,12 @@ Times are CPU seconds of one torch thread, so other jobs on a shared machine do 
 ratio. Memory is the peak resident size (VmHWM) growth of a fresh process, as in bench_scan."""
 
 import multiprocessing
-import time
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 
 import torch
 
 import kit
+from bench.measure import cpu_seconds, peak_growth_mib
 from kit.evaluate import validation_loss
 from kit.prune import Block, drop_layers
 
@@ -20,12 +19,6 @@ MODEL = "smollm2-135m"
 NS = (2, 15, 28)  # short, middle and long blocks: 48 blocks of the 30-layer model
 TEXTS, LENGTH, BATCH_SIZE = 2, 64, 2
 MEMORY_BATCHES = (1, 4)
-
-
-def _cpu_seconds(fn) -> float:
-    start = time.process_time()
-    fn()
-    return time.process_time() - start
 
 
 def time_ratio():
@@ -39,18 +32,11 @@ def time_ratio():
         for block in blocks:
             validation_loss(drop_layers(model, block), tokenizer, texts, max_length=LENGTH, batch_size=BATCH_SIZE)
 
-    oracle = _cpu_seconds(lambda: kit.ablation_losses(model, tokenizer, texts, ns=NS, max_length=LENGTH, batch_size=BATCH_SIZE))
-    loop = _cpu_seconds(naive)
+    oracle = cpu_seconds(lambda: kit.ablation_losses(model, tokenizer, texts, ns=NS, max_length=LENGTH, batch_size=BATCH_SIZE))
+    loop = cpu_seconds(naive)
     print(f"CPU time on one thread, {len(blocks)} blocks (n in {NS}), {TEXTS} texts x {LENGTH} tokens:")
     print(f"  oracle {oracle:.1f} s, naive validation_loss(drop_layers(...)) loop {loop:.1f} s")
     print(f"  oracle / naive loop: {oracle / loop:.2f} (goal <= 0.75)")
-
-
-def _memory_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status: this benchmark measures memory on Linux only")
 
 
 def _peak_growth(batches: int) -> float:
@@ -63,10 +49,7 @@ def _peak_growth(batches: int) -> float:
         kit.ablation_losses(model, tokenizer, batch, ns=(28,), max_length=LENGTH, batch_size=BATCH_SIZE)
 
     run(texts[:BATCH_SIZE])
-    before = _memory_mib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current RSS
-    run(texts)
-    return _memory_mib("VmHWM") - before
+    return peak_growth_mib(lambda: run(texts))
 
 
 def memory_ratio():

@@ -12,15 +12,14 @@ over the same batches: the process's allocators grow a little with the number of
 
 import math
 import multiprocessing
-import time
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 from unittest import mock
 
 import torch
 import torch.nn.functional as F
 
 import kit
+from bench.measure import cpu_seconds, peak_growth_mib
 from kit import similarity
 from kit.data import encode
 
@@ -58,12 +57,6 @@ def _mean_only_scan(model, tokenizer, texts, metric):
         kit.angular_distances(model, tokenizer, texts, batch_size=BATCH_SIZE, max_length=TIME_LENGTH, metric=metric)
 
 
-def _cpu_seconds(fn) -> float:
-    start = time.process_time()
-    fn()
-    return time.process_time() - start
-
-
 def time_ratios():
     torch.set_num_threads(1)
     model, tokenizer = kit.load_model(MODEL)
@@ -83,7 +76,7 @@ def time_ratios():
     best = {name: float("inf") for name in runs}
     for _ in range(REPEATS):
         for name, fn in runs.items():
-            best[name] = min(best[name], _cpu_seconds(fn))
+            best[name] = min(best[name], cpu_seconds(fn))
     print(f"CPU time on one thread, {TIME_TEXTS} texts x {TIME_LENGTH} tokens, batch {BATCH_SIZE}, best of {REPEATS}:")
     print(f"  plain forward {best['forward']:.2f} s, decoder stack alone {best['decoder stack']:.2f} s")
     for metric in METRICS:
@@ -94,14 +87,6 @@ def time_ratios():
     for metric in METRICS:
         overhead = best[metric] / best[f"{metric} mean only"]
         print(f"  uncertainty, {metric:<13}: scan / scan keeping only the mean {overhead:.3f} (goal <= 1.05)")
-
-
-def _memory_mib(field: str) -> float:
-    """VmRSS (now) or VmHWM (peak since the last reset) of this process, from /proc (Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status: this benchmark measures memory on Linux only")
 
 
 def _peak_growth(job: str, n_texts: int) -> float:
@@ -118,10 +103,7 @@ def _peak_growth(job: str, n_texts: int) -> float:
             _forward(model.base_model, tokenizer, batch, MEMORY_LENGTH)
 
     run(texts[:BATCH_SIZE])
-    before = _memory_mib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current RSS
-    run(texts)
-    return _memory_mib("VmHWM") - before
+    return peak_growth_mib(lambda: run(texts))
 
 
 def memory_ratio():

@@ -115,3 +115,55 @@ def logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     out = lm_head(model)(hidden)
     cap = getattr(model.config, "final_logit_softcapping", None)
     return out if cap is None else torch.tanh(out / cap) * cap
+
+
+class EndOfLayers(Exception):
+    """Raised by a LayerTap after the last decoder layer: the final norm and LM head are skipped."""
+
+
+def layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states a decoder layer was called with (positionally or as `hidden_states`)."""
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+
+def layer_output(output) -> torch.Tensor:
+    """The hidden states a decoder layer returned (alone, or first of a tuple)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+class LayerTap:
+    """Forward hooks on every decoder layer, as a context manager: `on_input(args, kwargs)` before
+    each layer, `on_output(hidden)` after the last one, which then stops the pass. `run(**inputs)`
+    does one such pass. Subclasses say what to keep."""
+
+    def __init__(self, model: nn.Module):
+        self.model, self.layers, self.handles = model, decoder_layers(model), []
+
+    def __enter__(self):
+        for layer in self.layers:
+            self.handles.append(layer.register_forward_pre_hook(self._before, with_kwargs=True))
+        self.handles.append(self.layers[-1].register_forward_hook(self._after))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+    def _before(self, module, args, kwargs):
+        self.on_input(args, kwargs)
+
+    def _after(self, module, args, output):
+        self.on_output(layer_output(output))
+        raise EndOfLayers
+
+    def run(self, **inputs) -> None:
+        try:
+            self.model(**inputs)
+        except EndOfLayers:
+            pass
+
+    def on_input(self, args: tuple, kwargs: dict) -> None:
+        raise NotImplementedError
+
+    def on_output(self, hidden: torch.Tensor) -> None:
+        raise NotImplementedError

@@ -77,38 +77,18 @@ class Ablation:
             return cls(f.get_tensor("loss").numpy(), f.get_tensor("kl").numpy(), json.loads(metadata["meta"]))
 
 
-class _EndOfLayers(Exception):
-    """Raised after the last decoder layer: the oracle applies the final norm and LM head itself."""
-
-
-class _Inputs:
-    """Forward hooks that keep, for one pass, each layer's (args, kwargs) and the last layer's output."""
+class _Inputs(layers.LayerTap):
+    """Keeps, for one pass, each layer's (args, kwargs) and the last layer's output."""
 
     def __init__(self, model):
-        self.layers = layers.decoder_layers(model)
-        self.calls, self.output, self.handles = [], None, []
+        super().__init__(model)
+        self.calls, self.output = [], None
 
-    def __enter__(self):
-        for layer in self.layers:
-            self.handles.append(layer.register_forward_pre_hook(self._on_input, with_kwargs=True))
-        self.handles.append(self.layers[-1].register_forward_hook(self._on_output))
-        return self
-
-    def __exit__(self, *exc):
-        for handle in self.handles:
-            handle.remove()
-
-    def _on_input(self, module, args, kwargs):
+    def on_input(self, args, kwargs):
         self.calls.append((args, kwargs))
 
-    def _on_output(self, module, args, output):
-        self.output = output[0] if isinstance(output, tuple) else output
-        raise _EndOfLayers
-
-
-def _hidden(call) -> torch.Tensor:
-    args, kwargs = call
-    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    def on_output(self, hidden):
+        self.output = hidden
 
 
 def _run_layer(layer, call, hidden: torch.Tensor) -> torch.Tensor:
@@ -118,7 +98,7 @@ def _run_layer(layer, call, hidden: torch.Tensor) -> torch.Tensor:
         output = layer(*args, **{**kwargs, "hidden_states": hidden})
     else:
         output = layer(hidden, *args[1:], **kwargs)
-    return output[0] if isinstance(output, tuple) else output
+    return layers.layer_output(output)
 
 
 def _head(model):
@@ -173,17 +153,14 @@ def ablation_losses(
             scored = enc["attention_mask"][:, 1:].bool()  # position t predicts token t+1
             targets = enc["input_ids"][:, 1:][scored]
             with _Inputs(model) as inputs:
-                try:
-                    model(**enc, use_cache=False)
-                except _EndOfLayers:
-                    pass
+                inputs.run(**enc, use_cache=False)
             calls = inputs.calls
             if len(calls) != L or inputs.output is None:
                 raise RuntimeError(f"captured the inputs of {len(calls)} layers, expected {L}")
             reference = torch.cat([head(h).log_softmax(-1) for h in _scored(inputs.output, scored)])
             loss[0] += F.nll_loss(reference, targets, reduction="sum").item()
             for block in blocks:
-                hidden = _hidden(calls[block.start])
+                hidden = layers.layer_input(*calls[block.start])
                 for index in range(block.end, L):
                     hidden = _run_layer(decoder[index], calls[index], hidden)
                 done = 0

@@ -155,47 +155,28 @@ def _by_block(matrix: np.ndarray) -> np.ndarray:
     return table
 
 
-class _EndOfLayers(Exception):
-    """Raised after the last decoder layer: the final norm and LM head are not needed."""
-
-
-class _Residuals:
-    """Forward hooks that keep the residual stream at positions 0..L for the selected tokens
-    (float32, on one device), then stop the forward pass."""
+class _Residuals(layers.LayerTap):
+    """Keeps the residual stream at positions 0..L for the selected tokens (float32, on one device),
+    then stops the forward pass."""
 
     def __init__(self, model, device):
-        self.model, self.device = model, device
-        self.layers = layers.decoder_layers(model)
-        self.select, self.states, self.handles = None, [], []
-
-    def __enter__(self):
-        for layer in self.layers:
-            self.handles.append(layer.register_forward_pre_hook(self._on_input, with_kwargs=True))
-        self.handles.append(self.layers[-1].register_forward_hook(self._on_output))
-        return self
-
-    def __exit__(self, *exc):
-        for handle in self.handles:
-            handle.remove()
+        super().__init__(model)
+        self.device, self.select, self.states = device, None, []
 
     def _keep(self, hidden: torch.Tensor):
         self.states.append(hidden[self.select.to(hidden.device)].to(self.device, torch.float32))
 
-    def _on_input(self, module, args, kwargs):
-        self._keep(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
+    def on_input(self, args, kwargs):
+        self._keep(layers.layer_input(args, kwargs))
 
-    def _on_output(self, module, args, output):
-        self._keep(output[0] if isinstance(output, tuple) else output)
-        raise _EndOfLayers
+    def on_output(self, hidden):
+        self._keep(hidden)
 
     def __call__(self, enc, select: torch.Tensor) -> list[torch.Tensor]:
         """States at positions 0..L of the `select`ed tokens ([batch, seq] bool): L+1 x [tokens, hidden]."""
         self.select, self.states = select, []
         positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # same under left and right padding
-        try:
-            self.model(**enc, position_ids=positions, use_cache=False)
-        except _EndOfLayers:
-            pass
+        self.run(**enc, position_ids=positions, use_cache=False)
         if len(self.states) != len(self.layers) + 1:
             raise RuntimeError(f"captured {len(self.states)} residual positions, expected {len(self.layers) + 1}")
         return self.states
