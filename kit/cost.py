@@ -13,6 +13,7 @@ import torch
 from transformers import DynamicCache
 
 from .data import corpus
+from .device import model_device
 
 
 @dataclass(frozen=True)
@@ -198,7 +199,7 @@ def cost(model, tokenizer, *, prompt_tokens: int = 128, new_tokens: int = 32, ba
         threads: CPU threads for the timing (default: torch's current count); ignored on GPU.
     """
     _check(model, prompt_tokens, new_tokens, batch_size, repeats)
-    device = next(model.parameters()).device
+    device = model_device(model)
     prompt = prompt_ids(tokenizer, prompt_tokens).to(device).expand(batch_size, -1)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     with _threads(device, threads) as used:
