@@ -15,9 +15,10 @@ import torch.nn.functional as F
 
 import kit
 from kit import evaluate, scoring
-from kit.data import encode, mmlu_questions
+from kit.data import mmlu_questions
 from kit.healing import lora_model, merge_adapter
 from kit.mmlu import mmlu_prompt
+from kit.text import encode
 
 MODEL = "smollm2-135m"
 

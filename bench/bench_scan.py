@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import kit
 from bench.measure import cpu_seconds, peak_growth_mib
 from kit import similarity
-from kit.data import encode
+from kit.text import encode
 
 MODEL = "smollm2-135m"
 TIME_TEXTS, TIME_LENGTH, BATCH_SIZE, REPEATS = 24, 128, 8, 3

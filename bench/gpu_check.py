@@ -18,8 +18,9 @@ import importlib.metadata
 import sys
 import tempfile
 import time
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA_2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -160,7 +161,7 @@ def figures(device, dtype, shape: dict, *, texts: int, questions: int, heal_step
     import kit
     from kit.evaluate import mmlu
 
-    tokenizer = kit.models.tiny_tokenizer()  # any ids < the vocabulary do for random weights
+    tokenizer = kit.testing.tiny_tokenizer()  # any ids < the vocabulary do for random weights
     config = LlamaConfig(**shape, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
@@ -171,8 +172,8 @@ def figures(device, dtype, shape: dict, *, texts: int, questions: int, heal_step
 
     def forward():
         with torch.no_grad():
-            for batch in kit.data.batched(long_texts, 4):
-                model(**kit.data.encode(tokenizer, batch, max_length=length, device=device), logits_to_keep=1)
+            for batch in kit.text.batched(long_texts, 4):
+                model(**kit.text.encode(tokenizer, batch, max_length=length, device=device), logits_to_keep=1)
 
     scan = lambda: kit.angular_distances(model, tokenizer, long_texts, batch_size=4, max_length=length)  # noqa: E731
     forward()  # warm-up

@@ -7,10 +7,10 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "load_model": "models",
-    "tiny_model": "models",
-    "TINY_ARCHITECTURES": "models",
-    "Block": "prune",
-    "heuristic_block": "prune",
+    "tiny_model": "testing",
+    "TINY_ARCHITECTURES": "testing",
+    "Block": "block",
+    "heuristic_block": "block",
     "drop_layers": "prune",
     "save_pruned": "prune",
     "mergekit_config": "prune",
@@ -28,7 +28,7 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS) + [
     "artifacts", "assets", "config", "cost", "data", "evaluate", "healing", "layers", "models", "oracle", "plots", "prune",
-    "reports", "similarity",
+    "reports", "similarity", "testing", "text", "block", "loss", "boolq", "mmlu", "scoring", "stats", "device",
     "sweep", "widgets",
 ]
 

@@ -136,6 +136,17 @@ def atomic_dir(path: str | Path):
         shutil.rmtree(tmp, ignore_errors=True)  # the failed write, or the replaced folder
 
 
+def save_checkpoint(path: str | Path, *objects, files: dict[str, str] | None = None) -> Path:
+    """Write HF objects (model, tokenizer, peft adapter: anything with `save_pretrained`) and small
+    text `files` ({name: text}) into `path` as one atomic folder."""
+    with atomic_dir(path) as tmp:
+        for obj in objects:
+            obj.save_pretrained(tmp)
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
+    return Path(path)
+
+
 @contextmanager
 def atomic_path(path: str | Path):
     """Yield a temporary file path beside `path`; it replaces `path` only if the block succeeds."""

@@ -17,7 +17,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .artifacts import atomic_dir
+from .artifacts import save_checkpoint
 
 
 @dataclass(frozen=True)
@@ -120,11 +120,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=loaded.dtype)
     model.load_state_dict(loaded.state_dict())
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        meta = {"source": str(gguf_path), "sha256": sha256_of(gguf_path)}
-        (tmp / _COMPLETE).write_text(json.dumps(meta, indent=2))
+    meta = {"source": str(gguf_path), "sha256": sha256_of(gguf_path)}
+    save_checkpoint(out_dir, model, tokenizer, files={_COMPLETE: json.dumps(meta, indent=2)})
     return out_dir
 
 

@@ -2,7 +2,7 @@
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 
 class _Settings:
@@ -15,18 +15,30 @@ class _Settings:
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     def replace(self, **changes):
+        unknown = set(changes) - {f.name for f in fields(self)}
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no setting {', '.join(sorted(unknown))}; its settings: "
+                            f"{', '.join(f.name for f in fields(self))}")  # fmt: skip
         return replace(self, **changes)
 
 
 @dataclass(frozen=True)
 class ScanConfig(_Settings):
-    """Settings of a layer-similarity scan."""
+    """Settings of a layer-similarity scan: what `angular_distances` takes, and what names its cache."""
 
+    model_name: str | None = None  # the model scanned (recorded in the result; None: model.name_or_path)
+    source: str = "corpus"  # calibration text: corpus | mmlu | c4 | any datasets name
+    split: str = "train"  # split of `source`
     n_texts: int = 256  # calibration texts
-    batch_size: int = 8
+    batch_size: int = 8  # texts per forward pass
     max_length: int = 512  # tokens per text, longer texts are truncated
     metric: str = "angular_last"  # angular_last (paper) | angular_all | block_influence
-    source: str = "corpus"  # calibration text: corpus | mmlu | c4 | any datasets name
+    groups: int | None = None  # round-robin groups of texts for Distances.stability (None: min(32, texts))
+
+    def __post_init__(self):
+        for name in ("n_texts", "batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 # The paper's Appendix A: per-model LoRA rank and peak learning rate.

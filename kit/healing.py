@@ -19,15 +19,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerState, TrainingArguments, default_data_collator, set_seed
-from transformers.pytorch_utils import Conv1D
 from transformers.training_args import ParallelMode
 
 from . import layers
-from .artifacts import atomic_dir, read_json, write_json
+from .artifacts import atomic_dir, read_json, save_checkpoint, write_json
 from .config import HealConfig
-from .data import batched
 from .device import compute_dtype, mixed_precision, model_device
 from .models import load_model, resolve
+from .text import batched
 
 ADAPTER_DIR = "adapter"  # inside output_dir: the final adapter; Trainer's checkpoint-N folders sit beside it
 CONFIG_FILE = "heal_config.json"  # inside output_dir: the settings its checkpoints were trained with
@@ -108,7 +107,7 @@ def lora_model(model: nn.Module, config: HealConfig):
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
         target_modules=target_modules(model, config),
-        fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules()),  # GPT-2 stores weights transposed
+        fan_in_fan_out=layers.weights_transposed(model),
         task_type="CAUSAL_LM",
     )
     set_seed(config.seed)  # the adapters' initialisation
@@ -331,8 +330,7 @@ def heal(
         with _training_layout(model):
             trainer.train(resume_from_checkpoint=last)
     adapter_path = output_dir / ADAPTER_DIR
-    with atomic_dir(adapter_path) as tmp:
-        model.save_pretrained(tmp)
+    save_checkpoint(adapter_path, model)
     return HealResult(model.eval(), _history(trainer.state.log_history), adapter_path)
 
 

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,9 @@ ANATOMIES: dict[str, Anatomy] = {
 }
 
 
+LAYER_THRESHOLDS = ("max_window_layers",)  # config ints meaning "the layers below this index" (Qwen2/3)
+
+
 class UnsupportedArchitectureError(ValueError):
     pass
 
@@ -69,6 +73,11 @@ def _resolve(model: nn.Module, path: str):
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The ModuleList of decoder layers, in order."""
     return _resolve(model, anatomy(model).layers)
+
+
+def weights_transposed(model: nn.Module) -> bool:
+    """Whether the model stores projection weights as (in, out), as GPT-2's Conv1D does (LoRA's fan_in_fan_out)."""
+    return any(isinstance(m, Conv1D) for m in _base(model).modules())
 
 
 def set_decoder_layers(model: nn.Module, layers: nn.ModuleList) -> None:

@@ -20,8 +20,9 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from . import artifacts, layers
-from .data import encode
-from .prune import Block, choose_block
+from .block import Block
+from .prune import choose_block
+from .text import encode
 
 _FORMAT = "kit.ablation/1"
 _TOKEN_CHUNK = 256  # tokens per LM-head chunk: bounds the [tokens, vocab] logits of a pruned model

@@ -11,47 +11,11 @@ from pathlib import Path
 from torch import nn
 
 from . import layers
-from .artifacts import atomic_dir
+from .artifacts import save_checkpoint
+from .block import Block, heuristic_block
 
 PRUNED_BLOCKS = "pruned_blocks"  # config attribute: removed layers as [[start, n], ...] in ORIGINAL indices
-_LAYER_THRESHOLDS = ("max_window_layers",)  # config ints meaning "the layers below this index" (Qwen2/3)
 _MISSING = object()
-
-
-@dataclass(frozen=True)
-class Block:
-    """Layers start .. start+n-1 (n consecutive layers), with their distance (and its standard error
-    over the calibration texts) when a scan chose them."""
-
-    start: int
-    n: int
-    distance: float | None = None
-    stderr: float | None = None
-
-    @property
-    def end(self) -> int:
-        """One past the last removed layer: the residual position the block's input is compared to."""
-        return self.start + self.n
-
-    @property
-    def layers(self) -> range:
-        return range(self.start, self.end)
-
-    def check(self, num_layers: int) -> "Block":
-        """This block, or a ValueError giving the valid range for a model of `num_layers` layers."""
-        if not 0 < self.n < num_layers:
-            raise ValueError(f"Block size n={self.n} is out of range: choose 1 <= n <= {num_layers - 1} for {num_layers} layers.")
-        if not 0 <= self.start <= num_layers - self.n:
-            raise ValueError(
-                f"Block start={self.start} is out of range for n={self.n}: choose 0 <= start <= {num_layers - self.n} "
-                f"for {num_layers} layers."
-            )
-        return self
-
-
-def heuristic_block(num_layers: int, n: int) -> Block:
-    """The paper's simple strategy: keep the final layer, drop the n layers before it."""
-    return Block(num_layers - 1 - n, n).check(num_layers)
 
 
 # ------------------------------------------------------------------------------ choosing a block
@@ -153,7 +117,7 @@ def _removal(model: nn.Module, block: Block) -> tuple[nn.ModuleList, list[tuple[
     for name, value in list(vars(config).items()):
         if name != PRUNED_BLOCKS and isinstance(value, (list, tuple)) and len(value) == num:
             edits.append((config, name, type(value)(value[i] for i in kept)))
-    for name in _LAYER_THRESHOLDS:
+    for name in layers.LAYER_THRESHOLDS:
         value = getattr(config, name, None)
         if isinstance(value, int):
             edits.append((config, name, value - sum(i < value for i in block.layers)))
@@ -216,10 +180,7 @@ def drop_layers(model: nn.Module, block: Block, *, inplace: bool = False) -> nn.
 def save_pruned(model: nn.Module, tokenizer, path: str | Path) -> Path:
     """Write `model` and `tokenizer` to `path` atomically as a plain HF checkpoint (safetensors):
     `AutoModelForCausalLM.from_pretrained(path)` loads it without the kit."""
-    with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    return Path(path)
+    return save_checkpoint(path, model, tokenizer)
 
 
 def mergekit_config(model_name: str, block: Block, num_layers: int) -> str:

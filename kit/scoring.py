@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from .data import batched
 from .device import model_device, require_finite
+from .text import batched
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,11 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from . import artifacts, layers
-from .data import encode
+from .block import Block
+from .config import ScanConfig
 from .device import model_device, provenance, require_finite
-from .prune import Block
 from .stats import Z95
+from .text import encode
 
 METRICS = {
     "angular_last": "arccos(cos) / pi on the last non-pad token of each text (the paper)",
@@ -275,27 +276,29 @@ def _checkpoint(cache_path, fingerprint: str, settings: dict, sums: _Sums, batch
 
 @torch.no_grad()
 def angular_distances(
-    model, tokenizer, texts: list[str], *, batch_size: int = 8, max_length: int = 512,
-    metric: str = "angular_last", cache_path: str | Path | None = None, model_name: str | None = None,
-    groups: int | None = None,
+    model, tokenizer, texts: list[str], config: ScanConfig | None = None, *, cache_path: str | Path | None = None,
+    **settings,
 ) -> Distances:  # fmt: skip
     """Distances between all residual-stream positions of `model`, averaged over `texts`.
 
-    metric: one of METRICS; "angular_last" is the paper's. All-token metrics are means over
-    every non-pad token of the set. Memory does not grow with len(texts): only running sums
-    are kept. Padding follows `tokenizer.padding_side`; left and right give the same result.
-    cache_path: progress is saved there after every batch; a rerun resumes from it.
-    model_name: recorded in meta["model"] (default: model.name_or_path).
-    groups: texts are dealt round-robin into this many groups, resampled by Distances.stability
-        (default: GROUPS, or one per text when there are fewer texts).
+    Memory does not grow with len(texts): only running sums are kept. Padding follows
+    `tokenizer.padding_side`; left and right give the same result.
+
+    Args:
+        config: the scan's settings (ScanConfig): metric (one of METRICS; "angular_last" is the
+            paper's; all-token metrics are means over every non-pad token), batch_size, max_length,
+            model_name (recorded in meta["model"]; default model.name_or_path), groups (texts are
+            dealt round-robin into this many groups, resampled by Distances.stability).
+        cache_path: progress is saved there after every batch; a rerun resumes from it.
+        **settings: ScanConfig fields overriding `config`, e.g. metric="angular_all".
     """
+    config = (config or ScanConfig()).replace(**settings)
+    metric, batch_size, max_length, model_name = config.metric, config.batch_size, config.max_length, config.model_name
     if metric not in METRICS:
         raise ValueError(f"Unknown metric {metric!r}; choose one of: {', '.join(METRICS)}")
     if isinstance(texts, str) or not texts:
         raise ValueError("texts must be a non-empty list of strings")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    groups = min(GROUPS, len(texts)) if groups is None else groups
+    groups = min(GROUPS, len(texts)) if config.groups is None else config.groups
     if not 1 <= groups <= len(texts):
         raise ValueError(f"groups must be between 1 and the number of texts ({len(texts)}), got {groups}")
     name = model_name or getattr(model, "name_or_path", None) or "unknown"

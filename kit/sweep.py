@@ -13,8 +13,9 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from . import artifacts, cost, evaluate, layers, prune
+from .block import Block
 from .device import provenance
-from .prune import Block, dropped
+from .prune import dropped
 from .stats import Z95, Estimate, paired_difference, wilson
 
 # An evaluation maps (model, tokenizer) to named metrics: floats, or Estimates with their interval,

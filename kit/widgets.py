@@ -8,8 +8,9 @@ import io
 import ipywidgets as widgets
 from matplotlib.figure import Figure
 
+from .block import Block, heuristic_block
 from .plots import distance_heatmap
-from .prune import CRITERIA, Block, choose_block, heuristic_block
+from .prune import CRITERIA, choose_block
 
 SOURCES = {"similarity": "argmin"}  # how selection.json names a strategy's block (default: the criterion's name)
 

@@ -1,6 +1,6 @@
 import importlib.metadata
-import os
 import json
+import os
 import sys
 import types
 from pathlib import Path

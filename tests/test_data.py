@@ -1,6 +1,6 @@
 import pytest
 
-from kit import data
+from kit import data, text
 
 
 def test_mmlu_rows_and_skipped_headers():
@@ -58,6 +58,6 @@ def test_mmlu_texts_end_with_answer_prompt():
 
 
 def test_batched():
-    assert list(data.batched(list(range(5)), 2)) == [[0, 1], [2, 3], [4]]
+    assert list(text.batched(list(range(5)), 2)) == [[0, 1], [2, 3], [4]]
     with pytest.raises(ValueError, match=">= 1"):
-        list(data.batched([1], 0))
+        list(text.batched([1], 0))

@@ -189,7 +189,7 @@ def test_validation_loss_is_the_token_weighted_hf_loss(arch, monkeypatch):
     model, tokenizer = kit.tiny_model(arch)
     if arch == "gemma3":
         model.config.final_logit_softcapping = 5.0  # Gemma 2's final soft-capping, applied by HF's forward
-    monkeypatch.setattr(kit.evaluate, "_LOGIT_ELEMENTS", 7 * len(tokenizer))  # chunks of 7 tokens
+    monkeypatch.setattr(kit.loss, "_LOGIT_ELEMENTS", 7 * len(tokenizer))  # chunks of 7 tokens
     texts = kit.data.corpus("validation")[:3] + ["A short text."]
     result = validation_loss(model, tokenizer, texts, max_length=64, batch_size=3)
     sums, counts = [], []

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from faults import debris, run
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 import kit
-from faults import debris, run
 
 KILLS = 3  # kill points per workload
 TINY = "model, tokenizer = kit.tiny_model('llama')\ntexts = kit.data.corpus('validation')[:12]\n"

@@ -17,12 +17,12 @@ import urllib.request
 
 import nbformat
 import pytest
+from conftest import REPO
 from papermill.iorw import load_notebook_node
 from papermill.parameterize import parameterize_notebook
 
 import kit
 from kit.artifacts import atomic_path, read_json
-from conftest import REPO
 
 sync_api = pytest.importorskip(
     "playwright.sync_api", reason="Playwright is missing: run `make setup`, or `pip install -c constraints.txt playwright`"

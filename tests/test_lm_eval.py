@@ -6,8 +6,8 @@ from pathlib import Path
 
 import lm_eval
 import numpy as np
-import yaml
 import pytest
+import yaml
 from test_evaluate import QUESTIONS, pool
 
 import kit

@@ -50,7 +50,7 @@ def test_unsupported_architecture_error_names_supported_ones(tmp_path):
 
     config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, is_decoder=True)
     BertLMHeadModel(config).save_pretrained(tmp_path)
-    kit.models.tiny_tokenizer().save_pretrained(tmp_path)
+    kit.testing.tiny_tokenizer().save_pretrained(tmp_path)
     with pytest.raises(layers.UnsupportedArchitectureError, match=r"'bert' is not supported.*gpt2.*llama"):
         kit.load_model(str(tmp_path))
 

@@ -1,8 +1,9 @@
 """Notebook 01 runs headless with small parameters and leaves a usable scan in its run folder."""
 
+from conftest import SMOKE_PARAMETERS
+
 from kit.artifacts import read_json
 from kit.similarity import Distances
-from conftest import SMOKE_PARAMETERS
 
 
 def test_notebook_01_writes_the_scan_and_its_figures(notebook_run):

@@ -1,16 +1,14 @@
 """Notebook 02 under papermill with smoke parameters, after notebook 01, in the same run folder."""
 
 import pytest
-import torch
 import yaml
+from conftest import SMOKE_PARAMETERS
 from papermill.exceptions import PapermillExecutionError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import kit
 from kit.artifacts import read_json
 from kit.reports import execute
-
-from conftest import SMOKE_PARAMETERS
 
 PARAMETERS = SMOKE_PARAMETERS["02_select_and_prune"]
 

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import SMOKE_PARAMETERS
 from papermill.exceptions import PapermillExecutionError
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -11,8 +12,6 @@ from transformers import AutoModelForCausalLM
 import kit
 from kit.artifacts import read_json
 from kit.reports import execute
-
-from conftest import SMOKE_PARAMETERS
 
 PARAMETERS = SMOKE_PARAMETERS["03_heal"]
 

@@ -60,9 +60,8 @@ def test_comparison_of_original_pruned_and_healed(run):
 
 def test_missing_heal_names_notebook_03(run, tmp_path):
     import papermill
-    from papermill.exceptions import PapermillExecutionError
-
     from conftest import REPO, SMOKE_PARAMETERS
+    from papermill.exceptions import PapermillExecutionError
 
     empty = tmp_path / "runs"
     for name in ("distances.safetensors", "selection.json"):

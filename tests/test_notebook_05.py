@@ -4,11 +4,11 @@ scans, both oracles, the comparison and its figures in its run folder."""
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import SMOKE_PARAMETERS
 
 from kit.oracle import Ablation
 from kit.reports import execute
 from kit.similarity import Distances
-from conftest import SMOKE_PARAMETERS
 
 
 @pytest.fixture(scope="module")

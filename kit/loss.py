@@ -1,0 +1,65 @@
+"""Validation loss as the paper reports it: token-weighted next-token cross-entropy, also divided
+by log(vocab size), with the LM head applied in chunks so no [tokens, vocab] fp32 tensor is built."""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import layers
+from .device import model_device, require_finite
+from .stats import ratio_stderr
+from .text import batched, encode
+
+
+@dataclass(frozen=True)
+class LossResult:
+    loss: float  # mean next-token cross-entropy over all non-pad tokens (nats)
+    normalized: float  # loss / log(vocab size), as the paper reports it
+    tokens: int  # number of predicted tokens
+    stderr: float  # standard error of loss over texts (nats; NaN for one text)
+
+
+_LOGIT_ELEMENTS = 2**25  # logits materialised at once (128 MiB in fp32), whatever the vocabulary
+
+
+def token_losses(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of `targets` (-100: ignored, loss 0) under the LM head applied to `hidden`,
+    in float32, computed over chunks of tokens so that no [tokens, vocab] fp32 tensor is built."""
+    flat_hidden, flat_targets = hidden.flatten(0, -2), targets.flatten()
+    vocab = layers.lm_head(model).weight.shape[0]
+    step = max(1, _LOGIT_ELEMENTS // vocab)
+    losses = [
+        F.cross_entropy(layers.logits(model, flat_hidden[i : i + step]).float(), flat_targets[i : i + step],
+                        ignore_index=-100, reduction="none")
+        for i in range(0, len(flat_targets), step)
+    ]  # fmt: skip
+    return torch.cat(losses).view(targets.shape)
+
+
+@torch.no_grad()
+def validation_loss(model, tokenizer, texts: list[str], *, max_length: int = 512, batch_size: int = 8) -> LossResult:
+    """Token-weighted mean next-token loss of `model` on `texts`."""
+    if not texts:
+        raise ValueError("validation_loss needs at least one text")
+    device = model_device(model)
+    text_losses, text_tokens = [], []
+    for batch in batched(texts, batch_size, desc="validation loss"):
+        enc = encode(tokenizer, batch, max_length=max_length, device=device)
+        if enc["input_ids"].shape[1] < 2:
+            continue  # nothing to predict in this batch (empty or one-token texts)
+        hidden = layers.body(model)(**enc, use_cache=False).last_hidden_state
+        targets = enc["input_ids"][:, 1:].masked_fill(enc["attention_mask"][:, 1:] == 0, -100)
+        text_losses.append(token_losses(model, hidden[:, :-1], targets).double().sum(-1))
+        text_tokens.append((targets != -100).sum(-1))
+    if not text_losses:
+        raise ValueError("the texts hold no tokens to predict (each needs at least two tokens)")
+    text_losses, text_tokens = torch.cat(text_losses).cpu().numpy(), torch.cat(text_tokens).cpu().numpy()  # one sync
+    count = int(text_tokens.sum())
+    if count == 0:
+        raise ValueError("the texts hold no tokens to predict (each needs at least two tokens)")
+    loss = float(text_losses.sum()) / count
+    require_finite(math.isfinite(loss), "the validation loss", model)
+    vocab = layers.lm_head(model).weight.shape[0]
+    return LossResult(loss, loss / math.log(vocab), count, ratio_stderr(text_losses, text_tokens))

@@ -1,0 +1,21 @@
+"""Batching and tokenising: the two helpers every forward pass over texts uses. Imports nothing
+else from the kit."""
+
+from tqdm.auto import tqdm
+
+
+def batched(items, batch_size: int, *, desc: str | None = None):
+    """Consecutive slices of `items`, with a progress bar."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    starts = range(0, len(items), batch_size)
+    for start in tqdm(starts, desc=desc, disable=desc is None):
+        yield items[start : start + batch_size]
+
+
+def encode(tokenizer, texts: list[str], *, max_length: int, device=None, padding_side: str = "right"):
+    """Tokenize a batch (truncated to max_length, padded on `padding_side`) as tensors on `device`."""
+    enc = tokenizer(
+        list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt", padding_side=padding_side
+    )
+    return enc.to(device) if device is not None else enc
