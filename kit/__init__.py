@@ -22,7 +22,7 @@ _EXPORTS = {
     "compare_criteria": "oracle",
     "HealConfig": "config",
     "heal": "healing",
-    "merge_adapter": "healing",
+    "merge_adapter": "merge",
     "HealResult": "healing",
 }
 
