@@ -10,6 +10,7 @@ from matplotlib.patches import Rectangle
 
 from .artifacts import atomic_path
 from .stats import Z95
+from .sweep import chance_level
 
 
 def _axes(ax, figsize=(7, 5)):
@@ -86,7 +87,8 @@ def sweep_plot(results, metric: str, *, hue: str = "strategy", chance: float | N
     band for each curve's 95% interval (columns ci_low, ci_high, where present).
 
     results: the DataFrame of kit.sweep.sweep (several concatenated); hue: the column compared,
-    "strategy" (similarity vs heuristic) or "healed"; chance: draws the chance line (MMLU: 0.25).
+    "strategy" (similarity vs heuristic) or "healed"; chance: the chance line drawn, by default
+    the metric's own (kit.sweep.chance_level: MMLU 0.25, recall 1 / facts; none for losses).
     """
     ax = _axes(ax)
     rows = results[results["metric"] == metric]
@@ -97,6 +99,7 @@ def sweep_plot(results, metric: str, *, hue: str = "strategy", chance: float | N
         (line,) = ax.plot(curve["fraction"], curve["value"], marker="o", label=str(level))
         if {"ci_low", "ci_high"} <= set(curve) and curve[["ci_low", "ci_high"]].notna().any(axis=None):
             ax.fill_between(curve["fraction"], curve["ci_low"], curve["ci_high"], color=line.get_color(), alpha=0.2, lw=0)
+    chance = chance_level(results, metric) if chance is None else chance
     if chance is not None:
         ax.axhline(chance, color="gray", ls="--", lw=1, label="chance")
     ax.legend(title=hue)
