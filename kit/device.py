@@ -10,10 +10,11 @@ AUTO = "auto"
 
 
 def default_device() -> torch.device:
-    """$KIT_DEVICE when set (the test suite pins "cpu"), else cuda:0 when a CUDA GPU is visible, else the CPU."""
+    """$KIT_DEVICE when set (the test suite pins "cpu"), else the first CUDA GPU when one is visible
+    (under torchrun / accelerate launch: the process's own, cuda:$LOCAL_RANK), else the CPU."""
     if os.environ.get("KIT_DEVICE"):
         return torch.device(os.environ["KIT_DEVICE"])
-    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def resolve_device(device=AUTO) -> torch.device:
