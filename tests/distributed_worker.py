@@ -30,6 +30,12 @@ def inputs(disagree: bool = False):
     return model, tokenizer, texts, questions, items
 
 
+def heal_config(world_size: int) -> HealConfig:
+    """Three steps at the same global batch however many processes share it (no dropout: no randomness per rank)."""
+    return HealConfig(rank=2, dropout=0.0, lr=1e-2, steps=3, warmup_steps=0, batch_size=GLOBAL_BATCH // world_size,
+                      seq_len=16, quantize=None, log_every=1, eval_every=3, save_every=3)  # fmt: skip
+
+
 def work(out: Path, disagree: bool = False) -> dict:
     """What each path returns here, on this process's share of the work."""
     model, tokenizer, texts, questions, items = inputs(disagree)
@@ -40,8 +46,7 @@ def work(out: Path, disagree: bool = False) -> dict:
     loss = validation_loss(model, tokenizer, texts[:5], max_length=32, batch_size=BATCH)
     evals = [sweep.mmlu_metrics(questions, shots=1, batch_size=3), sweep.loss_metrics(texts[:5], max_length=32, batch_size=BATCH)]
     swept = sweep.sweep(model, tokenizer, ns=[0, 2], evals=evals, distances=scan, cache_path=out / "sweep.json")
-    config = HealConfig(rank=2, dropout=0.0, lr=1e-2, steps=3, warmup_steps=0, batch_size=GLOBAL_BATCH // distributed.world_size(),
-                        seq_len=16, quantize=None, log_every=1, eval_every=3, save_every=3)  # fmt: skip
+    config = heal_config(distributed.world_size())
     healed = kit.heal(model, tokenizer, data.corpus("train")[:8], config, output_dir=out / "heal", val_texts=texts[:2])
     adapter = {name: p.detach().clone() for name, p in healed.model.named_parameters() if "lora_" in name}
     return dict(
