@@ -58,8 +58,11 @@ def mixed_precision(dtype: torch.dtype, device: torch.device) -> dict[str, bool]
 
 
 def model_device(model) -> torch.device:
-    """Where the model's inputs go: the device of its input embeddings."""
-    return model.get_input_embeddings().weight.device
+    """Where the model's inputs go: the device its input embeddings run on, which accelerate's hook
+    names when they are dispatched or offloaded (their weights then wait on the meta device)."""
+    embeddings = model.get_input_embeddings()
+    execution = getattr(getattr(embeddings, "_hf_hook", None), "execution_device", None)
+    return torch.device(execution) if execution is not None else embeddings.weight.device
 
 
 def compute_dtype(model) -> torch.dtype:

@@ -30,12 +30,11 @@ def token_losses(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Te
     flat_hidden, flat_targets = hidden.flatten(0, -2), targets.flatten()
     vocab = layers.lm_head(model).weight.shape[0]
     step = max(1, _LOGIT_ELEMENTS // vocab)
-    losses = [
-        F.cross_entropy(layers.logits(model, flat_hidden[i : i + step]).float(), flat_targets[i : i + step],
-                        ignore_index=-100, reduction="none")
-        for i in range(0, len(flat_targets), step)
-    ]  # fmt: skip
-    return torch.cat(losses).view(targets.shape)
+    losses = []
+    for i in range(0, len(flat_targets), step):
+        chunk = layers.logits(model, flat_hidden[i : i + step]).float()  # on the LM head's device when dispatched
+        losses.append(F.cross_entropy(chunk, flat_targets[i : i + step].to(chunk.device), ignore_index=-100, reduction="none"))
+    return torch.cat(losses).view(targets.shape).to(targets.device)
 
 
 @torch.no_grad()
