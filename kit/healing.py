@@ -49,7 +49,7 @@ def pack(tokenizer, texts: list[str], seq_len: int) -> torch.Tensor:
     if eos is None:
         raise ValueError("The tokenizer has no EOS token to separate packed texts: set tokenizer.eos_token.")
     chunks = []
-    for batch in batched(texts, 1000, desc="tokenizing"):
+    for batch in batched(texts, 1000, desc="tokenizing" if distributed.is_main() else None):
         ids = tokenizer(list(batch), add_special_tokens=False, verbose=False)["input_ids"]
         chunks.append(np.fromiter((t for row in ids for t in (*row, eos)), dtype=np.int64))
     stream = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)

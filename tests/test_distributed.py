@@ -103,10 +103,11 @@ def test_sweep_equals_one_process_and_rank_0_writes_its_cache(launched):
     assert [p["n"] for p in cached["points"]] == [0, 2]
 
 
-def test_three_healing_steps_equal_one_process_at_the_same_global_batch(launched):
+def test_three_healing_steps_interrupted_and_resumed_equal_one_process_at_the_same_global_batch(launched):
     out, ranks, alone = launched
     for got in ranks:
         history, reference = got["heal"]["history"], alone["heal"]["history"]
+        assert got["heal"]["interrupted"] and not alone["heal"]["interrupted"]
         assert (history["world_size"], history["global_batch"]) == (2, worker.GLOBAL_BATCH)
         assert (reference["world_size"], reference["global_batch"]) == (1, worker.GLOBAL_BATCH)
         for part in ("train", "validation"):
@@ -117,6 +118,7 @@ def test_three_healing_steps_equal_one_process_at_the_same_global_batch(launched
     record = json.loads((out / "heal" / "heal_config.json").read_text())
     assert (record["world_size"], record["global_batch"]) == (2, worker.GLOBAL_BATCH)
     assert (out / "heal" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "heal" / "checkpoint-2").is_dir()  # where the interrupted run resumed from
 
 
 def test_resuming_under_another_number_of_processes_is_refused(launched):
