@@ -35,7 +35,7 @@ CONFIG_FILE = "heal_config.json"  # inside output_dir: the settings its checkpoi
 @dataclass
 class HealResult:
     model: nn.Module  # the (quantized) base with the trained LoRA adapters, a peft model
-    history: dict  # {"train": [{step, loss, learning_rate}, ...], "validation": [{step, loss}, ...]}
+    history: dict  # {"train": [{step, loss, learning_rate}, ...], "validation": [{step, loss}, ...], "world_size", "global_batch"}
     adapter_path: Path  # the saved adapter, for merge_adapter or PeftModel.from_pretrained
 
 
