@@ -51,6 +51,18 @@ def shard(n: int, block: int = 1) -> range:
     return range(min(low * block, n), min(high * block, n))
 
 
+def weighted_shard(costs) -> range:
+    """This rank's contiguous share of items of unequal `costs` (e.g. prompt lengths): each item goes
+    to the rank whose equal part of the total cost holds its middle, so the ranks' costs are about
+    equal; every item goes to exactly one rank."""
+    total, before, owners = float(sum(costs)) or 1.0, 0.0, []
+    for cost in costs:
+        owners.append(min(world_size() - 1, int(world_size() * (before + cost / 2) / total)))
+        before += cost
+    start = sum(owner < rank() for owner in owners)
+    return range(start, start + owners.count(rank()))
+
+
 def _collective_device() -> torch.device:
     """Where the backend reduces: the current GPU for NCCL, the CPU for gloo."""
     if dist.get_backend() == "nccl":

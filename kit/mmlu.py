@@ -89,7 +89,7 @@ def mmlu(model, tokenizer, questions: list[MMLUQuestion], *, shots: int = 5, bat
         raise ValueError("mmlu needs at least one question, e.g. kit.data.mmlu_questions(per_subject=10)")
     distributed.require_same("MMLU", dict(questions=distributed.digest(questions), shots=shots, batch_size=batch_size,
         naive=naive, fewshot={s: distributed.digest(fewshot_examples(fewshot, s, shots)) for s in indices_by_subject(questions)}))  # fmt: skip
-    mine = distributed.shard(len(questions))  # under torch.distributed: this rank's questions
+    mine = distributed.weighted_shard([len(format_mmlu_question(q)) for q in questions])  # this rank's questions
     local = [questions[i] for i in mine]
     loglik = torch.zeros(len(local), len(LETTERS), dtype=torch.float64)
     subjects = indices_by_subject(local).items()

@@ -58,6 +58,20 @@ def test_shards_cover_every_item_once_in_whole_blocks(monkeypatch):
                 assert max(sizes) - min(sizes) <= 1
 
 
+def test_weighted_shards_cover_every_item_once_and_balance_the_cost(monkeypatch):
+    rng = np.random.default_rng(0)
+    for world in (1, 2, 3):
+        for costs in ([], [5], [1, 1, 1], [1, 100, 1, 1], rng.integers(1, 50, 40).tolist()):
+            shares = []
+            for r in range(world):
+                monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+                monkeypatch.setattr(distributed, "world_size", lambda world=world: world)
+                shares.append(distributed.weighted_shard(costs))
+            assert [i for share in shares for i in share] == list(range(len(costs)))
+            if len(costs) == 40:  # each rank's cost is within one item of an equal part
+                assert all(abs(sum(costs[i] for i in share) - sum(costs) / world) <= max(costs) for share in shares)
+
+
 def test_the_work_is_split_unevenly():
     """The worker's sizes leave the two ranks unequal shares: what the comparisons below exercise."""
     texts = worker.N_TEXTS
