@@ -29,6 +29,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS) + [
     "artifacts", "assets", "config", "cost", "data", "evaluate", "healing", "layers", "models", "oracle", "plots", "prune",
     "reports", "similarity", "testing", "text", "block", "loss", "boolq", "mmlu", "recall", "scoring", "stats", "device",
+    "distributed",
     "sweep", "widgets",
 ]
 

@@ -66,7 +66,7 @@ class HealConfig(_Settings):
     warmup_steps: int = 100  # capped at a tenth of `steps` for short runs, see effective_warmup
     steps: int = 5000  # optimiser steps
     batch_size: int = 16  # packed blocks per forward
-    grad_accum: int = 1  # global batch = batch_size * grad_accum (paper: 16)
+    grad_accum: int = 1  # global batch = batch_size * grad_accum (x processes under DDP; paper: 16)
     seq_len: int = 512  # tokens per packed training block
     quantize: str | None = "4bit"  # 4bit (QLoRA, NF4 base) | None (LoRA on the plain-precision base)
     gradient_checkpointing: bool = True  # recompute activations in backward: less memory, ~30% slower
@@ -102,6 +102,7 @@ class HealConfig(_Settings):
 
     @property
     def global_batch(self) -> int:
+        """Blocks per optimiser step in one process (times the number of processes under DDP)."""
         return self.batch_size * self.grad_accum
 
     @classmethod

@@ -10,10 +10,11 @@ AUTO = "auto"
 
 
 def default_device() -> torch.device:
-    """$KIT_DEVICE when set (the test suite pins "cpu"), else cuda:0 when a CUDA GPU is visible, else the CPU."""
+    """$KIT_DEVICE when set (the test suite pins "cpu"), else the first CUDA GPU when one is visible
+    (under torchrun / accelerate launch: the process's own, cuda:$LOCAL_RANK), else the CPU."""
     if os.environ.get("KIT_DEVICE"):
         return torch.device(os.environ["KIT_DEVICE"])
-    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def resolve_device(device=AUTO) -> torch.device:
@@ -57,8 +58,11 @@ def mixed_precision(dtype: torch.dtype, device: torch.device) -> dict[str, bool]
 
 
 def model_device(model) -> torch.device:
-    """Where the model's inputs go: the device of its input embeddings."""
-    return model.get_input_embeddings().weight.device
+    """Where the model's inputs go: the device its input embeddings run on, which accelerate's hook
+    names when they are dispatched or offloaded (their weights then wait on the meta device)."""
+    embeddings = model.get_input_embeddings()
+    execution = getattr(getattr(embeddings, "_hf_hook", None), "execution_device", None)
+    return torch.device(execution) if execution is not None else embeddings.weight.device
 
 
 def compute_dtype(model) -> torch.dtype:

@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import Trainer, TrainerState, TrainingArguments, default_data_collator, set_seed
 from transformers.training_args import ParallelMode
 
-from . import layers
+from . import distributed, layers
 from .artifacts import read_json, save_checkpoint, write_json
 from .config import HealConfig
 from .device import compute_dtype, mixed_precision, model_device
@@ -31,7 +31,7 @@ CONFIG_FILE = "heal_config.json"  # inside output_dir: the settings its checkpoi
 @dataclass
 class HealResult:
     model: nn.Module  # the (quantized) base with the trained LoRA adapters, a peft model
-    history: dict  # {"train": [{step, loss, learning_rate}, ...], "validation": [{step, loss}, ...]}
+    history: dict  # {"train": [{step, loss, learning_rate}, ...], "validation": [{step, loss}, ...], "world_size", "global_batch"}
     adapter_path: Path  # the saved adapter, for merge_adapter or PeftModel.from_pretrained
 
 
@@ -45,7 +45,7 @@ def pack(tokenizer, texts: list[str], seq_len: int) -> torch.Tensor:
     if eos is None:
         raise ValueError("The tokenizer has no EOS token to separate packed texts: set tokenizer.eos_token.")
     chunks = []
-    for batch in batched(texts, 1000, desc="tokenizing"):
+    for batch in batched(texts, 1000, desc="tokenizing" if distributed.is_main() else None):
         ids = tokenizer(list(batch), add_special_tokens=False, verbose=False)["input_ids"]
         chunks.append(np.fromiter((t for row in ids for t in (*row, eos)), dtype=np.int64))
     stream = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
@@ -203,8 +203,11 @@ def training_arguments(
 
     Mixed precision follows the device policy for `model` (bf16 only where the GPU has it natively,
     else fp16; none on CPU). Without a distributed launch the run uses the model's one GPU, so the
-    global batch stays batch_size * grad_accum however many GPUs are visible."""
+    global batch stays batch_size * grad_accum however many GPUs are visible; under `accelerate launch
+    --num_processes N` (or torchrun) each process trains on its own batches through DDP and the global
+    batch is batch_size * grad_accum * N (recorded in the history and heal_config.json)."""
     precision = mixed_precision(compute_dtype(model), model_device(model)) if model is not None else {}
+    on_cpu = model is not None and model_device(model).type == "cpu"  # train where the model is (gloo DDP on CPUs)
     args = TrainingArguments(
         output_dir=str(output_dir),
         max_steps=config.steps,
@@ -224,8 +227,10 @@ def training_arguments(
         seed=config.seed,
         data_seed=config.seed,
         dataloader_pin_memory=torch.cuda.is_available(),
+        ddp_find_unused_parameters=False,  # under DDP: every LoRA weight gets a gradient at every step
         remove_unused_columns=False,
         report_to="none",
+        use_cpu=on_cpu,
         **precision,
     )
     return single_gpu(args)
@@ -255,24 +260,39 @@ def _last_complete_checkpoint(output_dir: Path) -> str | None:
 
 def _check_resumable(output_dir: Path, config: HealConfig) -> str | None:
     """The last checkpoint in output_dir (None if there is none), after checking that it was
-    trained with the same settings; records the settings for later runs."""
-    last = _last_complete_checkpoint(output_dir)
-    record = output_dir / CONFIG_FILE
-    if last is not None and record.exists() and read_json(record)["digest"] != config.digest():
-        raise ValueError(
-            f"{output_dir} holds checkpoints of a healing run with different settings ({record}). "
-            "Delete that folder to start afresh, or pass another output_dir."
-        )
-    write_json(record, {"digest": config.digest(), "config": config.to_dict()})
-    return last
+    trained with the same settings on as many processes; records both for later runs. Rank 0 does
+    this (it alone writes there) and tells every rank."""
+    world = distributed.world_size()
+
+    def check():
+        last = _last_complete_checkpoint(output_dir)
+        record = output_dir / CONFIG_FILE
+        before = read_json(record) if last is not None and record.exists() else None
+        if before is not None and before["digest"] != config.digest():
+            raise ValueError(
+                f"{output_dir} holds checkpoints of a healing run with different settings ({record}). "
+                "Delete that folder to start afresh, or pass another output_dir."
+            )
+        if before is not None and before.get("world_size", 1) != world:
+            raise ValueError(
+                f"{output_dir} holds checkpoints of a healing run on {before.get('world_size', 1)} process(es) (global "
+                f"batch {before.get('global_batch', config.global_batch)}), this one runs on {world}: resume it with "
+                f"as many (accelerate launch --num_processes {before.get('world_size', 1)}), or delete that folder to start afresh."
+            )
+        write_json(record, {"digest": config.digest(), "config": config.to_dict(), "world_size": world,
+                            "global_batch": config.global_batch * world})  # fmt: skip
+        return last
+
+    return distributed.on_main(check)
 
 
-def _history(log_history: list[dict]) -> dict:
+def _history(log_history: list[dict], config: HealConfig) -> dict:
     train = [
         {"step": e["step"], "loss": e["loss"], "learning_rate": e["learning_rate"]} for e in log_history if "loss" in e
     ]
     validation = [{"step": e["step"], "loss": e["eval_loss"]} for e in log_history if "eval_loss" in e]
-    return {"train": train, "validation": validation}
+    world = distributed.world_size()
+    return {"train": train, "validation": validation, "world_size": world, "global_batch": config.global_batch * world}
 
 
 def heal(
@@ -294,7 +314,9 @@ def heal(
     texts / val_texts: packed into blocks of config.seq_len tokens; validation loss at step 0 and
         every config.eval_every steps.
     output_dir: Trainer checkpoints (every config.save_every steps) and the final adapter; a run
-        interrupted there resumes from its last checkpoint when called again with the same settings.
+        interrupted there resumes from its last checkpoint when called again with the same settings
+        (and, under `accelerate launch` / torchrun, as many processes: each trains on its share of
+        every global batch through DDP, and rank 0 alone writes output_dir).
     teacher: the unpruned model, required when config.distill_weight > 0 (and only then).
     callbacks: extra transformers TrainerCallbacks.
     """
@@ -304,6 +326,9 @@ def heal(
             f"got teacher={'a model' if teacher is not None else None}, distill_weight={config.distill_weight}."
         )
     output_dir = Path(output_dir)
+    distributed.init()  # under accelerate launch / torchrun: join the group before rank 0 checks output_dir
+    distributed.require_same("healing", dict(texts=distributed.digest(texts), val_texts=distributed.digest(val_texts or []),
+                                             config=config.digest()))  # fmt: skip
     last = _check_resumable(output_dir, config)
     train = Blocks(pack(tokenizer, texts, config.seq_len))
     val = Blocks(pack(tokenizer, val_texts, config.seq_len)) if val_texts else None
@@ -326,5 +351,7 @@ def heal(
         with _training_layout(model):
             trainer.train(resume_from_checkpoint=last)
     adapter_path = output_dir / ADAPTER_DIR
-    save_checkpoint(adapter_path, model)
-    return HealResult(model.eval(), _history(trainer.state.log_history), adapter_path)
+    if distributed.is_main():
+        save_checkpoint(adapter_path, model)
+    distributed.barrier()  # every rank returns once the adapter is on disk
+    return HealResult(model.eval(), _history(trainer.state.log_history, config), adapter_path)

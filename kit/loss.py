@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import layers
+from . import distributed, layers
 from .device import model_device, require_finite
 from .stats import ratio_stderr
 from .text import batched, encode
@@ -30,12 +30,11 @@ def token_losses(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Te
     flat_hidden, flat_targets = hidden.flatten(0, -2), targets.flatten()
     vocab = layers.lm_head(model).weight.shape[0]
     step = max(1, _LOGIT_ELEMENTS // vocab)
-    losses = [
-        F.cross_entropy(layers.logits(model, flat_hidden[i : i + step]).float(), flat_targets[i : i + step],
-                        ignore_index=-100, reduction="none")
-        for i in range(0, len(flat_targets), step)
-    ]  # fmt: skip
-    return torch.cat(losses).view(targets.shape)
+    losses = []
+    for i in range(0, len(flat_targets), step):
+        chunk = layers.logits(model, flat_hidden[i : i + step]).float()  # on the LM head's device when dispatched
+        losses.append(F.cross_entropy(chunk, flat_targets[i : i + step].to(chunk.device), ignore_index=-100, reduction="none"))
+    return torch.cat(losses).view(targets.shape).to(targets.device)
 
 
 @torch.no_grad()
@@ -43,19 +42,22 @@ def validation_loss(model, tokenizer, texts: list[str], *, max_length: int = 512
     """Token-weighted mean next-token loss of `model` on `texts`."""
     if not texts:
         raise ValueError("validation_loss needs at least one text")
+    distributed.require_same("the validation loss", dict(texts=distributed.digest(texts), max_length=max_length, batch_size=batch_size))
     device = model_device(model)
-    text_losses, text_tokens = [], []
-    for batch in batched(texts, batch_size, desc="validation loss"):
+    mine = distributed.shard(len(texts), batch_size)  # under torch.distributed: this rank's batches
+    per_text = torch.zeros(3, len(mine), dtype=torch.float64, device=device)  # loss sum, tokens, scored
+    desc = "validation loss" if distributed.is_main() else None
+    for start, batch in zip(range(0, len(mine), batch_size), batched(texts[mine.start : mine.stop], batch_size, desc=desc)):
         enc = encode(tokenizer, batch, max_length=max_length, device=device)
         if enc["input_ids"].shape[1] < 2:
             continue  # nothing to predict in this batch (empty or one-token texts)
         hidden = layers.body(model)(**enc, use_cache=False).last_hidden_state
         targets = enc["input_ids"][:, 1:].masked_fill(enc["attention_mask"][:, 1:] == 0, -100)
-        text_losses.append(token_losses(model, hidden[:, :-1], targets).double().sum(-1))
-        text_tokens.append((targets != -100).sum(-1))
-    if not text_losses:
-        raise ValueError("the texts hold no tokens to predict (each needs at least two tokens)")
-    text_losses, text_tokens = torch.cat(text_losses).cpu().numpy(), torch.cat(text_tokens).cpu().numpy()  # one sync
+        rows = slice(start, start + len(batch))
+        per_text[0, rows] = token_losses(model, hidden[:, :-1], targets).double().sum(-1)
+        per_text[1, rows], per_text[2, rows] = (targets != -100).sum(-1).double(), 1.0
+    text_losses, text_tokens, scored = distributed.assemble(per_text.T, mine, len(texts)).T.cpu().numpy()  # one sync
+    text_losses, text_tokens = text_losses[scored == 1], text_tokens[scored == 1]
     count = int(text_tokens.sum())
     if count == 0:
         raise ValueError("the texts hold no tokens to predict (each needs at least two tokens)")

@@ -6,8 +6,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .data import LETTERS, MMLUQuestion, format_mmlu_question, mmlu_fewshot_pool
 from .scoring import encode_request, loglikelihoods
 from .stats import subject_mean_interval, wilson
@@ -85,14 +87,20 @@ def mmlu(model, tokenizer, questions: list[MMLUQuestion], *, shots: int = 5, bat
     """
     if not questions:
         raise ValueError("mmlu needs at least one question, e.g. kit.data.mmlu_questions(per_subject=10)")
-    loglik = np.empty((len(questions), len(LETTERS)))
-    for subject, indices in tqdm(indices_by_subject(questions).items(), desc="MMLU subjects"):
+    distributed.require_same("MMLU", dict(questions=distributed.digest(questions), shots=shots, batch_size=batch_size,
+        naive=naive, fewshot={s: distributed.digest(fewshot_examples(fewshot, s, shots)) for s in indices_by_subject(questions)}))  # fmt: skip
+    mine = distributed.weighted_shard([len(format_mmlu_question(q)) for q in questions])  # this rank's questions
+    local = [questions[i] for i in mine]
+    loglik = torch.zeros(len(local), len(LETTERS), dtype=torch.float64)
+    subjects = indices_by_subject(local).items()
+    for subject, indices in tqdm(subjects, desc="MMLU subjects", disable=not distributed.is_main()):
         examples = fewshot_examples(fewshot, subject, shots)
         requests = [
-            encode_request(tokenizer, mmlu_prompt(questions[i], examples), f" {letter}")
+            encode_request(tokenizer, mmlu_prompt(local[i], examples), f" {letter}")
             for i in indices
             for letter in LETTERS
         ]
         scores = loglikelihoods(model, requests, batch_size=1 if naive else batch_size, cache_prefix=not naive)
-        loglik[indices] = np.reshape(scores, (len(indices), len(LETTERS)))
+        loglik[indices] = torch.tensor(scores, dtype=torch.float64).view(len(indices), len(LETTERS))
+    loglik = distributed.assemble(loglik, mine, len(questions)).numpy()
     return result_from_loglikelihoods(questions, loglik)

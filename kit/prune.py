@@ -97,13 +97,29 @@ def _pruned_before(config) -> set[int]:
     return {start + k for start, n in getattr(config, PRUNED_BLOCKS, None) or [] for k in range(n)}
 
 
+def _renumbered(device_map: dict, prefix: str, kept: list[int]) -> dict:
+    """accelerate's device map of a model dispatched over devices (hf_device_map) after its layer list
+    became `kept`: each kept layer's entries under its new index, the removed layers' entries gone.
+    The dispatch hooks stay on the layer modules themselves, so they keep working unchanged."""
+    new_index = {old: new for new, old in enumerate(kept)}
+    renamed = {}
+    for name, device in device_map.items():
+        index, _, rest = name.removeprefix(prefix + ".").partition(".")
+        if not name.startswith(prefix + ".") or not index.isdigit():
+            renamed[name] = device  # not one layer's entry (embeddings, norm, or all layers at once)
+        elif int(index) in new_index:
+            renamed[".".join(filter(None, [prefix, str(new_index[int(index)]), rest]))] = device
+    return renamed
+
+
 def _removal(model: nn.Module, block: Block) -> tuple[nn.ModuleList, list[tuple[object, str, object]]]:
     """What removing `block` means: the new layer list, and every (object, attribute, value) to set.
 
     This is the one place that knows the bookkeeping: config.num_hidden_layers (architecture
     aliases such as GPT-2's n_layer follow through the config's attribute_map), every per-layer
-    config list, index thresholds such as max_window_layers, config.pruned_blocks, and the
-    `layer_idx` of every module inside the kept layers (the KV cache is indexed by it).
+    config list, index thresholds such as max_window_layers, config.pruned_blocks, the
+    `layer_idx` of every module inside the kept layers (the KV cache is indexed by it), and the
+    device map of a model dispatched by accelerate (hf_device_map).
     """
     old = layers.decoder_layers(model)
     num = len(old)
@@ -126,6 +142,9 @@ def _removal(model: nn.Module, block: Block) -> tuple[nn.ModuleList, list[tuple[
         for module in old[old_index].modules():
             if isinstance(getattr(module, "layer_idx", None), int):
                 edits.append((module, "layer_idx", new_index))
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map:
+        edits.append((model, "hf_device_map", _renumbered(device_map, layers.anatomy(model).layers, kept)))
     if getattr(config, "scale_attn_by_inverse_layer_idx", False):
         warnings.warn(
             "This model scales attention by 1/(layer_idx+1): a checkpoint saved after pruning rescales the layers "

@@ -5,6 +5,7 @@ Position i < L is the input of decoder layer i; position L is the output of the 
 before the final norm. Block (start, n) removes layers start..start+n-1 and is scored by
 `matrix[start, start + n]` (Gromov et al. 2024, eq. 4)."""
 
+import glob
 import hashlib
 import json
 import math
@@ -19,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from . import artifacts, layers
+from . import artifacts, distributed, layers
 from .block import Block
 from .config import ScanConfig
 from .device import model_device, provenance, require_finite
@@ -243,24 +244,39 @@ def _select(mask: torch.Tensor, metric: str) -> torch.Tensor:
 
 
 def _fingerprint(texts, settings: dict) -> str:
-    digest = hashlib.sha256()
-    for text in texts:
-        digest.update(f"{len(text)}:{text}".encode())
-    return hashlib.sha256(json.dumps({**settings, "texts": digest.hexdigest()}, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps({**settings, "texts": distributed.digest(texts)}, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _cache_file(cache_path, settings: dict) -> Path | None:
+    """This rank's resume cache: `cache_path` itself in one process, else one file per rank beside it."""
+    if cache_path is None or settings["world_size"] == 1:
+        return cache_path and Path(cache_path)
+    path = Path(cache_path)
+    return path.with_name(f"{path.stem}.rank{settings['rank']}{path.suffix}")
 
 
 def _resume(cache_path, fingerprint: str, settings: dict, sums: _Sums) -> int:
-    """Batches done: the cache's sums are loaded into `sums`, or none when starting afresh."""
-    if cache_path is None or not Path(cache_path).exists():
+    """Batches of this rank done: the cache's sums are loaded into `sums`, or none when starting afresh."""
+    path, world = _cache_file(cache_path, settings), settings["world_size"]
+    if path is None:
         return 0
-    with safe_open(cache_path, framework="pt") as f:
+    split = sorted(path.parent.glob(f"{glob.escape(path.stem)}.rank*{path.suffix}")) if world == 1 else []
+    if world > 1 and Path(cache_path).exists() or split:
+        raise ValueError(
+            f"{split[0] if split else cache_path} holds a scan made by {'several processes' if split else 'one process'}, "
+            f"this one runs on {world}: resume it with the same number of processes, or delete it (and its "
+            f"{Path(cache_path).stem}.rank* siblings)."
+        )
+    if not path.exists():
+        return 0
+    with safe_open(path, framework="pt") as f:
         meta = f.metadata() or {}
         if meta.get("fingerprint") != fingerprint:
             cached = json.loads(meta.get("settings", "{}"))
             changed = [f"{k}: {cached.get(k)!r} -> {v!r}" for k, v in settings.items() if cached.get(k) != v]
             raise ValueError(
-                f"{cache_path} holds a scan made with other settings ({'; '.join(changed) or 'other texts'}). "
-                "Delete it, or pass another cache_path, or load the model as before."
+                f"{path} holds a scan made with other settings ({'; '.join(changed) or 'other texts'}). "
+                "Delete it, or pass another cache_path, or load the model (and launch the processes) as before."
             )
         for key, value in sums.tensors.items():
             value.copy_(f.get_tensor(key))
@@ -268,7 +284,7 @@ def _resume(cache_path, fingerprint: str, settings: dict, sums: _Sums) -> int:
 
 
 def _checkpoint(cache_path, fingerprint: str, settings: dict, sums: _Sums, batches: int):
-    with artifacts.atomic_path(cache_path) as tmp:
+    with artifacts.atomic_path(_cache_file(cache_path, settings)) as tmp:
         tensors = {key: value.cpu().contiguous() for key, value in sums.tensors.items()}
         meta = {"fingerprint": fingerprint, "settings": json.dumps(settings), "batches": str(batches)}
         save_file(tensors, tmp, metadata=meta)
@@ -309,18 +325,25 @@ def angular_distances(
         padding_side=tokenizer.padding_side, groups=groups, device=placement["device"], gpu=placement["gpu"],
         dtype=placement["dtype"], quantization=placement["quantization"],
     )  # fmt: skip
+    distributed.require_same("the similarity scan", {**settings, "device": None, "texts": distributed.digest(texts)})
+    settings.update(world_size=distributed.world_size(), rank=distributed.rank())
     fingerprint = _fingerprint(texts, settings)
     device = model_device(model)
     sums = _Sums(groups, size, device)
-    done = _resume(cache_path, fingerprint, settings, sums)
-    starts = range(0, len(texts), batch_size)
+    done, error = 0, None
+    try:
+        done = _resume(cache_path, fingerprint, settings, sums)
+    except ValueError as refused:
+        error = refused
+    distributed.raise_if_any(error)  # a rank that may not resume stops them all
+    mine = distributed.shard(len(texts), batch_size)  # whole batches, as one process runs them
+    starts = range(mine.start, mine.stop, batch_size)
     was_training = model.training
     model.eval()
     try:
         with _Residuals(model, device) as residuals:
-            for index in tqdm(
-                range(done, len(starts)), initial=done, total=len(starts), desc=f"similarity scan ({metric})", unit="batch"
-            ):
+            for index in tqdm(range(done, len(starts)), initial=done, total=len(starts), desc=f"similarity scan ({metric})",
+                              unit="batch", disable=not distributed.is_main()):  # fmt: skip
                 batch = texts[starts[index] : starts[index] + batch_size]
                 enc = encode(tokenizer, batch, max_length=max_length, device=device, padding_side=tokenizer.padding_side)
                 empty = (enc["attention_mask"].sum(-1) == 0).nonzero().flatten().tolist()
@@ -329,11 +352,14 @@ def angular_distances(
                 select = _select(enc["attention_mask"], metric)
                 text_sums = _pair_sums(residuals(enc, select), metric, select.nonzero()[:, 0], len(batch))
                 require_finite(bool(torch.isfinite(text_sums).all()), f"the scan's distances (batch {index})", model)
-                sums.add(starts[index], text_sums, select.sum(-1).double())
+                sums.add(starts[index], text_sums, select.sum(-1).double())  # groups by the texts' global index
                 if cache_path is not None:
                     _checkpoint(cache_path, fingerprint, settings, sums, index + 1)
     finally:
         model.train(was_training)
+    if cache_path is not None and not starts:
+        _checkpoint(cache_path, fingerprint, settings, sums, 0)  # a rank without texts still marks the split
+    sums.tensors = {key: distributed.all_sum(value) for key, value in sums.tensors.items()}
     meta = dict(
         model=name, n_texts=len(texts), tokens=int(sums.tensors["group_counts"].sum()), max_length=max_length,
         metric=metric, groups=groups, num_layers=size - 1, placement=placement, versions=artifacts.versions(),

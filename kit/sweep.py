@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import artifacts, cost, evaluate, layers, prune
+from . import artifacts, cost, distributed, evaluate, layers, prune
 from .block import Block
 from .device import provenance
 from .prune import dropped
@@ -77,9 +77,9 @@ def cost_metrics(*, prompt_tokens: int = 128, new_tokens: int = 32, batch_size: 
                  threads: int | None = None) -> Evaluation:  # fmt: skip
     """Inference cost (kit.evaluate.cost): parameters, weight and KV bytes, prefill and decode speed, peak memory."""
 
-    def run(model, tokenizer):
-        return evaluate.cost(model, tokenizer, prompt_tokens=prompt_tokens, new_tokens=new_tokens, batch_size=batch_size,
-                             repeats=repeats, threads=threads).metrics()  # fmt: skip
+    def run(model, tokenizer):  # timed on rank 0 alone under torch.distributed, so every rank reports one measurement
+        return distributed.on_main(lambda: evaluate.cost(model, tokenizer, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+                                                         batch_size=batch_size, repeats=repeats, threads=threads).metrics())  # fmt: skip
 
     return run
 
@@ -139,12 +139,17 @@ def _rows(metrics: dict[str, Estimate], **columns) -> list[dict]:
 
 class _Cache:
     """The finished points of a sweep in one JSON file, rewritten atomically after each point,
-    with the settings that produced them: a rerun with the same settings skips them."""
+    with the settings that produced them: a rerun with the same settings skips them. Under
+    torch.distributed rank 0 reads and writes the file, and every rank skips the points it read."""
 
     def __init__(self, path, settings: dict):
-        self.path, self.settings, self.points = path, settings, {}
+        self.path, self.settings = path, settings
+        self.points = distributed.on_main(self._read)
+
+    def _read(self) -> dict:
+        path, settings = self.path, self.settings
         if path is None or not Path(path).exists():
-            return
+            return {}
         try:
             cached = json.loads(Path(path).read_text())
             old, points = cached["settings"], cached["points"]
@@ -154,7 +159,7 @@ class _Cache:
             changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]
             raise ValueError(f"{path} holds a sweep made with other settings ({'; '.join(changed)}); "
                              "delete it or pass another cache_path")  # fmt: skip
-        self.points = {(p["n"], p["healed"]): p["rows"] for p in points}
+        return {(p["n"], p["healed"]): p["rows"] for p in points}
 
     def run(self, n: int, healed: bool, rows: Callable[[], list[dict]]) -> list[dict]:
         """The rows of point (n, healed): cached, or computed by rows() and recorded."""
@@ -163,7 +168,8 @@ class _Cache:
                 return rows()
             self.points[(n, healed)] = json.loads(json.dumps(rows()))  # exactly what a resumed run reads back
             points = [{"n": n, "healed": h, "rows": r} for (n, h), r in self.points.items()]
-            artifacts.write_text(self.path, json.dumps({"settings": self.settings, "points": points}, indent=1) + "\n")
+            if distributed.is_main():
+                artifacts.write_text(self.path, json.dumps({"settings": self.settings, "points": points}, indent=1) + "\n")
         return self.points[(n, healed)]
 
 
@@ -219,9 +225,11 @@ def sweep(
         raise ValueError(f"heal_ns {sorted(missing)} must be non-zero block sizes that are also in ns")
     if heal_ns and heal is None:
         raise ValueError("heal_ns needs a heal function, e.g. kit.sweep.healer(...)")
-    cache = _Cache(cache_path, _settings(model, ns, evals, distances, oracle, strategy, heal_ns, settings))
+    recorded = _settings(model, ns, evals, distances, oracle, strategy, heal_ns, settings)
+    distributed.require_same("the sweep", {**recorded, "placement": None})  # each evaluation checks its own inputs
+    cache = _Cache(cache_path, recorded)
     rows = []
-    for n in tqdm(ns, desc=f"sweep ({strategy})", unit="n"):
+    for n in tqdm(ns, desc=f"sweep ({strategy})", unit="n", disable=not distributed.is_main()):
         block = blocks.get(n)
         columns = dict(
             strategy=strategy, n=n, fraction=n / num,

@@ -1,0 +1,155 @@
+"""Data parallelism on torch.distributed, as `torchrun` and `accelerate launch` start it: which share
+of the work this rank does, sums reduced over the ranks, results assembled from every rank's share,
+and the check that every rank was given the same work. Without an initialised default process group
+everything here is the one-process case (rank 0 of 1). Imports nothing else from the kit."""
+
+import hashlib
+import json
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def active() -> bool:
+    """Whether a default process group is initialised (by torchrun + init, accelerate, or by hand)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    """Rank 0: the one process that shows progress bars and writes results."""
+    return rank() == 0
+
+
+def init() -> bool:
+    """Join the process group a launcher describes in the environment (WORLD_SIZE, RANK, MASTER_ADDR),
+    on NCCL with one GPU per process when GPUs are visible, else gloo. False when not launched so."""
+    if active() or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return active()
+    if torch.cuda.is_available() and os.environ.get("KIT_DEVICE", "cuda").startswith("cuda"):
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    return True
+
+
+def shard(n: int, block: int = 1) -> range:
+    """This rank's contiguous share of the items 0..n-1, cut at multiples of `block` (a batch size, so
+    that every batch is the one a single process would run). The shares cover every item exactly once
+    and differ by at most one block; a rank gets none when there are fewer blocks than ranks."""
+    blocks = -(-n // block)
+    low, high = rank() * blocks // world_size(), (rank() + 1) * blocks // world_size()
+    return range(min(low * block, n), min(high * block, n))
+
+
+def weighted_shard(costs) -> range:
+    """This rank's contiguous share of items of unequal `costs` (e.g. prompt lengths): each item goes
+    to the rank whose equal part of the total cost holds its middle, so the ranks' costs are about
+    equal; every item goes to exactly one rank."""
+    total, before, owners = float(sum(costs)) or 1.0, 0.0, []
+    for cost in costs:
+        owners.append(min(world_size() - 1, int(world_size() * (before + cost / 2) / total)))
+        before += cost
+    start = sum(owner < rank() for owner in owners)
+    return range(start, start + owners.count(rank()))
+
+
+def _collective_device() -> torch.device:
+    """Where the backend reduces: the current GPU for NCCL, the CPU for gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The elementwise sum of `tensor` over the ranks (a new tensor on its device); `tensor` itself in
+    one process. Every rank must call it, with a tensor of the same shape and dtype."""
+    if not active():
+        return tensor
+    buffer = tensor.to(_collective_device(), copy=True)
+    dist.all_reduce(buffer)
+    return buffer.to(tensor.device)
+
+
+def assemble(values: torch.Tensor, positions, n: int) -> torch.Tensor:
+    """Per-item results of all ranks in item order: this rank's `values` sit at `positions` of
+    an [n, ...] tensor of zeros, and the ranks' tensors are summed (adding zeros is exact)."""
+    full = torch.zeros(n, *values.shape[1:], dtype=values.dtype, device=values.device)
+    full[torch.as_tensor(list(positions), dtype=torch.long, device=values.device)] = values
+    return all_sum(full)
+
+
+def digest(items) -> str:
+    """A short hash of a sequence of texts (or of items, by their repr), in order."""
+    hashed = hashlib.sha256()
+    for item in items:
+        text = item if isinstance(item, str) else repr(item)
+        hashed.update(f"{len(text)}:{text}".encode())
+    return hashed.hexdigest()[:16]
+
+
+def require_same(what: str, settings: dict) -> None:
+    """Stop on every rank with one clear error when the ranks were given different `settings` (texts
+    by their `digest`), before any of them sums its share: compared through all_gather_object, so no
+    rank is left waiting in a collective the others never reach."""
+    if not active():
+        return
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, json.loads(json.dumps(settings, sort_keys=True, default=str)))
+    first = gathered[0]
+    differ = [r for r, other in enumerate(gathered) if other != first]
+    if differ:
+        keys = sorted({k for r in differ for k in first.keys() | gathered[r].keys() if first.get(k) != gathered[r].get(k)})
+        raise ValueError(
+            f"{what}: rank(s) {differ} were given other {', '.join(keys)} than rank 0, so their sums cannot be combined. "
+            "Every process must be given the same texts (or questions) and settings: load them the same way on "
+            "every rank (same source, split, n and seed), then split nothing yourself: the kit shards the work."
+        )
+
+
+def raise_if_any(error: Exception | None) -> None:
+    """Raise on every rank when any rank met an error (e.g. a refused resume), so none goes on alone."""
+    if not active():
+        if error is not None:
+            raise error
+        return
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, None if error is None else f"{type(error).__name__}: {error}")
+    failed = [(r, message) for r, message in enumerate(gathered) if message is not None]
+    if failed:
+        if error is not None:
+            raise error
+        raise RuntimeError(f"rank {failed[0][0]} stopped: {failed[0][1]}")
+
+
+def on_main(fn):
+    """fn() run on rank 0 only (reading or writing shared files) and its result given to every rank;
+    an exception there is raised on every rank."""
+    if not active():
+        return fn()
+    payload = [None]
+    if is_main():
+        try:
+            payload = [(fn(), None)]
+        except Exception as error:  # noqa: BLE001 - re-raised on every rank below
+            payload = [(None, error)]
+    dist.broadcast_object_list(payload, src=0)
+    value, error = payload[0]
+    if error is not None:
+        raise error
+    return value
+
+
+def barrier() -> None:
+    """Wait for every rank (e.g. until rank 0 has written what the others read next)."""
+    if active():
+        dist.barrier()

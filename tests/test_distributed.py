@@ -1,0 +1,173 @@
+"""Data parallelism for real: the kit's paths under torchrun with two CPU processes (gloo) return what
+one process returns, on uneven shards; ranks given different work stop with a clear error (never a
+hang: every launch has a timeout); resuming under another number of processes is refused."""
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import kit
+from kit import distributed
+from kit.__main__ import main
+from kit.artifacts import save_checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import distributed_worker as worker  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT = 300  # seconds for one launch: a hang fails the test instead of stalling CI
+
+
+def torchrun(*args, nproc: int = 2) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node nproc ARGS` from the repository, one thread per process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *map(str, args)]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """The worker under torchrun with two processes, and the same work in this one process."""
+    out, alone = tmp_path_factory.mktemp("two"), tmp_path_factory.mktemp("one")
+    run = torchrun(REPO / "tests" / "distributed_worker.py", out)
+    assert run.returncode == 0, run.stderr[-4000:]
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return out, ranks, worker.work(alone)
+
+
+def test_shards_cover_every_item_once_in_whole_blocks(monkeypatch):
+    for world in (1, 2, 3, 5):
+        for n in (0, 1, 4, 7, 11):
+            for block in (1, 2, 3):
+                shares = []
+                for r in range(world):
+                    monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+                    monkeypatch.setattr(distributed, "world_size", lambda world=world: world)
+                    shares.append(distributed.shard(n, block))
+                assert [i for share in shares for i in share] == list(range(n))
+                assert all(share.start % block == 0 for share in shares if share)
+                sizes = [-(-len(share) // block) for share in shares]  # blocks per rank
+                assert max(sizes) - min(sizes) <= 1
+
+
+def test_weighted_shards_cover_every_item_once_and_balance_the_cost(monkeypatch):
+    rng = np.random.default_rng(0)
+    for world in (1, 2, 3):
+        for costs in ([], [5], [1, 1, 1], [1, 100, 1, 1], rng.integers(1, 50, 40).tolist()):
+            shares = []
+            for r in range(world):
+                monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+                monkeypatch.setattr(distributed, "world_size", lambda world=world: world)
+                shares.append(distributed.weighted_shard(costs))
+            assert [i for share in shares for i in share] == list(range(len(costs)))
+            if len(costs) == 40:  # each rank's cost is within one item of an equal part
+                assert all(abs(sum(costs[i] for i in share) - sum(costs) / world) <= max(costs) for share in shares)
+
+
+def test_the_work_is_split_unevenly():
+    """The worker's sizes leave the two ranks unequal shares: what the comparisons below exercise."""
+    texts = worker.N_TEXTS
+    assert -(-texts // worker.BATCH) % 2 == 0 and texts % 2 == 1  # 4 batches: 4 + 3 texts
+    assert len(worker.inputs()[3]) % 2 == 1  # 5 questions: 3 + 2
+
+
+def test_scan_equals_one_process(launched):
+    _, ranks, alone = launched
+    for got in ranks:
+        torch.testing.assert_close(got["scan"]["matrix"], alone["scan"]["matrix"], atol=1e-6, rtol=0)
+        torch.testing.assert_close(got["scan"]["stderr"], alone["scan"]["stderr"], atol=1e-6, rtol=0)
+        # the groups Distances.stability resamples: dealt by the texts' global index, as in one process
+        torch.testing.assert_close(got["scan"]["group_sums"], alone["scan"]["group_sums"], atol=1e-9, rtol=1e-9)
+        assert torch.equal(got["scan"]["group_counts"], alone["scan"]["group_counts"])
+
+
+def test_mmlu_and_boolq_predictions_equal_one_process(launched):
+    _, ranks, alone = launched
+    for got in ranks:
+        for task in ("mmlu", "boolq"):
+            assert got[task]["predictions"] == alone[task]["predictions"]
+            np.testing.assert_allclose(got[task]["loglikelihoods"], alone[task]["loglikelihoods"], atol=1e-4)
+        assert got["mmlu"]["accuracy"] == alone["mmlu"]["accuracy"]
+
+
+def test_validation_loss_equals_one_process(launched):
+    _, ranks, alone = launched
+    for got in ranks:
+        assert got["loss"]["tokens"] == alone["loss"]["tokens"]
+        assert got["loss"]["loss"] == pytest.approx(alone["loss"]["loss"], rel=1e-6)
+        assert got["loss"]["stderr"] == pytest.approx(alone["loss"]["stderr"], rel=1e-6)
+
+
+def test_sweep_equals_one_process_and_rank_0_writes_its_cache(launched):
+    out, ranks, alone = launched
+    expected = alone["sweep"]
+    for got in ranks:
+        assert list(got["sweep"]["n"]) == list(expected["n"]) == [0] * 4 + [2] * 4  # mmlu, mmlu_subjects, val_loss, val_loss_norm
+        np.testing.assert_allclose(got["sweep"]["value"], expected["value"], rtol=1e-6)
+        assert got["sweep"]["outcomes"].fillna("").tolist() == expected["outcomes"].fillna("").tolist()
+    cached = json.loads((out / "sweep.json").read_text())
+    assert [p["n"] for p in cached["points"]] == [0, 2]
+
+
+def test_three_healing_steps_interrupted_and_resumed_equal_one_process_at_the_same_global_batch(launched):
+    out, ranks, alone = launched
+    for got in ranks:
+        history, reference = got["heal"]["history"], alone["heal"]["history"]
+        assert got["heal"]["interrupted"] and not alone["heal"]["interrupted"]
+        assert (history["world_size"], history["global_batch"]) == (2, worker.GLOBAL_BATCH)
+        assert (reference["world_size"], reference["global_batch"]) == (1, worker.GLOBAL_BATCH)
+        for part in ("train", "validation"):
+            assert [e["step"] for e in history[part]] == [e["step"] for e in reference[part]]
+            np.testing.assert_allclose([e["loss"] for e in history[part]], [e["loss"] for e in reference[part]], rtol=1e-5)
+        for name, weight in alone["heal"]["adapter"].items():
+            torch.testing.assert_close(got["heal"]["adapter"][name], weight, atol=1e-4, rtol=1e-3)
+    record = json.loads((out / "heal" / "heal_config.json").read_text())
+    assert (record["world_size"], record["global_batch"]) == (2, worker.GLOBAL_BATCH)
+    assert (out / "heal" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "heal" / "checkpoint-2").is_dir()  # where the interrupted run resumed from
+
+
+def test_resuming_under_another_number_of_processes_is_refused(launched):
+    out, _, _ = launched
+    model, tokenizer, texts, _, _ = worker.inputs()
+    with pytest.raises(ValueError, match="made by several processes, this one runs on 1"):
+        kit.angular_distances(model, tokenizer, texts, batch_size=worker.BATCH, max_length=32, groups=3,
+                              cache_path=out / "scan.safetensors")  # fmt: skip
+    config = worker.heal_config(world_size=2)  # the settings the two processes trained with
+    with pytest.raises(ValueError, match="on 2 process.*this one runs on 1.*--num_processes 2"):
+        kit.heal(model, tokenizer, kit.data.corpus("train")[:8], config, output_dir=out / "heal", val_texts=texts[:2])
+
+
+def test_ranks_given_different_texts_stop_with_a_clear_error(tmp_path):
+    run = torchrun(REPO / "tests" / "distributed_worker.py", tmp_path, "disagree")
+    assert run.returncode != 0
+    assert "the similarity scan: rank(s) [1] were given other texts than rank 0" in run.stderr
+    assert not list(tmp_path.glob("rank*.pt"))
+
+
+def test_cli_scan_under_torchrun_equals_one_process(tmp_path):
+    model, tokenizer = kit.tiny_model("llama", num_layers=4)
+    save_checkpoint(tmp_path / "tiny", model, tokenizer)
+    options = ["scan", "--model", tmp_path / "tiny", "--n-texts", 5, "--batch-size", 1, "--max-length", 32, "--groups", 3]
+    run = torchrun("-m", "kit", *options, "--out", tmp_path / "two")
+    assert run.returncode == 0, run.stderr[-4000:]
+    main([str(option) for option in [*options, "--out", tmp_path / "one"]])
+    two, one = (kit.Distances.load(tmp_path / name / "distances.safetensors") for name in ("two", "one"))
+    torch.testing.assert_close(two.matrix, one.matrix, atol=1e-6, rtol=0)
+    torch.testing.assert_close(two.group_sums, one.group_sums, atol=1e-9, rtol=1e-9)
+    manifests = [json.loads((tmp_path / name / "manifest.json").read_text())["scan"] for name in ("two", "one")]
+    assert [m["world_size"] for m in manifests] == [2, 1]
+    assert manifests[0]["config"] == manifests[1]["config"] and manifests[0]["config"]["n_texts"] == 5
+
+
+def test_distributed_imports_nothing_from_the_kit():
+    tree = ast.parse((REPO / "kit" / "distributed.py").read_text())
+    assert not [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and (n.level or (n.module or "").startswith("kit"))]
