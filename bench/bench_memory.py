@@ -16,7 +16,8 @@ import torch.nn.functional as F
 import kit
 from kit import evaluate, scoring
 from kit.data import mmlu_questions
-from kit.healing import lora_model, merge_adapter
+from kit.healing import lora_model
+from kit.merge import merge_adapter
 from kit.mmlu import mmlu_prompt
 from kit.text import encode
 

@@ -23,13 +23,13 @@ _EXPORTS = {
     "compare_criteria": "oracle",
     "HealConfig": "config",
     "heal": "healing",
-    "merge_adapter": "healing",
+    "merge_adapter": "merge",
     "HealResult": "healing",
 }
 
 __all__ = sorted(_EXPORTS) + [
     "artifacts", "assets", "config", "cost", "data", "evaluate", "healing", "layers", "models", "oracle", "plots", "prune",
-    "reports", "similarity", "testing", "text", "block", "loss", "boolq", "mmlu", "scoring", "stats", "device",
+    "reports", "similarity", "testing", "text", "block", "loss", "boolq", "mmlu", "recall", "scoring", "stats", "device",
     "sweep", "widgets",
 ]
 

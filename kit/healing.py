@@ -1,9 +1,8 @@
 """QLoRA healing after the paper's Appendix A: LoRA adapters on a 4-bit NF4 base, trained with the
-HF Trainer on packed text blocks; optionally distilled from the unpruned model; merged into a plain
-checkpoint at the end."""
+HF Trainer on packed text blocks; optionally distilled from the unpruned model. kit.merge turns the
+adapter into a plain checkpoint."""
 
 import json
-import math
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -13,19 +12,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from tqdm.auto import tqdm
 from transformers import Trainer, TrainerState, TrainingArguments, default_data_collator, set_seed
 from transformers.training_args import ParallelMode
 
 from . import layers
-from .artifacts import atomic_dir, read_json, save_checkpoint, write_json
+from .artifacts import read_json, save_checkpoint, write_json
 from .config import HealConfig
 from .device import compute_dtype, mixed_precision, model_device
-from .models import load_model, resolve
+from .models import load_model
 from .text import batched
 
 ADAPTER_DIR = "adapter"  # inside output_dir: the final adapter; Trainer's checkpoint-N folders sit beside it
@@ -332,87 +328,3 @@ def heal(
     adapter_path = output_dir / ADAPTER_DIR
     save_checkpoint(adapter_path, model)
     return HealResult(model.eval(), _history(trainer.state.log_history), adapter_path)
-
-
-def _checkpoint_folder(base) -> Path:
-    """The local folder of a checkpoint: an alias's or a folder as is; a Hub id's downloaded files."""
-    source = Path(resolve(str(base)))
-    if source.is_dir():
-        return source
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(str(base), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
-
-
-@dataclass(frozen=True)
-class _LoraFactors:
-    """One adapted weight's low-rank update: scale * B @ A (transposed for fan-in-fan-out layers)."""
-
-    a: torch.Tensor
-    b: torch.Tensor
-    scale: float
-    transpose: bool
-
-    def delta(self, dtype: torch.dtype) -> torch.Tensor:
-        delta = (self.b.float() @ self.a.float()) * self.scale
-        return (delta.T if self.transpose else delta).to(dtype)
-
-
-def _lora_factors(adapter_path: Path) -> dict[str, _LoraFactors]:
-    """{base weight name: its low-rank update} of a saved LoRA adapter (factors only: small)."""
-    from peft import LoraConfig
-
-    lora = LoraConfig.from_pretrained(str(adapter_path))
-    if lora.rank_pattern or lora.alpha_pattern or lora.use_dora:
-        raise ValueError(f"{adapter_path}: streamed merging supports plain LoRA (no rank/alpha patterns, no DoRA)")
-    weights = load_file(Path(adapter_path) / "adapter_model.safetensors")
-    factors = {}
-    for key, a in weights.items():
-        if key.endswith(".lora_A.weight"):
-            module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
-            scale = lora.lora_alpha / (math.sqrt(a.shape[0]) if lora.use_rslora else a.shape[0])
-            factors[f"{module}.weight"] = _LoraFactors(a, weights[key.replace(".lora_A.", ".lora_B.")], scale, lora.fan_in_fan_out)
-    if not factors:
-        raise ValueError(f"{adapter_path} holds no LoRA weights (adapter_model.safetensors has no lora_A tensors)")
-    return factors
-
-
-def merge_adapter(base, adapter_path, out_dir) -> Path:
-    """Merge a LoRA adapter into its unquantized base and write a plain checkpoint (safetensors,
-    with the base's config and tokenizer) to out_dir, atomically.
-
-    Streamed shard by shard: peak memory is about one shard of the base plus the adapter, not the
-    model (a 70B base merges on a machine with a few GB of RAM). The result equals peft's
-    `merge_and_unload` (W + scale * B @ A in the base's dtype).
-
-    Args:
-        base: the checkpoint the adapter was trained on: a folder, an embedded alias or a Hub id.
-        adapter_path: the adapter folder written by `heal` (output_dir/adapter).
-        out_dir: where the merged checkpoint goes.
-    """
-    source = _checkpoint_folder(base)
-    shards = sorted(source.glob("*.safetensors"))
-    if not shards:
-        raise FileNotFoundError(f"{source} holds no .safetensors weights: merge_adapter needs the unquantized base checkpoint")
-    if "quantization_config" in read_json(source / "config.json"):
-        raise ValueError(
-            f"{source} is a quantized checkpoint: merge the adapter into the full-precision base it was pruned "
-            "from (save the pruned model before quantizing it, as notebook 02 does with QUANTIZE=None)."
-        )
-    factors = _lora_factors(Path(adapter_path))
-    with atomic_dir(out_dir) as tmp:
-        for shard in tqdm(shards, desc="merging adapter", unit="shard"):
-            with safe_open(shard, framework="pt") as f:
-                metadata = f.metadata()
-                tensors = {name: f.get_tensor(name) for name in f.keys()}  # one shard in memory
-            for name, weight in tensors.items():
-                if name in factors:
-                    tensors[name] = weight + factors.pop(name).delta(weight.dtype)
-            save_file(tensors, tmp / shard.name, metadata=metadata)
-            del tensors
-        if factors:
-            raise ValueError(f"the adapter adapts weights the base {source} lacks: {', '.join(sorted(factors)[:3])}")
-        for extra in source.iterdir():  # config, generation config, shard index, tokenizer files
-            if extra.is_file() and extra.suffix != ".safetensors":
-                shutil.copy2(extra, tmp / extra.name)
-    return Path(out_dir)

@@ -10,6 +10,7 @@ from matplotlib.patches import Rectangle
 
 from .artifacts import atomic_path
 from .stats import Z95
+from .sweep import chance_level
 
 
 def _axes(ax, figsize=(7, 5)):
@@ -96,7 +97,8 @@ def sweep_plot(results, metric: str, *, hue: str = "strategy", chance: float | N
     A group of at least MIN_CURVE_POINTS points is a line with markers and a band for its interval;
     one or two points are markers with error bars only, so they never pose as a curve.
     results: the DataFrame of kit.sweep.sweep (several concatenated); hue: the column compared,
-    "strategy" (similarity vs heuristic) or "healed"; chance: draws the chance line (MMLU: 0.25).
+    "strategy" (similarity vs heuristic) or "healed"; chance: the chance line drawn, by default
+    the metric's own (kit.sweep.chance_level: MMLU 0.25, recall 1 / facts; none for losses).
     """
     ax = _axes(ax)
     rows = results[results["metric"] == metric]
@@ -113,6 +115,7 @@ def sweep_plot(results, metric: str, *, hue: str = "strategy", chance: float | N
         elif has_ci:
             low, high = curve["ci_low"].to_numpy(float), curve["ci_high"].to_numpy(float)
             ax.errorbar(x, y, yerr=np.abs([y - low, high - y]), fmt="none", ecolor=line.get_color(), capsize=4)
+    chance = chance_level(results, metric) if chance is None else chance
     if chance is not None:
         ax.axhline(chance, color="gray", ls="--", lw=1, label="chance")
     ax.legend(title=hue)
@@ -120,20 +123,17 @@ def sweep_plot(results, metric: str, *, hue: str = "strategy", chance: float | N
     return ax
 
 
-def sweep_figure(results, metrics, *, hue: str = "strategy", rows: str | None = None, chance: dict | None = None,
-                 panel_size=(6.5, 4.5)):  # fmt: skip
-    """One sweep_plot panel per metric side by side (e.g. recall, MMLU and loss against the fraction
-    dropped); rows="strategy" gives each strategy its own row of panels (e.g. with hue="healed").
-
-    chance: {metric: chance level} (kit.sweep.CHANCE), drawn where a metric has one.
-    Returns the Axes as an array [rows, metrics]; kit.plots.save on any of them writes the figure.
-    """
+def sweep_figure(results, metrics, *, hue: str = "strategy", rows: str | None = None, panel_size=(6.5, 4.5)):
+    """One sweep_plot panel per metric side by side (e.g. recall and loss against the fraction
+    dropped), each with its metric's chance line; rows="strategy" gives each strategy its own row of
+    panels (e.g. with hue="healed"). Returns the Axes as an array [rows, metrics]; kit.plots.save
+    on any of them writes the figure."""
     levels = list(dict.fromkeys(results[rows])) if rows else [None]
     axes = _panels(len(levels), len(metrics), panel_size)
     for level, row in zip(levels, axes):
         part = results if level is None else results[results[rows] == level]
         for metric, ax in zip(metrics, row):
-            sweep_plot(part, metric, hue=hue, chance=(chance or {}).get(metric), ax=ax)
+            sweep_plot(part, metric, hue=hue, ax=ax)
             if level is not None:
                 ax.set_title(f"{rows} = {level}")
     axes[0, 0].figure.tight_layout()

@@ -17,12 +17,14 @@ NAN_INTERVAL = (math.nan, math.nan)
 @dataclass(frozen=True)
 class Estimate:
     """A metric's value with its 95% interval (NaN when it has none) and, for accuracies, the outcome
-    (1 right, 0 wrong) of every question: what paired comparisons and resampling need."""
+    (1 right, 0 wrong) of every question, what paired comparisons and resampling need, and the
+    accuracy of a uniform guess (chance; NaN for metrics that have none)."""
 
     value: float
     low: float = math.nan
     high: float = math.nan
     outcomes: np.ndarray | None = None
+    chance: float = math.nan
 
 
 def too_few(what: str) -> tuple[float, float]:

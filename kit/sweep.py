@@ -19,10 +19,10 @@ from .prune import dropped
 from .stats import Z95, Estimate, paired_difference, wilson
 
 # An evaluation maps (model, tokenizer) to named metrics: floats, or Estimates with their interval,
-# e.g. {"mmlu": Estimate(0.41, 0.27, 0.56, outcomes)}.
+# e.g. {"mmlu": Estimate(0.41, 0.27, 0.56, outcomes, chance=0.25)}.
 Evaluation = Callable[..., dict[str, float | Estimate]]
 STRATEGIES = ("similarity", "heuristic")
-CHANCE = {"mmlu": 0.25, "mmlu_subjects": 0.25, "boolq": 0.5}
+CHANCE = {"mmlu": 0.25, "mmlu_subjects": 0.25, "boolq": 0.5}  # fixed by the benchmark; recall's rows carry theirs
 
 
 def mmlu_metrics(questions, *, shots: int = 5, batch_size: int = 8) -> Evaluation:
@@ -31,8 +31,8 @@ def mmlu_metrics(questions, *, shots: int = 5, batch_size: int = 8) -> Evaluatio
     def run(model, tokenizer):
         result = evaluate.mmlu(model, tokenizer, questions, shots=shots, batch_size=batch_size)
         return {
-            "mmlu": Estimate(result.accuracy, *result.ci, result.correct),
-            "mmlu_subjects": Estimate(result.subject_accuracy, *result.subject_ci),
+            "mmlu": Estimate(result.accuracy, *result.ci, result.correct, CHANCE["mmlu"]),
+            "mmlu_subjects": Estimate(result.subject_accuracy, *result.subject_ci, chance=CHANCE["mmlu_subjects"]),
         }
 
     return run
@@ -43,7 +43,17 @@ def boolq_metrics(items, *, batch_size: int = 8) -> Evaluation:
 
     def run(model, tokenizer):
         result = evaluate.boolq(model, tokenizer, items, batch_size=batch_size)
-        return {"boolq": Estimate(result.accuracy, *result.ci, result.correct)}
+        return {"boolq": Estimate(result.accuracy, *result.ci, result.correct, CHANCE["boolq"])}
+
+    return run
+
+
+def recall_metrics(items, *, batch_size: int = 8) -> Evaluation:
+    """In-context recall accuracy ("recall", kit.recall), carrying its chance level 1 / facts."""
+
+    def run(model, tokenizer):
+        result = evaluate.recall(model, tokenizer, items, batch_size=batch_size)
+        return {"recall": Estimate(result.accuracy, *result.ci, result.correct, result.chance)}
 
     return run
 
@@ -122,7 +132,7 @@ def _rows(metrics: dict[str, Estimate], **columns) -> list[dict]:
     columns = {k: _plain(v) for k, v in columns.items()}
     return [
         {**columns, "metric": name, "value": _plain(e.value), "ci_low": _plain(e.low), "ci_high": _plain(e.high),
-         "outcomes": _encode(e.outcomes)}
+         "chance": _plain(e.chance), "outcomes": _encode(e.outcomes)}
         for name, e in metrics.items()
     ]  # fmt: skip
 
@@ -200,8 +210,8 @@ def sweep(
     skips those points and returns the same table. settings: whatever else changes the results (the
     evaluations' parameters, a HealConfig digest), JSON-able; recorded there and compared on resume.
     Returns one row per (n, metric): strategy, n, fraction (n / L), start, distance, healed, metric,
-    value, its 95% interval ci_low, ci_high (NaN where a metric has none) and, for accuracies over
-    questions, the outcomes of every question (see `outcomes`).
+    value, its 95% interval ci_low, ci_high (NaN where a metric has none), chance (an accuracy's
+    chance level, else NaN) and, for accuracies over questions, the outcomes of every question (see `outcomes`).
     """
     num = layers.num_layers(model)
     blocks = {n: choose_block(num, n, strategy, distances, oracle) for n in ns if n != 0}
@@ -287,16 +297,26 @@ def paired_comparison(results: pd.DataFrame, by: str, a, b, *, metric: str = "mm
     return pd.DataFrame(table)
 
 
+def chance_level(results: pd.DataFrame, metric: str) -> float | None:
+    """The chance level of `metric` in sweep rows: the one its rows carry (the evaluation knows it, e.g.
+    recall's 1 / facts), else CHANCE[metric]; None for metrics without one (losses)."""
+    rows = results[results["metric"] == metric]
+    levels = rows["chance"].dropna().unique() if "chance" in rows else []
+    if len(levels) > 1:
+        raise ValueError(f"the rows of {metric!r} carry several chance levels {sorted(levels)}: select rows of one kind")
+    return float(levels[0]) if len(levels) else CHANCE.get(metric)
+
+
 def collapse_point(results: pd.DataFrame, metric: str = "mmlu", chance: float | None = None, *,
                    resamples: int = 1000, seed: int = 0) -> tuple[float, tuple[float, float]]:  # fmt: skip
     """The paper's central quantity: the smallest fraction of layers dropped at which accuracy is no
     longer distinguishable from chance (its Wilson 95% interval reaches `chance`), with a 95% interval
     from resampling the questions (percentile bootstrap, the same questions at every n).
 
-    results: one sweep curve (one strategy, healed or not). chance: default CHANCE[metric].
+    results: one sweep curve (one strategy, healed or not). chance: default chance_level(results, metric).
     Returns (fraction, (low, high)); inf where accuracy stays above chance at every fraction swept.
     """
-    chance = CHANCE.get(metric) if chance is None else chance
+    chance = chance_level(results, metric) if chance is None else chance
     if chance is None:
         raise ValueError(f"no chance level known for {metric!r}: pass chance=")
     rows = results[results["metric"] == metric].sort_values("n")

@@ -18,10 +18,10 @@ from kit.healing import (
     distillation_kl,
     heal,
     lora_model,
-    merge_adapter,
     pack,
     training_arguments,
 )
+from kit.merge import merge_adapter
 from kit.models import load_model
 
 TINY = dict(rank=4, lr=3e-2, batch_size=16, seq_len=32, log_every=1, dropout=0.0)  # one text = one fixed batch

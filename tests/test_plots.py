@@ -164,7 +164,8 @@ def test_sweep_figure_has_a_panel_per_metric_and_a_row_per_strategy():
     import pandas as pd
 
     table = pd.concat([_sweep_rows({"similarity": 3, "heuristic": 3}), _sweep_rows({"similarity": 3, "heuristic": 3}, "loss")])
-    axes = kit.plots.sweep_figure(table, ["recall", "loss"], chance={"recall": 0.25})
+    table["chance"] = np.where(table["metric"] == "recall", 0.25, np.nan)  # what accuracy rows carry
+    axes = kit.plots.sweep_figure(table, ["recall", "loss"])
     assert axes.shape == (1, 2) and [ax.get_ylabel() for ax in axes[0]] == ["recall", "loss"]
     assert [line.get_label() for line in axes[0, 0].lines] == ["similarity", "heuristic", "chance"]
     assert "chance" not in [line.get_label() for line in axes[0, 1].lines]
@@ -172,7 +173,7 @@ def test_sweep_figure_has_a_panel_per_metric_and_a_row_per_strategy():
     axes = kit.plots.sweep_figure(healed, ["recall", "loss"], hue="healed", rows="strategy")
     assert axes.shape == (2, 2) and axes[1, 0].get_title() == "strategy = heuristic"
     drawn = {line.get_label(): list(line.get_ydata()) for line in axes[1, 0].lines if not line.get_label().startswith("_")}
-    assert drawn == {"False": [0.5, 0.4], "True": [0.45]}  # n = 0, 2 unhealed; n = 1 healed
+    assert drawn == {"False": [0.5, 0.4], "True": [0.45], "chance": [0.25, 0.25]}  # n = 0, 2 unhealed; n = 1 healed
     plt.close("all")
 
 
