@@ -14,6 +14,7 @@ _EXPORTS = {
     "drop_layers": "prune",
     "save_pruned": "prune",
     "mergekit_config": "prune",
+    "Selection": "prune",
     "dropped": "prune",
     "angular_distances": "similarity",
     "Distances": "similarity",

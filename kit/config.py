@@ -41,6 +41,25 @@ class ScanConfig(_Settings):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
+@dataclass(frozen=True)
+class PruneConfig(_Settings):
+    """Settings of a pruning step (notebook 02): the block to remove and the loss measured before and after."""
+
+    n: int = 6  # block size: consecutive layers removed
+    start: int | None = None  # first layer of the block; None: the block `strategy` picks for n
+    strategy: str = "similarity"  # a criterion of kit.prune.CRITERIA: similarity (argmin of the scan) | heuristic | ...
+    n_val_texts: int = 32  # validation texts for the loss comparison
+    max_length: int = 256  # tokens per validation text
+    batch_size: int = 8  # texts per forward pass
+
+    def __post_init__(self):
+        for name in ("n", "n_val_texts", "max_length", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.start is not None and self.start < 0:
+            raise ValueError(f"start must be >= 0 or None (the strategy's block), got {self.start}")
+
+
 # The paper's Appendix A: per-model LoRA rank and peak learning rate.
 PAPER_HEALING = {
     "llama-2-7b": (2, 3e-4),

@@ -17,6 +17,11 @@ def _axes(ax, figsize=(7, 5)):
     return ax if ax is not None else plt.subplots(figsize=figsize)[1]
 
 
+def _panels(rows: int, columns: int, panel_size) -> np.ndarray:
+    """A new figure of rows x columns panels of `panel_size` inches each, as a 2-D array of Axes."""
+    return plt.subplots(rows, columns, squeeze=False, figsize=(panel_size[0] * columns, panel_size[1] * rows))[1]
+
+
 def save(ax, path: str | Path, dpi: int = 150) -> Path:
     """Write the figure holding `ax` to `path` (format from the suffix), atomically."""
     with atomic_path(path) as tmp:
@@ -82,10 +87,15 @@ def distance_curves(distances, ns, ax=None):
     return ax
 
 
-def sweep_plot(results, metric: str, *, hue: str = "strategy", chance: float | None = None, ax=None):
-    """The paper's Figures 2, 3, 5 and 6: `metric` against the fraction of layers dropped, with a
-    band for each curve's 95% interval (columns ci_low, ci_high, where present).
+MIN_CURVE_POINTS = 3  # fewer points are drawn as markers with error bars, never joined into a curve
 
+
+def sweep_plot(results, metric: str, *, hue: str = "strategy", chance: float | None = None, ax=None):
+    """The paper's Figures 2, 3, 5 and 6: `metric` against the fraction of layers dropped, with
+    each curve's 95% interval (columns ci_low, ci_high, where present).
+
+    A group of at least MIN_CURVE_POINTS points is a line with markers and a band for its interval;
+    one or two points are markers with error bars only, so they never pose as a curve.
     results: the DataFrame of kit.sweep.sweep (several concatenated); hue: the column compared,
     "strategy" (similarity vs heuristic) or "healed"; chance: the chance line drawn, by default
     the metric's own (kit.sweep.chance_level: MMLU 0.25, recall 1 / facts; none for losses).
@@ -96,14 +106,49 @@ def sweep_plot(results, metric: str, *, hue: str = "strategy", chance: float | N
         raise ValueError(f"no rows for metric {metric!r}; metrics present: {sorted(results['metric'].unique())}")
     for level, curve in rows.groupby(hue, sort=False):
         curve = curve.sort_values("fraction")
-        (line,) = ax.plot(curve["fraction"], curve["value"], marker="o", label=str(level))
-        if {"ci_low", "ci_high"} <= set(curve) and curve[["ci_low", "ci_high"]].notna().any(axis=None):
-            ax.fill_between(curve["fraction"], curve["ci_low"], curve["ci_high"], color=line.get_color(), alpha=0.2, lw=0)
+        x, y = curve["fraction"].to_numpy(float), curve["value"].to_numpy(float)
+        has_ci = {"ci_low", "ci_high"} <= set(curve) and curve[["ci_low", "ci_high"]].notna().any(axis=None)
+        joined = len(curve) >= MIN_CURVE_POINTS
+        (line,) = ax.plot(x, y, marker="o", ls="-" if joined else "none", label=str(level))
+        if has_ci and joined:
+            ax.fill_between(x, curve["ci_low"], curve["ci_high"], color=line.get_color(), alpha=0.2, lw=0)
+        elif has_ci:
+            low, high = curve["ci_low"].to_numpy(float), curve["ci_high"].to_numpy(float)
+            ax.errorbar(x, y, yerr=np.abs([y - low, high - y]), fmt="none", ecolor=line.get_color(), capsize=4)
     chance = chance_level(results, metric) if chance is None else chance
     if chance is not None:
         ax.axhline(chance, color="gray", ls="--", lw=1, label="chance")
     ax.legend(title=hue)
     ax.set(xlabel="fraction of layers dropped", ylabel=metric)
+    return ax
+
+
+def sweep_figure(results, metrics, *, hue: str = "strategy", rows: str | None = None, panel_size=(6.5, 4.5)):
+    """One sweep_plot panel per metric side by side (e.g. recall and loss against the fraction
+    dropped), each with its metric's chance line; rows="strategy" gives each strategy its own row of
+    panels (e.g. with hue="healed"). Returns the Axes as an array [rows, metrics]; kit.plots.save
+    on any of them writes the figure."""
+    levels = list(dict.fromkeys(results[rows])) if rows else [None]
+    axes = _panels(len(levels), len(metrics), panel_size)
+    for level, row in zip(levels, axes):
+        part = results if level is None else results[results[rows] == level]
+        for metric, ax in zip(metrics, row):
+            sweep_plot(part, metric, hue=hue, ax=ax)
+            if level is not None:
+                ax.set_title(f"{rows} = {level}")
+    axes[0, 0].figure.tight_layout()
+    return axes
+
+
+def losses_bar(losses: dict, *, title: str | None = None, ax=None):
+    """Normalised validation losses side by side, e.g. {"original": LossResult, "pruned": LossResult}
+    (kit.evaluate.validation_loss), each bar with its 95% interval (+-1.96 standard errors over texts)."""
+    ax = _axes(ax, figsize=(4, 3))
+    labels = list(losses)
+    heights = [loss.normalized for loss in losses.values()]
+    errors = [Z95 * loss.stderr * loss.normalized / loss.loss for loss in losses.values()]  # the stderr in normalised units
+    ax.bar(labels, heights, yerr=errors, capsize=4, color=[f"C{i}" for i in range(len(labels))])
+    ax.set(ylabel="validation loss / log(vocab)", title=title)
     return ax
 
 
@@ -147,6 +192,15 @@ def quality_cost(results, metric: str, *, comparison=None, cost: str = "decode_t
     ax.set(xlabel=cost, ylabel=metric, title=f"{metric} against {cost}")
     ax.legend(fontsize="small")
     return ax
+
+
+def quality_cost_figure(results, metrics, *, comparison=None, cost: str = "decode_tokens_per_s", panel_size=(6.5, 4.5)):
+    """One quality_cost panel per metric side by side; returns the Axes as an array [1, metrics]."""
+    axes = _panels(1, len(metrics), panel_size)
+    for metric, ax in zip(metrics, axes[0]):
+        quality_cost(results, metric, comparison=comparison, cost=cost, ax=ax)
+    axes[0, 0].figure.tight_layout()
+    return axes
 
 
 def regret_plot(comparison, ax=None):

@@ -5,13 +5,13 @@ import copy
 import warnings
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from torch import nn
 
 from . import layers
-from .artifacts import save_checkpoint
+from .artifacts import read_json, save_checkpoint, write_json
 from .block import Block, heuristic_block
 
 PRUNED_BLOCKS = "pruned_blocks"  # config attribute: removed layers as [[start, n], ...] in ORIGINAL indices
@@ -76,6 +76,48 @@ def choose_block(criterion: str, num_layers: int, n: int, *, distances=None, ora
         if table is not None and table.num_layers != num_layers:
             raise ValueError(f"the {name} describe {table.num_layers} layers, the model has {num_layers}")
     return rule.pick(evidence, num_layers, n).check(num_layers)
+
+
+SELECTION_FILE = "selection.json"  # in the run folder: written by notebook 02, read by notebooks 03 and 04
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The block chosen for pruning, from which model and how: what `selection.json` holds.
+
+    source: "argmin" (the scan's smallest distance), "heuristic", another criterion's name, or
+    "manual" (chosen by hand in the block picker)."""
+
+    start: int
+    n: int
+    distance: float | None
+    source: str
+    model: str | None
+
+    @property
+    def block(self) -> Block:
+        return Block(self.start, self.n, self.distance)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, *, origin: str = "the selection") -> "Selection":
+        names = [f.name for f in fields(cls)]
+        if not isinstance(data, dict) or set(data) != set(names):
+            keys = sorted(data) if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"{origin} is not a block selection: expected the keys {names}, found {keys}. "
+                             "Run notebooks/02_select_and_prune.ipynb again to rewrite it.")  # fmt: skip
+        return cls(**data)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the selection as JSON to `path` (a run folder's SELECTION_FILE), atomically."""
+        return write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Selection":
+        """The selection saved at `path`; a missing file names notebook 02, which writes it."""
+        return cls.from_dict(read_json(path, notebook="02_select_and_prune.ipynb"), origin=str(path))
 
 
 # ------------------------------------------------------------------------------ removing layers

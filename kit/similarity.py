@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from . import artifacts, distributed, layers
-from .block import Block
+from .block import Block, heuristic_block
 from .config import ScanConfig
 from .device import model_device, provenance, require_finite
 from .stats import Z95
@@ -116,6 +116,26 @@ class Distances:
         weights = np.random.default_rng(seed).multinomial(len(counts), np.full(len(counts), 1 / len(counts)), resamples)
         means = (weights @ rows) / (2 * (weights @ counts))[:, None]  # [resamples, starts]
         return np.bincount(means.argmin(axis=1), minlength=rows.shape[1]) / resamples
+
+    def choices(self, ns, *, share: float = 0.05, resamples: int = 1000, seed: int = 0):
+        """For each block size n in `ns`, one row (a pandas DataFrame): the best block's first and
+        last layer, distance and standard error; the same for the paper's heuristic block (keep the
+        final layer); and `stability`: every start chosen as best in at least `share` of the
+        bootstrap resamples (Distances.stability), as {start: share}."""
+        import pandas as pd
+
+        table, errors = self.by_block(), self.stderr_by_block()
+        rows = []
+        for n in ns:
+            best, simple = self.best_block(n), heuristic_block(self.num_layers, n)
+            shares = self.stability(n, resamples=resamples, seed=seed)
+            rows.append({
+                "n": n, "best_start": best.start, "best_last": best.end - 1, "best_distance": best.distance,
+                "best_stderr": best.stderr, "heuristic_start": simple.start, "heuristic_last": simple.end - 1,
+                "heuristic_distance": float(table[n, simple.start]), "heuristic_stderr": float(errors[n, simple.start]),
+                "stability": {int(start): round(float(s), 3) for start, s in enumerate(shares) if s >= share},
+            })  # fmt: skip
+        return pd.DataFrame(rows).set_index("n")
 
     def _uncertain(self, name: str) -> torch.Tensor:
         value = getattr(self, name)

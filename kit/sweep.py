@@ -246,6 +246,34 @@ def sweep(
     return pd.DataFrame(rows)
 
 
+def sweeps(
+    model, tokenizer, *, ns: Sequence[int], evals: Sequence[Evaluation], folder, distances=None,
+    strategies: Sequence[str] = STRATEGIES, heal_texts: list[str] | None = None, heal_config=None,
+    heal_ns: Sequence[int] = (), settings: dict | None = None,
+) -> pd.DataFrame:  # fmt: skip
+    """sweep() once per strategy on the same model, the tables concatenated (a notebook's whole sweep);
+    n = 0, the unpruned model whatever the strategy, is evaluated once and shared.
+
+    folder: the run folder: each strategy's finished points are cached in folder/sweep-{strategy}.json,
+    and for every n in heal_ns its block is healed with kit.heal (heal_config on heal_texts) into
+    folder/sweep_healed/{strategy}/n{n}, evaluated beside its unhealed twin (rows with healed=True).
+    settings: what else changes the results (see sweep); the HealConfig's digest is added to it.
+    """
+    if heal_ns and (heal_texts is None or heal_config is None):
+        raise ValueError("healing block sizes (heal_ns) needs heal_texts and heal_config (a kit.HealConfig)")
+    settings = {**(settings or {}), "heal": heal_config.digest() if heal_ns else None}
+    folder = Path(folder)
+    tables: list[pd.DataFrame] = []
+    for strategy in strategies:
+        shared = tables[0][tables[0]["n"] == 0].assign(strategy=strategy) if tables and 0 in ns else None
+        heal = healer(heal_texts, heal_config, output_root=folder / "sweep_healed" / strategy) if heal_ns else None
+        table = sweep(model, tokenizer, ns=[n for n in ns if shared is None or n != 0], evals=evals, distances=distances,
+                      strategy=strategy, heal=heal, heal_ns=heal_ns, cache_path=folder / f"sweep-{strategy}.json",
+                      settings=settings)  # fmt: skip
+        tables.append(table if shared is None else pd.concat([shared, table], ignore_index=True))
+    return pd.concat(tables, ignore_index=True)
+
+
 def _healed_metrics(heal, model, tokenizer, block, evals) -> dict[str, Estimate]:
     healed = heal(model, tokenizer, block)  # from the pruned view; heal must leave it untouched
     return evaluate_all(healed, tokenizer, evals)
@@ -316,6 +344,30 @@ def collapse_point(results: pd.DataFrame, metric: str = "mmlu", chance: float | 
     resampled = np.stack([right[:, rng.integers(right.shape[1], size=right.shape[1])].sum(1) for _ in range(resamples)])
     low, high = np.quantile(first_collapse(resampled), [0.025, 0.975], method="inverted_cdf")
     return float(first_collapse(right.sum(1))), (float(low), float(high))
+
+
+def collapse_points(results: pd.DataFrame, metric: str = "mmlu", chance: float | None = None, **kwargs) -> pd.DataFrame:
+    """collapse_point of each strategy's unhealed curve in a sweeps() table: one row per strategy
+    with the fraction dropped where `metric` reaches chance and its 95% interval (inf: beyond the sweep)."""
+    unhealed = results[~results["healed"].astype(bool)]
+    rows = []
+    for strategy, curve in unhealed.groupby("strategy", sort=False):
+        fraction, (low, high) = collapse_point(curve, metric, chance, **kwargs)
+        rows.append({"strategy": strategy, "metric": metric, "collapse": fraction, "ci_low": low, "ci_high": high})
+    return pd.DataFrame(rows)
+
+
+def healing_gains(results: pd.DataFrame, metric: str = "mmlu", **kwargs) -> pd.DataFrame:
+    """For each strategy with healed rows, healed minus unhealed `metric` on the same questions at
+    every healed n, with its paired bootstrap 95% interval (paired_comparison), plus a strategy column."""
+    tables = [
+        paired_comparison(curve, "healed", True, False, metric=metric, **kwargs).assign(strategy=strategy)
+        for strategy, curve in results.groupby("strategy", sort=False)
+        if curve["healed"].astype(bool).any()
+    ]
+    if not tables:
+        raise ValueError("no healed rows: sweep with heal_ns (kit.sweep.sweeps(..., heal_ns=[...]))")
+    return pd.concat(tables, ignore_index=True)
 
 
 def healer(texts: list[str], config, *, output_root, val_texts=None) -> Callable:

@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 
 from .block import Block, heuristic_block
 from .plots import distance_heatmap
-from .prune import CRITERIA, choose_block
+from .prune import CRITERIA, Selection, choose_block
 
 SOURCES = {"similarity": "argmin"}  # how selection.json names a strategy's block (default: the criterion's name)
 
@@ -62,11 +62,10 @@ class BlockPicker:
         """How the block was chosen: "argmin", "heuristic", another criterion, or "manual" (start moved by hand)."""
         return SOURCES.get(self.strategy, self.strategy) if self._start.value == self._default(self._n.value).start else "manual"
 
-    def selection(self) -> dict:
-        """The choice as notebook 02 saves it in selection.json."""
+    def selection(self) -> Selection:
+        """The choice, as notebook 02 saves it in selection.json (Selection.save)."""
         block = self.block
-        model = self.distances.meta.get("model")
-        return {"start": block.start, "n": block.n, "distance": block.distance, "source": self.source, "model": model}
+        return Selection(block.start, block.n, block.distance, self.source, self.distances.meta.get("model"))
 
     def plot(self, ax=None):
         """The heatmap with the chosen block boxed and the heuristic block crossed; returns the Axes."""

@@ -26,6 +26,7 @@ def test_selection_is_the_argmin_of_the_scan(run):
         "start": best.start, "n": best.n, "distance": pytest.approx(best.distance), "source": "argmin",
         "model": distances.meta["model"],
     }  # fmt: skip
+    assert kit.Selection.load(run / "selection.json").block == kit.Block(best.start, best.n, pytest.approx(best.distance))
     assert (run / "selection.png").stat().st_size > 0
 
 

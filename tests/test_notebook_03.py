@@ -44,14 +44,14 @@ def test_merged_checkpoint_is_the_pruned_model_plus_the_adapter(run):
 
 def test_losses_of_original_pruned_and_healed(run):
     losses = read_json(run / "heal_losses.json")
-    assert set(losses) == {"original", "pruned", "healed"}
-    tokens = {loss["tokens"] for loss in losses.values()}
-    assert len(tokens) == 1  # the same validation texts for all three
-    assert losses["pruned"]["loss"] > losses["original"]["loss"]
+    total, n = kit.Distances.load(run / "distances.safetensors").num_layers, read_json(run / "selection.json")["n"]
+    assert {name: loss["layers"] for name, loss in losses.items()} == {"original": total, "pruned": total - n, "healed": total - n}
+    assert losses["pruned"]["val_loss"] > losses["original"]["val_loss"]
     model, tokenizer = kit.load_model(str(run / "healed_merged"))
     texts = kit.data.corpus("validation")[: PARAMETERS["N_VAL_TEXTS"]]
     again = kit.evaluate.validation_loss(model, tokenizer, texts, max_length=PARAMETERS["SEQ_LEN"])
-    assert again.loss == pytest.approx(losses["healed"]["loss"], rel=1e-4)
+    assert again.loss == pytest.approx(losses["healed"]["val_loss"], rel=1e-4)
+    assert again.normalized == pytest.approx(losses["healed"]["val_loss_norm"], rel=1e-4)
 
 
 def test_missing_pruned_model_names_notebook_02(tmp_path):

@@ -1,11 +1,13 @@
 import pandas as pd
 import pytest
+from conftest import SMOKE_PARAMETERS
 
 from kit import sweep
 
+SMOKE = SMOKE_PARAMETERS["04_compare"]
+
 COST = {"parameters", "weight_bytes", "kv_bytes_per_token", "prefill_tokens_per_s", "decode_tokens_per_s",
         "time_to_first_token_s", "peak_memory_bytes", "prefill_spread", "decode_spread"}  # fmt: skip
-TIMED = sorted(COST - {"parameters", "weight_bytes", "kv_bytes_per_token"})
 
 
 @pytest.fixture(scope="module")
@@ -17,18 +19,19 @@ def test_sweep_covers_both_strategies_and_every_metric(run):
     table = pd.read_csv(run / "sweep.csv")
     assert set(table["strategy"]) == set(sweep.STRATEGIES)
     assert sorted(set(table["n"])) == [0, 10, 20]
-    assert set(table["metric"]) == {"mmlu", "mmlu_subjects", "val_loss", "val_loss_norm", "boolq"} | COST
+    assert set(table["metric"]) == {"recall", "mmlu", "mmlu_subjects", "val_loss", "val_loss_norm", "boolq"} | COST
     assert table["fraction"].max() == pytest.approx(20 / 30)
     unpruned = table[table["n"] == 0].pivot(index="strategy", columns="metric", values="value")
-    exact = unpruned.drop(columns=TIMED)  # timings differ from run to run
-    assert (exact.nunique() == 1).all(), "n = 0 is the same model for both strategies"
+    assert (unpruned.nunique() == 1).all(), "n = 0 is the same model for both strategies: evaluated once, shared"
     intervals = table.dropna(subset=["ci_low"])
-    assert {"mmlu", "val_loss"} <= set(intervals["metric"])
+    assert {"recall", "mmlu", "val_loss"} <= set(intervals["metric"])
     assert (intervals["ci_low"] <= intervals["value"]).all() and (intervals["value"] <= intervals["ci_high"]).all()
+    recall = table[table["metric"] == "recall"]
+    assert recall["outcomes"].str.len().eq(SMOKE["RECALL_ITEMS"]).all()
     assert (run / "sweep.png").stat().st_size > 0
-    assert {p.name for p in run.glob("sweep-*.json")} == {f"sweep-{s}.json" for s in sweep.STRATEGIES} | {"sweep-healed.json"}
-    kv = table[table["metric"] == "kv_bytes_per_token"].set_index(["strategy", "n"])["value"]
-    assert (kv.xs(20, level="n") == kv.xs(0, level="n") * 10 / 30).all(), "20 of 30 full-attention layers dropped"
+    assert {p.name for p in run.glob("sweep-*.json")} == {f"sweep-{s}.json" for s in sweep.STRATEGIES}
+    kv = table[table["metric"] == "kv_bytes_per_token"].set_index(["strategy", "n", "healed"])["value"]
+    assert (kv.xs((20, False), level=("n", "healed")) == kv.xs((0, False), level=("n", "healed")) * 10 / 30).all()
 
 
 def test_paired_comparison_of_the_strategies(run):
@@ -36,14 +39,21 @@ def test_paired_comparison_of_the_strategies(run):
     assert paired["n"].tolist() == [0, 10, 20]
     assert paired.loc[0, ["difference", "ci_low", "ci_high"]].tolist() == [0, 0, 0]  # n = 0: the same model
     assert (paired["ci_low"] <= paired["difference"]).all() and (paired["difference"] <= paired["ci_high"]).all()
+    collapse = pd.read_csv(run / "collapse.csv")
+    assert collapse["strategy"].tolist() == list(sweep.STRATEGIES) and set(collapse["metric"]) == {"recall"}
 
 
-def test_healed_sweep_pairs_each_healed_size_with_its_unhealed_twin(run):
-    table = pd.read_csv(run / "sweep_healed.csv")
-    assert set(table["n"]) == {10} and sorted(set(table["healed"])) == [False, True]
-    loss = table[table["metric"] == "val_loss"].set_index("healed")["value"]
-    assert loss[True] != loss[False]
-    assert (run / "sweep_healed" / "n10" / "adapter").is_dir() and (run / "sweep_healed.png").exists()
+def test_each_strategy_heals_its_blocks_beside_their_unhealed_twins(run):
+    table = pd.read_csv(run / "sweep.csv")
+    healed = table[table["healed"]]
+    assert set(healed["n"]) == {10} and set(healed["strategy"]) == set(sweep.STRATEGIES)
+    for strategy in sweep.STRATEGIES:
+        loss = table.query("metric == 'val_loss' and n == 10 and strategy == @strategy").set_index("healed")["value"]
+        assert loss[True] != loss[False]
+        assert (run / "sweep_healed" / strategy / "n10" / "adapter").is_dir()
+    gains = pd.read_csv(run / "healing_gains.csv")
+    assert gains["strategy"].tolist() == list(sweep.STRATEGIES) and set(gains["n"]) == {10}
+    assert (run / "sweep_healed.png").stat().st_size > 0
 
 
 def test_comparison_of_original_pruned_and_healed(run):
@@ -54,7 +64,7 @@ def test_comparison_of_original_pruned_and_healed(run):
     assert parameters["original"] > parameters["pruned"] == parameters["healed"] < parameters["healed (unmerged)"]
     assert table.loc["pruned", "kv_bytes_per_token"] == table.loc["original", "kv_bytes_per_token"] * 26 / 30
     assert (table["decode_tokens_per_s"] > 0).all() and (run / "quality_cost.png").stat().st_size > 0
-    assert {"mmlu", "boolq", "val_loss_norm"} <= set(table.columns)
+    assert {"recall", "mmlu", "boolq", "val_loss_norm"} <= set(table.columns)
     assert table["mmlu"].between(0, 1).all()
 
 

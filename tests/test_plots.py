@@ -4,6 +4,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
+from matplotlib.collections import LineCollection, PolyCollection
 from matplotlib.patches import Rectangle
 
 import kit
@@ -129,3 +130,61 @@ def test_heatmap_circles_the_blocks_within_noise_of_the_best(distances):
     expected = {(start, n) for n in range(1, L) for start in range(L + 1 - n) if distances.within_noise(n)[start]}
     assert set(zip(line.get_xdata(), line.get_ydata())) == expected
     assert len(expected) > L - 1  # more than the best block of each row
+
+
+def _sweep_rows(points: dict[str, int], metric="recall"):
+    import pandas as pd
+
+    return pd.DataFrame([
+        dict(strategy=s, n=n, fraction=n / 10, healed=False, metric=metric, value=0.5 - n / 20, ci_low=0.4 - n / 20,
+             ci_high=0.7 - n / 20)
+        for s, count in points.items() for n in range(count)
+    ])  # fmt: skip
+
+
+def test_sweep_plot_joins_three_or_more_points_and_never_one_or_two():
+    table = _sweep_rows({"similarity": 3, "heuristic": 2})
+    ax = kit.plots.sweep_plot(table, "recall", chance=1 / 6)
+    curve, pair = (next(line for line in ax.lines if line.get_label() == label) for label in ("similarity", "heuristic"))
+    assert curve.get_linestyle() == "-" and curve.get_marker() == "o"
+    assert list(curve.get_xdata()) == [0.0, 0.1, 0.2] and list(curve.get_ydata()) == [0.5, 0.45, 0.4]
+    assert pair.get_linestyle() == "None" and pair.get_marker() == "o"  # two points: markers only, no line
+    assert list(pair.get_xdata()) == [0.0, 0.1] and list(pair.get_ydata()) == [0.5, 0.45]
+    (band,) = [c for c in ax.collections if isinstance(c, PolyCollection)]  # the curve's band only
+    assert {(0.2, 0.3), (0.2, 0.6)} <= {tuple(np.round(v, 6)) for v in band.get_paths()[0].vertices}
+    (bars,) = [c for c in ax.collections if isinstance(c, LineCollection)]  # the pair's error bars
+    assert [np.round(segment, 6).tolist() for segment in bars.get_segments()] == [[[0.0, 0.4], [0.0, 0.7]], [[0.1, 0.35], [0.1, 0.65]]]
+    single = kit.plots.sweep_plot(_sweep_rows({"similarity": 1}).drop(columns=["ci_low", "ci_high"]), "recall")
+    (point,) = [line for line in single.lines if line.get_label() == "similarity"]
+    assert point.get_linestyle() == "None" and not single.collections
+    plt.close("all")
+
+
+def test_sweep_figure_has_a_panel_per_metric_and_a_row_per_strategy():
+    import pandas as pd
+
+    table = pd.concat([_sweep_rows({"similarity": 3, "heuristic": 3}), _sweep_rows({"similarity": 3, "heuristic": 3}, "loss")])
+    table["chance"] = np.where(table["metric"] == "recall", 0.25, np.nan)  # what accuracy rows carry
+    axes = kit.plots.sweep_figure(table, ["recall", "loss"])
+    assert axes.shape == (1, 2) and [ax.get_ylabel() for ax in axes[0]] == ["recall", "loss"]
+    assert [line.get_label() for line in axes[0, 0].lines] == ["similarity", "heuristic", "chance"]
+    assert "chance" not in [line.get_label() for line in axes[0, 1].lines]
+    healed = table.assign(healed=table["n"] % 2 == 1)
+    axes = kit.plots.sweep_figure(healed, ["recall", "loss"], hue="healed", rows="strategy")
+    assert axes.shape == (2, 2) and axes[1, 0].get_title() == "strategy = heuristic"
+    drawn = {line.get_label(): list(line.get_ydata()) for line in axes[1, 0].lines if not line.get_label().startswith("_")}
+    assert drawn == {"False": [0.5, 0.4], "True": [0.45], "chance": [0.25, 0.25]}  # n = 0, 2 unhealed; n = 1 healed
+    plt.close("all")
+
+
+def test_losses_bar_draws_each_normalised_loss_with_its_interval():
+    from kit.loss import LossResult
+
+    losses = {"original": LossResult(2.0, 0.2, 100, 0.1), "pruned": LossResult(3.0, 0.3, 100, 0.2)}
+    ax = kit.plots.losses_bar(losses, title="layers 3-8 removed")
+    assert [p.get_height() for p in ax.patches] == [0.2, 0.3]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["original", "pruned"] and ax.get_title() == "layers 3-8 removed"
+    (bars,) = ax.collections
+    halves = [round((s[1][1] - s[0][1]) / 2, 6) for s in bars.get_segments()]
+    assert halves == [round(1.959964 * 0.1 * 0.1, 6), round(1.959964 * 0.2 * 0.1, 6)]  # stderr scaled by 1 / log(vocab)
+    plt.close("all")

@@ -332,3 +332,24 @@ def test_non_finite_distances_and_files_that_are_not_distances_say_so(tmp_path):
     (tmp_path / "notes.safetensors").write_text("not a safetensors file")
     with pytest.raises(ValueError, match="is not a Distances file"):
         kit.Distances.load(tmp_path / "notes.safetensors")
+
+
+def test_choices_tabulate_the_best_and_the_heuristic_block_with_their_stability():
+    rng = np.random.default_rng(5)
+    L, m = 6, 12
+    counts = rng.integers(5, 40, m).astype(float)
+    per_text = rng.random((m, L + 1, L + 1)) * counts[:, None, None]
+    per_text = (per_text + per_text.transpose(0, 2, 1)) / 2
+    distances = synthetic_scan(per_text, counts)
+    distances.stderr = torch.tensor(rng.random((L + 1, L + 1)) / 100)
+    table = distances.choices([1, 3], share=0.05, resamples=500, seed=2)
+    assert table.index.tolist() == [1, 3]
+    for n in (1, 3):
+        best, row = distances.best_block(n), table.loc[n]
+        assert (row.best_start, row.best_last, row.best_distance, row.best_stderr) == (best.start, best.end - 1, best.distance, best.stderr)
+        start = L - 1 - n  # keep the final layer
+        assert (row.heuristic_start, row.heuristic_last) == (start, L - 2)
+        assert row.heuristic_distance == pytest.approx(float(distances.matrix[start, start + n]))
+        assert row.heuristic_stderr == pytest.approx(float(distances.stderr[start, start + n]))
+        shares = distances.stability(n, resamples=500, seed=2)
+        assert row.stability == {s: round(float(v), 3) for s, v in enumerate(shares) if v >= 0.05}

@@ -2,6 +2,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import json  # noqa: E402
 import math  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -309,3 +310,56 @@ def test_a_sweep_cache_of_other_settings_is_refused(tmp_path):
     cache.write_text("{not json")
     with pytest.raises(ValueError, match="is not a sweep cache"):
         sweep.sweep(model, tokenizer, ns=[0, 2], evals=[probe], distances=_distances(6), cache_path=cache)
+
+
+def test_sweeps_concatenates_each_strategy_and_evaluates_n0_once(tmp_path):
+    model, tokenizer = kit.tiny_model("llama")
+    distances = _distances(layers.num_layers(model))
+    calls = []
+
+    def probe(m, t):
+        calls.append(layers.num_layers(m))
+        return {"loss": evaluate.validation_loss(m, t, TEXTS, max_length=32).loss}
+
+    table = sweep.sweeps(model, tokenizer, ns=[0, 2], evals=[probe], distances=distances, folder=tmp_path)
+    assert calls == [6, 4, 4]  # n = 0 once, then n = 2 for each strategy
+    for strategy in sweep.STRATEGIES:
+        alone = sweep.sweep(model, tokenizer, ns=[0, 2], evals=[probe], distances=distances, strategy=strategy)
+        mine = table[table["strategy"] == strategy].reset_index(drop=True)
+        numeric = lambda t: t.assign(distance=pd.to_numeric(t["distance"]))  # noqa: E731  (heuristic blocks: None)
+        pd.testing.assert_frame_equal(numeric(mine), numeric(alone), check_exact=False, rtol=1e-6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"sweep-{s}.json" for s in sorted(sweep.STRATEGIES)]
+    with pytest.raises(ValueError, match="heal_texts and heal_config"):
+        sweep.sweeps(model, tokenizer, ns=[0, 2], evals=[probe], distances=distances, folder=tmp_path, heal_ns=[2])
+
+
+def test_sweeps_heal_each_strategys_blocks_into_their_own_folders(tmp_path):
+    model, tokenizer = kit.tiny_model("llama")
+    config = kit.HealConfig(rank=2, lr=1e-2, steps=1, batch_size=2, seq_len=32, quantize=None, save_every=1)
+    probe = lambda m, t: {"layers": float(layers.num_layers(m))}  # noqa: E731
+    table = sweep.sweeps(model, tokenizer, ns=[0, 2], evals=[probe], distances=_distances(6), folder=tmp_path,
+                         heal_ns=[2], heal_config=config, heal_texts=data.corpus("train")[:4])  # fmt: skip
+    assert table[["strategy", "n", "healed"]].values.tolist() == [
+        [s, n, h] for s in sweep.STRATEGIES for n, h in ((0, False), (2, False), (2, True))
+    ]
+    for strategy in sweep.STRATEGIES:
+        assert (tmp_path / "sweep_healed" / strategy / "n2" / "adapter" / "adapter_model.safetensors").exists()
+    assert json.loads((tmp_path / "sweep-similarity.json").read_text())["settings"]["settings"]["heal"] == config.digest()
+
+
+def test_collapse_points_and_healing_gains_per_strategy():
+    a = _curve([0.7, 0.7, 0.25, 0.25], 400, seed=4)
+    b = _curve([0.7, 0.25, 0.25, 0.25], 400, seed=5, strategy="heuristic")
+    healed = _curve([0.7, 0.7, 0.7, 0.25], 400, seed=6).query("n == 2").assign(healed=True)
+    results = pd.concat([a, b, healed], ignore_index=True)
+    table = sweep.collapse_points(results)
+    assert table["strategy"].tolist() == ["similarity", "heuristic"]
+    for strategy, curve in (("similarity", a), ("heuristic", b)):
+        fraction, (low, high) = sweep.collapse_point(curve)
+        assert table.set_index("strategy").loc[strategy, ["collapse", "ci_low", "ci_high"]].tolist() == [fraction, low, high]
+    gains = sweep.healing_gains(results)
+    expected = sweep.paired_comparison(pd.concat([a, healed]), "healed", True, False)
+    assert gains["strategy"].tolist() == ["similarity"]
+    pd.testing.assert_frame_equal(gains.drop(columns="strategy"), expected)
+    with pytest.raises(ValueError, match="no healed rows"):
+        sweep.healing_gains(pd.concat([a, b]))

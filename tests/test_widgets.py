@@ -1,9 +1,12 @@
-"""The block picker, driven in-process by setting its widgets' values."""
+"""The block picker, driven in-process by setting its widgets' values, and the selection it saves."""
+
+import json
 
 import pytest
 import torch
 
-from kit.prune import Block
+from kit.artifacts import MissingArtifactError
+from kit.prune import Block, Selection
 from kit.similarity import Distances
 from kit.widgets import BlockPicker
 
@@ -24,7 +27,7 @@ def test_default_is_the_argmin(distances):
     picker = BlockPicker(distances, n=2)
     assert picker.block == Block(2, 2, pytest.approx(0.2)) == distances.best_block(2)
     assert picker.source == "argmin"
-    assert picker.selection() == {"start": 2, "n": 2, "distance": pytest.approx(0.2), "source": "argmin", "model": "synthetic"}
+    assert picker.selection() == Selection(2, 2, pytest.approx(0.2), "argmin", "synthetic")
     assert "layers 2&ndash;3" in picker._info.value and bytes(picker._image.value).startswith(b"\x89PNG")
 
 
@@ -41,7 +44,7 @@ def test_block_follows_a_manual_change(distances):
     picker = BlockPicker(distances, n=2)
     picker._start.value = 4
     assert picker.block == Block(4, 2, pytest.approx(0.6)) and picker.source == "manual"
-    assert picker.selection()["source"] == "manual"
+    assert picker.selection().source == "manual"
     picker._start.value = 2
     assert picker.source == "argmin"
 
@@ -85,3 +88,32 @@ def test_any_criterion_of_the_registry(distances):
     assert picker.block == Block(3, 2, pytest.approx(0.5)) and picker.source == "loss"
     with pytest.raises(ValueError, match="'loss' needs the oracle"):
         BlockPicker(distances, n=2, strategy="loss")
+
+
+def test_selection_round_trips_through_its_file(distances, tmp_path):
+    picker = BlockPicker(distances, n=2)
+    picker._start.value = 4
+    path = picker.selection().save(tmp_path / "selection.json")
+    assert json.loads(path.read_text()) == {"start": 4, "n": 2, "distance": pytest.approx(0.6), "source": "manual", "model": "synthetic"}
+    loaded = Selection.load(path)
+    assert loaded == picker.selection() and loaded.block == Block(4, 2, pytest.approx(0.6))
+
+
+def test_a_missing_or_foreign_selection_names_notebook_02(tmp_path):
+    with pytest.raises(MissingArtifactError, match="02_select_and_prune.ipynb"):
+        Selection.load(tmp_path / "selection.json")
+    (tmp_path / "selection.json").write_text('{"start": 3, "n": 2}')
+    with pytest.raises(ValueError, match="not a block selection.*found \\['n', 'start'\\].*02_select_and_prune"):
+        Selection.load(tmp_path / "selection.json")
+
+
+def test_prune_config_checks_its_settings_and_names_each_in_its_digest():
+    from kit.config import PruneConfig
+
+    config = PruneConfig(n=6, strategy="heuristic")
+    assert config.to_dict() == {"n": 6, "start": None, "strategy": "heuristic", "n_val_texts": 32, "max_length": 256, "batch_size": 8}
+    assert len({config.digest(), config.replace(n=7).digest(), config.replace(start=3).digest(), config.replace(n_val_texts=8).digest()}) == 4
+    with pytest.raises(ValueError, match="n must be >= 1, got 0"):
+        PruneConfig(n=0)
+    with pytest.raises(ValueError, match="start must be >= 0 or None"):
+        PruneConfig(start=-1)
