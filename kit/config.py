@@ -41,7 +41,8 @@ class ScanConfig(_Settings):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
-# The paper's Appendix A: per-model LoRA rank and peak learning rate.
+# The paper's Appendix A: per-model LoRA rank and peak learning rate (its Qwen-7B/14B are Qwen 1, a
+# remote-code architecture the kit does not load; the figures are kept as the paper's record).
 PAPER_HEALING = {
     "llama-2-7b": (2, 3e-4),
     "llama-2-13b": (64, 3e-4),

@@ -76,8 +76,8 @@ def _greedy(model, tokenizer, prompt, n=3):
     return tokenizer.decode(out[0, enc["input_ids"].shape[1] :])
 
 
-def test_embedded_model_knows_paris():
-    model, tokenizer = kit.load_model("smollm2-135m")
+def test_embedded_model_knows_paris(smollm):
+    model, tokenizer = smollm
     assert layers.num_layers(model) == 30 and model.config.model_type == "llama"
     assert tokenizer.pad_token is not None
     assert _greedy(model, tokenizer, "The capital of France is").startswith(" Paris")
