@@ -61,7 +61,10 @@ def _tiny_config(arch: str, num_layers: int, vocab: int):
         "qwen2": lambda: tf.Qwen2Config(**common, use_sliding_window=True, sliding_window=32, max_window_layers=num_layers // 2),
         "qwen3": lambda: tf.Qwen3Config(**common, head_dim=16),
         "gemma": lambda: tf.GemmaConfig(**common, head_dim=16),
-        "gemma2": lambda: tf.Gemma2Config(**common, head_dim=16, query_pre_attn_scalar=16, sliding_window=32),  # soft-capping on
+        "gemma2": lambda: tf.Gemma2Config(  # soft-caps small enough to bite on a random model's small scores and logits
+            **common, head_dim=16, query_pre_attn_scalar=16, sliding_window=32, attn_logit_softcapping=0.05,
+            final_logit_softcapping=0.3,
+        ),  # fmt: skip
         "gemma3": lambda: tf.Gemma3TextConfig(**common, head_dim=16, sliding_window=32),
         "olmo2": lambda: tf.Olmo2Config(**common),
         "phi3": lambda: tf.Phi3Config(**common),
