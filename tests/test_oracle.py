@@ -27,8 +27,9 @@ def _brute_kl(model, pruned, tokenizer, texts, max_length, batch_size) -> float:
     return total / count
 
 
-def test_equals_validation_loss_of_the_rebuilt_model(tiny):
-    model, tokenizer = tiny
+@pytest.mark.parametrize("arch", kit.TINY_ARCHITECTURES)
+def test_equals_validation_loss_of_the_rebuilt_model(arch):
+    model, tokenizer = kit.tiny_model(arch, num_layers=4)  # every block of 4 layers: 9 rebuilt models
     L = kit.layers.num_layers(model)
     oracle = ablation_losses(model, tokenizer, TEXTS, max_length=16, batch_size=3)
     assert oracle.loss.shape == oracle.kl.shape == (L + 1, L + 1)
