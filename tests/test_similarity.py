@@ -69,9 +69,13 @@ def test_4bit_model_matches_brute_force(tmp_path, texts):
     np.testing.assert_allclose(distances.matrix.numpy(), brute_force(model, tokenizer, texts)["angular_last"], atol=2e-5)
 
 
-@pytest.mark.parametrize("metric", ["angular_last", "angular_all"])
-def test_padding_side_and_batch_size_do_not_matter(tiny, texts, metric):
-    model, tokenizer = tiny
+# Every architecture on every token (its positions and masks under padding); finding the last token is the
+# kit's own arithmetic on the mask, checked on one rotary and one absolute-position model.
+@pytest.mark.parametrize(
+    "arch, metric", [(arch, "angular_all") for arch in kit.TINY_ARCHITECTURES] + [("llama", "angular_last"), ("gpt2", "angular_last")]
+)
+def test_padding_side_and_batch_size_do_not_matter(arch, metric, texts):
+    model, tokenizer = kit.tiny_model(arch)
     tokenizer.padding_side = "right"
     right_1 = scan(model, tokenizer, texts, batch_size=1, metric=metric).matrix
     tokenizer.padding_side = "left"
