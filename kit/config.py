@@ -60,7 +60,8 @@ class PruneConfig(_Settings):
             raise ValueError(f"start must be >= 0 or None (the strategy's block), got {self.start}")
 
 
-# The paper's Appendix A: per-model LoRA rank and peak learning rate.
+# The paper's Appendix A: per-model LoRA rank and peak learning rate (its Qwen-7B/14B are Qwen 1, a
+# remote-code architecture the kit does not load; the figures are kept as the paper's record).
 PAPER_HEALING = {
     "llama-2-7b": (2, 3e-4),
     "llama-2-13b": (64, 3e-4),

@@ -30,7 +30,6 @@ ANATOMIES: dict[str, Anatomy] = {
     "olmo2": _LLAMA_LIKE,
     "phi3": Anatomy("model.layers", "model.norm", ("gate_up_proj", "down_proj")),
     "phi": Anatomy("model.layers", "model.final_layernorm", ("fc1", "fc2")),
-    "qwen": Anatomy("transformer.h", "transformer.ln_f", ("w1", "w2", "mlp.c_proj")),
     "gpt2": Anatomy("transformer.h", "transformer.ln_f", ("mlp.c_fc", "mlp.c_proj")),
     "gpt_neox": Anatomy(
         "gpt_neox.layers", "gpt_neox.final_layer_norm", ("dense_h_to_4h", "dense_4h_to_h")

@@ -13,6 +13,7 @@ from torch import nn
 from . import layers
 from .artifacts import read_json, save_checkpoint, write_json
 from .block import Block, heuristic_block
+from .similarity import METRICS
 
 PRUNED_BLOCKS = "pruned_blocks"  # config attribute: removed layers as [[start, n], ...] in ORIGINAL indices
 _MISSING = object()
@@ -44,7 +45,7 @@ def _argmin(metric: str | None) -> Callable[..., Block]:
 CRITERIA: dict[str, Criterion] = {
     **{
         metric: Criterion(f"argmin over start of the scan's {metric} distance (kit.angular_distances)", "distances", _argmin(metric))
-        for metric in ("angular_last", "angular_all", "block_influence")
+        for metric in METRICS
     },
     "similarity": Criterion("argmin over start of the given scan, whatever its metric", "distances", _argmin(None)),
     "heuristic": Criterion("the paper's heuristic: keep the final layer, drop the n before it", None,

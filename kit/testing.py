@@ -1,14 +1,21 @@
-"""Tiny random causal LMs of every tested architecture, with a small tokenizer trained in-process
-on the offline corpus: for tests, benchmarks and the GPU check (no download)."""
+"""Test fixtures: tiny random causal LMs of every tested architecture, with a small tokenizer trained
+in-process on the offline corpus (no download), for tests, benchmarks and the GPU check; random
+distance matrices; and a brute-force reference for the scan."""
 
 from functools import lru_cache
 
+import numpy as np
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from . import layers
 from .data import corpus
+from .similarity import Distances
 
-TINY_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3", "phi", "gpt2", "gpt_neox", "opt")
+TINY_ARCHITECTURES = (
+    "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "olmo2", "phi3", "phi", "gpt2", "gpt_neox", "opt",
+)  # fmt: skip
 _TINY_VOCAB = 512
 
 
@@ -53,7 +60,13 @@ def _tiny_config(arch: str, num_layers: int, vocab: int):
         "mistral": lambda: tf.MistralConfig(**common, sliding_window=32),
         "qwen2": lambda: tf.Qwen2Config(**common, use_sliding_window=True, sliding_window=32, max_window_layers=num_layers // 2),
         "qwen3": lambda: tf.Qwen3Config(**common, head_dim=16),
+        "gemma": lambda: tf.GemmaConfig(**common, head_dim=16),
+        "gemma2": lambda: tf.Gemma2Config(  # soft-caps small enough to bite on a random model's small scores and logits
+            **common, head_dim=16, query_pre_attn_scalar=16, sliding_window=32, attn_logit_softcapping=0.05,
+            final_logit_softcapping=0.3,
+        ),  # fmt: skip
         "gemma3": lambda: tf.Gemma3TextConfig(**common, head_dim=16, sliding_window=32),
+        "olmo2": lambda: tf.Olmo2Config(**common),
         "phi3": lambda: tf.Phi3Config(**common),
         "phi": lambda: tf.PhiConfig(**{k: v for k, v in common.items() if k != "num_key_value_heads"}),
         "gpt2": lambda: tf.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=num_layers, n_head=4, n_positions=2048, **ids),
@@ -81,3 +94,55 @@ def tiny_model(arch: str = "llama", *, num_layers: int = 6, seed: int = 0):
     model.eval()
     return model, tokenizer
 
+
+
+def random_distances(num_layers: int = 7, seed: int = 0) -> Distances:
+    """A random symmetric (L+1) x (L+1) Distances with a zero diagonal (an "angular_last" scan of nothing)."""
+    rng = np.random.default_rng(seed)
+    matrix = rng.random((num_layers + 1, num_layers + 1))
+    matrix = (matrix + matrix.T) / 2
+    np.fill_diagonal(matrix, 0)
+    return Distances(torch.tensor(matrix), {"model": "synthetic", "metric": "angular_last"})
+
+
+# The scan's metrics written out independently of kit.similarity: which tokens, and the distance of a cosine.
+REFERENCE_METRICS = {
+    "angular_last": (True, lambda cos: np.arccos(cos) / np.pi),
+    "angular_all": (False, lambda cos: np.arccos(cos) / np.pi),
+    "block_influence": (False, lambda cos: 1 - cos),
+}
+
+
+@torch.no_grad()
+def reference_distance_sums(model, tokenizer, texts: list[str], max_length: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Brute-force reference for kit.angular_distances: {metric: (per-text distance sums [texts, L+1, L+1],
+    token counts [texts])}, one unpadded text at a time through HF's `output_hidden_states` with the final
+    norm replaced by Identity (so the last hidden state is position L), in numpy float64."""
+    *parents, name = layers.anatomy(model).final_norm.split(".")
+    parent = model.get_submodule(".".join(parents))
+    norm = getattr(parent, name)
+    sums = {metric: [] for metric in REFERENCE_METRICS}
+    counts = {metric: [] for metric in REFERENCE_METRICS}
+    setattr(parent, name, nn.Identity())
+    try:
+        for text in texts:
+            ids = tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt")
+            x = np.stack([h[0].double().cpu().numpy() for h in model(**ids, output_hidden_states=True).hidden_states])
+            x = x / np.linalg.norm(x, axis=-1, keepdims=True)  # [L+1, tokens, hidden]
+            for metric, (last_only, distance) in REFERENCE_METRICS.items():
+                tokens = x[:, -1:] if last_only else x
+                cos = np.clip(np.einsum("ith,jth->tij", tokens, tokens), -1, 1)
+                sums[metric].append(distance(cos).sum(0))
+                counts[metric].append(tokens.shape[1])
+    finally:
+        setattr(parent, name, norm)
+    return {metric: (np.stack(sums[metric]), np.array(counts[metric], float)) for metric in REFERENCE_METRICS}
+
+
+def reference_distances(model, tokenizer, texts: list[str], max_length: int) -> dict[str, np.ndarray]:
+    """{metric: mean distance matrix} of reference_distance_sums, with a zero diagonal."""
+    matrices = {}
+    for metric, (sums, counts) in reference_distance_sums(model, tokenizer, texts, max_length).items():
+        matrices[metric] = sums.sum(0) / counts.sum()
+        np.fill_diagonal(matrices[metric], 0)
+    return matrices

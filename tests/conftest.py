@@ -1,5 +1,7 @@
-"""Shared fixtures: tiny models, and notebooks executed once per session through papermill."""
+"""Shared fixtures: tiny models, the embedded model, hand-written MMLU questions, a prompt past the
+tiny sliding windows, model snapshots, and notebooks executed once per session through papermill."""
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -10,8 +12,10 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["KIT_DEVICE"] = "cpu"
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 import kit  # noqa: E402
+from kit.data import MMLUQuestion  # noqa: E402
 from kit.reports import NOTEBOOKS, execute  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,11 +35,73 @@ SMOKE_PARAMETERS = {
                     "METRICS": ["angular_last", "block_influence"], "SCATTER_NS": [26]},
 }
 
+# Short hand-written MMLU questions with small few-shot pools: fast on the tiny models.
+POOL = {
+    "high_school_biology": [
+        MMLUQuestion("high_school_biology", "Which organelle makes ATP?", ("Ribosome", "Mitochondrion", "Golgi", "Vacuole"), 1),
+        MMLUQuestion("high_school_biology", " DNA is made of? ", ("amino acids", "lipids", "nucleotides", "sugars"), 2),
+        MMLUQuestion("high_school_biology", "Plants take in", ("CO2", "O3", "N2O", "He"), 0),
+    ],
+    "astronomy": [
+        MMLUQuestion("astronomy", "The Sun is a", ("planet", "moon", "comet", "star"), 3),
+        MMLUQuestion("astronomy", "Closest planet to the Sun?", ("Mercury", "Venus", "Mars", "Earth"), 0),
+        MMLUQuestion("astronomy", "Saturn has", ("no moons", "rings", "oceans", "a crust of ice"), 1),
+    ],
+}
+QUESTIONS = (
+    MMLUQuestion("astronomy", "Which planet is red?", ("Venus", "Mars", "Jupiter", "Neptune"), 1),
+    MMLUQuestion("high_school_biology", "Blood cells that fight infection", ("red", "white", "platelets", "plasma"), 1),
+    MMLUQuestion("astronomy", "A light-year measures", ("time", "distance", "speed", "mass"), 1),
+    MMLUQuestion("high_school_biology", "Genes sit on", ("chromosomes", "membranes", "ribosomes", "cell walls"), 0),
+    MMLUQuestion("astronomy", "The Moon orbits", ("Mars", "the Sun only", "the Earth", "Venus"), 2),
+)
+LONG_PROMPT = "The quick brown fox jumps over the lazy dog. " * 6  # longer than the tiny sliding windows (32)
+
 
 @pytest.fixture(params=kit.TINY_ARCHITECTURES)
 def tiny(request):
     """(model, tokenizer) of every tiny architecture, one test per architecture."""
     return kit.tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The embedded SmolLM2-135M (model, tokenizer), loaded once per session. Tests must leave it as
+    they found it (drop_layers copies, dropped restores); cast or quantize a load of your own."""
+    return kit.load_model("smollm2-135m")
+
+
+@pytest.fixture
+def questions() -> list[MMLUQuestion]:
+    """Five hand-written MMLU questions over two subjects."""
+    return list(QUESTIONS)
+
+
+@pytest.fixture(scope="session")
+def fewshot():
+    """The few-shot pool of each subject of `questions` (three questions), as mmlu's `fewshot=` takes it."""
+    return lambda subject: list(POOL[subject])
+
+
+@pytest.fixture(scope="session")
+def long_prompt():
+    """ids(tokenizer): a prompt longer than the tiny models' sliding windows (32), as a batch of one."""
+    return lambda tokenizer: tokenizer([LONG_PROMPT], return_tensors="pt").input_ids
+
+
+@pytest.fixture(scope="session")
+def snapshot():
+    """snapshot(model): everything pruning or a sweep may touch, comparable with ==: the config, the
+    decoder-layer list object, every module's layer_idx, and a digest of every weight."""
+
+    def take(model):
+        indices = [(name, m.layer_idx) for name, m in model.named_modules() if isinstance(getattr(m, "layer_idx", None), int)]
+        weights = hashlib.sha256()
+        for name, tensor in model.state_dict().items():
+            weights.update(name.encode() + tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return model.config.to_dict(), id(kit.layers.decoder_layers(model)), indices, weights.hexdigest()
+
+    return take
 
 
 @pytest.fixture(scope="session")

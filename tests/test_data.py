@@ -54,7 +54,9 @@ def test_corpus_bad_split():
 
 def test_mmlu_texts_end_with_answer_prompt():
     texts = data.load_texts("mmlu", n=3)
-    assert len(texts) == 3 and all(t.endswith("\nD. " + t.split("\nD. ")[1].split("\n")[0] + "\nAnswer:") for t in texts)
+    assert texts == [data.format_mmlu_question(q) for q in data.mmlu_questions()[:3]]
+    question = data.MMLUQuestion("anatomy", " Which bone is longest? ", ("femur", "tibia", "ulna", "radius"), 0)
+    assert data.format_mmlu_question(question) == "Which bone is longest?\nA. femur\nB. tibia\nC. ulna\nD. radius\nAnswer:"
 
 
 def test_batched():

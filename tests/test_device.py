@@ -78,8 +78,8 @@ def test_kit_device_pins_the_default_device(monkeypatch):
     assert policy.default_device() == torch.device("cpu")
 
 
-def test_loads_follow_the_policy_and_record_their_provenance():
-    model, _ = kit.load_model("smollm2-135m")  # on the CPU: the suite pins KIT_DEVICE=cpu
+def test_loads_follow_the_policy_and_record_their_provenance(smollm):
+    model, _ = smollm  # loaded by kit.load_model on the CPU: the suite pins KIT_DEVICE=cpu
     assert model.dtype == torch.float32 and model.device.type == "cpu"
     placement = policy.provenance(model)
     assert placement["dtype"] == "float32" and placement["quantization"] is None

@@ -17,32 +17,6 @@ from kit.scoring import encode_request
 
 BOOLQ_FIXTURE = Path(__file__).parent / "fixtures" / "boolq.jsonl"
 
-# Short hand-written questions with small few-shot pools: fast on the tiny models.
-POOL = {
-    "high_school_biology": [
-        MMLUQuestion("high_school_biology", "Which organelle makes ATP?", ("Ribosome", "Mitochondrion", "Golgi", "Vacuole"), 1),
-        MMLUQuestion("high_school_biology", " DNA is made of? ", ("amino acids", "lipids", "nucleotides", "sugars"), 2),
-        MMLUQuestion("high_school_biology", "Plants take in", ("CO2", "O3", "N2O", "He"), 0),
-    ],
-    "astronomy": [
-        MMLUQuestion("astronomy", "The Sun is a", ("planet", "moon", "comet", "star"), 3),
-        MMLUQuestion("astronomy", "Closest planet to the Sun?", ("Mercury", "Venus", "Mars", "Earth"), 0),
-        MMLUQuestion("astronomy", "Saturn has", ("no moons", "rings", "oceans", "a crust of ice"), 1),
-    ],
-}
-QUESTIONS = [
-    MMLUQuestion("astronomy", "Which planet is red?", ("Venus", "Mars", "Jupiter", "Neptune"), 1),
-    MMLUQuestion("high_school_biology", "Blood cells that fight infection", ("red", "white", "platelets", "plasma"), 1),
-    MMLUQuestion("astronomy", "A light-year measures", ("time", "distance", "speed", "mass"), 1),
-    MMLUQuestion("high_school_biology", "Genes sit on", ("chromosomes", "membranes", "ribosomes", "cell walls"), 0),
-    MMLUQuestion("astronomy", "The Moon orbits", ("Mars", "the Sun only", "the Earth", "Venus"), 2),
-]
-
-
-def pool(subject):
-    return POOL[subject]
-
-
 def reference_loglikelihood(model, tokenizer, context: str, continuation: str) -> float:
     """log p(continuation | context) from one full forward and HF's own shifted `labels=` loss."""
     context_ids = tokenizer(context)["input_ids"]
@@ -54,50 +28,45 @@ def reference_loglikelihood(model, tokenizer, context: str, continuation: str) -
     return -loss * (ids.shape[1] - len(context_ids))
 
 
-@pytest.fixture(scope="module")
-def smollm():
-    return kit.load_model("smollm2-135m")
-
-
-def test_prompt_is_the_original_hendrycks_format():
-    shots = POOL["high_school_biology"][:2]
+def test_prompt_is_the_original_hendrycks_format(questions, fewshot):
+    shots = fewshot("high_school_biology")[:2]
     expected = (
         "The following are multiple choice questions (with answers) about high school biology.\n\n"
         "Which organelle makes ATP?\nA. Ribosome\nB. Mitochondrion\nC. Golgi\nD. Vacuole\nAnswer: B\n\n"
         "DNA is made of?\nA. amino acids\nB. lipids\nC. nucleotides\nD. sugars\nAnswer: C\n\n"
         "Genes sit on\nA. chromosomes\nB. membranes\nC. ribosomes\nD. cell walls\nAnswer:"
     )
-    assert mmlu_prompt(QUESTIONS[3], shots) == expected
+    assert mmlu_prompt(questions[3], shots) == expected
     assert expected.startswith(fewshot_prefix("high_school_biology", shots))
 
 
-def test_cached_batched_equals_one_forward_per_question(tiny):
+def test_cached_batched_equals_one_forward_per_question(tiny, questions, fewshot):
     model, tokenizer = tiny
-    fast = mmlu(model, tokenizer, QUESTIONS, shots=3, batch_size=2, fewshot=pool)
-    naive = mmlu(model, tokenizer, QUESTIONS, shots=3, fewshot=pool, naive=True)
+    fast = mmlu(model, tokenizer, questions, shots=3, batch_size=2, fewshot=fewshot)
+    naive = mmlu(model, tokenizer, questions, shots=3, fewshot=fewshot, naive=True)
     assert fast.predictions == naive.predictions
     np.testing.assert_allclose(fast.loglikelihoods, naive.loglikelihoods, atol=1e-4)
 
 
-def test_loglikelihoods_match_hf_labels_loss_when_letters_split():
+def test_loglikelihoods_match_hf_labels_loss_when_letters_split(questions, fewshot):
     model, tokenizer = kit.tiny_model("llama")
     assert len(tokenizer(" B", add_special_tokens=False)["input_ids"]) == 2  # " B" -> " " + "B"
-    result = mmlu(model, tokenizer, QUESTIONS[:2], shots=2, fewshot=pool)
-    for question, row in zip(QUESTIONS[:2], result.loglikelihoods):
-        prompt = mmlu_prompt(question, POOL[question.subject][:2])
+    result = mmlu(model, tokenizer, questions[:2], shots=2, fewshot=fewshot)
+    for question, row in zip(questions[:2], result.loglikelihoods):
+        prompt = mmlu_prompt(question, fewshot(question.subject)[:2])
         expected = [reference_loglikelihood(model, tokenizer, prompt, f" {letter}") for letter in "ABCD"]
         np.testing.assert_allclose(row, expected, atol=1e-4)
 
 
 def test_embedded_model_cached_equals_naive(smollm):
     model, tokenizer = smollm
-    questions = mmlu_questions(["world_religions", "conceptual_physics"], per_subject=3)
-    fast = mmlu(model, tokenizer, questions, batch_size=2)
-    naive = mmlu(model, tokenizer, questions, naive=True)
+    questions = mmlu_questions(["world_religions", "conceptual_physics"], per_subject=2)  # one batch of 2 per subject
+    fast = mmlu(model, tokenizer, questions, shots=2, batch_size=2)
+    naive = mmlu(model, tokenizer, questions, shots=2, naive=True)
     assert fast.predictions == naive.predictions
     np.testing.assert_allclose(fast.loglikelihoods, naive.loglikelihoods, atol=1e-3)
     # SmolLM2 writes each of " A".." D" as one token: the score is the next-token log-probability
-    prompt = mmlu_prompt(questions[0], kit.data.mmlu_fewshot_pool("world_religions"))
+    prompt = mmlu_prompt(questions[0], kit.data.mmlu_fewshot_pool("world_religions")[:2])
     ids = torch.tensor([tokenizer(prompt)["input_ids"]])
     letters = [tokenizer(f" {letter}", add_special_tokens=False)["input_ids"] for letter in "ABCD"]
     assert all(len(ids_) == 1 for ids_ in letters)
@@ -106,12 +75,12 @@ def test_embedded_model_cached_equals_naive(smollm):
     np.testing.assert_allclose(fast.loglikelihoods[0], [logprobs[i].item() for (i,) in letters], atol=1e-3)
 
 
-def test_accuracy_is_mean_over_questions_and_subject_accuracy_mean_over_subjects():
+def test_accuracy_is_mean_over_questions_and_subject_accuracy_mean_over_subjects(questions):
     # astronomy: 3 questions, answers B B C; biology: 2 questions, answers B A
     loglik = np.full((5, 4), -5.0)
     for row, letter in enumerate([1, 1, 0, 0, 2]):  # predicted B, B, A, A, C
         loglik[row, letter] = -1.0
-    result = result_from_loglikelihoods(QUESTIONS, loglik)
+    result = result_from_loglikelihoods(questions, loglik)
     assert result.predictions == ["B", "B", "A", "A", "C"]
     # correct: astronomy Q0 yes, Q2 no, Q4 yes (2/3); biology Q1 yes, Q3 yes (2/2)
     assert result.accuracy == pytest.approx(4 / 5)
@@ -126,23 +95,23 @@ def test_accuracy_is_mean_over_questions_and_subject_accuracy_mean_over_subjects
     assert result.subject_ci == pytest.approx(((0 + 1) / 2, (1 + 1) / 2))
 
 
-def test_mmlu_accuracy_agrees_with_its_predictions():
+def test_mmlu_accuracy_agrees_with_its_predictions(questions, fewshot):
     model, tokenizer = kit.tiny_model("gpt2")
-    result = mmlu(model, tokenizer, QUESTIONS, shots=1, fewshot=pool)
-    correct = [p == "ABCD"[q.answer] for p, q in zip(result.predictions, QUESTIONS)]
+    result = mmlu(model, tokenizer, questions, shots=1, fewshot=fewshot)
+    correct = [p == "ABCD"[q.answer] for p, q in zip(result.predictions, questions)]
     assert result.accuracy == pytest.approx(np.mean(correct))
 
 
-def test_mmlu_errors_say_what_to_do():
+def test_mmlu_errors_say_what_to_do(questions, fewshot):
     model, tokenizer = kit.tiny_model("llama")
     with pytest.raises(ValueError, match="at least one question"):
         mmlu(model, tokenizer, [])
     with pytest.raises(ValueError, match="holds 3 questions, fewer than shots=5"):
-        mmlu(model, tokenizer, QUESTIONS, shots=5, fewshot=pool)
+        mmlu(model, tokenizer, questions, shots=5, fewshot=fewshot)
     limit = model.config.max_position_embeddings
     long = MMLUQuestion("astronomy", "word " * limit, ("a", "b", "c", "d"), 0)
     with pytest.raises(ValueError, match=f"exceeds the model's {limit} positions"):
-        mmlu(model, tokenizer, [long], shots=1, fewshot=pool)
+        mmlu(model, tokenizer, [long], shots=1, fewshot=fewshot)
 
 
 def test_encode_request_moves_trailing_space_to_the_continuation():
@@ -184,11 +153,9 @@ def test_boolq_items_reads_local_jsonl(tmp_path):
         boolq_items(str(bad))
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "gpt2", "opt", "gemma3"])
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2", "opt", "gemma2"])  # gemma2: final logit soft-capping
 def test_validation_loss_is_the_token_weighted_hf_loss(arch, monkeypatch):
     model, tokenizer = kit.tiny_model(arch)
-    if arch == "gemma3":
-        model.config.final_logit_softcapping = 5.0  # Gemma 2's final soft-capping, applied by HF's forward
     monkeypatch.setattr(kit.loss, "_LOGIT_ELEMENTS", 7 * len(tokenizer))  # chunks of 7 tokens
     texts = kit.data.corpus("validation")[:3] + ["A short text."]
     result = validation_loss(model, tokenizer, texts, max_length=64, batch_size=3)

@@ -8,7 +8,6 @@ import lm_eval
 import numpy as np
 import pytest
 import yaml
-from test_evaluate import QUESTIONS, pool
 
 import kit
 from kit.data import mmlu_questions
@@ -28,17 +27,17 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
-def test_agrees_with_lm_eval_when_letters_split_into_tokens():
+def test_agrees_with_lm_eval_when_letters_split_into_tokens(questions, fewshot):
     model, tokenizer = kit.tiny_model("llama")  # its tokenizer writes " B" as " " + "B"
-    ours = mmlu(model, tokenizer, QUESTIONS, shots=2, fewshot=pool)
-    theirs = lm_eval_mmlu(model, tokenizer, QUESTIONS, shots=2, batch_size=4, fewshot=pool)
+    ours = mmlu(model, tokenizer, questions, shots=2, fewshot=fewshot)
+    theirs = lm_eval_mmlu(model, tokenizer, questions, shots=2, batch_size=4, fewshot=fewshot)
     assert ours.predictions == theirs.predictions
     np.testing.assert_allclose(ours.loglikelihoods, theirs.loglikelihoods, atol=1e-4)
     assert ours.accuracy == theirs.accuracy
 
 
-def test_embedded_model_agrees_with_lm_eval_5_shot():
-    model, tokenizer = kit.load_model("smollm2-135m")
+def test_embedded_model_agrees_with_lm_eval_5_shot(smollm):
+    model, tokenizer = smollm
     questions = mmlu_questions(["world_religions", "conceptual_physics"], per_subject=2)
     ours = mmlu(model, tokenizer, questions)
     theirs = lm_eval_mmlu(model, tokenizer, questions)

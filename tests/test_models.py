@@ -76,8 +76,8 @@ def _greedy(model, tokenizer, prompt, n=3):
     return tokenizer.decode(out[0, enc["input_ids"].shape[1] :])
 
 
-def test_embedded_model_knows_paris():
-    model, tokenizer = kit.load_model("smollm2-135m")
+def test_embedded_model_knows_paris(smollm):
+    model, tokenizer = smollm
     assert layers.num_layers(model) == 30 and model.config.model_type == "llama"
     assert tokenizer.pad_token is not None
     assert _greedy(model, tokenizer, "The capital of France is").startswith(" Paris")
@@ -92,13 +92,17 @@ def test_embedded_model_in_4bit_on_cpu():
     assert _greedy(model, tokenizer, "The capital of France is").startswith(" Paris")
 
 
-def test_gguf_file_loads_through_its_cached_checkpoint(tmp_path, monkeypatch):
+def test_gguf_file_loads_through_its_cached_checkpoint(tmp_path, monkeypatch, smollm):
     gguf = kit.assets.fetch_file(kit.assets.SMOLLM2_GGUF)
     monkeypatch.setenv("KIT_CACHE", str(tmp_path))
     model, tokenizer = kit.load_model(str(gguf))
     converted = list((tmp_path / "models").iterdir())
     assert len(converted) == 1 and (converted[0] / "model.safetensors").exists()
-    assert _greedy(model, tokenizer, "The capital of France is").startswith(" Paris")
+    # the same weights, bit for bit, as the embedded alias built from this file (which knows Paris, above)
+    expected = smollm[0].state_dict()
+    assert model.state_dict().keys() == expected.keys()
+    assert all(torch.equal(weight, expected[name]) for name, weight in model.state_dict().items())
+    assert tokenizer("The capital of France is")["input_ids"] == smollm[1]("The capital of France is")["input_ids"]
 
 
 def test_cached_checkpoint_loads_without_the_kit():

@@ -27,8 +27,9 @@ def _brute_kl(model, pruned, tokenizer, texts, max_length, batch_size) -> float:
     return total / count
 
 
-def test_equals_validation_loss_of_the_rebuilt_model(tiny):
-    model, tokenizer = tiny
+@pytest.mark.parametrize("arch", kit.TINY_ARCHITECTURES)
+def test_equals_validation_loss_of_the_rebuilt_model(arch):
+    model, tokenizer = kit.tiny_model(arch, num_layers=4)  # every block of 4 layers: 9 rebuilt models
     L = kit.layers.num_layers(model)
     oracle = ablation_losses(model, tokenizer, TEXTS, max_length=16, batch_size=3)
     assert oracle.loss.shape == oracle.kl.shape == (L + 1, L + 1)
@@ -49,8 +50,8 @@ def test_equals_validation_loss_of_the_rebuilt_model(tiny):
     assert oracle.best_block(2) == Block(int(np.nanargmin(oracle.loss[2])), 2)
 
 
-def test_embedded_model_selected_sizes():
-    model, tokenizer = kit.load_model("smollm2-135m")
+def test_embedded_model_selected_sizes(smollm):
+    model, tokenizer = smollm
     texts = [text[:200] for text in corpus("validation")[:3]]
     oracle = ablation_losses(model, tokenizer, texts, ns=[27, 29], max_length=24, batch_size=2, model_name="smollm2-135m")
     assert oracle.ns == [27, 29] and np.isnan(oracle.loss[28]).all()

@@ -8,18 +8,14 @@ from matplotlib.collections import LineCollection, PolyCollection
 from matplotlib.patches import Rectangle
 
 import kit
-from kit.similarity import Distances
+from kit.testing import random_distances
 
 L = 8
 
 
 @pytest.fixture
 def distances():
-    rng = np.random.default_rng(1)
-    matrix = rng.random((L + 1, L + 1))
-    matrix = (matrix + matrix.T) / 2
-    np.fill_diagonal(matrix, 0)
-    yield Distances(torch.tensor(matrix), {"model": "synthetic", "metric": "angular_last"})
+    yield random_distances(L, seed=1)
     plt.close("all")
 
 

@@ -15,17 +15,6 @@ from kit import layers
 from kit.prune import Block, dropped, heuristic_block
 
 BLOCK = Block(2, 2)  # in the middle of a 6-layer tiny model
-PROMPT = "The quick brown fox jumps over the lazy dog. " * 6  # longer than the tiny sliding windows (32)
-
-
-def _ids(tokenizer):
-    return tokenizer([PROMPT], return_tensors="pt").input_ids
-
-
-def _state(model):
-    """Everything pruning may touch: config, the layer list object, every layer_idx."""
-    indices = [(name, m.layer_idx) for name, m in model.named_modules() if isinstance(getattr(m, "layer_idx", None), int)]
-    return model.config.to_dict(), id(layers.decoder_layers(model)), indices
 
 
 @torch.no_grad()
@@ -81,42 +70,40 @@ def test_layer_index_scaled_attention_warns():
 # ------------------------------------------------------------------------------ sweep view
 
 
-def test_dropped_equals_drop_layers_and_restores_exactly(tiny):
+def test_dropped_equals_drop_layers_and_restores_exactly(tiny, long_prompt, snapshot):
     model, tokenizer = tiny
-    ids = _ids(tokenizer)
-    before, full = _state(model), _logits(model, ids)
+    ids = long_prompt(tokenizer)
+    before, full = snapshot(model), _logits(model, ids)
     with dropped(model, BLOCK) as view:
         assert view is model and layers.num_layers(model) == 4 and model.config.num_hidden_layers == 4
         inside = _logits(model, ids)
-    assert _state(model) == before
+    assert snapshot(model) == before
     assert torch.equal(_logits(model, ids), full)
     assert torch.equal(inside, _logits(kit.drop_layers(model, BLOCK), ids))
 
 
-def test_dropped_restores_after_an_exception():
+def test_dropped_restores_after_an_exception(snapshot):
     model, _ = kit.tiny_model("gemma3")
-    before = _state(model)
+    before = snapshot(model)
     with pytest.raises(RuntimeError, match="boom"):
         with dropped(model, Block(1, 3)):
             raise RuntimeError("boom")
-    assert _state(model) == before
+    assert snapshot(model) == before
     assert not hasattr(model.config, "pruned_blocks")
 
 
 # ------------------------------------------------------------------------------ drop_layers
 
 
-def test_drop_layers_leaves_the_original_untouched(tiny):
+def test_drop_layers_leaves_the_original_untouched(tiny, long_prompt, snapshot):
     model, tokenizer = tiny
-    ids = _ids(tokenizer)
-    before, full = _state(model), _logits(model, ids)
-    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = long_prompt(tokenizer)
+    before, full = snapshot(model), _logits(model, ids)
     pruned = kit.drop_layers(model, BLOCK)
     with torch.no_grad():
         for p in pruned.parameters():
             p.add_(1.0)
-    assert _state(model) == before and layers.num_layers(model) == 6
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+    assert snapshot(model) == before and layers.num_layers(model) == 6  # config, layers, indices, weights
     assert torch.equal(_logits(model, ids), full)
     assert kit.drop_layers(model, BLOCK, inplace=True) is model and layers.num_layers(model) == 4
 
@@ -138,10 +125,10 @@ def test_per_layer_config_is_shortened_consistently(tiny):
         assert layer.state_dict().keys() == originals[index].state_dict().keys()
 
 
-def test_kv_cache_generation_equals_recompute(tiny):
+def test_kv_cache_generation_equals_recompute(tiny, long_prompt):
     model, tokenizer = tiny
     pruned = kit.drop_layers(model, BLOCK)
-    ids = _ids(tokenizer)
+    ids = long_prompt(tokenizer)
     assert ids.shape[1] > 32  # past the sliding window
     cached = pruned.generate(ids, max_new_tokens=8, do_sample=False, use_cache=True)
     recomputed = pruned.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False)
@@ -158,9 +145,9 @@ def test_qwen2_sliding_layers_stay_sliding():
     assert pruned.config.max_window_layers == 2
 
 
-def test_pruning_twice_records_original_indices():
+def test_pruning_twice_records_original_indices(long_prompt):
     model, tokenizer = kit.tiny_model("llama", num_layers=8)
-    ids = _ids(tokenizer)
+    ids = long_prompt(tokenizer)
     once = kit.drop_layers(model, Block(5, 2))  # keeps original 0 1 2 3 4 7
     twice = kit.drop_layers(once, Block(1, 2))  # removes original 1 2
     assert twice.config.pruned_blocks == [[1, 2], [5, 2]]
@@ -186,7 +173,7 @@ _RELOAD = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def reloaded(tmp_path_factory):
+def reloaded(tmp_path_factory, long_prompt):
     """Every tiny architecture pruned and saved, then reloaded in ONE subprocess without the kit:
     {arch: (in-memory logits, reloaded logits, checkpoint folder)}."""
     root = tmp_path_factory.mktemp("pruned")
@@ -195,8 +182,8 @@ def reloaded(tmp_path_factory):
         model, tokenizer = kit.tiny_model(arch)
         pruned = kit.drop_layers(model, BLOCK)
         path = kit.save_pruned(pruned, tokenizer, root / arch)
-        torch.save(_ids(tokenizer), path / "ids.pt")
-        expected[arch] = (_logits(pruned, _ids(tokenizer)), path)
+        torch.save(long_prompt(tokenizer), path / "ids.pt")
+        expected[arch] = (_logits(pruned, long_prompt(tokenizer)), path)
     subprocess.run([sys.executable, "-c", _RELOAD, *(str(p) for _, p in expected.values())], check=True, cwd=root)
     return {arch: (logits, torch.load(path / "reloaded.pt"), path) for arch, (logits, path) in expected.items()}
 

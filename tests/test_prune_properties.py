@@ -12,7 +12,6 @@ import kit
 from kit import layers
 from kit.prune import Block
 
-PROMPT = "The quick brown fox jumps over the lazy dog. " * 6  # longer than the tiny sliding windows (32)
 SETTINGS = settings(max_examples=30, deadline=None, derandomize=True, database=None)
 
 
@@ -75,9 +74,9 @@ def test_bookkeeping_names_the_original_layers(case):
 
 @SETTINGS
 @given(prunings())
-def test_saved_pruned_model_reloads_and_generates_with_its_kv_cache(tmp_path_factory, case):
+def test_saved_pruned_model_reloads_and_generates_with_its_kv_cache(tmp_path_factory, long_prompt, case):
     _, tokenizer, pruned, kept = _prune(*case)
-    ids = tokenizer([PROMPT], return_tensors="pt").input_ids
+    ids = long_prompt(tokenizer)
     path = kit.save_pruned(pruned, tokenizer, tmp_path_factory.mktemp("pruned") / "model")
     reloaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     assert layers.num_layers(reloaded) == len(kept) and reloaded.config.pruned_blocks == pruned.config.pruned_blocks

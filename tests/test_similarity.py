@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-from torch import nn
 
 import kit
 from kit.artifacts import MissingArtifactError
 from kit.similarity import METRICS, Distances
+from kit.testing import random_distances, reference_distance_sums, reference_distances
 
 MAX_LENGTH = 48
 
@@ -23,55 +23,17 @@ def texts():
     return [chunk[:chars] for chunk, chars in zip(chunks, (15, 300, 60, 40, 500, 120))]
 
 
-@pytest.fixture(scope="module")
-def smollm():
-    return kit.load_model("smollm2-135m")
-
-
-class _FinalNormRemoved:
-    """Temporarily replace the final norm by Identity, so HF's last hidden state is position L."""
-
-    def __init__(self, model):
-        *parents, self.name = kit.layers.anatomy(model).final_norm.split(".")
-        self.parent = model
-        for part in parents:
-            self.parent = getattr(self.parent, part)
-
-    def __enter__(self):
-        self.norm = getattr(self.parent, self.name)
-        setattr(self.parent, self.name, nn.Identity())
-
-    def __exit__(self, *exc):
-        setattr(self.parent, self.name, self.norm)
-
-
-@torch.no_grad()
-def brute_force(model, tokenizer, texts):
-    """{metric: mean distance between positions}, one unpadded text at a time, in numpy float64."""
-    totals, counts = dict.fromkeys(METRICS, 0.0), dict.fromkeys(METRICS, 0)
-    with _FinalNormRemoved(model):
-        for text in texts:
-            ids = tokenizer(text, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
-            hidden = model(**ids, output_hidden_states=True).hidden_states
-            x = np.stack([h[0].double().numpy() for h in hidden])  # [L+1, tokens, hidden]
-            x = x / np.linalg.norm(x, axis=-1, keepdims=True)
-            for metric in METRICS:
-                tokens = x[:, -1:] if metric == "angular_last" else x
-                cos = np.clip(np.einsum("ith,jth->tij", tokens, tokens), -1, 1)
-                totals[metric] = totals[metric] + ((1 - cos) if metric == "block_influence" else np.arccos(cos) / np.pi).sum(0)
-                counts[metric] += tokens.shape[1]
-    matrices = {metric: totals[metric] / counts[metric] for metric in METRICS}
-    for matrix in matrices.values():
-        np.fill_diagonal(matrix, 0)
-    return matrices
-
-
 def scan(model, tokenizer, texts, **kwargs):
     return kit.angular_distances(model, tokenizer, texts, max_length=MAX_LENGTH, **kwargs)
 
 
+def brute_force(model, tokenizer, texts):
+    return reference_distances(model, tokenizer, texts, MAX_LENGTH)
+
+
 def assert_matches_brute_force(model, tokenizer, texts, **kwargs):
     expected = brute_force(model, tokenizer, texts)
+    assert set(expected) == set(METRICS), "every scan metric needs its reference in kit.testing.REFERENCE_METRICS"
     for metric in METRICS:
         distances = scan(model, tokenizer, texts, metric=metric, **kwargs)
         np.testing.assert_allclose(distances.matrix.numpy(), expected[metric], atol=2e-5, err_msg=metric)
@@ -107,9 +69,13 @@ def test_4bit_model_matches_brute_force(tmp_path, texts):
     np.testing.assert_allclose(distances.matrix.numpy(), brute_force(model, tokenizer, texts)["angular_last"], atol=2e-5)
 
 
-@pytest.mark.parametrize("metric", ["angular_last", "angular_all"])
-def test_padding_side_and_batch_size_do_not_matter(tiny, texts, metric):
-    model, tokenizer = tiny
+# Every architecture on every token (its positions and masks under padding); finding the last token is the
+# kit's own arithmetic on the mask, checked on one rotary and one absolute-position model.
+@pytest.mark.parametrize(
+    "arch, metric", [(arch, "angular_all") for arch in kit.TINY_ARCHITECTURES] + [("llama", "angular_last"), ("gpt2", "angular_last")]
+)
+def test_padding_side_and_batch_size_do_not_matter(arch, metric, texts):
+    model, tokenizer = kit.tiny_model(arch)
     tokenizer.padding_side = "right"
     right_1 = scan(model, tokenizer, texts, batch_size=1, metric=metric).matrix
     tokenizer.padding_side = "left"
@@ -164,14 +130,6 @@ def test_bad_arguments_say_what_to_do(texts):
         scan(model, tokenizer, ["hello", ""])
 
 
-def random_distances(num_layers=7, seed=0):
-    rng = np.random.default_rng(seed)
-    matrix = rng.random((num_layers + 1, num_layers + 1))
-    matrix = (matrix + matrix.T) / 2
-    np.fill_diagonal(matrix, 0)
-    return Distances(torch.tensor(matrix), {"model": "synthetic", "metric": "angular_last"})
-
-
 def test_by_block_indexes_the_matrix_with_nan_where_blocks_do_not_fit():
     distances = random_distances()
     L, matrix, table = distances.num_layers, distances.matrix.numpy(), distances.by_block()
@@ -218,26 +176,9 @@ def test_load_rejects_missing_and_foreign_files(tmp_path):
 # ------------------------------------------------------------------------------ uncertainty
 
 
-@torch.no_grad()
-def per_text_sums(model, tokenizer, texts):
-    """{metric: (per-text distance sums [texts, L+1, L+1], token counts [texts])}, one unpadded text at a time."""
-    sums, counts = {metric: [] for metric in METRICS}, {metric: [] for metric in METRICS}
-    with _FinalNormRemoved(model):
-        for text in texts:
-            ids = tokenizer(text, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
-            x = np.stack([h[0].double().numpy() for h in model(**ids, output_hidden_states=True).hidden_states])
-            x = x / np.linalg.norm(x, axis=-1, keepdims=True)
-            for metric in METRICS:
-                tokens = x[:, -1:] if metric == "angular_last" else x
-                cos = np.clip(np.einsum("ith,jth->tij", tokens, tokens), -1, 1)
-                sums[metric].append(((1 - cos) if metric == "block_influence" else np.arccos(cos) / np.pi).sum(0))
-                counts[metric].append(tokens.shape[1])
-    return {metric: (np.stack(sums[metric]), np.array(counts[metric], float)) for metric in METRICS}
-
-
 def test_standard_errors_and_group_sums_match_brute_force(texts):
     model, tokenizer = kit.tiny_model("llama")
-    for metric, (sums, counts) in per_text_sums(model, tokenizer, texts).items():
+    for metric, (sums, counts) in reference_distance_sums(model, tokenizer, texts, MAX_LENGTH).items():
         distances = scan(model, tokenizer, texts, batch_size=4, metric=metric, groups=4)
         m, mean = len(texts), sums.sum(0) / counts.sum()
         if metric == "angular_last":  # one token per text: the textbook standard error of a mean

@@ -13,28 +13,16 @@ import torch  # noqa: E402
 import kit  # noqa: E402
 from kit import data, evaluate, layers, plots, sweep  # noqa: E402
 from kit.prune import Block, drop_layers, heuristic_block  # noqa: E402
-from kit.similarity import Distances  # noqa: E402
+from kit.testing import random_distances  # noqa: E402
 
 TEXTS = data.corpus("validation")[:3]
 
 
-def _distances(num_layers, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    m = torch.rand(num_layers + 1, num_layers + 1, generator=g)
-    m = (m + m.T) / 2
-    m.fill_diagonal_(0)
-    return Distances(m, {"model": "tiny"})
-
-
-def _state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}, model.config.num_hidden_layers
-
-
 @pytest.mark.parametrize("strategy", sweep.STRATEGIES)
-def test_sweep_equals_evaluating_each_pruned_copy(strategy):
+def test_sweep_equals_evaluating_each_pruned_copy(strategy, snapshot):
     model, tokenizer = kit.tiny_model("qwen2")
-    distances = _distances(6)
-    weights, num = _state(model)
+    distances = random_distances(6)
+    before = snapshot(model)
     evals = [sweep.loss_metrics(TEXTS, max_length=64)]
     table = sweep.sweep(model, tokenizer, ns=[0, 1, 3], evals=evals, distances=distances, strategy=strategy)
 
@@ -56,9 +44,7 @@ def test_sweep_equals_evaluating_each_pruned_copy(strategy):
         assert row.value == pytest.approx(expected.loss, abs=1e-6)
         assert (row.ci_low, row.ci_high) == pytest.approx((expected.loss - 1.96 * expected.stderr, expected.loss + 1.96 * expected.stderr), abs=1e-3)
         assert row.outcomes is None and math.isnan(row.chance)
-    after, num_after = _state(model)
-    assert num_after == num and layers.num_layers(model) == 6
-    assert all(torch.equal(weights[k], after[k]) for k in weights)
+    assert snapshot(model) == before and layers.num_layers(model) == 6
 
 
 def test_sweep_heals_chosen_sizes_from_the_pruned_view():
@@ -105,20 +91,27 @@ def test_sweep_restores_the_model_after_an_error():
     assert layers.num_layers(model) == 6 and model.config.layer_types == layer_types
 
 
-def test_mmlu_metrics_in_a_sweep():
-    model, tokenizer = kit.tiny_model("llama")
-    questions = data.mmlu_questions(["anatomy"], per_subject=4)
-    table = sweep.sweep(model, tokenizer, ns=[2], evals=[sweep.mmlu_metrics(questions)], strategy="heuristic")
-    direct = evaluate.mmlu(drop_layers(model, heuristic_block(6, 2)), tokenizer, questions)
-    rows = table.set_index("metric")
-    assert rows["value"].to_dict() == {"mmlu": direct.accuracy, "mmlu_subjects": direct.subject_accuracy}
-    assert tuple(rows.loc["mmlu", ["ci_low", "ci_high"]]) == direct.ci
-    assert tuple(rows.loc["mmlu_subjects", ["ci_low", "ci_high"]]) == direct.subject_ci
-    assert rows["chance"].tolist() == [0.25, 0.25]
-    mmlu_row, subjects_row = (table[table.metric == name].iloc[0] for name in ("mmlu", "mmlu_subjects"))
-    assert sweep.outcomes(mmlu_row).tolist() == direct.correct.tolist()
+def test_mmlu_metrics_in_a_sweep(smollm):
+    # The embedded model: tiny models answer "A" to everything (their tokenizer has " A" as one token but
+    # splits " B".." D" in two), so no pruning could change their row. SmolLM2 changes its answers.
+    model, tokenizer = smollm
+    questions = data.mmlu_questions(["anatomy", "world_religions"], per_subject=2)
+    table = sweep.sweep(model, tokenizer, ns=[0, 8], evals=[sweep.mmlu_metrics(questions, shots=0)], strategy="heuristic")
+    predictions = {}
+    for n, reference in ((0, model), (8, drop_layers(model, heuristic_block(30, 8)))):
+        direct = evaluate.mmlu(reference, tokenizer, questions, shots=0)
+        predictions[n] = direct.predictions
+        correct = np.array([p == "ABCD"[q.answer] for p, q in zip(direct.predictions, questions)])
+        rows = table[table.n == n].set_index("metric")
+        assert rows.loc["mmlu", "value"] == correct.mean()
+        assert rows.loc["mmlu_subjects", "value"] == pytest.approx((correct[:2].mean() + correct[2:].mean()) / 2)
+        assert tuple(rows.loc["mmlu", ["ci_low", "ci_high"]]) == kit.stats.wilson(correct.sum(), len(correct))
+        assert tuple(rows.loc["mmlu_subjects", ["ci_low", "ci_high"]]) == direct.subject_ci
+        assert rows["chance"].tolist() == [0.25, 0.25]
+        assert sweep.outcomes(table[(table.n == n) & (table.metric == "mmlu")].iloc[0]).tolist() == correct.tolist()
+    assert predictions[0] != predictions[8]  # the rows tell the pruned model from the unpruned one
     with pytest.raises(ValueError, match="'mmlu_subjects' has no per-question outcomes"):
-        sweep.outcomes(subjects_row)
+        sweep.outcomes(table[table.metric == "mmlu_subjects"].iloc[0])
 
 
 def test_sweep_bad_input():
@@ -128,7 +121,7 @@ def test_sweep_bad_input():
     with pytest.raises(ValueError, match="similarity, heuristic"):
         sweep.sweep(model, tokenizer, ns=[1], evals=[], strategy="random")
     with pytest.raises(ValueError, match="the model has 6"):
-        sweep.sweep(model, tokenizer, ns=[1], evals=[], distances=_distances(4))
+        sweep.sweep(model, tokenizer, ns=[1], evals=[], distances=random_distances(4))
     with pytest.raises(ValueError, match="also in ns"):
         sweep.sweep(model, tokenizer, ns=[1], evals=[], strategy="heuristic", heal=lambda *a: a[0], heal_ns=[2])
     with pytest.raises(ValueError, match="choose 1 <= n <= 5"):
@@ -259,7 +252,7 @@ def test_compare_an_unmerged_adapter_against_its_merged_checkpoint(tmp_path):
 
 def test_an_interrupted_sweep_resumes_from_its_cache_with_an_identical_table(tmp_path):
     model, tokenizer = kit.tiny_model("llama")
-    distances, cache = _distances(6), tmp_path / "sweep.json"
+    distances, cache = random_distances(6), tmp_path / "sweep.json"
     calls, stop_at = [], [None]
 
     def probe(m, t):
@@ -295,26 +288,26 @@ def test_a_sweep_cache_of_other_settings_is_refused(tmp_path):
     model, tokenizer = kit.tiny_model("llama")
     probe = lambda m, t: {"layers": float(layers.num_layers(m))}  # noqa: E731
     cache = tmp_path / "sweep.json"
-    sweep.sweep(model, tokenizer, ns=[0, 2], evals=[probe], distances=_distances(6), cache_path=cache, settings={"shots": 5})
+    sweep.sweep(model, tokenizer, ns=[0, 2], evals=[probe], distances=random_distances(6), cache_path=cache, settings={"shots": 5})
     with pytest.raises(ValueError, match=r"other settings \(ns: \[0, 2\] -> \[0, 3\]\); delete it or pass another cache_path"):
-        sweep.sweep(model, tokenizer, ns=[0, 3], evals=[probe], distances=_distances(6), cache_path=cache, settings={"shots": 5})
+        sweep.sweep(model, tokenizer, ns=[0, 3], evals=[probe], distances=random_distances(6), cache_path=cache, settings={"shots": 5})
     with pytest.raises(ValueError, match=r"settings: \{'shots': 5\} -> \{'shots': 0\}"):
-        sweep.sweep(model, tokenizer, ns=[0, 2], evals=[probe], distances=_distances(6), cache_path=cache, settings={"shots": 0})
+        sweep.sweep(model, tokenizer, ns=[0, 2], evals=[probe], distances=random_distances(6), cache_path=cache, settings={"shots": 0})
     with pytest.raises(ValueError, match=r"distances: '\w+' -> '\w+'"):
-        sweep.sweep(model, tokenizer, ns=[0, 2], evals=[probe], distances=_distances(6, seed=1), cache_path=cache, settings={"shots": 5})
+        sweep.sweep(model, tokenizer, ns=[0, 2], evals=[probe], distances=random_distances(6, seed=1), cache_path=cache, settings={"shots": 5})
     with pytest.raises(ValueError, match="strategy: 'similarity' -> 'heuristic'"):
         sweep.sweep(model, tokenizer, ns=[0, 2], evals=[probe], strategy="heuristic", cache_path=cache, settings={"shots": 5})
     with pytest.raises(ValueError, match="num_layers: 6 -> 4"):
         sweep.sweep(drop_layers(model, Block(0, 2)), tokenizer, ns=[0, 2], evals=[probe], strategy="similarity",
-                    distances=_distances(4), cache_path=cache, settings={"shots": 5})  # fmt: skip
+                    distances=random_distances(4), cache_path=cache, settings={"shots": 5})  # fmt: skip
     cache.write_text("{not json")
     with pytest.raises(ValueError, match="is not a sweep cache"):
-        sweep.sweep(model, tokenizer, ns=[0, 2], evals=[probe], distances=_distances(6), cache_path=cache)
+        sweep.sweep(model, tokenizer, ns=[0, 2], evals=[probe], distances=random_distances(6), cache_path=cache)
 
 
 def test_sweeps_concatenates_each_strategy_and_evaluates_n0_once(tmp_path):
     model, tokenizer = kit.tiny_model("llama")
-    distances = _distances(layers.num_layers(model))
+    distances = random_distances(layers.num_layers(model))
     calls = []
 
     def probe(m, t):
@@ -337,7 +330,7 @@ def test_sweeps_heal_each_strategys_blocks_into_their_own_folders(tmp_path):
     model, tokenizer = kit.tiny_model("llama")
     config = kit.HealConfig(rank=2, lr=1e-2, steps=1, batch_size=2, seq_len=32, quantize=None, save_every=1)
     probe = lambda m, t: {"layers": float(layers.num_layers(m))}  # noqa: E731
-    table = sweep.sweeps(model, tokenizer, ns=[0, 2], evals=[probe], distances=_distances(6), folder=tmp_path,
+    table = sweep.sweeps(model, tokenizer, ns=[0, 2], evals=[probe], distances=random_distances(6), folder=tmp_path,
                          heal_ns=[2], heal_config=config, heal_texts=data.corpus("train")[:4])  # fmt: skip
     assert table[["strategy", "n", "healed"]].values.tolist() == [
         [s, n, h] for s in sweep.STRATEGIES for n, h in ((0, False), (2, False), (2, True))
