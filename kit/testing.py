@@ -146,3 +146,15 @@ def reference_distances(model, tokenizer, texts: list[str], max_length: int) -> 
         matrices[metric] = sums.sum(0) / counts.sum()
         np.fill_diagonal(matrices[metric], 0)
     return matrices
+
+
+def reference_loglikelihood(model, tokenizer, context: str, continuation: str) -> float:
+    """log p(continuation | context) from one full forward and HF's own shifted `labels=` loss: the
+    independent computation the benchmarks' cached, batched log-likelihoods are tested against."""
+    context_ids = tokenizer(context)["input_ids"]
+    ids = torch.tensor([tokenizer(context + continuation)["input_ids"]])
+    labels = ids.clone()
+    labels[:, : len(context_ids)] = -100
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=labels).loss.item()
+    return -loss * (ids.shape[1] - len(context_ids))

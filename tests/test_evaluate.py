@@ -14,19 +14,9 @@ from kit.data import BoolQItem, MMLUQuestion, boolq_items, mmlu_questions
 from kit.evaluate import boolq, mmlu, validation_loss
 from kit.mmlu import fewshot_prefix, mmlu_prompt, result_from_loglikelihoods
 from kit.scoring import encode_request
+from kit.testing import reference_loglikelihood
 
 BOOLQ_FIXTURE = Path(__file__).parent / "fixtures" / "boolq.jsonl"
-
-def reference_loglikelihood(model, tokenizer, context: str, continuation: str) -> float:
-    """log p(continuation | context) from one full forward and HF's own shifted `labels=` loss."""
-    context_ids = tokenizer(context)["input_ids"]
-    ids = torch.tensor([tokenizer(context + continuation)["input_ids"]])
-    labels = ids.clone()
-    labels[:, : len(context_ids)] = -100
-    with torch.no_grad():
-        loss = model(input_ids=ids, labels=labels).loss.item()
-    return -loss * (ids.shape[1] - len(context_ids))
-
 
 def test_prompt_is_the_original_hendrycks_format(questions, fewshot):
     shots = fewshot("high_school_biology")[:2]

@@ -13,7 +13,6 @@ from collections import Counter  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 import kit  # noqa: E402
 from kit import plots, sweep  # noqa: E402
@@ -21,17 +20,7 @@ from kit.evaluate import RecallResult, recall  # noqa: E402
 from kit.prune import drop_layers, heuristic_block  # noqa: E402
 from kit.recall import RecallItem, recall_items  # noqa: E402
 from kit.stats import wilson  # noqa: E402
-
-
-def reference_loglikelihood(model, tokenizer, context: str, continuation: str) -> float:
-    """log p(continuation | context): one full forward, HF's shifted loss over the continuation's tokens."""
-    context_ids = tokenizer(context)["input_ids"]
-    ids = torch.tensor([tokenizer(context + continuation)["input_ids"]])
-    labels = ids.clone()
-    labels[:, : len(context_ids)] = -100
-    with torch.no_grad():
-        loss = model(input_ids=ids, labels=labels).loss.item()
-    return -loss * (ids.shape[1] - len(context_ids))
+from kit.testing import reference_loglikelihood  # noqa: E402
 
 
 def check_against_reference(model, tokenizer, items, result: RecallResult):
