@@ -4,11 +4,9 @@ whichever of " no" / " yes" is more likely (lm-evaluation-harness's rule)."""
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from . import distributed
 from .data import BoolQItem
-from .scoring import encode_request, loglikelihoods
+from .scoring import choice_loglikelihoods
 from .stats import wilson
 
 
@@ -29,12 +27,8 @@ def boolq(model, tokenizer, items: list[BoolQItem], *, batch_size: int = 8) -> B
     """0-shot BoolQ accuracy: the answer is whichever of " no" / " yes" is more likely (lm-eval's rule)."""
     if not items:
         raise ValueError("boolq needs at least one item, e.g. kit.data.boolq_items('hub', n=500)")
-    distributed.require_same("BoolQ", dict(items=distributed.digest(items), batch_size=batch_size))
-    mine = distributed.shard(len(items))  # under torch.distributed: this rank's items
-    requests = [encode_request(tokenizer, boolq_prompt(items[i]), choice) for i in mine for choice in (" no", " yes")]
-    desc = "BoolQ" if distributed.is_main() else None
-    scores = torch.tensor(loglikelihoods(model, requests, batch_size=batch_size, cache_prefix=False, desc=desc), dtype=torch.float64)
-    loglik = distributed.assemble(scores.view(len(mine), 2), mine, len(items)).numpy()
+    loglik = choice_loglikelihoods(model, tokenizer, [boolq_prompt(item) for item in items], [(" no", " yes")] * len(items),
+                                   what="BoolQ", batch_size=batch_size, cache_prefix=False)  # fmt: skip
     predictions = [bool(choice) for choice in loglik.argmax(axis=1)]
     correct = np.array([p == item.answer for p, item in zip(predictions, items)])
     return BoolQResult(float(correct.mean()), predictions, loglik, correct, wilson(int(correct.sum()), len(correct)))

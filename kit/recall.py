@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .scoring import encode_request, loglikelihoods
+from .scoring import choice_loglikelihoods
 from .stats import wilson
 
 # Fixed word lists: items are generated in-process, the same on every machine.
@@ -73,9 +73,9 @@ def recall(model, tokenizer, items: list[RecallItem], *, batch_size: int = 8) ->
     widths = {len(item.candidates) for item in items}
     if len(widths) > 1:
         raise ValueError(f"items have different numbers of candidates {sorted(widths)}: evaluate each kind on its own")
-    requests = [encode_request(tokenizer, item.prompt, f" {code}") for item in items for code in item.candidates]
-    scores = loglikelihoods(model, requests, batch_size=batch_size, desc="recall")
-    loglik = np.reshape(scores, (len(items), widths.pop()))
+    candidates = [tuple(f" {code}" for code in item.candidates) for item in items]
+    loglik = choice_loglikelihoods(model, tokenizer, [item.prompt for item in items], candidates, what="recall",
+                                   batch_size=batch_size)  # fmt: skip
     predictions = [item.candidates[c] for item, c in zip(items, loglik.argmax(axis=1))]
     correct = np.array([p == item.answer for p, item in zip(predictions, items)])
     ci = wilson(int(correct.sum()), len(correct))

@@ -4,9 +4,11 @@ optional KV cache of the tokens that every request starts with (a few-shot prefi
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from transformers import DynamicCache
 
+from . import distributed
 from .device import model_device, require_finite
 from .text import batched
 
@@ -127,3 +129,20 @@ def loglikelihoods(model, requests: list[Request], *, batch_size: int = 8, cache
             scores[i] = value
     require_finite(all(map(math.isfinite, scores)), "the log-likelihoods of the answers", model)
     return scores
+
+
+def choice_loglikelihoods(model, tokenizer, prompts: list[str], choices: list[tuple[str, ...]], *, what: str,
+                          batch_size: int = 8, cache_prefix: bool = True) -> np.ndarray:  # fmt: skip
+    """(items, k) log p(choice | prompt) of k continuations per item, e.g. " no" / " yes" for BoolQ.
+
+    Under torch.distributed each rank scores its share of the items and every rank gets the whole
+    array; ranks given other items stop with an error naming `what` (the benchmark).
+    """
+    distributed.require_same(what, dict(items=distributed.digest([p + "".join(c) for p, c in zip(prompts, choices)]),
+                                        batch_size=batch_size, cache_prefix=cache_prefix))  # fmt: skip
+    mine = distributed.shard(len(prompts))
+    requests = [encode_request(tokenizer, prompts[i], choice) for i in mine for choice in choices[i]]
+    desc = what if distributed.is_main() else None
+    scores = loglikelihoods(model, requests, batch_size=batch_size, cache_prefix=cache_prefix, desc=desc)
+    local = torch.tensor(scores, dtype=torch.float64).view(len(mine), len(choices[0]))
+    return distributed.assemble(local, mine, len(prompts)).numpy()
