@@ -119,11 +119,6 @@ def compare(checkpoints: dict, evals: Sequence[Evaluation], **load_kwargs) -> pd
     return pd.DataFrame(rows).set_index("model")
 
 
-def choose_block(num_layers: int, n: int, strategy: str, distances=None, oracle=None) -> Block:
-    """The block of n layers a strategy (a criterion of kit.prune.CRITERIA) removes, e.g. the scan's argmin."""
-    return prune.choose_block(strategy, num_layers, n, distances=distances, oracle=oracle)
-
-
 def _plain(value):
     return value.item() if hasattr(value, "item") else value  # numpy / torch scalars -> Python
 
@@ -220,7 +215,7 @@ def sweep(
     chance level, else NaN) and, for accuracies over questions, the outcomes of every question (see `outcomes`).
     """
     num = layers.num_layers(model)
-    blocks = {n: choose_block(num, n, strategy, distances, oracle) for n in ns if n != 0}
+    blocks = {n: prune.choose_block(strategy, num, n, distances=distances, oracle=oracle) for n in ns if n != 0}
     if missing := set(heal_ns) - set(blocks):
         raise ValueError(f"heal_ns {sorted(missing)} must be non-zero block sizes that are also in ns")
     if heal_ns and heal is None:
