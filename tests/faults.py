@@ -56,7 +56,8 @@ def run(workload: str, out: Path, *, kill_after: float | None = None) -> float |
         if proc.exitcode is None:
             _kill_tree(proc.pid)
             proc.join()
-            return None
+            if proc.exitcode == -signal.SIGKILL:
+                return None
         if proc.exitcode != 0:
             raise RuntimeError(f"workload failed ({proc.exitcode}):\n{Path(log.name).read_text()[-3000:]}")
         return time.monotonic() - begun
@@ -79,11 +80,10 @@ def _kill_tree(pid: int) -> None:
     while todo:
         pids.append(todo.pop())
         todo += tree.get(pids[-1], [])
-    os.killpg(pid, signal.SIGKILL)
-    for other in pids[1:]:
+    for kill, target in [(os.killpg, pid)] + [(os.kill, other) for other in pids[1:]]:
         try:
-            os.kill(other, signal.SIGKILL)
-        except ProcessLookupError:
+            kill(target, signal.SIGKILL)
+        except ProcessLookupError:  # it ended by itself between the wait and the kill (the fork server reaps it)
             pass
 
 

@@ -3,10 +3,13 @@ After every kill whatever lies under a final name is complete; after the rerun n
 and the result is bit-identical to an uninterrupted run's."""
 
 import json
+import os
 import random
 import shutil
+import time
 from pathlib import Path
 
+import faults
 import pandas as pd
 import pytest
 from faults import debris, run
@@ -144,3 +147,17 @@ def test_a_killed_workload_leaves_no_partial_artifact_and_reruns_to_the_same_res
     run(source, out)
     assert debris(out) == []
     assert result(out) == expected
+
+
+def test_a_workload_that_ends_between_the_wait_and_the_kill_counts_as_finished(monkeypatch):
+    """The race CI once hit: the wait times out, the workload then ends by itself (the fork server reaps
+    it), and only then does the kill come: the run counts as finished, not as an error."""
+    kill_tree = faults._kill_tree
+
+    def kill_once_it_has_ended(pid):
+        while os.path.exists(f"/proc/{pid}"):
+            time.sleep(0.01)
+        kill_tree(pid)
+
+    monkeypatch.setattr(faults, "_kill_tree", kill_once_it_has_ended)
+    assert run("import time\ntime.sleep(0.3)\n", Path("unused"), kill_after=0.01) >= 0.3
