@@ -5,7 +5,7 @@ unpruned model (pruned models are smaller) and far less than reloading and copyi
 import time
 
 import kit
-from kit import data, sweep
+from kit import data, metrics, sweep
 from kit.prune import drop_layers, heuristic_block
 
 MODEL = "smollm2-135m"
@@ -21,17 +21,17 @@ def _timed(fn):
 def main():
     model, tokenizer = kit.load_model(MODEL)
     evals = [
-        sweep.mmlu_metrics(data.mmlu_questions(["anatomy", "marketing"], per_subject=5)),
-        sweep.loss_metrics(data.corpus("validation")[:8], max_length=128),
+        metrics.mmlu_metrics(data.mmlu_questions(["anatomy", "marketing"], per_subject=5)),
+        metrics.loss_metrics(data.corpus("validation")[:8], max_length=128),
     ]
-    sweep.evaluate_all(model, tokenizer, evals)  # warm-up
-    single = _timed(lambda: sweep.evaluate_all(model, tokenizer, evals))
+    metrics.evaluate_all(model, tokenizer, evals)  # warm-up
+    single = _timed(lambda: metrics.evaluate_all(model, tokenizer, evals))
     swept = _timed(lambda: sweep.sweep(model, tokenizer, ns=NS, evals=evals, strategy="heuristic"))
 
     def reload_and_copy():
         for n in NS[1:]:
             fresh, tok = kit.load_model(MODEL)
-            sweep.evaluate_all(drop_layers(fresh, heuristic_block(30, n)), tok, evals)
+            metrics.evaluate_all(drop_layers(fresh, heuristic_block(30, n)), tok, evals)
 
     reloaded = _timed(reload_and_copy) + single  # n = 0 needs no pruning
     k = len(NS)

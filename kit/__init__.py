@@ -17,7 +17,7 @@ _EXPORTS = {
     "Selection": "prune",
     "dropped": "prune",
     "angular_distances": "similarity",
-    "Distances": "similarity",
+    "Distances": "distances",
     "ablation_losses": "oracle",
     "Ablation": "oracle",
     "compare_criteria": "oracle",
@@ -29,7 +29,7 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS) + [
     "artifacts", "assets", "config", "cost", "data", "evaluate", "healing", "layers", "models", "oracle", "plots", "prune",
-    "reports", "similarity", "testing", "text", "block", "loss", "boolq", "mmlu", "recall", "scoring", "stats", "device",
+    "reports", "similarity", "distances", "metrics", "curves", "testing", "text", "block", "loss", "boolq", "mmlu", "recall", "scoring", "stats", "device",
     "distributed",
     "sweep", "widgets",
 ]

@@ -16,7 +16,7 @@ import dataclasses
 import typing
 from pathlib import Path
 
-from . import artifacts, data, distributed, models, prune, sweep
+from . import artifacts, data, distributed, metrics, models, prune, sweep
 from .config import HealConfig, ScanConfig
 from .device import provenance
 
@@ -85,17 +85,17 @@ def scan(args):
 
 
 def run_sweep(args):
-    from .similarity import Distances
+    from .distances import Distances
 
     model, tokenizer = _load(args, args.quantize)
     subjects = data.mmlu_subjects()[: args.mmlu_subjects]
     evals = [
-        sweep.mmlu_metrics(data.mmlu_questions(subjects, per_subject=args.per_subject), shots=args.shots, batch_size=args.batch_size),
-        sweep.loss_metrics(data.load_texts(args.val_source, "validation", args.val_texts), max_length=args.max_length,
+        metrics.mmlu_metrics(data.mmlu_questions(subjects, per_subject=args.per_subject), shots=args.shots, batch_size=args.batch_size),
+        metrics.loss_metrics(data.load_texts(args.val_source, "validation", args.val_texts), max_length=args.max_length,
                            batch_size=args.batch_size),
     ]  # fmt: skip
     if args.boolq is not None:
-        evals.append(sweep.boolq_metrics(data.boolq_items(args.boolq, n=args.n_boolq), batch_size=args.batch_size))
+        evals.append(metrics.boolq_metrics(data.boolq_items(args.boolq, n=args.n_boolq), batch_size=args.batch_size))
     needs_scan = args.strategy in prune.CRITERIA and prune.CRITERIA[args.strategy].needs == "distances"
     distances = Distances.load(artifacts.require(args.out / "distances.safetensors")) if needs_scan else None
     settings = {k: v for k, v in vars(args).items() if k not in ("command", "out", "func")}

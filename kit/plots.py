@@ -9,8 +9,8 @@ import seaborn as sns
 from matplotlib.patches import Rectangle
 
 from .artifacts import atomic_path
+from .curves import chance_level
 from .stats import Z95
-from .sweep import chance_level
 
 
 def _axes(ax, figsize=(7, 5)):
@@ -98,7 +98,7 @@ def sweep_plot(results, metric: str, *, hue: str = "strategy", chance: float | N
     one or two points are markers with error bars only, so they never pose as a curve.
     results: the DataFrame of kit.sweep.sweep (several concatenated); hue: the column compared,
     "strategy" (similarity vs heuristic) or "healed"; chance: the chance line drawn, by default
-    the metric's own (kit.sweep.chance_level: MMLU 0.25, recall 1 / facts; none for losses).
+    the metric's own (kit.curves.chance_level: MMLU 0.25, recall 1 / facts; none for losses).
     """
     ax = _axes(ax)
     rows = results[results["metric"] == metric]
@@ -167,7 +167,7 @@ def heal_curve(history: dict, ax=None):
 def quality_cost(results, metric: str, *, comparison=None, cost: str = "decode_tokens_per_s", ax=None):
     """Quality against inference cost: `metric` against `cost` (default: decode tokens/s).
 
-    results: kit.sweep.sweep rows with sweep.cost_metrics() among the evaluations; one point per block
+    results: kit.sweep.sweep rows with kit.metrics.cost_metrics() among the evaluations; one point per block
     size (labelled n) on one line per strategy, healed rows on their own dashed line.
     comparison: kit.sweep.compare's table; each checkpoint (original, pruned, healed...) a labelled star.
     """
@@ -175,7 +175,7 @@ def quality_cost(results, metric: str, *, comparison=None, cost: str = "decode_t
     if missing:
         raise ValueError(
             f"no rows for {missing}; metrics present: {sorted(results['metric'].unique())}. "
-            "Cost needs kit.sweep.cost_metrics() among the sweep's evaluations."
+            "Cost needs kit.metrics.cost_metrics() among the sweep's evaluations."
         )
     ax = _axes(ax)
     table = results.pivot_table(index=["strategy", "healed", "n"], columns="metric", values="value").reset_index()

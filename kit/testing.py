@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from . import layers
 from .data import corpus
-from .similarity import Distances
+from .distances import Distances
 
 TINY_ARCHITECTURES = (
     "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "olmo2", "phi3", "phi", "gpt2", "gpt_neox", "opt",

@@ -13,7 +13,7 @@ import torch
 from transformers import TrainerCallback
 
 import kit
-from kit import data, distributed, sweep
+from kit import data, distributed, metrics, sweep
 from kit.config import HealConfig
 from kit.evaluate import boolq, mmlu, validation_loss
 
@@ -61,7 +61,7 @@ def work(out: Path, disagree: bool = False, interrupt: bool = False) -> dict:
     answers = mmlu(model, tokenizer, questions, shots=1, batch_size=3)
     yes_no = boolq(model, tokenizer, items, batch_size=2)
     loss = validation_loss(model, tokenizer, texts[:5], max_length=32, batch_size=BATCH)
-    evals = [sweep.mmlu_metrics(questions, shots=1, batch_size=3), sweep.loss_metrics(texts[:5], max_length=32, batch_size=BATCH)]
+    evals = [metrics.mmlu_metrics(questions, shots=1, batch_size=3), metrics.loss_metrics(texts[:5], max_length=32, batch_size=BATCH)]
     swept = sweep.sweep(model, tokenizer, ns=[0, 2], evals=evals, distances=scan, cache_path=out / "sweep.json")
     config, heal_texts = heal_config(distributed.world_size()), data.corpus("train")[:8]
     interrupted = False

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 import kit
-from kit import data, sweep
+from kit import data, metrics, sweep
 from kit.__main__ import main, parser
 from kit.artifacts import save_checkpoint
 from kit.config import HealConfig, ScanConfig
@@ -40,8 +40,8 @@ def test_scan_sweep_and_heal_write_the_notebooks_artifacts(checkpoint, tmp_path)
     results = main(["sweep", *common, "--ns", "0", "2", "--mmlu-subjects", "2", "--per-subject", "2", "--shots", "1",
                     "--val-texts", "3", "--max-length", "32", "--batch-size", "2"])  # fmt: skip
     model, tokenizer = kit.load_model(str(checkpoint))
-    evals = [sweep.mmlu_metrics(data.mmlu_questions(data.mmlu_subjects()[:2], per_subject=2), shots=1, batch_size=2),
-             sweep.loss_metrics(data.load_texts("corpus", "validation", 3), max_length=32, batch_size=2)]  # fmt: skip
+    evals = [metrics.mmlu_metrics(data.mmlu_questions(data.mmlu_subjects()[:2], per_subject=2), shots=1, batch_size=2),
+             metrics.loss_metrics(data.load_texts("corpus", "validation", 3), max_length=32, batch_size=2)]  # fmt: skip
     expected = sweep.sweep(model, tokenizer, ns=[0, 2], evals=evals, distances=distances)
     np.testing.assert_allclose(results["value"], expected["value"], rtol=1e-9)
     assert pd.read_csv(tmp_path / "sweep-similarity.csv")["metric"].tolist() == expected["metric"].tolist()

@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LEAVES = ["text", "block", "config", "stats", "device", "layers", "artifacts"]  # import nothing from the kit
-NUMERIC = ["similarity", "scoring", "loss", "oracle", "prune", "recall"]  # never the loaders
+NUMERIC = ["similarity", "distances", "scoring", "loss", "recall", "metrics", "curves", "oracle", "prune"]  # never the loaders
 LOADERS = {"data", "assets", "models"}
 
 

@@ -6,10 +6,10 @@ import torch
 
 import kit
 from kit.data import corpus
+from kit.distances import Distances
 from kit.evaluate import validation_loss
 from kit.oracle import Ablation, ablation_losses, compare_criteria
 from kit.prune import Block, drop_layers
-from kit.similarity import Distances
 from kit.text import encode
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Lists are mutable sequences.", "x = 1", "a b c d e f g h i j"]

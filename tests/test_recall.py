@@ -15,7 +15,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
 import kit  # noqa: E402
-from kit import plots, sweep  # noqa: E402
+from kit import curves, metrics, plots, sweep  # noqa: E402
 from kit.evaluate import RecallResult, recall  # noqa: E402
 from kit.prune import drop_layers, heuristic_block  # noqa: E402
 from kit.recall import RecallItem, recall_items  # noqa: E402
@@ -86,18 +86,18 @@ def test_recall_errors_say_what_to_do():
 def test_recall_metrics_in_a_sweep_carry_their_chance():
     model, tokenizer = kit.tiny_model("llama")
     items = recall_items(12, facts=4)
-    table = sweep.sweep(model, tokenizer, ns=[0, 2, 4], evals=[sweep.recall_metrics(items)], strategy="heuristic")
+    table = sweep.sweep(model, tokenizer, ns=[0, 2, 4], evals=[metrics.recall_metrics(items)], strategy="heuristic")
     for n, row in table.set_index("n").iterrows():
         direct = recall(drop_layers(model, heuristic_block(6, n)) if n else model, tokenizer, items)
         assert (row.metric, row.value, (row.ci_low, row.ci_high), row.chance) == ("recall", direct.accuracy, direct.ci, 0.25)
-        assert sweep.outcomes(row).tolist() == direct.correct.tolist()
-    assert sweep.chance_level(table, "recall") == 0.25
+        assert curves.outcomes(row).tolist() == direct.correct.tolist()
+    assert curves.chance_level(table, "recall") == 0.25
     # collapse_point reads the rows' chance: the same as passing it, unlike the 1 / 6 of six facts
-    right = np.stack([sweep.outcomes(row) for _, row in table.iterrows()]).sum(1)
+    right = np.stack([curves.outcomes(row) for _, row in table.iterrows()]).sum(1)
     low = wilson(right, len(items))[0]
     first = np.flatnonzero(low <= 0.25)
     expected = table["fraction"].iloc[first[0]] if len(first) else math.inf
-    assert sweep.collapse_point(table, "recall")[0] == expected == sweep.collapse_point(table, "recall", chance=0.25)[0]
+    assert curves.collapse_point(table, "recall")[0] == expected == curves.collapse_point(table, "recall", chance=0.25)[0]
     chance_lines = [line for line in plots.sweep_plot(table, "recall").get_lines() if line.get_label() == "chance"]
     assert [tuple(line.get_ydata()) for line in chance_lines] == [(0.25, 0.25)]
 
@@ -105,9 +105,9 @@ def test_recall_metrics_in_a_sweep_carry_their_chance():
 def test_chance_level_from_rows_or_the_benchmark():
     rows = [dict(metric="recall", chance=1 / 6), dict(metric="mmlu", chance=math.nan), dict(metric="val_loss", chance=math.nan)]
     table = pd.DataFrame(rows)
-    assert sweep.chance_level(table, "recall") == 1 / 6
-    assert sweep.chance_level(table, "mmlu") == 0.25  # rows without one (an older cache): the benchmark's
-    assert sweep.chance_level(table, "val_loss") is None
+    assert curves.chance_level(table, "recall") == 1 / 6
+    assert curves.chance_level(table, "mmlu") == 0.25  # rows without one (an older cache): the benchmark's
+    assert curves.chance_level(table, "val_loss") is None
     mixed = pd.concat([table, pd.DataFrame([dict(metric="recall", chance=0.25)])])
     with pytest.raises(ValueError, match="several chance levels"):
-        sweep.chance_level(mixed, "recall")
+        curves.chance_level(mixed, "recall")

@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import kit  # noqa: E402
-from kit import data, evaluate, layers, plots, sweep  # noqa: E402
+from kit import curves, data, evaluate, layers, metrics, plots, sweep  # noqa: E402
 from kit.prune import Block, drop_layers, heuristic_block  # noqa: E402
 from kit.testing import random_distances  # noqa: E402
 
@@ -23,7 +23,7 @@ def test_sweep_equals_evaluating_each_pruned_copy(strategy, snapshot):
     model, tokenizer = kit.tiny_model("qwen2")
     distances = random_distances(6)
     before = snapshot(model)
-    evals = [sweep.loss_metrics(TEXTS, max_length=64)]
+    evals = [metrics.loss_metrics(TEXTS, max_length=64)]
     table = sweep.sweep(model, tokenizer, ns=[0, 1, 3], evals=evals, distances=distances, strategy=strategy)
 
     assert list(table.columns) == [
@@ -96,7 +96,7 @@ def test_mmlu_metrics_in_a_sweep(smollm):
     # splits " B".." D" in two), so no pruning could change their row. SmolLM2 changes its answers.
     model, tokenizer = smollm
     questions = data.mmlu_questions(["anatomy", "world_religions"], per_subject=2)
-    table = sweep.sweep(model, tokenizer, ns=[0, 8], evals=[sweep.mmlu_metrics(questions, shots=0)], strategy="heuristic")
+    table = sweep.sweep(model, tokenizer, ns=[0, 8], evals=[metrics.mmlu_metrics(questions, shots=0)], strategy="heuristic")
     predictions = {}
     for n, reference in ((0, model), (8, drop_layers(model, heuristic_block(30, 8)))):
         direct = evaluate.mmlu(reference, tokenizer, questions, shots=0)
@@ -108,10 +108,10 @@ def test_mmlu_metrics_in_a_sweep(smollm):
         assert tuple(rows.loc["mmlu", ["ci_low", "ci_high"]]) == kit.stats.wilson(correct.sum(), len(correct))
         assert tuple(rows.loc["mmlu_subjects", ["ci_low", "ci_high"]]) == direct.subject_ci
         assert rows["chance"].tolist() == [0.25, 0.25]
-        assert sweep.outcomes(table[(table.n == n) & (table.metric == "mmlu")].iloc[0]).tolist() == correct.tolist()
+        assert curves.outcomes(table[(table.n == n) & (table.metric == "mmlu")].iloc[0]).tolist() == correct.tolist()
     assert predictions[0] != predictions[8]  # the rows tell the pruned model from the unpruned one
     with pytest.raises(ValueError, match="'mmlu_subjects' has no per-question outcomes"):
-        sweep.outcomes(table[table.metric == "mmlu_subjects"].iloc[0])
+        curves.outcomes(table[table.metric == "mmlu_subjects"].iloc[0])
 
 
 def test_sweep_bad_input():
@@ -153,60 +153,12 @@ def test_sweep_plot_draws_values_and_interval_bands():
         plots.sweep_plot(table, "boolq")
 
 
-def _curve(accuracies, questions, seed=0, strategy="similarity"):
-    """A synthetic MMLU sweep over n = 0..len-1 of 10 layers with the given true accuracies."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for n, p in enumerate(accuracies):
-        right = rng.random(questions) < p
-        rows.append(dict(strategy=strategy, n=n, fraction=n / 10, healed=False, metric="mmlu", value=right.mean(),
-                         outcomes="".join("R" if r else "W" for r in right)))  # fmt: skip
-    return pd.DataFrame(rows)
-
-
-def test_collapse_point_finds_a_known_transition():
-    sharp = [0.7] * 4 + [0.25] * 6  # collapses to chance at n = 4 of 10
-    assert sweep.collapse_point(_curve(sharp, questions=2000)) == (0.4, (0.4, 0.4))
-    fraction, (low, high) = sweep.collapse_point(_curve(sharp, questions=400))
-    assert fraction == 0.4 and low == 0.4 and 0.4 < high <= 0.6  # fewer questions: a point at chance may look above it
-    gradual = _curve([0.7, 0.6, 0.5, 0.4, 0.3, 0.28, 0.26, 0.25, 0.25, 0.25], questions=100, seed=1)
-    fraction, (low, high) = sweep.collapse_point(gradual)
-    assert low <= fraction <= high and 0.3 <= fraction <= 0.7 and high > low  # a real spread of plausible points
-    assert sweep.collapse_point(_curve([0.7] * 10, questions=200)) == (math.inf, (math.inf, math.inf))
-    at_chance = _curve([0.3] * 10, questions=40)  # a small model: indistinguishable from chance unpruned
-    assert sweep.collapse_point(at_chance)[0] == 0.0
-
-
-def test_collapse_point_bad_input():
-    two = pd.concat([_curve([0.7, 0.3], 20), _curve([0.7, 0.3], 20, strategy="heuristic")])
-    with pytest.raises(ValueError, match="several curves"):
-        sweep.collapse_point(two)
-    with pytest.raises(ValueError, match="no chance level known for 'acc'"):
-        sweep.collapse_point(two, metric="acc")
-    with pytest.raises(ValueError, match="metrics present: \\['mmlu'\\]"):
-        sweep.collapse_point(two, metric="boolq")
-
-
-def test_paired_comparison_of_two_strategies():
-    a, b = _curve([0.7, 0.6, 0.5], 300, seed=2), _curve([0.7, 0.4, 0.3], 300, seed=3, strategy="heuristic")
-    table = sweep.paired_comparison(pd.concat([a, b]), "strategy", "similarity", "heuristic")
-    assert list(table.columns) == ["n", "fraction", "strategy=similarity", "strategy=heuristic", "difference", "ci_low", "ci_high"]
-    for n, row in table.iterrows():
-        right_a, right_b = sweep.outcomes(a.iloc[n]), sweep.outcomes(b.iloc[n])
-        expected = kit.stats.paired_difference(right_a, right_b)
-        assert row.difference == pytest.approx(right_a.mean() - right_b.mean())
-        assert (row.ci_low, row.ci_high) == (expected.low, expected.high)
-    assert table.ci_low.iloc[2] > 0.1  # similarity is clearly better at n = 2
-    with pytest.raises(ValueError, match="no n has 'mmlu' rows for both strategy='similarity' and strategy='random'"):
-        sweep.paired_comparison(pd.concat([a, b]), "strategy", "similarity", "random")
-
-
 def test_compare_loads_each_checkpoint(tmp_path):
     model, tokenizer = kit.tiny_model("llama")
     for name, m in {"full": model, "pruned": drop_layers(model, Block(1, 2))}.items():
         m.save_pretrained(tmp_path / name)
         tokenizer.save_pretrained(tmp_path / name)
-    evals = [sweep.loss_metrics(TEXTS, max_length=64)]
+    evals = [metrics.loss_metrics(TEXTS, max_length=64)]
     table = sweep.compare({"original": tmp_path / "full", "pruned": tmp_path / "pruned"}, evals)
     assert table.index.tolist() == ["original", "pruned"] and table["layers"].tolist() == [6, 4]
     per_layer = sum(p.numel() for p in model.model.layers[0].parameters())
@@ -215,7 +167,7 @@ def test_compare_loads_each_checkpoint(tmp_path):
     assert table.loc["original", "val_loss"] == pytest.approx(expected, abs=1e-6)
 
 
-COST = sweep.cost_metrics(prompt_tokens=8, new_tokens=3, repeats=1, threads=1)
+COST = metrics.cost_metrics(prompt_tokens=8, new_tokens=3, repeats=1, threads=1)
 
 
 def test_cost_metrics_in_a_sweep():
@@ -241,7 +193,7 @@ def test_compare_an_unmerged_adapter_against_its_merged_checkpoint(tmp_path):
     lora = sum(p.numel() for name, p in adapted.named_parameters() if "lora_" in name)
     adapted.merge_and_unload().save_pretrained(tmp_path / "merged")
     tokenizer.save_pretrained(tmp_path / "merged")
-    evals = [sweep.loss_metrics(TEXTS, max_length=64), COST]
+    evals = [metrics.loss_metrics(TEXTS, max_length=64), COST]
     table = sweep.compare({"merged": tmp_path / "merged", "adapter": (tmp_path / "base", tmp_path / "adapter")}, evals)
     merged, unmerged = table.loc["merged"], table.loc["adapter"]
     assert unmerged["parameters"] - merged["parameters"] == lora > 0 and (table["layers"] == 6).all()
@@ -338,21 +290,3 @@ def test_sweeps_heal_each_strategys_blocks_into_their_own_folders(tmp_path):
     for strategy in sweep.STRATEGIES:
         assert (tmp_path / "sweep_healed" / strategy / "n2" / "adapter" / "adapter_model.safetensors").exists()
     assert json.loads((tmp_path / "sweep-similarity.json").read_text())["settings"]["settings"]["heal"] == config.digest()
-
-
-def test_collapse_points_and_healing_gains_per_strategy():
-    a = _curve([0.7, 0.7, 0.25, 0.25], 400, seed=4)
-    b = _curve([0.7, 0.25, 0.25, 0.25], 400, seed=5, strategy="heuristic")
-    healed = _curve([0.7, 0.7, 0.7, 0.25], 400, seed=6).query("n == 2").assign(healed=True)
-    results = pd.concat([a, b, healed], ignore_index=True)
-    table = sweep.collapse_points(results)
-    assert table["strategy"].tolist() == ["similarity", "heuristic"]
-    for strategy, curve in (("similarity", a), ("heuristic", b)):
-        fraction, (low, high) = sweep.collapse_point(curve)
-        assert table.set_index("strategy").loc[strategy, ["collapse", "ci_low", "ci_high"]].tolist() == [fraction, low, high]
-    gains = sweep.healing_gains(results)
-    expected = sweep.paired_comparison(pd.concat([a, healed]), "healed", True, False)
-    assert gains["strategy"].tolist() == ["similarity"]
-    pd.testing.assert_frame_equal(gains.drop(columns="strategy"), expected)
-    with pytest.raises(ValueError, match="no healed rows"):
-        sweep.healing_gains(pd.concat([a, b]))

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from kit.artifacts import MissingArtifactError
+from kit.distances import Distances
 from kit.prune import Block, Selection
-from kit.similarity import Distances
 from kit.widgets import BlockPicker
 
 L = 6

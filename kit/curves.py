@@ -1,0 +1,113 @@
+"""Reading a sweep's table (kit.sweep): per-question outcomes, paired differences between two
+curves, where a curve reaches chance (the paper's collapse point), and what healing gains."""
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from .metrics import CHANCE
+from .stats import paired_difference, wilson
+
+
+def encode_outcomes(outcomes) -> str | None:
+    """Per-question outcomes as one letter each, R (right) or W (wrong): compact and CSV-safe."""
+    return None if outcomes is None else "".join("R" if right else "W" for right in outcomes)
+
+
+def outcomes(row) -> np.ndarray:
+    """The per-question outcomes (bool) of a sweep row, e.g. results.iloc[0]."""
+    if not isinstance(row["outcomes"], str):
+        raise ValueError(f"metric {row['metric']!r} has no per-question outcomes (only accuracies over questions do: mmlu, boolq, recall)")
+    return np.frombuffer(row["outcomes"].encode(), dtype=np.uint8) == ord("R")
+
+
+def paired_comparison(results: pd.DataFrame, by: str, a, b, *, metric: str = "mmlu", resamples: int = 2000,
+                      seed: int = 0) -> pd.DataFrame:  # fmt: skip
+    """For every n evaluated both ways, `metric` where results[by] == a minus where it is b, on the
+    same questions, with a paired bootstrap 95% interval (questions resampled together).
+
+    E.g. paired_comparison(results, "strategy", "similarity", "heuristic") or
+    paired_comparison(healed, "healed", True, False). Returns one row per n: n, fraction,
+    "{by}={a}", "{by}={b}", difference, ci_low, ci_high.
+    """
+    rows = results[results["metric"] == metric]
+    table = []
+    for n, group in rows.groupby("n", sort=True):
+        pair = [group[group[by] == label] for label in (a, b)]
+        if any(len(side) > 1 for side in pair):
+            raise ValueError(f"several {metric!r} rows for n={n} with {by}={a!r} or {b!r}: keep one curve per {by} value")
+        if any(side.empty for side in pair):
+            continue
+        (row_a, row_b) = (side.iloc[0] for side in pair)
+        difference = paired_difference(outcomes(row_a), outcomes(row_b), resamples=resamples, seed=seed)
+        table.append({"n": n, "fraction": row_a["fraction"], f"{by}={a}": row_a["value"], f"{by}={b}": row_b["value"],
+                      "difference": difference.value, "ci_low": difference.low, "ci_high": difference.high})  # fmt: skip
+    if not table:
+        raise ValueError(f"no n has {metric!r} rows for both {by}={a!r} and {by}={b!r}")
+    return pd.DataFrame(table)
+
+
+def chance_level(results: pd.DataFrame, metric: str) -> float | None:
+    """The chance level of `metric` in sweep rows: the one its rows carry (the evaluation knows it, e.g.
+    recall's 1 / facts), else CHANCE[metric]; None for metrics without one (losses)."""
+    rows = results[results["metric"] == metric]
+    levels = rows["chance"].dropna().unique() if "chance" in rows else []
+    if len(levels) > 1:
+        raise ValueError(f"the rows of {metric!r} carry several chance levels {sorted(levels)}: select rows of one kind")
+    return float(levels[0]) if len(levels) else CHANCE.get(metric)
+
+
+def collapse_point(results: pd.DataFrame, metric: str = "mmlu", chance: float | None = None, *,
+                   resamples: int = 1000, seed: int = 0) -> tuple[float, tuple[float, float]]:  # fmt: skip
+    """The paper's central quantity: the smallest fraction of layers dropped at which accuracy is no
+    longer distinguishable from chance (its Wilson 95% interval reaches `chance`), with a 95% interval
+    from resampling the questions (percentile bootstrap, the same questions at every n).
+
+    results: one sweep curve (one strategy, healed or not). chance: default chance_level(results, metric).
+    Returns (fraction, (low, high)); inf where accuracy stays above chance at every fraction swept.
+    """
+    chance = chance_level(results, metric) if chance is None else chance
+    if chance is None:
+        raise ValueError(f"no chance level known for {metric!r}: pass chance=")
+    rows = results[results["metric"] == metric].sort_values("n")
+    if rows.empty:
+        raise ValueError(f"no rows for metric {metric!r}; metrics present: {sorted(results['metric'].unique())}")
+    if rows["n"].duplicated().any():
+        raise ValueError("results hold several curves: select one, e.g. results[results.strategy == 'similarity']")
+    right = np.stack([outcomes(row) for _, row in rows.iterrows()])  # [points, questions]
+    fractions = np.append(rows["fraction"].to_numpy(float), math.inf)
+
+    def first_collapse(hits: np.ndarray) -> np.ndarray:  # hits [..., points] -> fraction per leading index
+        low, _ = wilson(hits, right.shape[1])
+        collapsed = low <= chance
+        return fractions[np.where(collapsed.any(-1), collapsed.argmax(-1), len(fractions) - 1)]
+
+    rng = np.random.default_rng(seed)
+    resampled = np.stack([right[:, rng.integers(right.shape[1], size=right.shape[1])].sum(1) for _ in range(resamples)])
+    low, high = np.quantile(first_collapse(resampled), [0.025, 0.975], method="inverted_cdf")
+    return float(first_collapse(right.sum(1))), (float(low), float(high))
+
+
+def collapse_points(results: pd.DataFrame, metric: str = "mmlu", chance: float | None = None, **kwargs) -> pd.DataFrame:
+    """collapse_point of each strategy's unhealed curve in a sweeps() table: one row per strategy
+    with the fraction dropped where `metric` reaches chance and its 95% interval (inf: beyond the sweep)."""
+    unhealed = results[~results["healed"].astype(bool)]
+    rows = []
+    for strategy, curve in unhealed.groupby("strategy", sort=False):
+        fraction, (low, high) = collapse_point(curve, metric, chance, **kwargs)
+        rows.append({"strategy": strategy, "metric": metric, "collapse": fraction, "ci_low": low, "ci_high": high})
+    return pd.DataFrame(rows)
+
+
+def healing_gains(results: pd.DataFrame, metric: str = "mmlu", **kwargs) -> pd.DataFrame:
+    """For each strategy with healed rows, healed minus unhealed `metric` on the same questions at
+    every healed n, with its paired bootstrap 95% interval (paired_comparison), plus a strategy column."""
+    tables = [
+        paired_comparison(curve, "healed", True, False, metric=metric, **kwargs).assign(strategy=strategy)
+        for strategy, curve in results.groupby("strategy", sort=False)
+        if curve["healed"].astype(bool).any()
+    ]
+    if not tables:
+        raise ValueError("no healed rows: sweep with heal_ns (kit.sweep.sweeps(..., heal_ns=[...]))")
+    return pd.concat(tables, ignore_index=True)

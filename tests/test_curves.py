@@ -1,0 +1,76 @@
+"""Reading sweep tables: collapse points against known transitions, paired comparisons against the
+stats module's paired bootstrap, per-strategy collapse points and healing gains."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from kit import curves, stats
+
+
+def _curve(accuracies, questions, seed=0, strategy="similarity"):
+    """A synthetic MMLU sweep over n = 0..len-1 of 10 layers with the given true accuracies."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for n, p in enumerate(accuracies):
+        right = rng.random(questions) < p
+        rows.append(dict(strategy=strategy, n=n, fraction=n / 10, healed=False, metric="mmlu", value=right.mean(),
+                         outcomes="".join("R" if r else "W" for r in right)))  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_collapse_point_finds_a_known_transition():
+    sharp = [0.7] * 4 + [0.25] * 6  # collapses to chance at n = 4 of 10
+    assert curves.collapse_point(_curve(sharp, questions=2000)) == (0.4, (0.4, 0.4))
+    fraction, (low, high) = curves.collapse_point(_curve(sharp, questions=400))
+    assert fraction == 0.4 and low == 0.4 and 0.4 < high <= 0.6  # fewer questions: a point at chance may look above it
+    gradual = _curve([0.7, 0.6, 0.5, 0.4, 0.3, 0.28, 0.26, 0.25, 0.25, 0.25], questions=100, seed=1)
+    fraction, (low, high) = curves.collapse_point(gradual)
+    assert low <= fraction <= high and 0.3 <= fraction <= 0.7 and high > low  # a real spread of plausible points
+    assert curves.collapse_point(_curve([0.7] * 10, questions=200)) == (math.inf, (math.inf, math.inf))
+    at_chance = _curve([0.3] * 10, questions=40)  # a small model: indistinguishable from chance unpruned
+    assert curves.collapse_point(at_chance)[0] == 0.0
+
+
+def test_collapse_point_bad_input():
+    two = pd.concat([_curve([0.7, 0.3], 20), _curve([0.7, 0.3], 20, strategy="heuristic")])
+    with pytest.raises(ValueError, match="several curves"):
+        curves.collapse_point(two)
+    with pytest.raises(ValueError, match="no chance level known for 'acc'"):
+        curves.collapse_point(two, metric="acc")
+    with pytest.raises(ValueError, match="metrics present: \\['mmlu'\\]"):
+        curves.collapse_point(two, metric="boolq")
+
+
+def test_paired_comparison_of_two_strategies():
+    a, b = _curve([0.7, 0.6, 0.5], 300, seed=2), _curve([0.7, 0.4, 0.3], 300, seed=3, strategy="heuristic")
+    table = curves.paired_comparison(pd.concat([a, b]), "strategy", "similarity", "heuristic")
+    assert list(table.columns) == ["n", "fraction", "strategy=similarity", "strategy=heuristic", "difference", "ci_low", "ci_high"]
+    for n, row in table.iterrows():
+        right_a, right_b = curves.outcomes(a.iloc[n]), curves.outcomes(b.iloc[n])
+        expected = stats.paired_difference(right_a, right_b)
+        assert row.difference == pytest.approx(right_a.mean() - right_b.mean())
+        assert (row.ci_low, row.ci_high) == (expected.low, expected.high)
+    assert table.ci_low.iloc[2] > 0.1  # similarity is clearly better at n = 2
+    with pytest.raises(ValueError, match="no n has 'mmlu' rows for both strategy='similarity' and strategy='random'"):
+        curves.paired_comparison(pd.concat([a, b]), "strategy", "similarity", "random")
+
+
+def test_collapse_points_and_healing_gains_per_strategy():
+    a = _curve([0.7, 0.7, 0.25, 0.25], 400, seed=4)
+    b = _curve([0.7, 0.25, 0.25, 0.25], 400, seed=5, strategy="heuristic")
+    healed = _curve([0.7, 0.7, 0.7, 0.25], 400, seed=6).query("n == 2").assign(healed=True)
+    results = pd.concat([a, b, healed], ignore_index=True)
+    table = curves.collapse_points(results)
+    assert table["strategy"].tolist() == ["similarity", "heuristic"]
+    for strategy, curve in (("similarity", a), ("heuristic", b)):
+        fraction, (low, high) = curves.collapse_point(curve)
+        assert table.set_index("strategy").loc[strategy, ["collapse", "ci_low", "ci_high"]].tolist() == [fraction, low, high]
+    gains = curves.healing_gains(results)
+    expected = curves.paired_comparison(pd.concat([a, healed]), "healed", True, False)
+    assert gains["strategy"].tolist() == ["similarity"]
+    pd.testing.assert_frame_equal(gains.drop(columns="strategy"), expected)
+    with pytest.raises(ValueError, match="no healed rows"):
+        curves.healing_gains(pd.concat([a, b]))
