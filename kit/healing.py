@@ -273,11 +273,12 @@ def _check_resumable(output_dir: Path, config: HealConfig) -> str | None:
                 f"{output_dir} holds checkpoints of a healing run with different settings ({record}). "
                 "Delete that folder to start afresh, or pass another output_dir."
             )
-        if before is not None and before.get("world_size", 1) != world:
+        trained_on = before.get("world_size", 1) if before is not None else world  # older records: one process
+        if trained_on != world:
             raise ValueError(
-                f"{output_dir} holds checkpoints of a healing run on {before.get('world_size', 1)} process(es) (global "
+                f"{output_dir} holds checkpoints of a healing run on {trained_on} process(es) (global "
                 f"batch {before.get('global_batch', config.global_batch)}), this one runs on {world}: resume it with "
-                f"as many (accelerate launch --num_processes {before.get('world_size', 1)}), or delete that folder to start afresh."
+                f"as many (accelerate launch --num_processes {trained_on}), or delete that folder to start afresh."
             )
         write_json(record, {"digest": config.digest(), "config": config.to_dict(), "world_size": world,
                             "global_batch": config.global_batch * world})  # fmt: skip
