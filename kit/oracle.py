@@ -19,8 +19,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from . import artifacts, layers
+from . import artifacts, distributed, layers
 from .block import Block
+from .device import model_device
 from .prune import choose_block
 from .text import encode
 
@@ -132,6 +133,7 @@ def ablation_losses(
         ns: block sizes to measure (default: every size 1 .. L-1); other rows stay NaN.
         model_name: recorded in meta["model"] (default: model.name_or_path).
     Memory: one batch's layer inputs, the unpruned log-probs of its tokens, and one chunk of logits.
+    Under torch.distributed each rank measures its share of the batches and every rank returns the sums of all.
     """
     if isinstance(texts, str) or not texts:
         raise ValueError("texts must be a non-empty list of strings")
@@ -139,14 +141,18 @@ def ablation_losses(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     L = layers.num_layers(model)
     sizes = _sizes(ns, L)
+    distributed.require_same("the ablation oracle", dict(texts=distributed.digest(texts), ns=sizes, max_length=max_length,
+                                                          batch_size=batch_size))  # fmt: skip
     blocks = [Block(start, n) for n in sizes for start in range(L - n + 1)]
     loss, kl = np.zeros((L + 1, L + 1)), np.zeros((L + 1, L + 1))
-    count, device, head = 0, model.get_input_embeddings().weight.device, _head(model)
+    count, device, head = 0, model_device(model), _head(model)
     decoder = layers.decoder_layers(model)
+    mine, error = distributed.shard(len(texts), batch_size), None  # under torch.distributed: this rank's batches
     was_training = model.training
     model.eval()
     try:
-        for first in tqdm(range(0, len(texts), batch_size), desc="ablation oracle", unit="batch"):
+        batches = range(mine.start, mine.stop, batch_size)
+        for first in tqdm(batches, desc="ablation oracle", unit="batch", disable=not distributed.is_main()):
             enc = encode(tokenizer, texts[first : first + batch_size], max_length=max_length, device=device)
             short = (enc["attention_mask"].sum(-1) < 2).nonzero().flatten().tolist()
             if short:
@@ -172,8 +178,13 @@ def ablation_losses(
                     kl[block.n, block.start] += F.kl_div(logp, ref, log_target=True, reduction="sum").item()
                     done += len(chunk)
             count += len(targets)
+    except ValueError as caught:  # a text with nothing to predict: every rank stops with it, none waits below
+        error = caught
     finally:
         model.train(was_training)
+    distributed.raise_if_any(error)
+    loss, kl, counts = distributed.all_sum(torch.from_numpy(np.stack([loss, kl, np.full_like(loss, count)]))).cpu().numpy()
+    count = int(counts[0, 0])
     measured = np.full((L + 1, L + 1), False)
     measured[0] = True
     for block in blocks:

@@ -1,9 +1,9 @@
 """Every data-parallel path of the kit on one tiny model: the scan, MMLU, BoolQ, the validation loss,
-a sweep of two points and three healing steps. tests/test_distributed.py runs `work` in its own
+the ablation oracle, a sweep of two points and three healing steps. tests/test_distributed.py runs `work` in its own
 process (the one-process reference) and this file under `torchrun --nproc_per_node 2` (gloo, CPU),
 where healing is interrupted after step 2 and resumed, and each rank saves what it got to OUT/rank{r}.pt.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/distributed_worker.py OUT [disagree]
+    python -m torch.distributed.run --nproc_per_node 2 tests/distributed_worker.py OUT [disagree | short]
 """
 
 import sys
@@ -61,6 +61,7 @@ def work(out: Path, disagree: bool = False, interrupt: bool = False) -> dict:
     answers = mmlu(model, tokenizer, questions, shots=1, batch_size=3)
     yes_no = boolq(model, tokenizer, items, batch_size=2)
     loss = validation_loss(model, tokenizer, texts[:5], max_length=32, batch_size=BATCH)
+    oracle = kit.ablation_losses(model, tokenizer, texts, ns=[1, 2], max_length=32, batch_size=BATCH)
     evals = [metrics.mmlu_metrics(questions, shots=1, batch_size=3), metrics.loss_metrics(texts[:5], max_length=32, batch_size=BATCH)]
     swept = sweep.sweep(model, tokenizer, ns=[0, 2], evals=evals, distances=scan, cache_path=out / "sweep.json")
     config, heal_texts = heal_config(distributed.world_size()), data.corpus("train")[:8]
@@ -78,12 +79,16 @@ def work(out: Path, disagree: bool = False, interrupt: bool = False) -> dict:
         mmlu=dict(predictions=answers.predictions, loglikelihoods=answers.loglikelihoods, accuracy=answers.accuracy),
         boolq=dict(predictions=yes_no.predictions, loglikelihoods=yes_no.loglikelihoods),
         loss=dict(loss=loss.loss, stderr=loss.stderr, tokens=loss.tokens),
+        oracle=dict(loss=oracle.loss, kl=oracle.kl, tokens=oracle.meta["tokens"]),
         sweep=swept, heal=dict(history=healed.history, adapter=adapter, interrupted=interrupted),
     )
 
 
 if __name__ == "__main__":
-    out, disagree = Path(sys.argv[1]), sys.argv[2:] == ["disagree"]
+    out, mode = Path(sys.argv[1]), sys.argv[2:]
     distributed.init()
-    results = work(out, disagree, interrupt=True)
+    if mode == ["short"]:  # the oracle with a text of one token, in rank 1's share (the last batch)
+        model, tokenizer, texts, _, _ = inputs()
+        kit.ablation_losses(model, tokenizer, texts[:-1] + ["x"], ns=[1], max_length=32, batch_size=BATCH)
+    results = work(out, disagree=mode == ["disagree"], interrupt=True)
     torch.save(results, out / f"rank{distributed.rank()}.pt")

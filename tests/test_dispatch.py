@@ -105,3 +105,11 @@ def test_embedded_model_with_a_third_of_its_layers_on_disk(tmp_path):
         kept = dispatched.hf_device_map  # old layers 18, 19 (disk) and 20 (cpu) are now 12, 13 and 14
         assert (kept["model.layers.12"], kept["model.layers.13"], kept["model.layers.14"]) == ("disk", "disk", "cpu")
         assert "model.layers.24" not in kept
+
+
+def test_ablation_oracle_equals_the_undispatched_model(pair):
+    model, dispatched, tokenizer = pair
+    texts = data.corpus("validation")[:5]
+    plain, spread = (kit.ablation_losses(m, tokenizer, texts, ns=[1, 2], max_length=32, batch_size=2) for m in (model, dispatched))
+    np.testing.assert_allclose(spread.loss, plain.loss, rtol=1e-6)
+    np.testing.assert_allclose(spread.kl, plain.kl, rtol=1e-5, atol=1e-9)

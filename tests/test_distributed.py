@@ -106,6 +106,14 @@ def test_validation_loss_equals_one_process(launched):
         assert got["loss"]["stderr"] == pytest.approx(alone["loss"]["stderr"], rel=1e-6)
 
 
+def test_ablation_oracle_equals_one_process(launched):
+    _, ranks, alone = launched
+    for got in ranks:
+        assert got["oracle"]["tokens"] == alone["oracle"]["tokens"]
+        np.testing.assert_allclose(got["oracle"]["loss"], alone["oracle"]["loss"], rtol=1e-6)  # NaN where not measured, alike
+        np.testing.assert_allclose(got["oracle"]["kl"], alone["oracle"]["kl"], rtol=1e-5, atol=1e-9)
+
+
 def test_sweep_equals_one_process_and_rank_0_writes_its_cache(launched):
     out, ranks, alone = launched
     expected = alone["sweep"]
@@ -150,6 +158,13 @@ def test_ranks_given_different_texts_stop_with_a_clear_error(tmp_path):
     run = torchrun(REPO / "tests" / "distributed_worker.py", tmp_path, "disagree")
     assert run.returncode != 0
     assert "the similarity scan: rank(s) [1] were given other texts than rank 0" in run.stderr
+    assert not list(tmp_path.glob("rank*.pt"))
+
+
+def test_an_error_on_one_rank_stops_every_rank_with_its_message(tmp_path):
+    run = torchrun(REPO / "tests" / "distributed_worker.py", tmp_path, "short")
+    assert run.returncode != 0
+    assert "texts [6] have fewer than 2 tokens: nothing to predict; remove them" in run.stderr
     assert not list(tmp_path.glob("rank*.pt"))
 
 
