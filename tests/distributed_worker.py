@@ -1,7 +1,8 @@
 """Every data-parallel path of the kit on one tiny model: the scan, MMLU, BoolQ, the validation loss,
-the ablation oracle, a sweep of two points and three healing steps. tests/test_distributed.py runs `work` in its own
-process (the one-process reference) and this file under `torchrun --nproc_per_node 2` (gloo, CPU),
-where healing is interrupted after step 2 and resumed, and each rank saves what it got to OUT/rank{r}.pt.
+the ablation oracle, a sweep of two points with the second also healed, and three healing steps.
+tests/test_distributed.py runs `work` in its own process (the one-process reference) and this file
+under `torchrun --nproc_per_node 2` (gloo, CPU), where healing is interrupted after step 2 and resumed,
+and each rank saves what it got to OUT/rank{r}.pt.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/distributed_worker.py OUT [disagree | short]
 """
@@ -63,8 +64,9 @@ def work(out: Path, disagree: bool = False, interrupt: bool = False) -> dict:
     loss = validation_loss(model, tokenizer, texts[:5], max_length=32, batch_size=BATCH)
     oracle = kit.ablation_losses(model, tokenizer, texts, ns=[1, 2], max_length=32, batch_size=BATCH)
     evals = [metrics.mmlu_metrics(questions, shots=1, batch_size=3), metrics.loss_metrics(texts[:5], max_length=32, batch_size=BATCH)]
-    swept = sweep.sweep(model, tokenizer, ns=[0, 2], evals=evals, distances=scan, cache_path=out / "sweep.json")
     config, heal_texts = heal_config(distributed.world_size()), data.corpus("train")[:8]
+    healer = sweep.healer(heal_texts, config, output_root=out / "sweep_healed")
+    swept = sweep.sweep(model, tokenizer, ns=[0, 2], evals=evals, distances=scan, heal=healer, heal_ns=[2], cache_path=out / "sweep.json")
     interrupted = False
     if interrupt:  # stopped after step 2 (its checkpoint saved), then resumed as a rerun would
         try:

@@ -114,15 +114,28 @@ def test_ablation_oracle_equals_one_process(launched):
         np.testing.assert_allclose(got["oracle"]["kl"], alone["oracle"]["kl"], rtol=1e-5, atol=1e-9)
 
 
-def test_sweep_equals_one_process_and_rank_0_writes_its_cache(launched):
+def healing_gain(table) -> float:
+    """The healed minus the unhealed validation loss at n = 2 in a sweep table."""
+    loss = table[table["metric"] == "val_loss"].set_index(["n", "healed"])["value"]
+    return loss[(2, True)] - loss[(2, False)]
+
+
+def test_sweep_with_a_healed_point_equals_one_process_and_rank_0_writes(launched):
     out, ranks, alone = launched
     expected = alone["sweep"]
+    assert healing_gain(expected) < -5e-4  # three steps lower the pruned model's loss
     for got in ranks:
-        assert list(got["sweep"]["n"]) == list(expected["n"]) == [0] * 4 + [2] * 4  # mmlu, mmlu_subjects, val_loss, val_loss_norm
+        # mmlu, mmlu_subjects, val_loss, val_loss_norm at n = 0, at n = 2, and at n = 2 healed (3 DDP steps)
+        assert list(got["sweep"]["n"]) == list(expected["n"]) == [0] * 4 + [2] * 8
+        assert got["sweep"]["healed"].tolist() == expected["healed"].tolist() == [False] * 8 + [True] * 4
         np.testing.assert_allclose(got["sweep"]["value"], expected["value"], rtol=1e-6)
+        assert healing_gain(got["sweep"]) == pytest.approx(healing_gain(expected), rel=1e-3)
         assert got["sweep"]["outcomes"].fillna("").tolist() == expected["outcomes"].fillna("").tolist()
     cached = json.loads((out / "sweep.json").read_text())
-    assert [p["n"] for p in cached["points"]] == [0, 2]
+    assert [(p["n"], p["healed"]) for p in cached["points"]] == [(0, False), (2, False), (2, True)]
+    record = json.loads((out / "sweep_healed" / "n2" / "heal_config.json").read_text())
+    assert (record["world_size"], record["global_batch"]) == (2, worker.GLOBAL_BATCH)
+    assert (out / "sweep_healed" / "n2" / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_three_healing_steps_interrupted_and_resumed_equal_one_process_at_the_same_global_batch(launched):
