@@ -28,10 +28,9 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS) + [
-    "artifacts", "assets", "config", "cost", "data", "evaluate", "healing", "layers", "models", "oracle", "plots", "prune",
-    "reports", "similarity", "distances", "metrics", "curves", "testing", "text", "block", "loss", "boolq", "mmlu", "recall", "scoring", "stats", "device",
-    "distributed",
-    "sweep", "widgets",
+    "artifacts", "assets", "block", "boolq", "config", "cost", "curves", "data", "device", "distances", "distributed",
+    "evaluate", "harness", "healing", "layers", "loss", "merge", "metrics", "mmlu", "models", "oracle", "plots", "prune",
+    "recall", "reports", "scoring", "similarity", "stats", "sweep", "testing", "text", "widgets",
 ]
 
 

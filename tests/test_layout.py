@@ -59,3 +59,12 @@ def test_no_import_cycles():
 def test_ruff_passes():
     result = subprocess.run([sys.executable, "-m", "ruff", "check", "kit", "bench", "tests"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_module_and_export_is_reachable_from_kit():
+    import kit
+
+    modules = {p.stem for p in (ROOT / "kit").glob("*.py") if not p.stem.startswith("__")}
+    assert modules <= set(kit.__all__), f"add to kit.__all__: {sorted(modules - set(kit.__all__))}"
+    for name in kit.__all__:
+        assert getattr(kit, name) is not None
