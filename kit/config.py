@@ -21,6 +21,12 @@ class _Settings:
                             f"{', '.join(f.name for f in fields(self))}")  # fmt: skip
         return replace(self, **changes)
 
+    def _require_positive(self, *names: str) -> None:
+        """A ValueError naming the first of the integer settings `names` below 1."""
+        for name in names:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
 
 @dataclass(frozen=True)
 class ScanConfig(_Settings):
@@ -36,9 +42,7 @@ class ScanConfig(_Settings):
     groups: int | None = None  # round-robin groups of texts for Distances.stability (None: min(32, texts))
 
     def __post_init__(self):
-        for name in ("n_texts", "batch_size", "max_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self._require_positive("n_texts", "batch_size", "max_length")
 
 
 @dataclass(frozen=True)
@@ -53,9 +57,7 @@ class PruneConfig(_Settings):
     batch_size: int = 8  # texts per forward pass
 
     def __post_init__(self):
-        for name in ("n", "n_val_texts", "max_length", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self._require_positive("n", "n_val_texts", "max_length", "batch_size")
         if self.start is not None and self.start < 0:
             raise ValueError(f"start must be >= 0 or None (the strategy's block), got {self.start}")
 
@@ -112,9 +114,7 @@ class HealConfig(_Settings):
             raise ValueError(f"need alpha > 0, 0 <= dropout < 1 and warmup_steps >= 0; got {self.alpha}, {self.dropout}, {self.warmup_steps}")
         if self.distill_temperature <= 0:
             raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature}")
-        for name in ("rank", "steps", "batch_size", "grad_accum", "seq_len", "log_every", "eval_every", "save_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self._require_positive("rank", "steps", "batch_size", "grad_accum", "seq_len", "log_every", "eval_every", "save_every")
 
     @property
     def effective_warmup(self) -> int:
