@@ -6,6 +6,7 @@ everything here is the one-process case (rank 0 of 1). Imports nothing else from
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -116,8 +117,16 @@ def require_same(what: str, settings: dict) -> None:
         )
 
 
-def raise_if_any(error: Exception | None) -> None:
-    """Raise on every rank when any rank met an error (e.g. a refused resume), so none goes on alone."""
+@contextmanager
+def stop_together():
+    """Run the block on every rank; a ValueError raised in it on any rank (bad input, a refused resume)
+    is raised on every rank as the block ends (the others: "rank r stopped: ..."), so no rank goes on
+    alone into a collective the others never reach. Every rank must enter the block."""
+    error = None
+    try:
+        yield
+    except ValueError as caught:
+        error = caught
     if not active():
         if error is not None:
             raise error
@@ -125,9 +134,9 @@ def raise_if_any(error: Exception | None) -> None:
     gathered = [None] * world_size()
     dist.all_gather_object(gathered, None if error is None else f"{type(error).__name__}: {error}")
     failed = [(r, message) for r, message in enumerate(gathered) if message is not None]
+    if error is not None:
+        raise error
     if failed:
-        if error is not None:
-            raise error
         raise RuntimeError(f"rank {failed[0][0]} stopped: {failed[0][1]}")
 
 

@@ -23,7 +23,7 @@ from . import artifacts, distributed, layers
 from .block import Block
 from .device import model_device
 from .prune import choose_block
-from .text import encode
+from .text import encode, too_short
 
 _FORMAT = "kit.ablation/1"
 _TOKEN_CHUNK = 256  # tokens per LM-head chunk: bounds the [tokens, vocab] logits of a pruned model
@@ -143,20 +143,19 @@ def ablation_losses(
     sizes = _sizes(ns, L)
     distributed.require_same("the ablation oracle", dict(texts=distributed.digest(texts), ns=sizes, max_length=max_length,
                                                           batch_size=batch_size))  # fmt: skip
+    if short := too_short(tokenizer, texts, max_length=max_length, min_tokens=2):
+        raise ValueError(f"texts {short} have fewer than 2 tokens: nothing to predict; remove them")
     blocks = [Block(start, n) for n in sizes for start in range(L - n + 1)]
     loss, kl = np.zeros((L + 1, L + 1)), np.zeros((L + 1, L + 1))
     count, device, head = 0, model_device(model), _head(model)
     decoder = layers.decoder_layers(model)
-    mine, error = distributed.shard(len(texts), batch_size), None  # under torch.distributed: this rank's batches
+    mine = distributed.shard(len(texts), batch_size)  # under torch.distributed: this rank's batches
     was_training = model.training
     model.eval()
     try:
         batches = range(mine.start, mine.stop, batch_size)
         for first in tqdm(batches, desc="ablation oracle", unit="batch", disable=not distributed.is_main()):
             enc = encode(tokenizer, texts[first : first + batch_size], max_length=max_length, device=device)
-            short = (enc["attention_mask"].sum(-1) < 2).nonzero().flatten().tolist()
-            if short:
-                raise ValueError(f"texts {[first + i for i in short]} have fewer than 2 tokens: nothing to predict; remove them")
             scored = enc["attention_mask"][:, 1:].bool()  # position t predicts token t+1
             targets = enc["input_ids"][:, 1:][scored]
             with _Inputs(model) as inputs:
@@ -178,11 +177,8 @@ def ablation_losses(
                     kl[block.n, block.start] += F.kl_div(logp, ref, log_target=True, reduction="sum").item()
                     done += len(chunk)
             count += len(targets)
-    except ValueError as caught:  # a text with nothing to predict: every rank stops with it, none waits below
-        error = caught
     finally:
         model.train(was_training)
-    distributed.raise_if_any(error)
     loss, kl, counts = distributed.all_sum(torch.from_numpy(np.stack([loss, kl, np.full_like(loss, count)]))).cpu().numpy()
     count = int(counts[0, 0])
     measured = np.full((L + 1, L + 1), False)

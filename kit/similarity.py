@@ -22,7 +22,7 @@ from . import artifacts, distributed, layers
 from .config import ScanConfig
 from .device import model_device, provenance, require_finite
 from .distances import Distances
-from .text import encode
+from .text import encode, too_short
 
 METRICS = {
     "angular_last": "arccos(cos) / pi on the last non-pad token of each text (the paper)",
@@ -202,16 +202,14 @@ def angular_distances(
         dtype=placement["dtype"], quantization=placement["quantization"],
     )  # fmt: skip
     distributed.require_same("the similarity scan", {**settings, "device": None, "texts": distributed.digest(texts)})
+    if empty := too_short(tokenizer, texts, max_length=max_length, min_tokens=1):
+        raise ValueError(f"texts {empty} have no tokens; remove empty texts")
     settings.update(world_size=distributed.world_size(), rank=distributed.rank())
     fingerprint = _fingerprint(texts, settings)
     device = model_device(model)
     sums = _Sums(groups, size, device)
-    done, error = 0, None
-    try:
+    with distributed.stop_together():  # a rank that may not resume stops them all
         done = _resume(cache_path, fingerprint, settings, sums)
-    except ValueError as refused:
-        error = refused
-    distributed.raise_if_any(error)  # a rank that may not resume stops them all
     mine = distributed.shard(len(texts), batch_size)  # whole batches, as one process runs them
     starts = range(mine.start, mine.stop, batch_size)
     was_training = model.training
@@ -222,9 +220,6 @@ def angular_distances(
                               unit="batch", disable=not distributed.is_main()):  # fmt: skip
                 batch = texts[starts[index] : starts[index] + batch_size]
                 enc = encode(tokenizer, batch, max_length=max_length, device=device, padding_side=tokenizer.padding_side)
-                empty = (enc["attention_mask"].sum(-1) == 0).nonzero().flatten().tolist()
-                if empty:
-                    raise ValueError(f"texts {[starts[index] + i for i in empty]} have no tokens; remove empty texts")
                 select = _select(enc["attention_mask"], metric)
                 text_sums = _pair_sums(residuals(enc, select), metric, select.nonzero()[:, 0], len(batch))
                 require_finite(bool(torch.isfinite(text_sums).all()), f"the scan's distances (batch {index})", model)

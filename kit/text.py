@@ -19,3 +19,10 @@ def encode(tokenizer, texts: list[str], *, max_length: int, device=None, padding
         list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt", padding_side=padding_side
     )
     return enc.to(device) if device is not None else enc
+
+
+def too_short(tokenizer, texts: list[str], *, max_length: int, min_tokens: int) -> list[int]:
+    """Indices of the texts that `encode` turns into fewer than `min_tokens` tokens: checked on all
+    texts before any work, so every process of a distributed run stops on them together."""
+    ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    return [i for i, row in enumerate(ids) if len(row) < min_tokens]

@@ -174,7 +174,7 @@ def test_ranks_given_different_texts_stop_with_a_clear_error(tmp_path):
     assert not list(tmp_path.glob("rank*.pt"))
 
 
-def test_an_error_on_one_rank_stops_every_rank_with_its_message(tmp_path):
+def test_a_text_with_nothing_to_predict_in_one_ranks_share_stops_every_rank(tmp_path):
     run = torchrun(REPO / "tests" / "distributed_worker.py", tmp_path, "short")
     assert run.returncode != 0
     assert "texts [6] have fewer than 2 tokens: nothing to predict; remove them" in run.stderr
