@@ -1,5 +1,5 @@
-"""Loading decoder-only LMs (embedded aliases, local checkpoints, GGUF files, Hub ids) and
-tiny random models of each supported architecture for tests."""
+"""Loading decoder-only LMs (embedded aliases, local checkpoints, GGUF files, Hub ids) by the device
+policy of kit.device. Tiny random models for tests live in kit.testing."""
 
 import importlib.util
 from pathlib import Path

@@ -24,7 +24,6 @@ def _tiny_tokenizer_json() -> str:
     """A byte-level BPE tokenizer trained in-process on the offline corpus (deterministic)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -93,7 +92,6 @@ def tiny_model(arch: str = "llama", *, num_layers: int = 6, seed: int = 0):
     model.name_or_path = f"tiny-{arch}"
     model.eval()
     return model, tokenizer
-
 
 
 def random_distances(num_layers: int = 7, seed: int = 0) -> Distances:
