@@ -1,19 +1,127 @@
-"""Fault injection: run a workload in a fresh process and SIGKILL it (and every process it started,
-e.g. a notebook's kernel) at a chosen moment after its imports.
+"""Fault injection: run a workload in a fresh process and SIGKILL it, with every process it started
+(a notebook's kernel too), just before a given write point, or at a chosen moment.
+
+A write is any file-system change under the watched folder: what Python's audit events show (an open
+for writing, a rename or replace, a removal, a new folder) and the writers written in C, C++ or Rust
+that they do not show (`torch.save`, safetensors, the kit's atomic folder swap
+`kit.artifacts._exchange`). Its write point is its kind and path, less the numbers in the path (steps,
+batches, process ids) and the random part of a temporary's name. Writes are logged across the
+workload's processes through shared files, so a crash point stops a run at the same write whatever
+the machine's load.
 
 Workloads are forked from one multiprocessing fork server that has already imported torch,
-transformers, peft and the kit: each run starts in milliseconds, and a kill lands in the workload's
-own work rather than in its imports."""
+transformers, peft, the kit and IPython: each run starts in milliseconds, a notebook's too
+(run_notebook)."""
 
 import multiprocessing
 import os
+import re
+import shutil
 import signal
+import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 
-PRELOAD = ["torch", "transformers", "peft", "kit.testing", "kit.similarity", "kit.healing", "kit.sweep", "kit.reports"]
+PRELOAD = ["torch", "transformers", "peft", "kit.testing", "kit.similarity", "kit.healing", "kit.sweep", "kit.plots",
+           "IPython.core.interactiveshell", "papermill.iorw", "papermill.parameterize"]  # fmt: skip
+CRASH_BEFORE, WATCH, COUNTER, LOG, ROOT = "KIT_CRASH_BEFORE", "KIT_CRASH_WATCH", "KIT_CRASH_COUNTER", "KIT_CRASH_LOG", "KIT_CRASH_ROOT"
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+PATH_EVENTS = {"os.rename", "os.remove", "os.rmdir", "os.mkdir", "shutil.rmtree", "os.truncate", "os.link", "os.symlink"}
+HERE = Path(__file__).resolve().parent
+
+
+# ---------------------------------------------------------------------------- inside the workload
+
+
+def arm() -> None:
+    """Log the writes under $KIT_CRASH_WATCH; kill the workload before the first write at point
+    $KIT_CRASH_BEFORE. Runs in the workload and, through a sitecustomize, in every Python process it starts."""
+    if WATCH not in os.environ:
+        return
+    import safetensors.torch
+    import torch
+
+    import kit.artifacts
+
+    watched = os.path.realpath(os.environ[WATCH]) + os.sep
+    crash_before, root = os.environ[CRASH_BEFORE], int(os.environ[ROOT])
+
+    def write_point(kind: str, *paths) -> None:
+        """One write to any of `paths` (a rename names two): numbered and logged if under the watched folder."""
+        inside = [p for p in map(_path, paths) if p and p.startswith(watched)]
+        if not inside:
+            return
+        number = _append(os.environ[COUNTER], b".")  # an appending write moves the offset with it, atomically
+        write = f"{kind}\t{inside[-1][len(watched):]}"
+        _append(os.environ[LOG], f"{number}\t{write}\n".encode())
+        if point(write) == crash_before:
+            kill_tree(root)
+
+    def audit(event: str, args) -> None:
+        if event == "open" and (args[2] or 0) & WRITE_FLAGS:
+            write_point(event, args[0])
+        elif event == "os.mkdir" and os.path.isdir(args[0]):  # exist_ok: nothing changes
+            return
+        elif event in PATH_EVENTS:
+            write_point(event, *args[:2] if event in ("os.rename", "os.link", "os.symlink") else args[:1])
+
+    def crash_point(write, target):
+        def wrapped(*args, **kwargs):
+            write_point(write.__qualname__, target(*args, **kwargs))
+            return write(*args, **kwargs)
+
+        return wrapped
+
+    torch.save = crash_point(torch.save, lambda obj, f, *a, **k: f)
+    safetensors.torch.serialize_file = crash_point(safetensors.torch.serialize_file, lambda tensors, filename, *a, **k: filename)
+    kit.artifacts._exchange = crash_point(kit.artifacts._exchange, lambda a, b: b)
+    sys.addaudithook(audit)
+
+
+def _path(path) -> str | None:
+    return os.path.realpath(os.fsdecode(path)) if isinstance(path, (str, bytes, os.PathLike)) else None
+
+
+def _append(file: str, data: bytes) -> int:
+    """Append `data` to `file` in one write; the file's size just after it."""
+    fd = os.open(file, os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, data)
+        return os.lseek(fd, 0, os.SEEK_CUR)
+    finally:
+        os.close(fd)
+
+
+def _tree(pid: int) -> list[int]:
+    """`pid` and every descendant, from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    pids, todo = [], [pid]
+    while todo:
+        pids.append(todo.pop())
+        todo += children.get(pids[-1], [])
+    return pids
+
+
+def kill_tree(root: int) -> None:
+    """SIGKILL `root`, its process group and every descendant (a Jupyter kernel has a session of its
+    own); the calling process last if it is one of them. A process that already ended is no error."""
+    me, pids = os.getpid(), _tree(root)
+    kills = [(os.kill, pid) for pid in pids if pid != me] + [(os.killpg, root)] + [(os.kill, me)] * (me in pids)
+    for kill, target in kills:
+        try:
+            kill(target, signal.SIGKILL)
+        except ProcessLookupError:  # it ended by itself meanwhile (the fork server reaps it)
+            pass
+
+
+# ---------------------------------------------------------------------------- the harness
 
 
 def _context():
@@ -22,28 +130,43 @@ def _context():
     return context
 
 
-def _workload(source: str, out: str, log: str, started) -> None:
+def _workload(source: str, out: str, log: str, started, env: dict) -> None:
     """In the forked child: a session of its own (so its process group can be killed), output to `log`."""
     os.setsid()
     fd = os.open(log, os.O_WRONLY | os.O_APPEND)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
+    os.environ.update(env, **{ROOT: str(os.getpid())})
     import kit
 
+    arm()
     started.send(True)
     exec(compile(source, "<workload>", "exec"), {"__name__": "__workload__", "kit": kit, "out": Path(out)})
 
 
-def run(workload: str, out: Path, *, kill_after: float | None = None) -> float | None:
+def run(workload: str, out: Path, *, crash_before: str = "", watch: Path | None = None, kill_after: float | None = None):
     """Run `workload` (Python source; `kit` and `out` are defined) in a fresh forked process.
 
-    Without kill_after: wait for success and return the seconds it ran. With it: SIGKILL the process
-    tree that many seconds after it started and return None, or return the time it took if it
-    finished first."""
+    Args:
+        crash_before: kill its process tree just before its first write at this write point (see point()).
+        watch: the folder whose writes are logged (default `out`).
+        kill_after: kill it this many seconds after it started.
+
+    Returns (finished, writes): whether it ran to its end (False: it was killed), and its writes in order,
+    each "kind<TAB>path under watch" (after a crash point, the last one is the write it was killed before).
+    """
     context = _context()
-    with tempfile.NamedTemporaryFile() as log:
+    with tempfile.TemporaryDirectory() as scratch:
+        files = {name: Path(scratch) / name for name in ("output", "counter", "writes")}
+        for file in files.values():
+            file.touch()
+        (Path(scratch) / "sitecustomize.py").write_text("import faults\nfaults.arm()\n")  # in a notebook's kernel
+        path = os.pathsep.join(filter(None, [scratch, str(HERE), os.environ.get("PYTHONPATH")]))
+        env = {CRASH_BEFORE: crash_before, WATCH: str(watch or out), COUNTER: str(files["counter"]), LOG: str(files["writes"]),
+               "PYTHONPATH": path}  # fmt: skip
         started, child_end = context.Pipe(duplex=False)
-        proc = context.Process(target=_workload, args=(textwrap.dedent(workload), str(out), log.name, child_end))
+        args = (textwrap.dedent(workload), str(out), str(files["output"]), child_end, env)
+        proc = context.Process(target=_workload, args=args)
         proc.start()
         child_end.close()
         try:
@@ -51,40 +174,58 @@ def run(workload: str, out: Path, *, kill_after: float | None = None) -> float |
         except EOFError:  # the child died before its workload began
             pass
         started.close()
-        begun = time.monotonic()
         proc.join(kill_after)
         if proc.exitcode is None:
-            _kill_tree(proc.pid)
+            kill_tree(proc.pid)
             proc.join()
-            if proc.exitcode == -signal.SIGKILL:
-                return None
+        numbered = (line.split("\t", 1) for line in files["writes"].read_text().splitlines())
+        writes = [write for _, write in sorted(numbered, key=lambda pair: int(pair[0]))]
+        if proc.exitcode == -signal.SIGKILL:
+            return False, writes
         if proc.exitcode != 0:
-            raise RuntimeError(f"workload failed ({proc.exitcode}):\n{Path(log.name).read_text()[-3000:]}")
-        return time.monotonic() - begun
+            raise RuntimeError(f"workload failed ({proc.exitcode}):\n{files['output'].read_text()[-3000:]}")
+        return True, writes
 
 
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        tree.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    return tree
+def point(write: str) -> str:
+    """The write point of a write: its kind and path, less its numbers (steps, batches, process ids) and
+    the random part of a temporary's name."""
+    return re.sub(r"\d+", "N", re.sub(r"\.tmp-[^/]*", ".tmp-*", write))
 
 
-def _kill_tree(pid: int) -> None:
-    """SIGKILL `pid`, its process group and every descendant (a Jupyter kernel has a session of its own)."""
-    tree, pids, todo = _children(), [], [pid]
-    while todo:
-        pids.append(todo.pop())
-        todo += tree.get(pids[-1], [])
-    for kill, target in [(os.killpg, pid)] + [(os.kill, other) for other in pids[1:]]:
-        try:
-            kill(target, signal.SIGKILL)
-        except ProcessLookupError:  # it ended by itself between the wait and the kill (the fork server reaps it)
-            pass
+def write_points(writes: list[str]) -> list[str]:
+    """The distinct write points of `writes`, in the order first reached: a loop of a thousand
+    checkpoints or batches has the write points of one."""
+    return list(dict.fromkeys(map(point, writes)))
+
+
+def run_notebook(path: Path, parameters: dict) -> None:
+    """Execute the notebook at `path` in this process, its parameters injected as papermill injects them
+    and its code cells run in turn by an IPython shell (the interpreter a kernel runs): the same code in
+    milliseconds instead of a kernel's seconds of start-up, for workloads run dozens of times."""
+    from IPython.core.interactiveshell import InteractiveShell
+    from papermill.iorw import load_notebook_node
+    from papermill.parameterize import parameterize_notebook
+    from traitlets.config import Config
+
+    notebook = parameterize_notebook(load_notebook_node(str(path)), parameters, kernel_name="python3", language="python")
+    settings = Config()
+    settings.HistoryManager.enabled = False
+    shell = InteractiveShell.instance(config=settings)
+    os.chdir(Path(path).parent)  # papermill's cwd
+    for cell in notebook.cells:
+        if cell.cell_type == "code":
+            shell.run_cell(cell.source).raise_error()
+
+
+def timed_kill(workload: str, out: Path, *, within: float, rng) -> float:
+    """Kill `workload` at a random moment in [0, within) s of its run, drawn again earlier (from a fresh
+    `out`) until a kill lands before the workload ends; returns that moment."""
+    at = rng.uniform(0, within)
+    while run(workload, out, kill_after=at)[0]:
+        shutil.rmtree(out, ignore_errors=True)
+        at = rng.uniform(0, at)
+    return at
 
 
 def debris(folder: Path) -> list[str]:

@@ -1,6 +1,7 @@
-"""Fault injection: each workload is SIGKILLed at seeded random moments of its run, then rerun to the end.
-After every kill whatever lies under a final name is complete; after the rerun no temporary is left
-and the result is bit-identical to an uninterrupted run's."""
+"""Fault injection: each workload is SIGKILLed just before each of its write points (tests/faults.py),
+and once at a random moment, then rerun to the end. After every kill whatever lies under a final name
+is complete; after the rerun no temporary is left and the result is bit-identical to an uninterrupted
+run's. Crash points are writes, not moments: a loaded machine cannot make a kill miss."""
 
 import json
 import os
@@ -12,13 +13,12 @@ from pathlib import Path
 import faults
 import pandas as pd
 import pytest
-from faults import debris, run
+from faults import debris, point, run, timed_kill, write_points
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 import kit
 
-KILLS = 3  # kill points per workload
 TINY = "model, tokenizer = kit.tiny_model('llama')\ntexts = kit.data.corpus('validation')[:12]\n"
 
 
@@ -39,34 +39,35 @@ def _if_there(path: Path, read):
 
 
 SCAN = TINY + """
-distances = kit.angular_distances(model, tokenizer, texts, batch_size=1, max_length=48, cache_path=out / "scan.cache")
+distances = kit.angular_distances(model, tokenizer, texts, batch_size=4, max_length=48, cache_path=out / "scan.cache")
 distances.save(out / "distances.safetensors")
 """
 
 HEAL = TINY + """
-config = kit.HealConfig(rank=2, lr=1e-2, steps=6, batch_size=2, seq_len=32, quantize=None, save_every=1)
+config = kit.HealConfig(rank=2, lr=1e-2, steps=3, batch_size=2, seq_len=32, quantize=None, save_every=1)
 kit.heal(model, tokenizer, kit.data.corpus("train")[:8], config, output_dir=out / "heal")
 """
 
 SWEEP = TINY + """
 evals = [kit.metrics.loss_metrics(texts, max_length=48, batch_size=4)]
-table = kit.sweep.sweep(model, tokenizer, ns=range(6), evals=evals, strategy="heuristic", cache_path=out / "sweep.json")
+table = kit.sweep.sweep(model, tokenizer, ns=range(3), evals=evals, strategy="heuristic", cache_path=out / "sweep.json")
 kit.artifacts.write_text(out / "sweep.csv", table.to_csv(index=False))
 """
 
 SAVE_PRUNED = TINY + """
-for n in (1, 2, 3, 2):  # replacing the folder each time
+for n in (1, 2):  # the second replaces the folder
     kit.save_pruned(kit.drop_layers(model, kit.Block(1, n)), tokenizer, out / "pruned")
 """
 
 MERGE = """
-for _ in range(3):
+for _ in range(2):  # the second replaces the folder
     kit.merge_adapter("{base}", "{adapter}", out / "merged")
 """
 
 NOTEBOOK = """
-parameters = dict(MODEL="{deep}", N_TEXTS=12, BATCH_SIZE=2, MAX_LENGTH=32, RUN="r", RUNS_ROOT=str(out / "runs"))
-kit.reports.execute("01_similarity", output_dir=out / "executed", parameters=parameters)
+import faults
+parameters = dict(MODEL="{deep}", N_TEXTS=8, BATCH_SIZE=4, MAX_LENGTH=32, RUN="r", RUNS_ROOT=str(out / "runs"))
+faults.run_notebook(kit.reports.NOTEBOOKS_DIR / "01_similarity.ipynb", parameters)
 """
 
 
@@ -83,7 +84,7 @@ def _heal(out):
 def _sweep(out):
     _if_there(out / "sweep.json", lambda p: json.loads(p.read_text()))
     table = _if_there(out / "sweep.csv", lambda p: p.read_text())
-    assert table is None or sorted(set(pd.read_csv(out / "sweep.csv")["n"])) == list(range(6))
+    assert table is None or sorted(set(pd.read_csv(out / "sweep.csv")["n"])) == list(range(3))
     return table
 
 
@@ -115,49 +116,95 @@ def base(tmp_path_factory):
     return folder
 
 
-WORKLOADS = {
-    "scan": (SCAN, _scan),
-    "heal": (HEAL, _heal),
-    "sweep": (SWEEP, _sweep),
-    "save_pruned": (SAVE_PRUNED, _save_pruned),
-    "merge_adapter": (MERGE, _merge),
-    "notebook_01": (NOTEBOOK, _notebook),
+WORKLOADS = {  # name: (source, result, the folder whose writes are crash points)
+    "scan": (SCAN, _scan, "."),
+    "heal": (HEAL, _heal, "."),
+    "sweep": (SWEEP, _sweep, "."),
+    "save_pruned": (SAVE_PRUNED, _save_pruned, "."),
+    "merge_adapter": (MERGE, _merge, "."),
+    "notebook_01": (NOTEBOOK, _notebook, "runs"),
 }
 
 
 @pytest.mark.parametrize("name", WORKLOADS)
-def test_a_killed_workload_leaves_no_partial_artifact_and_reruns_to_the_same_result(name, base, tmp_path):
-    source, result = WORKLOADS[name]
+def test_a_workload_killed_before_each_write_point_leaves_no_partial_artifact_and_reruns_to_the_same_result(name, base, tmp_path):
+    """Killed before each of its write points in turn, each run resuming from what the killed one left (as
+    a user reruns a crashed notebook), then once at a random moment: what lies under a final name is always
+    whole, and the run that finishes leaves no temporary and the uninterrupted run's result. A resumed run
+    that finishes without reaching its write point is checked alike, and the chain starts afresh."""
+    source, result, watched = WORKLOADS[name]
     source = source.format(base=base / "model", adapter=base / "adapter", deep=base / "deep")
-    duration = run(source, tmp_path / "uninterrupted")
-    expected = result(tmp_path / "uninterrupted")
-    assert expected is not None and debris(tmp_path / "uninterrupted") == []
-    out, rng = tmp_path / "killed", random.Random(f"issue-14 {name}")
-    killed = []
-    for _ in range(KILLS):
-        at = rng.uniform(0, duration)
-        finished = run(source, out, kill_after=at) is not None
-        result(out)  # what is there under a final name is whole (a torn file fails to load)
-        if finished:  # faster than the measured run: start the next one afresh, not from a finished result
-            shutil.rmtree(out)
-        else:
-            killed.append(round(at, 2))
-    print(f"{name}: {duration:.2f} s uninterrupted, killed at {killed} s")
-    assert killed, "no kill landed before the workload ended"
-    run(source, out)
-    assert debris(out) == []
-    assert result(out) == expected
+    clean = tmp_path / "uninterrupted"
+    began = time.monotonic()
+    finished, writes = run(source, clean, watch=clean / watched)
+    duration = time.monotonic() - began
+    expected = result(clean)
+    assert finished and expected is not None and debris(clean) == []
+
+    def finished_as_expected(out: Path) -> None:
+        assert debris(out) == [] and result(out) == expected
+
+    chains, runs = [tmp_path / "chain-0"], 1
+    for target in write_points(writes):
+        for fresh in (False, True):
+            runs += 1
+            finished, reached = run(source, chains[-1], crash_before=target, watch=chains[-1] / watched)
+            result(chains[-1])  # what lies under a final name is whole (a torn file fails to load)
+            if not finished:
+                assert point(reached[-1]) == target
+                break
+            assert not fresh, f"a fresh run did not reach the write point {target!r}"
+            finished_as_expected(chains[-1])  # resumed from there, it had no more to write at that point
+            chains.append(tmp_path / f"chain-{len(chains)}")
+    assert run(source, chains[-1])[0]
+    finished_as_expected(chains[-1])
+
+    at = timed_kill(source, tmp_path / "timed", within=duration, rng=random.Random(name))
+    result(tmp_path / "timed")
+    assert run(source, tmp_path / "timed")[0]
+    finished_as_expected(tmp_path / "timed")
+    print(f"{name}: {len(writes)} writes at {len(write_points(writes))} write points, killed before each in {runs} runs "
+          f"({len(chains)} chains); {duration:.2f} s uninterrupted, a timed kill at {at:.2f} s")  # fmt: skip
+
+
+def test_a_crash_point_stops_the_run_just_before_that_write(tmp_path):
+    """Killed before a write point, a run has made the writes before it and none after, counted across
+    the workload and a process it starts; an existing folder made again is no write."""
+    workload = """
+    import subprocess, sys
+    for name in "abc":
+        (out / name).write_text("x")
+        out.mkdir(exist_ok=True)
+    subprocess.run([sys.executable, "-c", f"open({str(out / 'd')!r}, 'w')"], check=True)
+    (out / "e").write_text("x")
+    """
+    out = tmp_path / "out"
+    out.mkdir()
+    finished, writes = run(workload, out)
+    assert finished and writes == [f"open\t{name}" for name in "abcde"] and write_points(writes) == writes
+    for k, target in enumerate(writes):
+        shutil.rmtree(out), out.mkdir()
+        assert run(workload, out, crash_before=target) == (False, writes[: k + 1])
+        assert sorted(p.name for p in out.iterdir()) == list("abcde"[:k])
+
+
+def test_write_points_leave_out_numbers_and_the_random_part_of_temporaries():
+    steps = [f"open\tcheckpoint-{step}/optimizer.pt" for step in (1, 2, 3)]
+    temporaries = ["open\t.cache.tmp-12-ab3c", "os.rename\t.cache.tmp-12-ab3c", "open\t.cache.tmp-13-x9", "os.rename\t.cache.tmp-13-x9"]
+    assert write_points(steps) == ["open\tcheckpoint-N/optimizer.pt"]
+    assert write_points(temporaries) == ["open\t.cache.tmp-*", "os.rename\t.cache.tmp-*"]
+    assert write_points(["open\ta", "open\tb"] * 3) == ["open\ta", "open\tb"]
 
 
 def test_a_workload_that_ends_between_the_wait_and_the_kill_counts_as_finished(monkeypatch):
     """The race CI once hit: the wait times out, the workload then ends by itself (the fork server reaps
     it), and only then does the kill come: the run counts as finished, not as an error."""
-    kill_tree = faults._kill_tree
+    kill_tree = faults.kill_tree
 
     def kill_once_it_has_ended(pid):
         while os.path.exists(f"/proc/{pid}"):
             time.sleep(0.01)
         kill_tree(pid)
 
-    monkeypatch.setattr(faults, "_kill_tree", kill_once_it_has_ended)
-    assert run("import time\ntime.sleep(0.3)\n", Path("unused"), kill_after=0.01) >= 0.3
+    monkeypatch.setattr(faults, "kill_tree", kill_once_it_has_ended)
+    assert run("import time\ntime.sleep(0.3)\n", Path("unused"), kill_after=0.01)[0]
