@@ -6,7 +6,6 @@ import math
 import numpy as np
 import pandas as pd
 
-from .metrics import CHANCE
 from .stats import paired_difference, wilson
 
 
@@ -49,13 +48,13 @@ def paired_comparison(results: pd.DataFrame, by: str, a, b, *, metric: str = "mm
 
 
 def chance_level(results: pd.DataFrame, metric: str) -> float | None:
-    """The chance level of `metric` in sweep rows: the one its rows carry (the evaluation knows it, e.g.
-    recall's 1 / facts), else CHANCE[metric]; None for metrics without one (losses)."""
+    """The chance level of `metric` in sweep rows: the one its rows carry (the evaluation knows it: MMLU's
+    0.25, recall's 1 / facts); None for metrics without one (losses)."""
     rows = results[results["metric"] == metric]
     levels = rows["chance"].dropna().unique() if "chance" in rows else []
     if len(levels) > 1:
         raise ValueError(f"the rows of {metric!r} carry several chance levels {sorted(levels)}: select rows of one kind")
-    return float(levels[0]) if len(levels) else CHANCE.get(metric)
+    return float(levels[0]) if len(levels) else None
 
 
 def collapse_point(results: pd.DataFrame, metric: str = "mmlu", chance: float | None = None, *,
@@ -67,12 +66,12 @@ def collapse_point(results: pd.DataFrame, metric: str = "mmlu", chance: float | 
     results: one sweep curve (one strategy, healed or not). chance: default chance_level(results, metric).
     Returns (fraction, (low, high)); inf where accuracy stays above chance at every fraction swept.
     """
-    chance = chance_level(results, metric) if chance is None else chance
-    if chance is None:
-        raise ValueError(f"no chance level known for {metric!r}: pass chance=")
     rows = results[results["metric"] == metric].sort_values("n")
     if rows.empty:
         raise ValueError(f"no rows for metric {metric!r}; metrics present: {sorted(results['metric'].unique())}")
+    chance = chance_level(results, metric) if chance is None else chance
+    if chance is None:
+        raise ValueError(f"no chance level known for {metric!r} (its rows carry none): pass chance=")
     if rows["n"].duplicated().any():
         raise ValueError("results hold several curves: select one, e.g. results[results.strategy == 'similarity']")
     right = np.stack([outcomes(row) for _, row in rows.iterrows()])  # [points, questions]

@@ -16,7 +16,7 @@ def _curve(accuracies, questions, seed=0, strategy="similarity"):
     rows = []
     for n, p in enumerate(accuracies):
         right = rng.random(questions) < p
-        rows.append(dict(strategy=strategy, n=n, fraction=n / 10, healed=False, metric="mmlu", value=right.mean(),
+        rows.append(dict(strategy=strategy, n=n, fraction=n / 10, healed=False, metric="mmlu", value=right.mean(), chance=0.25,
                          outcomes="".join("R" if r else "W" for r in right)))  # fmt: skip
     return pd.DataFrame(rows)
 
@@ -39,7 +39,7 @@ def test_collapse_point_bad_input():
     with pytest.raises(ValueError, match="several curves"):
         curves.collapse_point(two)
     with pytest.raises(ValueError, match="no chance level known for 'acc'"):
-        curves.collapse_point(two, metric="acc")
+        curves.collapse_point(_curve([0.7, 0.3], 20).assign(metric="acc", chance=math.nan), metric="acc")
     with pytest.raises(ValueError, match="metrics present: \\['mmlu'\\]"):
         curves.collapse_point(two, metric="boolq")
 
@@ -74,3 +74,14 @@ def test_collapse_points_and_healing_gains_per_strategy():
     pd.testing.assert_frame_equal(gains.drop(columns="strategy"), expected)
     with pytest.raises(ValueError, match="no healed rows"):
         curves.healing_gains(pd.concat([a, b]))
+
+
+def test_chance_level_is_the_one_the_rows_carry():
+    rows = [dict(metric="recall", chance=1 / 6), dict(metric="mmlu", chance=math.nan), dict(metric="val_loss", chance=math.nan)]
+    table = pd.DataFrame(rows)
+    assert curves.chance_level(table, "recall") == 1 / 6
+    assert curves.chance_level(table, "mmlu") is None  # rows without one: the reader does not guess
+    assert curves.chance_level(table, "val_loss") is None
+    mixed = pd.concat([table, pd.DataFrame([dict(metric="recall", chance=0.25)])])
+    with pytest.raises(ValueError, match="several chance levels"):
+        curves.chance_level(mixed, "recall")

@@ -11,7 +11,6 @@ import re  # noqa: E402
 from collections import Counter  # noqa: E402
 
 import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
 import kit  # noqa: E402
@@ -100,14 +99,3 @@ def test_recall_metrics_in_a_sweep_carry_their_chance():
     assert curves.collapse_point(table, "recall")[0] == expected == curves.collapse_point(table, "recall", chance=0.25)[0]
     chance_lines = [line for line in plots.sweep_plot(table, "recall").get_lines() if line.get_label() == "chance"]
     assert [tuple(line.get_ydata()) for line in chance_lines] == [(0.25, 0.25)]
-
-
-def test_chance_level_from_rows_or_the_benchmark():
-    rows = [dict(metric="recall", chance=1 / 6), dict(metric="mmlu", chance=math.nan), dict(metric="val_loss", chance=math.nan)]
-    table = pd.DataFrame(rows)
-    assert curves.chance_level(table, "recall") == 1 / 6
-    assert curves.chance_level(table, "mmlu") == 0.25  # rows without one (an older cache): the benchmark's
-    assert curves.chance_level(table, "val_loss") is None
-    mixed = pd.concat([table, pd.DataFrame([dict(metric="recall", chance=0.25)])])
-    with pytest.raises(ValueError, match="several chance levels"):
-        curves.chance_level(mixed, "recall")
