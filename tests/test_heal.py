@@ -1,4 +1,4 @@
-"""QLoRA healing on tiny models: the 4-bit path against an fp32 twin, training, adapters, merge,
+"""QLoRA healing on tiny models: the 4-bit path against an fp32 twin, training, adapters,
 resume, distillation and the paper's settings."""
 
 import bitsandbytes as bnb
@@ -11,7 +11,6 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 import kit
-from kit.config import PAPER_HEALING
 from kit.healing import (
     Blocks,
     HealTrainer,
@@ -21,7 +20,6 @@ from kit.healing import (
     pack,
     training_arguments,
 )
-from kit.merge import merge_adapter
 from kit.models import load_model
 
 TINY = dict(rank=4, lr=3e-2, batch_size=16, seq_len=32, log_every=1, dropout=0.0)  # one text = one fixed batch
@@ -66,49 +64,6 @@ def lm_loss(model, ids):
 
 
 # ------------------------------------------------------------------------------------ config
-
-
-def test_paper_recipe_per_model():
-    assert recipe("meta-llama/Llama-2-7b-hf") == (2, 2.0, 3e-4)
-    assert recipe("meta-llama/Llama-2-70b-hf") == (8, 8.0, 3e-5)
-    assert recipe("mistralai/Mistral-7B-v0.1") == (4, 4.0, 3e-6)
-    assert recipe("Qwen/Qwen-14B") == (64, 64.0, 3e-4)
-    assert recipe("microsoft/phi-2") == (64, 64.0, 2e-4)
-    config = kit.HealConfig.paper("meta-llama/Llama-2-13b-hf")
-    assert (config.dropout, config.scheduler, config.warmup_steps, config.steps, config.global_batch) == (
-        0.05, "cosine", 100, 5000, 16,
-    )  # fmt: skip
-    assert config.target_modules == "mlp" and config.quantize == "4bit"
-    assert hash(config) == hash(kit.HealConfig.paper("meta-llama/Llama-2-13b-hf"))
-    assert kit.HealConfig.paper("microsoft/phi-2", lr=1e-4, steps=10).lr == 1e-4
-
-
-def recipe(name):
-    config = kit.HealConfig.paper(name)
-    return config.rank, config.alpha, config.lr
-
-
-def test_paper_recipe_unknown_model_lists_the_papers_models():
-    with pytest.raises(ValueError, match="No paper healing recipe for 'gpt2'") as err:
-        kit.HealConfig.paper("gpt2")
-    assert all(name in str(err.value) for name in PAPER_HEALING)
-
-
-def test_config_warmup_is_capped_and_bad_values_are_refused():
-    assert kit.HealConfig(steps=5000).effective_warmup == 100
-    assert kit.HealConfig(steps=50).effective_warmup == 5
-    assert kit.HealConfig(steps=3).effective_warmup == 1
-    assert kit.HealConfig(target_modules=["fc1", "fc2"]).target_modules == ("fc1", "fc2")
-    with pytest.raises(ValueError, match="quantize must be '4bit' or None"):
-        kit.HealConfig(quantize="8bit")
-    with pytest.raises(ValueError, match=r"distill_weight must be in \[0, 1\]"):
-        kit.HealConfig(distill_weight=2.0)
-    with pytest.raises(ValueError, match="steps must be >= 1"):
-        kit.HealConfig(steps=0)
-    with pytest.raises(ValueError, match="lr must be > 0, got -1"):
-        kit.HealConfig(lr=-1)
-    with pytest.raises(ValueError, match="0 <= dropout < 1"):
-        kit.HealConfig(dropout=1.5)
 
 
 # ------------------------------------------------------------------------------------ data
@@ -213,26 +168,6 @@ def test_adapter_round_trip_gives_equal_logits(healed, base_path, texts):
     ids = blocks_of(tokenizer, texts, config, 2)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, result.model(input_ids=ids).logits)
-
-
-def test_merged_checkpoint_equals_base_plus_adapter(healed, base_path, texts, tmp_path):
-    result, tokenizer, config = healed
-    out = merge_adapter(base_path, result.adapter_path, tmp_path / "merged")
-    merged, _ = load_model(str(out))
-    base, _ = load_model(str(base_path))
-    adapter = load_file(result.adapter_path / "adapter_model.safetensors")
-    scale = config.alpha / config.rank
-    merged_state, base_state = merged.state_dict(), base.state_dict()
-    assert merged_state.keys() == base_state.keys() and not hasattr(merged.config, "quantization_config")
-    for name, weight in base_state.items():
-        module = name.removesuffix(".weight")
-        a = adapter.get(f"base_model.model.{module}.lora_A.weight")
-        expected = weight if a is None else weight + scale * adapter[f"base_model.model.{module}.lora_B.weight"] @ a
-        torch.testing.assert_close(merged_state[name], expected, msg=name)
-    ids = blocks_of(tokenizer, texts, config, 2)
-    unmerged = PeftModel.from_pretrained(base, str(result.adapter_path)).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(merged(input_ids=ids).logits, unmerged(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
 
 
 class Interrupt(TrainerCallback):
@@ -348,37 +283,6 @@ def test_heal_curve_draws_the_history():
 
 
 # ------------------------------------------------------------------------------------ scale
-
-
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: Conv1D weights, a fan-in-fan-out adapter
-def test_streamed_merge_of_a_sharded_base_equals_peft_merge_and_unload(arch, tmp_path):
-    model, tokenizer = kit.tiny_model(arch, num_layers=3)
-    base = tmp_path / "base"
-    model.save_pretrained(base, max_shard_size="100KB")  # several shards and an index
-    tokenizer.save_pretrained(base)
-    assert len(list(base.glob("*.safetensors"))) > 2
-    peft_model = lora_model(model, kit.HealConfig(rank=4, quantize=None, gradient_checkpointing=False))
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.1)  # a trained-looking adapter: B is zero at initialisation
-    peft_model.save_pretrained(tmp_path / "adapter")
-    out = merge_adapter(base, tmp_path / "adapter", tmp_path / "merged")
-    expected = peft_model.merge_and_unload().state_dict()
-    merged, _ = load_model(str(out))
-    assert merged.state_dict().keys() == expected.keys()
-    for name, weight in merged.state_dict().items():
-        torch.testing.assert_close(weight, expected[name], rtol=0, atol=1e-6, msg=name)
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in base.iterdir())
-
-
-def test_merge_refuses_an_adapter_for_another_base(healed, tmp_path):
-    result, _, _ = healed
-    other, tokenizer = kit.tiny_model("llama", num_layers=2)
-    other.save_pretrained(tmp_path / "other")
-    with pytest.raises(ValueError, match="adapts weights the base .* lacks"):
-        merge_adapter(tmp_path / "other", result.adapter_path, tmp_path / "merged")
-    assert not (tmp_path / "merged").exists() and not list(tmp_path.glob(".merged.*"))
 
 
 def test_distillation_kl_in_chunks_equals_the_whole_and_its_gradient(monkeypatch):

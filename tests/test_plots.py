@@ -1,5 +1,6 @@
 """The similarity figures draw exactly the numbers of the Distances they are given."""
 
+import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
@@ -148,11 +149,14 @@ def test_sweep_plot_joins_three_or_more_points_and_never_one_or_two():
     assert list(pair.get_xdata()) == [0.0, 0.1] and list(pair.get_ydata()) == [0.5, 0.45]
     (band,) = [c for c in ax.collections if isinstance(c, PolyCollection)]  # the curve's band only
     assert {(0.2, 0.3), (0.2, 0.6)} <= {tuple(np.round(v, 6)) for v in band.get_paths()[0].vertices}
+    assert band.get_facecolor()[0][:3] == pytest.approx(matplotlib.colors.to_rgb(curve.get_color()))
     (bars,) = [c for c in ax.collections if isinstance(c, LineCollection)]  # the pair's error bars
     assert [np.round(segment, 6).tolist() for segment in bars.get_segments()] == [[[0.0, 0.4], [0.0, 0.7]], [[0.1, 0.35], [0.1, 0.65]]]
     single = kit.plots.sweep_plot(_sweep_rows({"similarity": 1}).drop(columns=["ci_low", "ci_high"]), "recall")
     (point,) = [line for line in single.lines if line.get_label() == "similarity"]
     assert point.get_linestyle() == "None" and not single.collections
+    with pytest.raises(ValueError, match="metrics present: \\['recall'\\]"):
+        kit.plots.sweep_plot(table, "boolq")
     plt.close("all")
 
 

@@ -12,7 +12,8 @@ from transformers import PretrainedConfig
 
 import kit
 from kit import layers
-from kit.prune import Block, dropped, heuristic_block
+from kit.artifacts import MissingArtifactError
+from kit.prune import Block, Selection, dropped, heuristic_block
 
 BLOCK = Block(2, 2)  # in the middle of a 6-layer tiny model
 
@@ -259,3 +260,11 @@ def test_save_pruned_over_a_file_says_so_and_writes_nothing(tmp_path):
     with pytest.raises(FileExistsError, match="is a file, not a folder"):
         kit.save_pruned(model, tokenizer, tmp_path / "pruned")
     assert [p.name for p in tmp_path.iterdir()] == ["pruned"] and (tmp_path / "pruned").read_text() == "notes"
+
+
+def test_a_missing_or_foreign_selection_names_notebook_02(tmp_path):
+    with pytest.raises(MissingArtifactError, match="02_select_and_prune.ipynb"):
+        Selection.load(tmp_path / "selection.json")
+    (tmp_path / "selection.json").write_text('{"start": 3, "n": 2}')
+    with pytest.raises(ValueError, match="not a block selection.*found \\['n', 'start'\\].*02_select_and_prune"):
+        Selection.load(tmp_path / "selection.json")

@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import kit  # noqa: E402
-from kit import curves, data, evaluate, layers, metrics, plots, sweep  # noqa: E402
+from kit import curves, data, evaluate, layers, metrics, sweep  # noqa: E402
 from kit.prune import Block, drop_layers, heuristic_block  # noqa: E402
 from kit.testing import random_distances  # noqa: E402
 
@@ -126,31 +126,6 @@ def test_sweep_bad_input():
         sweep.sweep(model, tokenizer, ns=[1], evals=[], strategy="heuristic", heal=lambda *a: a[0], heal_ns=[2])
     with pytest.raises(ValueError, match="choose 1 <= n <= 5"):
         sweep.sweep(model, tokenizer, ns=[6], evals=[], strategy="heuristic")
-
-
-def test_sweep_plot_draws_values_and_interval_bands():
-    table = pd.DataFrame(
-        [dict(strategy=s, n=n, fraction=n / 4, healed=False, metric="mmlu", value=0.5 - n / 10 - i / 20,
-              ci_low=0.4 - n / 10 - i / 20, ci_high=0.6 - n / 10 - i / 20)
-         for i, s in enumerate(sweep.STRATEGIES) for n in range(4)]
-    )  # fmt: skip
-    ax = plots.sweep_plot(table, "mmlu", chance=0.25)
-    assert ax.get_xlabel() == "fraction of layers dropped"
-    lines = {line.get_label(): line for line in ax.get_lines()}
-    assert set(lines) == {*sweep.STRATEGIES, "chance"}
-    assert len(ax.collections) == 2  # one band per strategy
-    for strategy, band in zip(sweep.STRATEGIES, ax.collections):
-        rows = table[table.strategy == strategy]
-        assert list(lines[strategy].get_ydata()) == list(rows.value)
-        vertices = band.get_paths()[0].vertices
-        assert {tuple(v) for v in vertices} >= {(f, y) for f, y in zip(rows.fraction, rows.ci_low)} | {
-            (f, y) for f, y in zip(rows.fraction, rows.ci_high)
-        }
-        assert band.get_facecolor()[0][:3] == pytest.approx(matplotlib.colors.to_rgb(lines[strategy].get_color()))
-    no_bands = plots.sweep_plot(table.drop(columns=["ci_low", "ci_high"]), "mmlu")
-    assert not no_bands.collections
-    with pytest.raises(ValueError, match="metrics present: \\['mmlu'\\]"):
-        plots.sweep_plot(table, "boolq")
 
 
 def test_compare_loads_each_checkpoint(tmp_path):

@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 
-from kit.artifacts import MissingArtifactError
 from kit.distances import Distances
 from kit.prune import Block, Selection
 from kit.widgets import BlockPicker
@@ -97,23 +96,3 @@ def test_selection_round_trips_through_its_file(distances, tmp_path):
     assert json.loads(path.read_text()) == {"start": 4, "n": 2, "distance": pytest.approx(0.6), "source": "manual", "model": "synthetic"}
     loaded = Selection.load(path)
     assert loaded == picker.selection() and loaded.block == Block(4, 2, pytest.approx(0.6))
-
-
-def test_a_missing_or_foreign_selection_names_notebook_02(tmp_path):
-    with pytest.raises(MissingArtifactError, match="02_select_and_prune.ipynb"):
-        Selection.load(tmp_path / "selection.json")
-    (tmp_path / "selection.json").write_text('{"start": 3, "n": 2}')
-    with pytest.raises(ValueError, match="not a block selection.*found \\['n', 'start'\\].*02_select_and_prune"):
-        Selection.load(tmp_path / "selection.json")
-
-
-def test_prune_config_checks_its_settings_and_names_each_in_its_digest():
-    from kit.config import PruneConfig
-
-    config = PruneConfig(n=6, strategy="heuristic")
-    assert config.to_dict() == {"n": 6, "start": None, "strategy": "heuristic", "n_val_texts": 32, "max_length": 256, "batch_size": 8}
-    assert len({config.digest(), config.replace(n=7).digest(), config.replace(start=3).digest(), config.replace(n_val_texts=8).digest()}) == 4
-    with pytest.raises(ValueError, match="n must be >= 1, got 0"):
-        PruneConfig(n=0)
-    with pytest.raises(ValueError, match="start must be >= 0 or None"):
-        PruneConfig(start=-1)

@@ -1,0 +1,60 @@
+"""The settings dataclasses (kit.config): checks with messages that name the setting, digests that
+cover every field, the paper's healing recipes."""
+
+import pytest
+
+import kit
+from kit.config import PAPER_HEALING, PruneConfig
+
+
+def test_paper_recipe_per_model():
+    assert recipe("meta-llama/Llama-2-7b-hf") == (2, 2.0, 3e-4)
+    assert recipe("meta-llama/Llama-2-70b-hf") == (8, 8.0, 3e-5)
+    assert recipe("mistralai/Mistral-7B-v0.1") == (4, 4.0, 3e-6)
+    assert recipe("Qwen/Qwen-14B") == (64, 64.0, 3e-4)
+    assert recipe("microsoft/phi-2") == (64, 64.0, 2e-4)
+    config = kit.HealConfig.paper("meta-llama/Llama-2-13b-hf")
+    assert (config.dropout, config.scheduler, config.warmup_steps, config.steps, config.global_batch) == (
+        0.05, "cosine", 100, 5000, 16,
+    )  # fmt: skip
+    assert config.target_modules == "mlp" and config.quantize == "4bit"
+    assert hash(config) == hash(kit.HealConfig.paper("meta-llama/Llama-2-13b-hf"))
+    assert kit.HealConfig.paper("microsoft/phi-2", lr=1e-4, steps=10).lr == 1e-4
+
+
+def recipe(name):
+    config = kit.HealConfig.paper(name)
+    return config.rank, config.alpha, config.lr
+
+
+def test_paper_recipe_unknown_model_lists_the_papers_models():
+    with pytest.raises(ValueError, match="No paper healing recipe for 'gpt2'") as err:
+        kit.HealConfig.paper("gpt2")
+    assert all(name in str(err.value) for name in PAPER_HEALING)
+
+
+def test_config_warmup_is_capped_and_bad_values_are_refused():
+    assert kit.HealConfig(steps=5000).effective_warmup == 100
+    assert kit.HealConfig(steps=50).effective_warmup == 5
+    assert kit.HealConfig(steps=3).effective_warmup == 1
+    assert kit.HealConfig(target_modules=["fc1", "fc2"]).target_modules == ("fc1", "fc2")
+    with pytest.raises(ValueError, match="quantize must be '4bit' or None"):
+        kit.HealConfig(quantize="8bit")
+    with pytest.raises(ValueError, match=r"distill_weight must be in \[0, 1\]"):
+        kit.HealConfig(distill_weight=2.0)
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        kit.HealConfig(steps=0)
+    with pytest.raises(ValueError, match="lr must be > 0, got -1"):
+        kit.HealConfig(lr=-1)
+    with pytest.raises(ValueError, match="0 <= dropout < 1"):
+        kit.HealConfig(dropout=1.5)
+
+
+def test_prune_config_checks_its_settings_and_names_each_in_its_digest():
+    config = PruneConfig(n=6, strategy="heuristic")
+    assert config.to_dict() == {"n": 6, "start": None, "strategy": "heuristic", "n_val_texts": 32, "max_length": 256, "batch_size": 8}
+    assert len({config.digest(), config.replace(n=7).digest(), config.replace(start=3).digest(), config.replace(n_val_texts=8).digest()}) == 4
+    with pytest.raises(ValueError, match="n must be >= 1, got 0"):
+        PruneConfig(n=0)
+    with pytest.raises(ValueError, match="start must be >= 0 or None"):
+        PruneConfig(start=-1)
