@@ -8,9 +8,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from . import assets
+from .progress import progress
 
 LETTERS = "ABCD"
 FEWSHOT_POOL_SIZE = 5  # offline MMLU has no dev split: each subject's first 5 questions are its shots
@@ -149,7 +148,7 @@ def load_texts(source: str = "corpus", split: str = "train", n: int | None = Non
         name, config = ("allenai/c4", "en") if source == "c4" else (source, None)
         stream = load_dataset(name, config, split=split, streaming=True)
         texts = []
-        for row in tqdm(stream, total=n, desc=f"{name} {split}"):
+        for row in progress(stream, total=n, desc=f"{name} {split}"):
             texts.append(row[text_field])
             if n is not None and len(texts) >= n:
                 break

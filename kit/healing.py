@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import Trainer, TrainerState, TrainingArguments, default_data_collator, set_seed
+from transformers import PrinterCallback, Trainer, TrainerState, TrainingArguments, default_data_collator, set_seed
 from transformers.training_args import ParallelMode
 
 from . import distributed, layers
@@ -22,6 +22,7 @@ from .artifacts import read_json, save_checkpoint, write_json
 from .config import HealConfig
 from .device import compute_dtype, mixed_precision, model_device
 from .models import load_model
+from .progress import silenced
 from .text import batched
 
 ADAPTER_DIR = "adapter"  # inside output_dir: the final adapter; Trainer's checkpoint-N folders sit beside it
@@ -230,6 +231,7 @@ def training_arguments(
         ddp_find_unused_parameters=False,  # under DDP: every LoRA weight gets a gradient at every step
         remove_unused_columns=False,
         report_to="none",
+        disable_tqdm=silenced(),  # TQDM_DISABLE=1: no bar (and heal() drops the dicts printed instead)
         use_cpu=on_cpu,
         **precision,
     )
@@ -345,6 +347,7 @@ def heal(
         distill_weight=config.distill_weight,
         temperature=config.distill_temperature,
     )
+    trainer.remove_callback(PrinterCallback)  # prints each log dict where bars are off; the history keeps them
     if last is not None and TrainerState.load_from_json(f"{last}/trainer_state.json").global_step >= config.steps:
         trainer._load_from_checkpoint(last)  # finished before: training again would add a step
         trainer.state = TrainerState.load_from_json(f"{last}/trainer_state.json")

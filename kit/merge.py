@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from .artifacts import atomic_dir, read_json
 from .models import resolve
+from .progress import progress
 
 
 def _checkpoint_folder(base) -> Path:
@@ -82,7 +82,7 @@ def merge_adapter(base, adapter_path, out_dir) -> Path:
         )
     factors = _lora_factors(Path(adapter_path))
     with atomic_dir(out_dir) as tmp:
-        for shard in tqdm(shards, desc="merging adapter", unit="shard"):
+        for shard in progress(shards, desc="merging adapter", unit="shard"):
             with safe_open(shard, framework="pt") as f:
                 metadata = f.metadata()
                 tensors = {name: f.get_tensor(name) for name in f.keys()}  # one shard in memory

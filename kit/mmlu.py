@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from . import distributed
 from .data import LETTERS, MMLUQuestion, format_mmlu_question, mmlu_fewshot_pool
+from .progress import progress
 from .scoring import encode_request, loglikelihoods
 from .stats import subject_mean_interval, wilson
 
@@ -93,7 +93,7 @@ def mmlu(model, tokenizer, questions: list[MMLUQuestion], *, shots: int = 5, bat
     local = [questions[i] for i in mine]
     loglik = torch.zeros(len(local), len(LETTERS), dtype=torch.float64)
     subjects = indices_by_subject(local).items()
-    for subject, indices in tqdm(subjects, desc="MMLU subjects", disable=not distributed.is_main()):
+    for subject, indices in progress(subjects, desc="MMLU subjects", show=distributed.is_main()):
         examples = fewshot_examples(fewshot, subject, shots)
         requests = [
             encode_request(tokenizer, mmlu_prompt(local[i], examples), f" {letter}")

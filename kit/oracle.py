@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from . import artifacts, distributed, layers
 from .block import Block
 from .device import model_device
+from .progress import progress
 from .prune import choose_block
 from .text import encode, too_short
 
@@ -154,7 +154,7 @@ def ablation_losses(
     model.eval()
     try:
         batches = range(mine.start, mine.stop, batch_size)
-        for first in tqdm(batches, desc="ablation oracle", unit="batch", disable=not distributed.is_main()):
+        for first in progress(batches, desc="ablation oracle", unit="batch", show=distributed.is_main()):
             enc = encode(tokenizer, texts[first : first + batch_size], max_length=max_length, device=device)
             scored = enc["attention_mask"][:, 1:].bool()  # position t predicts token t+1
             targets = enc["input_ids"][:, 1:][scored]

@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from . import artifacts, distributed, layers
 from .config import ScanConfig
 from .device import model_device, provenance, require_finite
 from .distances import Distances
+from .progress import progress
 from .text import encode, too_short
 
 METRICS = {
@@ -216,8 +216,8 @@ def angular_distances(
     model.eval()
     try:
         with _Residuals(model, device) as residuals:
-            for index in tqdm(range(done, len(starts)), initial=done, total=len(starts), desc=f"similarity scan ({metric})",
-                              unit="batch", disable=not distributed.is_main()):  # fmt: skip
+            for index in progress(range(done, len(starts)), initial=done, total=len(starts), desc=f"similarity scan ({metric})",
+                                  unit="batch", show=distributed.is_main()):  # fmt: skip
                 batch = texts[starts[index] : starts[index] + batch_size]
                 enc = encode(tokenizer, batch, max_length=max_length, device=device, padding_side=tokenizer.padding_side)
                 select = _select(enc["attention_mask"], metric)

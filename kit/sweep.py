@@ -9,13 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from . import artifacts, cost, distributed, layers, prune
 from .block import Block
 from .curves import encode_outcomes
 from .device import provenance
 from .metrics import Evaluation, evaluate_all
+from .progress import progress
 from .prune import dropped
 from .stats import Estimate
 
@@ -143,7 +143,7 @@ def sweep(
     distributed.require_same("the sweep", {**recorded, "placement": None})  # each evaluation checks its own inputs
     cache = _Cache(cache_path, recorded)
     rows = []
-    for n in tqdm(ns, desc=f"sweep ({strategy})", unit="n", disable=not distributed.is_main()):
+    for n in progress(ns, desc=f"sweep ({strategy})", unit="n", show=distributed.is_main()):
         block = blocks.get(n)
         columns = dict(
             strategy=strategy, n=n, fraction=n / num,

@@ -1,7 +1,7 @@
 """Batching and tokenising: the two helpers every forward pass over texts uses. Imports nothing
-else from the kit."""
+but the progress bar."""
 
-from tqdm.auto import tqdm
+from .progress import progress
 
 
 def batched(items, batch_size: int, *, desc: str | None = None):
@@ -9,7 +9,7 @@ def batched(items, batch_size: int, *, desc: str | None = None):
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     starts = range(0, len(items), batch_size)
-    for start in tqdm(starts, desc=desc, disable=desc is None):
+    for start in progress(starts, desc=desc, show=desc is not None):
         yield items[start : start + batch_size]
 
 
