@@ -18,7 +18,7 @@ setup:  ## create .venv, install the kit with its dev extra, register the kernel
 	else echo "not root or no apt-get: chromium not installed, tests/test_jupyterlab.py will be skipped"; fi
 
 test:  ## the whole test suite, notebooks included
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 lab:  ## JupyterLab on the notebooks
 	$(VENV)/bin/jupyter lab notebooks

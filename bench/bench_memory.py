@@ -1,19 +1,19 @@
 """Peak memory of the kit's default paths against the full-copy / full-logits way of doing the same
-job, on the embedded model on CPU: growth of the process's resident memory over each step,
-sampled every few milliseconds. Same inputs, same results (printed beside the memory)."""
+job, on the embedded model on CPU. Each side of each comparison runs in a fresh process that loads the
+model, prepares its inputs, then measures the growth of its peak resident size (VmHWM) over the one
+step: no earlier step's freed memory can hide a peak, and the weights' pages are read in before it. Same
+inputs, same results (printed beside)."""
 
 import copy
-import gc
+import sys
 import tempfile
-import threading
-from contextlib import contextmanager
 from pathlib import Path
 
-import psutil
 import torch
 import torch.nn.functional as F
 
 import kit
+from bench.measure import in_fresh_process, page_in, peak_growth_mib
 from kit import evaluate, scoring
 from kit.data import mmlu_questions
 from kit.healing import lora_model
@@ -22,28 +22,6 @@ from kit.mmlu import mmlu_prompt
 from kit.text import encode
 
 MODEL = "smollm2-135m"
-
-
-@contextmanager
-def peak_growth(record: list):
-    """Append the peak growth of resident memory (MiB) during the block to `record`."""
-    gc.collect()
-    process, stop = psutil.Process(), threading.Event()
-    start = peak = process.memory_info().rss
-
-    def sample():
-        nonlocal peak
-        while not stop.wait(0.002):
-            peak = max(peak, process.memory_info().rss)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        sampler.join()
-        record.append((max(peak, process.memory_info().rss) - start) / 2**20)
 
 
 def full_logits_loss(model, tokenizer, texts, max_length):
@@ -65,65 +43,75 @@ def copied_prefix_forward(model, rows, keep, prefix_cache, prefix_len):
     return model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, logits_to_keep=keep).logits
 
 
-def compare(label, kit_step, usual_step):
-    kit_peak, usual_peak = [], []
-    with peak_growth(kit_peak):
-        ours = kit_step()
-    with peak_growth(usual_peak):
-        theirs = usual_step()
-    print(f"  {label:44s} {kit_peak[0]:7.0f} MiB vs {usual_peak[0]:7.0f} MiB   ratio {kit_peak[0] / usual_peak[0]:.2f}   "
-          f"results {ours} / {theirs}")  # fmt: skip
-
-
-def main():
-    torch.set_num_threads(1)
-    model, tokenizer = kit.load_model(MODEL)
-    print(f"peak memory growth, {MODEL} on CPU: the kit's path vs the usual one (lower is better)")
+def validation_loss(model, tokenizer, folder):
     texts = kit.data.corpus("validation")[:16]
-    compare(
-        "validation loss, 16 texts x 512 tokens",
-        lambda: round(evaluate.validation_loss(model, tokenizer, texts, max_length=512, batch_size=16).loss, 5),
-        lambda: round(full_logits_loss(model, tokenizer, texts, 512), 5),
-    )
+    kit_step = lambda: round(evaluate.validation_loss(model, tokenizer, texts, max_length=512, batch_size=16).loss, 5)  # noqa: E731
+    return kit_step, lambda: round(full_logits_loss(model, tokenizer, texts, 512), 5)
 
+
+def mmlu_batch(model, tokenizer, folder):
     questions = mmlu_questions("high_school_geography", per_subject=16)
     shots = kit.data.mmlu_fewshot_pool("high_school_geography")
     requests = [scoring.encode_request(tokenizer, mmlu_prompt(q, shots), f" {c}") for q in questions for c in "ABCD"]
     scores = lambda: round(sum(scoring.loglikelihoods(model, requests, batch_size=16)), 3)  # noqa: E731
-    kit_forward = scoring._forward
-    scoring_usual = lambda: (setattr(scoring, "_forward", copied_prefix_forward), scores())[1]  # noqa: E731
-    try:
-        compare("MMLU 5-shot, 16 questions in one batch", scores, scoring_usual)
-    finally:
-        scoring._forward = kit_forward
+    return scores, lambda: (setattr(scoring, "_forward", copied_prefix_forward), scores())[1]
 
+
+def pruned_model(model, tokenizer, folder):
     block = kit.Block(10, 10)
-    layers_in = lambda m: kit.layers.num_layers(m)  # noqa: E731
 
     def view():
         with kit.dropped(model, block):
-            return layers_in(model)
+            return kit.layers.num_layers(model)
 
-    compare("a pruned model (10 of 30 layers removed)", view, lambda: layers_in(kit.drop_layers(model, block)))
+    return view, lambda: kit.layers.num_layers(kit.drop_layers(model, block))
 
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp, base = Path(tmp), Path(tmp) / "base"
-        model.save_pretrained(base, max_shard_size="100MB")  # shards as a large checkpoint has them (5 GB each at 70B)
-        tokenizer.save_pretrained(base)
-        adapted = lora_model(kit.load_model(str(base))[0], kit.HealConfig(rank=8, quantize=None, gradient_checkpointing=False))
-        adapted.save_pretrained(tmp / "adapter")
-        del adapted
 
-        def in_memory():
-            from peft import PeftModel
+def merge(model, tokenizer, folder):
+    def in_memory():
+        from peft import PeftModel
 
-            merged = PeftModel.from_pretrained(kit.load_model(str(base))[0], str(tmp / "adapter")).merge_and_unload()
-            merged.save_pretrained(tmp / "in_memory", max_shard_size="100MB")
-            return len(list((tmp / "in_memory").glob("*.safetensors")))
+        merged = PeftModel.from_pretrained(kit.load_model(str(folder / "base"))[0], str(folder / "adapter")).merge_and_unload()
+        merged.save_pretrained(folder / "in_memory", max_shard_size="100MB")
+        return len(list((folder / "in_memory").glob("*.safetensors")))
 
-        streamed = lambda: len(list(merge_adapter(base, tmp / "adapter", tmp / "streamed").glob("*.safetensors")))  # noqa: E731
-        compare("merging a LoRA adapter (base in 100 MB shards)", streamed, in_memory)
+    streamed = lambda: len(list(merge_adapter(folder / "base", folder / "adapter", folder / "streamed").glob("*.safetensors")))  # noqa: E731
+    return streamed, in_memory
+
+
+COMPARISONS = {  # label: the two steps (the kit's, the usual one), built on the loaded model
+    "validation loss, 16 texts x 512 tokens": validation_loss,
+    "MMLU 5-shot, 16 questions in one batch": mmlu_batch,
+    "a pruned model (10 of 30 layers removed)": pruned_model,
+    "merging a LoRA adapter (base in 100 MB shards)": merge,
+}
+
+
+def measure(label: str, side: int, folder: str):
+    """In a fresh process: load the model (every page of it), build `label`'s steps, run step `side` (0: the
+    kit's, 1: the usual); (its result, the growth of the peak resident size in MiB)."""
+    torch.set_num_threads(1)
+    model, tokenizer = kit.load_model(MODEL)
+    page_in(model)
+    step = COMPARISONS[label](model, tokenizer, Path(folder))[side]
+    result = []
+    return result, peak_growth_mib(lambda: result.append(step()))
+
+
+def main(labels=tuple(COMPARISONS)):
+    print(f"peak memory growth, {MODEL} on CPU, each side in a fresh process: the kit's path vs the usual one (lower is better)")
+    with tempfile.TemporaryDirectory() as folder:
+        model, tokenizer = kit.load_model(MODEL)
+        model.save_pretrained(Path(folder) / "base", max_shard_size="100MB")  # shards as a large checkpoint has them
+        tokenizer.save_pretrained(Path(folder) / "base")
+        adapted = lora_model(model, kit.HealConfig(rank=8, quantize=None, gradient_checkpointing=False))
+        adapted.save_pretrained(Path(folder) / "adapter")
+        del model, adapted
+        for label in labels:
+            (ours, kit_mib), (theirs, usual_mib) = (in_fresh_process(measure, label, side, folder) for side in (0, 1))
+            print(f"  {label:48s} {kit_mib:7.0f} MiB vs {usual_mib:7.0f} MiB   ratio {kit_mib / usual_mib:.3f}   "
+                  f"results {ours[0]} / {theirs[0]}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:] or tuple(COMPARISONS))

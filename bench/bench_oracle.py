@@ -5,13 +5,11 @@ each pruned model and scores it (validation_loss(drop_layers(model, block))) ove
 Times are CPU seconds of one torch thread, so other jobs on a shared machine do not skew the
 ratio. Memory is the peak resident size (VmHWM) growth of a fresh process, as in bench_scan."""
 
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
 import kit
-from bench.measure import cpu_seconds, peak_growth_mib
+from bench.measure import cpu_seconds, in_fresh_process, peak_growth_mib
 from kit.evaluate import validation_loss
 from kit.prune import Block, drop_layers
 
@@ -55,8 +53,7 @@ def _peak_growth(batches: int) -> float:
 def memory_ratio():
     growth = {}
     for batches in MEMORY_BATCHES:
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh:
-            growth[batches] = fresh.submit(_peak_growth, batches).result()
+        growth[batches] = in_fresh_process(_peak_growth, batches)
     cells = ", ".join(f"{b} batch{'es' if b > 1 else ''} +{growth[b]:.1f} MiB" for b in MEMORY_BATCHES)
     print(f"peak resident memory growth of the oracle (VmHWM, fresh process each), batches of {BATCH_SIZE} x {LENGTH} tokens:")
     print(f"  {cells} (goal: flat)")

@@ -11,15 +11,13 @@ Memory is the peak resident size (VmHWM) of a fresh process, compared with the d
 over the same batches: the process's allocators grow a little with the number of batches anyway."""
 
 import math
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
 from unittest import mock
 
 import torch
 import torch.nn.functional as F
 
 import kit
-from bench.measure import cpu_seconds, peak_growth_mib
+from bench.measure import cpu_seconds, in_fresh_process, peak_growth_mib
 from kit import similarity
 from kit.text import encode
 
@@ -110,8 +108,7 @@ def memory_ratio():
     growth = {}
     for job in ("decoder stack", "scan"):
         for n_texts in MEMORY_TEXTS:
-            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh:
-                growth[job, n_texts] = fresh.submit(_peak_growth, job, n_texts).result()
+            growth[job, n_texts] = in_fresh_process(_peak_growth, job, n_texts)
     small, large = MEMORY_TEXTS
     print(f"peak resident memory growth (VmHWM, fresh process each), MMLU texts x {MEMORY_LENGTH} tokens:")
     for job in ("decoder stack", "scan"):

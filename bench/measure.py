@@ -1,7 +1,10 @@
-"""Measurements the benchmarks share: CPU time of a call, and how much the process's peak resident
-memory grows during a call (from /proc: Linux only)."""
+"""Measurements the benchmarks share: CPU time of a call, how much the process's peak resident memory
+grows during a call (from /proc: Linux only), and running a call in a fresh process, so that memory
+freed by earlier steps (kept by the allocator) cannot hide a later step's peak."""
 
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 
@@ -25,3 +28,20 @@ def peak_growth_mib(fn) -> float:
     Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current RSS
     fn()
     return memory_mib("VmHWM") - before
+
+
+def page_in(model) -> None:
+    """Read every weight of `model` once: the pages of a memory-mapped checkpoint (safetensors) then count
+    in the resident size before a measurement, instead of as growth during its first forward pass."""
+    import torch
+
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.sum()
+
+
+def in_fresh_process(fn, *args):
+    """fn(*args) in a new Python process (spawned: nothing inherited); its return value. `fn` must be a
+    module-level function, its arguments and result picklable."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh:
+        return fresh.submit(fn, *args).result()
