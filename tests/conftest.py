@@ -1,8 +1,12 @@
 """Shared fixtures: tiny models, the embedded model, hand-written MMLU questions, a prompt past the
 tiny sliding windows, model snapshots, and notebooks executed once per session through papermill."""
 
+import ast
 import hashlib
+import json
+import math
 import os
+import re
 from pathlib import Path
 
 # Tests never reach the model or dataset Hub (set before transformers is imported; kernels inherit it).
@@ -11,6 +15,7 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 # Tests compare against CPU fp32 references, on a GPU machine too; `make gpu-check` covers the GPU paths.
 os.environ["KIT_DEVICE"] = "cpu"
 
+import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -120,3 +125,44 @@ def notebook_run(tmp_path_factory):
         return runs_root / "smoke"
 
     return run
+
+
+NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)?(?!\w)")
+RULE_CONSTANTS = {"0", "1.96", "95"}  # "excludes 0", "1.96 standard errors", "95% interval": the rules, not results
+
+
+def reading_numbers(markdown: str) -> list[str]:
+    """Every number a reading states, outside `code spans` (model and criterion names)."""
+    return NUMBER.findall(re.sub(r"`[^`]*`", "", markdown))
+
+
+def _numbers(value):
+    if isinstance(value, bool) or value is None:
+        return
+    if isinstance(value, (int, float)):
+        yield float(value)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _numbers(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _numbers(item)
+    elif isinstance(value, str) and value.startswith("{"):
+        yield from _numbers(ast.literal_eval(value))  # a dict written into a CSV cell (choices.csv's stability)
+
+
+def artifact_numbers(run: Path, derived=()) -> set[str]:
+    """Every way a reading may print a number of the run's CSV and JSON artifacts (or of `derived`,
+    values the test computed from them): 3, 2 or 1 decimals, signed, as a percentage, in millions or
+    billions, or an integer; plus the rules' own constants."""
+    values = [*derived]
+    for path in run.glob("*.csv"):
+        values += [v for column in pd.read_csv(path).itertuples(index=False) for cell in column for v in _numbers(cell)]
+    for path in run.glob("*.json"):
+        values += list(_numbers(json.loads(path.read_text())))
+    shown = set(RULE_CONSTANTS)
+    for v in values:
+        if math.isfinite(v):
+            shown |= {f"{v:.3f}", f"{v:.2f}", f"{v:.1f}", f"{v:+.3f}", f"{100 * v:.0f}", f"{v / 1e6:.2f}", f"{v / 1e9:.2f}"}
+            shown |= {f"{v:g}"} if v == int(v) else set()
+    return shown
