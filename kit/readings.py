@@ -163,7 +163,7 @@ def _heal(run: Path) -> list[str]:
         "| model | layers | validation loss (nats per token) | divided by log(vocabulary size) |",
         "| --- | --- | --- | --- |",
         *(f"| {name} | {row['layers']:g} | {num(row['val_loss'])} ({interval(row['val_loss_ci_low'], row['val_loss_ci_high'])}) "
-          f"| {num(row['val_loss_norm'])} |" for name, row in losses.items()),  # fmt: skip
+          f"| {num(row['val_loss_norm'])} |" for name, row in zip(("original", "pruned", "healed"), (original, pruned, healed))),  # fmt: skip
         "",
         f"- **Healing {'lowers' if below else 'does not detectably lower'} the loss** (rule: the healed model's 95% "
         "interval lies below the pruned model's loss)"
@@ -192,7 +192,7 @@ def _collapse(row, curve) -> str:
     n = curve.loc[curve["fraction"] == c, "n"]
     at = f" (n = {n.iloc[0]:g})" if len(n) else ""
     if c == 0:
-        words = "is at chance before any layer is removed"
+        words = "already at chance before any layer is removed"
     elif math.isinf(c):
         words = f"stays above chance at every block size swept (up to {pct(max(fractions))})"
     elif swept and c == swept[0]:
@@ -232,10 +232,13 @@ def _paired(paired: pd.DataFrame) -> list[str]:
     lines = []
     for metric, rows in paired[paired["n"] > 0].groupby("metric", sort=False):
         where = {n: side(r["ci_low"], r["ci_high"], 0) for n, r in rows.set_index("n").iterrows()}
+        parts = [f"{word} at n = {listing(n for n, w in where.items() if w == side_)}"
+                 for word, side_ in (("higher", "above"), ("lower", "below")) if side_ in where.values()]  # fmt: skip
+        verdict = (" and ".join(parts) + (", indistinguishable elsewhere" if "contains" in where.values() else "")
+                   if parts else "indistinguishable from the heuristic's at every block size")  # fmt: skip
         lines.append(
-            f"- **Paired on the same questions, {LABELS[metric]} of the similarity blocks is higher at n = "
-            f"{listing(n for n, w in where.items() if w == 'above')}, lower at n = {listing(n for n, w in where.items() if w == 'below')}"
-            f"**, and indistinguishable elsewhere (rule: the paired bootstrap 95% interval of the difference excludes 0): "
+            f"- **Paired on the same questions, {LABELS[metric]} of the similarity blocks is {verdict}** (rule: the paired "
+            "bootstrap 95% interval of the difference excludes 0): "
             + ", ".join(f"n = {r['n']:g}: {r['difference']:+.3f} ({num(r['ci_low'])} to {num(r['ci_high'])})" for _, r in rows.iterrows())
             + "."
         )  # fmt: skip
@@ -257,10 +260,11 @@ def _healing(results: pd.DataFrame, gains: pd.DataFrame) -> list[str]:
         lines.append(f"| {g['strategy']} | {g['n']:g} | {num(before['value'])} | {num(after['value'])} | "
                      f"{pct(share) if math.isfinite(share) else 'none added'} | {g['difference']:+.3f} "
                      f"({num(g['ci_low'])} to {num(g['ci_high'])}) |")  # fmt: skip
-    paper = "as the paper finds" if lowered > detectable else "unlike the paper's finding"
+    paper = ("as the paper finds, healing restores the loss more than question answering" if lowered > detectable
+             else "this run does not show the paper's finding that healing restores the loss more than question answering")
     return [f"- **Healing lowers the loss at {lowered} of {len(twins)} healed blocks and changes {LABELS[twins['metric'].iloc[0]]} "
-            f"detectably at {detectable}**: {paper}, healing restores the loss more than question answering (rules: the "
-            "healed loss's 95% interval lies below the unhealed loss; the paired interval of the accuracy gain excludes 0).",
+            f"detectably at {detectable}**: {paper} (rules: the healed loss's 95% interval lies below the unhealed loss; the "
+            "paired interval of the accuracy gain excludes 0).",
             "", *lines]  # fmt: skip
 
 
