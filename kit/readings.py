@@ -208,17 +208,21 @@ def _apart(row, a: str, b: str) -> str:
     return {("below", "above"): "less", ("above", "below"): "more"}.get(sides, "overlap")
 
 
+LOSS_PHRASES = {"less": "cost less loss than the heuristic's", "more": "cost more", "overlap": "cannot be told apart"}
+
+
 def _strategy_loss(unhealed: pd.DataFrame) -> list[str]:
     rows = unhealed[(unhealed["metric"] == "val_loss_norm") & (unhealed["n"] > 0)]
     table = rows.pivot(index="n", columns="strategy", values=["value", "ci_low", "ci_high", "fraction"])
     verdicts = {n: _apart(r, "similarity", "heuristic") for n, r in table.iterrows()}
-    less = [n for n, v in verdicts.items() if v == "less"]
-    if len(less) == len(verdicts):
+    at = {v: [n for n, w in verdicts.items() if w == v] for v in ("less", "more", "overlap")}
+    if len(at["less"]) == len(verdicts):
         words = "**The similarity blocks cost less loss than the heuristic's at every block size swept**"
+    elif len(at["overlap"]) == len(verdicts):
+        words = "**The similarity blocks and the heuristic's cannot be told apart by their loss at any block size swept**"
     else:
-        more = [n for n, v in verdicts.items() if v == "more"]
-        words = (f"**The similarity blocks cost less loss than the heuristic's at n = {listing(less)}, more at n = "
-                 f"{listing(more)}, and cannot be told apart at n = {listing(n for n, v in verdicts.items() if v == 'overlap')}**")  # fmt: skip
+        parts = [f"{phrase} at n = {listing(at[v])}" for v, phrase in LOSS_PHRASES.items() if at[v]]
+        words = "**The similarity blocks " + ", ".join(parts[:-1]) + ", and " * (len(parts) > 1) + parts[-1] + "**"
     lines = [f"- {words} (rule: neither value lies inside the other's 95% interval).", "",
              f"| n | layers dropped | {LABELS['val_loss_norm']}, similarity | heuristic | similarity costs |",
              "| --- | --- | --- | --- | --- |"]  # fmt: skip

@@ -109,22 +109,51 @@ def snapshot():
     return take
 
 
-@pytest.fixture(scope="session")
-def notebook_run(tmp_path_factory):
-    """run(name) executes notebooks 01..name in order (each once per session) with smoke
-    parameters into one run folder, and returns that folder."""
-    runs_root = tmp_path_factory.mktemp("runs")
+def _chain(runs_root: Path, parameters: dict):
+    """run(name) executes notebooks 01..name in order (each once) with `parameters` into one run folder."""
     executed = set()
 
     def run(name: str) -> Path:
         for earlier in NOTEBOOKS[: NOTEBOOKS.index(name) + 1]:
             if earlier not in executed:
-                parameters = {**SMOKE_PARAMETERS[earlier], "RUN": "smoke", "RUNS_ROOT": str(runs_root)}
-                execute(earlier, output_dir=runs_root, parameters=parameters)
+                execute(earlier, output_dir=runs_root, parameters={**parameters[earlier], "RUN": "smoke", "RUNS_ROOT": str(runs_root)})
                 executed.add(earlier)
         return runs_root / "smoke"
 
     return run
+
+
+@pytest.fixture(scope="session")
+def notebook_run(tmp_path_factory):
+    """run(name) executes notebooks 01..name in order (each once per session) with smoke
+    parameters into one run folder, and returns that folder."""
+    return _chain(tmp_path_factory.mktemp("runs"), SMOKE_PARAMETERS)
+
+
+# A second run of every notebook, on a tiny random model (8 layers) with other settings and seeds: other
+# outcomes (recall at chance, MMLU not swept by default) for a few seconds of work per notebook.
+TINY_PARAMETERS = {
+    "01_similarity": {"N_TEXTS": 4, "BATCH_SIZE": 4, "MAX_LENGTH": 32, "SEED": 1},
+    "02_select_and_prune": {"N": 2, "N_VAL_TEXTS": 2, "MAX_LENGTH": 32, "BATCH_SIZE": 2, "SEED": 1},
+    "03_heal": {"STEPS": 1, "BATCH_SIZE": 2, "SEQ_LEN": 16, "RANK": 2, "N_TRAIN_TEXTS": 2, "N_VAL_TEXTS": 2, "EVAL_EVERY": 1,
+                "QUANTIZE": None, "SEED": 1},
+    "04_compare": {"RECALL_ITEMS": 6, "RECALL_FACTS": 2, "MMLU_SUBJECTS": 1, "MMLU_PER_SUBJECT": 3, "SHOTS": 1, "N_VAL_TEXTS": 2,
+                   "MAX_LENGTH": 32, "SWEEP_STEP": 3, "HEAL_NS": [3], "HEAL_STEPS": 1, "HEAL_BATCH_SIZE": 2, "HEAL_SEQ_LEN": 16,
+                   "N_HEAL_TEXTS": 2, "COST_PROMPT_TOKENS": 4, "COST_NEW_TOKENS": 2, "COST_REPEATS": 1, "SEED": 1},
+    "05_criteria": {"N_CALIBRATION": 2, "N_HELD_OUT": 2, "MAX_LENGTH": 16, "BATCH_SIZE": 2, "NS": [2, 4], "METRICS": ["angular_last"],
+                    "SCATTER_NS": [2], "SEED": 1},
+}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_notebook_run(tmp_path_factory):
+    """Like notebook_run, on a tiny random llama saved as a local checkpoint, with TINY_PARAMETERS."""
+    folder = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    model, tokenizer = kit.tiny_model("llama", num_layers=8)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    parameters = {name: {**TINY_PARAMETERS[name], **({"MODEL": str(folder)} if name in ("01_similarity", "05_criteria") else {})} for name in NOTEBOOKS}
+    return _chain(tmp_path_factory.mktemp("runs"), parameters)
 
 
 NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)?(?!\w)")
@@ -166,3 +195,13 @@ def artifact_numbers(run: Path, derived=()) -> set[str]:
             shown |= {f"{v:.3f}", f"{v:.2f}", f"{v:.1f}", f"{v:+.3f}", f"{100 * v:.0f}", f"{v / 1e6:.2f}", f"{v / 1e9:.2f}"}
             shown |= {f"{v:g}"} if v == int(v) else set()
     return shown
+
+
+def assert_redrawn(figure: Path, ax, tmp_path: Path) -> None:
+    """The notebook's saved figure equals, byte for byte, the same kit function's drawing of the run's
+    saved table (matplotlib's Agg rendering is deterministic): it drew what the artifacts hold."""
+    import matplotlib.pyplot as plt
+
+    redrawn = kit.plots.save(ax, tmp_path / figure.name).read_bytes()
+    plt.close("all")
+    assert redrawn == figure.read_bytes(), f"{figure.name} is not the drawing of the run's artifacts"
