@@ -137,3 +137,41 @@ def test_criteria_reading_names_the_lowest_mean_regret(tmp_path):
 def test_unknown_notebook_lists_the_readings(tmp_path):
     with pytest.raises(ValueError, match="01_similarity"):
         readings.reading(tmp_path, "06_nothing")
+
+
+def _loss(loss, stderr):
+    return {"loss": loss, "normalized": loss / 10, "tokens": 100, "stderr": stderr}
+
+
+def test_prune_reading_calls_a_rise_only_beyond_the_noise(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"02_select_and_prune": {"layers": 30, "parameters": 1.345e8}}))
+    block = {"model": "m", "start": 13, "n": 6, "distance": 0.148, "source": "argmin"}
+
+    def read(after, stderr):
+        (tmp_path / "losses.json").write_text(json.dumps({"original": _loss(3.0, 0.05), "pruned": _loss(after, stderr), "block": block}))
+        return readings.reading(tmp_path, "02_select_and_prune").markdown
+
+    text = read(3.2, 0.05)  # 0.2 > 1.96 * hypot(0.05, 0.05) = 0.139
+    assert "**Removed layers 13 to 18** (n = 6, chosen by argmin; distance 0.148)." in text
+    assert "**The validation loss rises**: 3.000 ± 0.050 to 3.200 ± 0.050 nats per token" in text and "0.300 to 0.320 divided" in text
+    assert "**The validation loss does not change beyond the noise**" in read(3.1, 0.05)  # 0.1 < 0.139
+    assert "**The validation loss falls**" in read(2.8, 0.05)
+
+
+def test_heal_reading_states_the_share_restored_when_the_interval_is_below(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"03_heal": {"config": {"steps": 20, "quantize": "4bit"}}}))
+    (tmp_path / "selection.json").write_text(json.dumps({"model": "m", "start": 13, "n": 6, "distance": 0.1, "source": "argmin"}))
+    (tmp_path / "heal_history.json").write_text(json.dumps({"validation": [{"step": 0, "loss": 4.368}, {"step": 20, "loss": 3.751}]}))
+
+    def read(healed, half):
+        rows = {name: {"layers": layers, "parameters": 1e8, "val_loss": loss, "val_loss_ci_low": loss - half,
+                       "val_loss_ci_high": loss + half, "val_loss_norm": loss / 10}
+                for name, layers, loss in (("original", 30, 3.0), ("pruned", 24, 4.0), ("healed", 24, healed))}  # fmt: skip
+        (tmp_path / "heal_losses.json").write_text(json.dumps(rows))
+        return readings.reading(tmp_path, "03_heal").markdown
+
+    text = read(3.5, 0.1)
+    assert "**Healing lowers the loss** (rule: the healed model's 95% interval lies below the pruned model's loss): it restores " \
+           "50% of the loss the pruning added." in text  # fmt: skip
+    assert "| healed | 24 | 3.500 (95% interval 3.400 to 3.600) | 0.350 |" in text and "on the 4bit base, went from 4.368 to 3.751" in text
+    assert "**Healing does not detectably lower the loss**" in read(3.9, 0.2)  # the interval reaches 4.0
