@@ -131,15 +131,15 @@ def notebook_run(tmp_path_factory):
 
 
 # A second run of every notebook, on a tiny random model (8 layers) with other settings and seeds: other
-# outcomes (recall at chance, MMLU not swept by default) for a few seconds of work per notebook.
+# outcomes (recall at chance, MMLU not swept by default, no healed blocks in the sweep) for a few seconds of
+# work per notebook.
 TINY_PARAMETERS = {
     "01_similarity": {"N_TEXTS": 4, "BATCH_SIZE": 4, "MAX_LENGTH": 32, "SEED": 1},
     "02_select_and_prune": {"N": 2, "N_VAL_TEXTS": 2, "MAX_LENGTH": 32, "BATCH_SIZE": 2, "SEED": 1},
     "03_heal": {"STEPS": 1, "BATCH_SIZE": 2, "SEQ_LEN": 16, "RANK": 2, "N_TRAIN_TEXTS": 2, "N_VAL_TEXTS": 2, "EVAL_EVERY": 1,
                 "QUANTIZE": None, "SEED": 1},
     "04_compare": {"RECALL_ITEMS": 6, "RECALL_FACTS": 2, "MMLU_SUBJECTS": 1, "MMLU_PER_SUBJECT": 3, "SHOTS": 1, "N_VAL_TEXTS": 2,
-                   "MAX_LENGTH": 32, "SWEEP_STEP": 3, "HEAL_NS": [3], "HEAL_STEPS": 1, "HEAL_BATCH_SIZE": 2, "HEAL_SEQ_LEN": 16,
-                   "N_HEAL_TEXTS": 2, "COST_PROMPT_TOKENS": 4, "COST_NEW_TOKENS": 2, "COST_REPEATS": 1, "SEED": 1},
+                   "MAX_LENGTH": 32, "SWEEP_STEP": 3, "HEAL_NS": [], "COST_PROMPT_TOKENS": 4, "COST_NEW_TOKENS": 2, "COST_REPEATS": 1, "SEED": 1},
     "05_criteria": {"N_CALIBRATION": 2, "N_HELD_OUT": 2, "MAX_LENGTH": 16, "BATCH_SIZE": 2, "NS": [2, 4], "METRICS": ["angular_last"],
                     "SCATTER_NS": [2], "SEED": 1},
 }  # fmt: skip

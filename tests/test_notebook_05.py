@@ -38,8 +38,8 @@ def test_notebook_05_figures_draw_the_saved_comparison(run, tmp_path):
     smoke = SMOKE_PARAMETERS["05_criteria"]
     table = pd.read_csv(run / "criteria.csv")
     ax = kit.plots.regret_plot(table)
-    points = sum(len(line.get_xdata()) for line in ax.get_lines() if not line.get_label().startswith("_child"))
-    assert points >= len(table)  # every (criterion, n) row drawn
+    drawn = {(float(x), float(y)) for line in ax.get_lines() for x, y in zip(line.get_xdata(), line.get_ydata())}
+    assert drawn == set(zip(table["n"].astype(float), table["regret"])) and len(ax.get_lines()) >= table["criterion"].nunique()
     assert_redrawn(run / "regret.png", ax, tmp_path)
     scan, held_out = Distances.load(run / f"distances_{smoke['METRICS'][0]}.safetensors"), Ablation.load(run / "oracle_held_out.safetensors")
     ax = kit.plots.distance_vs_loss(scan, held_out, ns=smoke["SCATTER_NS"])
