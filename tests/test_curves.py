@@ -74,3 +74,12 @@ def test_collapse_points_and_healing_gains_per_strategy():
     pd.testing.assert_frame_equal(gains.drop(columns="strategy"), expected)
     with pytest.raises(ValueError, match="no healed rows"):
         curves.healing_gains(pd.concat([a, b]))
+
+
+def test_by_metric_stacks_one_table_per_metric():
+    mmlu = _curve([0.7, 0.7, 0.25], 200, seed=7)
+    recall = _curve([0.9, 0.3, 0.3], 200, seed=8).assign(metric="recall", chance=0.25)
+    both = pd.concat([mmlu, recall], ignore_index=True)
+    table = curves.by_metric(curves.collapse_points, both, ["recall", "mmlu"])
+    assert table["metric"].tolist() == ["recall", "mmlu"]
+    assert table["collapse"].tolist() == [curves.collapse_point(recall, "recall")[0], curves.collapse_point(mmlu, "mmlu")[0]]
