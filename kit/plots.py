@@ -1,6 +1,7 @@
 """Figures with matplotlib/seaborn (headless-safe). Each function draws on `ax` (a new figure
 when None) and returns the Axes."""
 
+import warnings
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -241,9 +242,13 @@ def quality_cost(results, metric: str, *, comparison=None, cost: str = "weight_b
     return ax
 
 
-def quality_cost_figure(results, metrics, *, comparison=None, costs=("weight_bytes", "decode_tokens_per_s"), panel_size=(6.5, 4.5)):
+def quality_cost_figure(results, metrics, *, comparison=None, costs=("weight_bytes", "decode_tokens_per_s"), panel_size=(6.5, 4.5),
+                        cost: str | None = None):  # fmt: skip
     """A row of quality_cost panels per metric: an exact cost first, then a measured speed with its spread.
-    Returns the Axes as an array [metrics, costs]."""
+    Returns the Axes as an array [metrics, costs]. (cost=: deprecated, one panel per metric; use costs=.)"""
+    if cost is not None:
+        warnings.warn("quality_cost_figure(cost=) is deprecated: pass costs=(cost,)", DeprecationWarning, stacklevel=2)
+        costs = (cost,)
     axes = _panels(len(metrics), len(costs), panel_size)
     for metric, row in zip(metrics, axes):
         for cost, ax in zip(costs, row):
