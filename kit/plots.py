@@ -224,7 +224,7 @@ def quality_cost(results, metric: str, *, comparison=None, cost: str = "weight_b
     def draw(rows, name, **kwargs):
         x = rows[cost] / unpruned if cost in EXACT_COSTS else rows[cost]
         xerr = None if cost in EXACT_COSTS else rows[cost] * rows[SPEEDS[cost]] / 2
-        return ax.errorbar(x, rows[metric], xerr=xerr, label=name, capsize=3, **style(name.split(",")[0]), **kwargs)
+        return ax.errorbar(x, rows[metric], xerr=xerr, label=name, capsize=3, **{**style(name.split(",")[0]), **kwargs})
 
     for (strategy, healed), rows in table.groupby(["strategy", "healed"], sort=False):
         draw(rows.sort_values("n"), f"{strategy}, healed" if healed else strategy, ls="--" if healed else "-",
@@ -235,7 +235,7 @@ def quality_cost(results, metric: str, *, comparison=None, cost: str = "weight_b
         if cost in EXACT_COSTS:
             unpruned = comparison[cost].iloc[0]  # the first checkpoint is the original
         for name, row in comparison.iterrows():
-            draw(row.to_frame().T, name, ls="none", ms=14, zorder=3)
+            draw(row.to_frame().T, name, marker="*", ls="none", ms=14, zorder=3)  # checkpoints are stars, in their colour
     what = f"fraction of the unpruned model's {label(cost)}" if cost in EXACT_COSTS else label(cost)
     ax.set(xlabel=what, ylabel=label(metric), title=f"{label(metric)} against {'the' if cost in EXACT_COSTS else 'measured'} cost")
     ax.legend(fontsize="small")

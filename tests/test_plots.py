@@ -89,17 +89,19 @@ def _cost_rows():
 
 
 def test_quality_cost_draws_each_strategy_in_order_of_n_against_an_exact_cost():
+    import matplotlib
     import pandas as pd
 
     comparison = pd.DataFrame({"val_loss": [3.0, 3.4], "weight_bytes": [600, 200], "decode_tokens_per_s": [16.7, 25.0],
-                               "decode_spread": [0.2, 0.4]}, index=["original", "pruned"])  # fmt: skip
+                               "decode_spread": [0.2, 0.4]}, index=["original", "healed"])  # fmt: skip
     ax = kit.plots.quality_cost(_cost_rows(), "val_loss", comparison=comparison)
     drawn = {c.get_label(): c.lines[0] for c in ax.containers}
     xy = {name: (list(line.get_xdata()), list(line.get_ydata())) for name, line in drawn.items()}
     assert xy["similarity"] == ([1.0, 400 / 600, 200 / 600], [3.0, 3.2, 3.4]) and xy["heuristic"][1] == [4.0, 4.2, 4.4]
     assert xy["similarity, healed"] == ([400 / 600], [2.2]) and drawn["similarity, healed"].get_linestyle() == "--"
-    assert xy["original"] == ([1.0], [3.0]) and xy["pruned"] == ([200 / 600], [3.4])  # the checkpoints' stars
-    assert drawn["pruned"].get_marker() == "*" and drawn["pruned"].get_linestyle() == "None"
+    assert xy["original"] == ([1.0], [3.0]) and xy["healed"] == ([200 / 600], [3.4])  # the checkpoints' stars
+    assert drawn["healed"].get_marker() == "*" and drawn["healed"].get_linestyle() == "None"
+    assert matplotlib.colors.to_hex(drawn["healed"].get_color()) == kit.plots.style("healed")["color"]
     assert ax.get_xlabel() == "fraction of the unpruned model's weight bytes" and not ax.texts  # no labels to overlap
     speed = kit.plots.quality_cost(_cost_rows(), "val_loss", cost="decode_tokens_per_s")
     (similarity,) = [c for c in speed.containers if c.get_label() == "similarity"]
