@@ -110,3 +110,9 @@ def healing_gains(results: pd.DataFrame, metric: str = "mmlu", **kwargs) -> pd.D
     if not tables:
         raise ValueError("no healed rows: sweep with heal_ns (kit.sweep.sweeps(..., heal_ns=[...]))")
     return pd.concat(tables, ignore_index=True)
+
+
+def by_metric(function, results: pd.DataFrame, metrics, *args, **kwargs) -> pd.DataFrame:
+    """function(results, *args, metric=m, **kwargs) for each metric m, one table with a metric column,
+    e.g. by_metric(collapse_points, results, ["recall", "mmlu"])."""
+    return pd.concat([function(results, *args, metric=m, **kwargs).assign(metric=m) for m in metrics], ignore_index=True)

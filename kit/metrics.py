@@ -4,12 +4,26 @@
 from collections.abc import Callable, Sequence
 
 from . import distributed, evaluate
-from .stats import Z95, Estimate
+from .stats import Z95, Estimate, side
 
 # An evaluation maps (model, tokenizer) to named metrics: floats, or Estimates with their interval,
 # e.g. {"mmlu": Estimate(0.41, 0.27, 0.56, outcomes, chance=0.25)}.
 Evaluation = Callable[..., dict[str, float | Estimate]]
+LABELS = {  # each metric in words, with its unit: the figures' axes and the readings
+    "recall": "in-context recall (accuracy)", "mmlu": "MMLU accuracy", "mmlu_subjects": "MMLU accuracy, mean over subjects",
+    "boolq": "BoolQ accuracy", "val_loss": "validation loss (nats per token)",
+    "val_loss_norm": "validation loss / log(vocabulary size)", "parameters": "parameters", "weight_bytes": "weight bytes",
+    "kv_bytes_per_token": "KV-cache bytes per token", "prefill_tokens_per_s": "prefill speed (tokens/s)",
+    "decode_tokens_per_s": "decode speed (tokens/s)", "time_to_first_token_s": "time to first token (s)",
+    "peak_memory_bytes": "peak memory (bytes)",
+}  # fmt: skip
 CHANCE = {"mmlu": 0.25, "mmlu_subjects": 0.25, "boolq": 0.5}  # fixed by the benchmark; recall's rows carry theirs
+
+
+def above_chance(estimate: Estimate, force: bool | None = None) -> bool:
+    """Whether an accuracy means something: `force` when given (True / False), else whether its 95%
+    interval lies above its chance level (notebook 04 sweeps MMLU only then, unless told)."""
+    return bool(force) if force is not None else side(estimate.low, estimate.high, estimate.chance) == "above"
 
 
 def mmlu_metrics(questions, *, shots: int = 5, batch_size: int = 8) -> Evaluation:

@@ -1,6 +1,7 @@
 """Figures with matplotlib/seaborn (headless-safe). Each function draws on `ax` (a new figure
 when None) and returns the Axes."""
 
+import warnings
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -10,7 +11,35 @@ from matplotlib.patches import Rectangle
 
 from .artifacts import atomic_path
 from .curves import chance_level
+from .metrics import LABELS
 from .stats import Z95
+
+# One colour and marker per strategy, criterion and checkpoint across every figure of the kit. The similarity
+# strategy chooses by the paper's metric (angular_last), so the two share a style.
+STYLES = {
+    "similarity": ("#1f77b4", "o"), "angular_last": ("#1f77b4", "o"), "heuristic": ("#ff7f0e", "s"),
+    "angular_all": ("#2ca02c", "^"), "block_influence": ("#9467bd", "D"), "loss": ("#d62728", "v"),
+    "unhealed": ("#7f7f7f", "o"), "healed": ("#17becf", "P"),
+    "original": ("#000000", "*"), "pruned": ("#8c564b", "*"), "healed (unmerged)": ("#e377c2", "*"),
+}  # fmt: skip
+AXIS_LABELS = {
+    **LABELS, "fraction": "fraction of layers dropped", "n": "block size n (layers removed)",
+    "angular_last": "angular distance, last token (arccos(cos) / π)", "angular_all": "angular distance, all tokens (arccos(cos) / π)",
+    "block_influence": "Block Influence, all tokens (1 - cos)",
+}  # fmt: skip
+
+
+def style(name) -> dict:
+    """The colour and marker of a strategy, criterion or checkpoint (healed True / False: "healed" /
+    "unhealed"), the same in every figure; other names get grey circles."""
+    name = {True: "healed", False: "unhealed"}.get(name, name) if isinstance(name, (bool, np.bool_)) else name
+    color, marker = STYLES.get(str(name), ("#7f7f7f", "o"))
+    return {"color": color, "marker": marker}
+
+
+def label(column: str) -> str:
+    """A column or metric name in words, with its unit, for an axis (the name itself when unknown)."""
+    return AXIS_LABELS.get(column, column)
 
 
 def _axes(ax, figsize=(7, 5)):
@@ -50,8 +79,8 @@ def distance_heatmap(distances, normalize_rows: bool = False, mark_best: bool = 
         np.ma.masked_invalid(grid), origin="lower", aspect="auto", cmap=cmap, interpolation="nearest",
         extent=(-0.5, L - 0.5, 0.5, L - 0.5),
     )  # fmt: skip
-    label = "distance (row-normalized)" if normalize_rows else distances.meta.get("metric", "distance")
-    ax.figure.colorbar(image, ax=ax, label=label)
+    metric = label(distances.meta.get("metric", "distance"))
+    ax.figure.colorbar(image, ax=ax, label=f"{metric}, row-normalized" if normalize_rows else metric)
     if mark_best:
         ns = np.arange(1, L)
         ax.plot([distances.best_block(n).start for n in ns], ns, "r.-", lw=1, ms=4, label="best start per n")
@@ -81,7 +110,7 @@ def distance_curves(distances, ns, ax=None):
         if errors is not None:
             half = Z95 * errors[n, starts]
             ax.fill_between(starts, table[n, starts] - half, table[n, starts] + half, color=color, alpha=0.2, lw=0)
-    ax.set(xlabel="first layer of the block (start)", ylabel=distances.meta.get("metric", "distance"))
+    ax.set(xlabel="first layer of the block (start)", ylabel=label(distances.meta.get("metric", "distance")))
     ax.set_title(f"{distances.meta.get('model', 'model')}: block distance by position")
     ax.legend(title="block size", fontsize="small")
     return ax
@@ -109,7 +138,8 @@ def sweep_plot(results, metric: str, *, hue: str = "strategy", chance: float | N
         x, y = curve["fraction"].to_numpy(float), curve["value"].to_numpy(float)
         has_ci = {"ci_low", "ci_high"} <= set(curve) and curve[["ci_low", "ci_high"]].notna().any(axis=None)
         joined = len(curve) >= MIN_CURVE_POINTS
-        (line,) = ax.plot(x, y, marker="o", ls="-" if joined else "none", label=str(level))
+        name = {True: "healed", False: "unhealed"}.get(level, level) if hue == "healed" else level
+        (line,) = ax.plot(x, y, ls="-" if joined else "none", label=str(name), **style(name))
         if has_ci and joined:
             ax.fill_between(x, curve["ci_low"], curve["ci_high"], color=line.get_color(), alpha=0.2, lw=0)
         elif has_ci:
@@ -119,7 +149,7 @@ def sweep_plot(results, metric: str, *, hue: str = "strategy", chance: float | N
     if chance is not None:
         ax.axhline(chance, color="gray", ls="--", lw=1, label="chance")
     ax.legend(title=hue)
-    ax.set(xlabel="fraction of layers dropped", ylabel=metric)
+    ax.set(xlabel=label("fraction"), ylabel=label(metric))
     return ax
 
 
@@ -147,8 +177,8 @@ def losses_bar(losses: dict, *, title: str | None = None, ax=None):
     labels = list(losses)
     heights = [loss.normalized for loss in losses.values()]
     errors = [Z95 * loss.stderr * loss.normalized / loss.loss for loss in losses.values()]  # the stderr in normalised units
-    ax.bar(labels, heights, yerr=errors, capsize=4, color=[f"C{i}" for i in range(len(labels))])
-    ax.set(ylabel="validation loss / log(vocab)", title=title)
+    ax.bar(labels, heights, yerr=errors, capsize=4, color=[style(name.split(" (")[0])["color"] for name in labels])
+    ax.set(ylabel=label("val_loss_norm"), title=title)
     return ax
 
 
@@ -164,41 +194,65 @@ def heal_curve(history: dict, ax=None):
     return ax
 
 
-def quality_cost(results, metric: str, *, comparison=None, cost: str = "decode_tokens_per_s", ax=None):
-    """Quality against inference cost: `metric` against `cost` (default: decode tokens/s).
+EXACT_COSTS = ("weight_bytes", "parameters", "kv_bytes_per_token")  # counted from the model: relative to the unpruned one
+SPEEDS = {"decode_tokens_per_s": "decode_spread", "prefill_tokens_per_s": "prefill_spread"}  # measured: with their spread
 
-    results: kit.sweep.sweep rows with kit.metrics.cost_metrics() among the evaluations; one point per block
-    size (labelled n) on one line per strategy, healed rows on their own dashed line.
-    comparison: kit.sweep.compare's table; each checkpoint (original, pruned, healed...) a labelled star.
+
+def quality_cost(results, metric: str, *, comparison=None, cost: str = "weight_bytes", ax=None):
+    """Quality against what the model costs: `metric` against an exact cost (EXACT_COSTS, as a fraction of
+    the unpruned model's) or a measured speed (SPEEDS, with error bars of half the repeats' spread,
+    (max - min) / median, either side).
+
+    results: kit.sweep.sweep rows with kit.metrics.cost_metrics() among the evaluations; one line per
+    strategy joining the block sizes in order of n, healed rows on their own dashed line.
+    comparison: kit.sweep.compare's table; each checkpoint (original, pruned, healed...) a star.
     """
-    missing = sorted({metric, cost} - set(results["metric"]))
-    if missing:
+    if cost not in EXACT_COSTS and cost not in SPEEDS:
+        raise ValueError(f"cost {cost!r} is neither exact {EXACT_COSTS} nor a measured speed {tuple(SPEEDS)}")
+    needed = {metric, cost} | ({SPEEDS[cost]} if cost in SPEEDS else set())
+    if missing := sorted(needed - set(results["metric"])):
         raise ValueError(
             f"no rows for {missing}; metrics present: {sorted(results['metric'].unique())}. "
             "Cost needs kit.metrics.cost_metrics() among the sweep's evaluations."
         )
     ax = _axes(ax)
     table = results.pivot_table(index=["strategy", "healed", "n"], columns="metric", values="value").reset_index()
-    for (strategy, healed), rows in table.groupby(["strategy", "healed"]):
-        ax.plot(rows[cost], rows[metric], marker="s" if healed else "o", ls="--" if healed else "-",
-                label=f"{strategy}, healed" if healed else strategy)  # fmt: skip
-        for x, y, n in rows[[cost, metric, "n"]].itertuples(index=False):
-            ax.annotate(f"n={n:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize="x-small")
+    unpruned = table.loc[table["n"] == 0, cost].iloc[0] if (table["n"] == 0).any() else None
+    if cost in EXACT_COSTS and unpruned is None:
+        raise ValueError("an exact cost is drawn relative to the unpruned model: the sweep needs n = 0")
+
+    def draw(rows, name, **kwargs):
+        x = rows[cost] / unpruned if cost in EXACT_COSTS else rows[cost]
+        xerr = None if cost in EXACT_COSTS else rows[cost] * rows[SPEEDS[cost]] / 2
+        return ax.errorbar(x, rows[metric], xerr=xerr, label=name, capsize=3, **{**style(name.split(",")[0]), **kwargs})
+
+    for (strategy, healed), rows in table.groupby(["strategy", "healed"], sort=False):
+        draw(rows.sort_values("n"), f"{strategy}, healed" if healed else strategy, ls="--" if healed else "-",
+             mfc="white" if healed else None)  # fmt: skip
     if comparison is not None:
-        if absent := sorted({metric, cost} - set(comparison.columns)):
+        if absent := sorted(needed - set(comparison.columns)):
             raise ValueError(f"the comparison has no column {absent}: pass the same evaluations to kit.sweep.compare")
-        for label, row in comparison.iterrows():
-            ax.scatter(row[cost], row[metric], marker="*", s=180, zorder=3, label=label)
-    ax.set(xlabel=cost, ylabel=metric, title=f"{metric} against {cost}")
+        if cost in EXACT_COSTS:
+            unpruned = comparison[cost].iloc[0]  # the first checkpoint is the original
+        for name, row in comparison.iterrows():
+            draw(row.to_frame().T, name, marker="*", ls="none", ms=14, zorder=3)  # checkpoints are stars, in their colour
+    what = f"fraction of the unpruned model's {label(cost)}" if cost in EXACT_COSTS else label(cost)
+    ax.set(xlabel=what, ylabel=label(metric), title=f"{label(metric)} against {'the' if cost in EXACT_COSTS else 'measured'} cost")
     ax.legend(fontsize="small")
     return ax
 
 
-def quality_cost_figure(results, metrics, *, comparison=None, cost: str = "decode_tokens_per_s", panel_size=(6.5, 4.5)):
-    """One quality_cost panel per metric side by side; returns the Axes as an array [1, metrics]."""
-    axes = _panels(1, len(metrics), panel_size)
-    for metric, ax in zip(metrics, axes[0]):
-        quality_cost(results, metric, comparison=comparison, cost=cost, ax=ax)
+def quality_cost_figure(results, metrics, *, comparison=None, costs=("weight_bytes", "decode_tokens_per_s"), panel_size=(6.5, 4.5),
+                        cost: str | None = None):  # fmt: skip
+    """A row of quality_cost panels per metric: an exact cost first, then a measured speed with its spread.
+    Returns the Axes as an array [metrics, costs]. (cost=: deprecated, one panel per metric; use costs=.)"""
+    if cost is not None:
+        warnings.warn("quality_cost_figure(cost=) is deprecated: pass costs=(cost,)", DeprecationWarning, stacklevel=2)
+        costs = (cost,)
+    axes = _panels(len(metrics), len(costs), panel_size)
+    for metric, row in zip(metrics, axes):
+        for cost, ax in zip(costs, row):
+            quality_cost(results, metric, comparison=comparison, cost=cost, ax=ax)
     axes[0, 0].figure.tight_layout()
     return axes
 
@@ -208,10 +262,12 @@ def regret_plot(comparison, ax=None):
 
     comparison: the DataFrame of kit.compare_criteria."""
     ax = _axes(ax)
-    sns.lineplot(data=comparison, x="n", y="regret", hue="criterion", style="criterion", markers=True, dashes=False, ax=ax)
+    criteria = list(dict.fromkeys(comparison["criterion"]))
+    sns.lineplot(data=comparison, x="n", y="regret", hue="criterion", style="criterion", dashes=False, ax=ax,
+                 palette={c: style(c)["color"] for c in criteria}, markers={c: style(c)["marker"] for c in criteria})
     ax.set_yscale("symlog", linthresh=0.01)  # regrets span 0 to tens of nats
     ax.set_ylim(bottom=0)
-    ax.set(xlabel="block size n (layers removed)", ylabel="regret (nats per token, symlog)")
+    ax.set(xlabel=label("n"), ylabel="regret (nats per token, symlog)")
     ax.set_title("held-out loss above the best block's, per criterion")
     return ax
 
@@ -223,7 +279,7 @@ def distance_vs_loss(distances, oracle, ns, ax=None):
     for color, n in zip(sns.color_palette("rocket_r", len(ns)), ns):
         starts = np.arange(distances.num_layers - n + 1)
         ax.scatter(table[n, starts], oracle.loss[n, starts], color=color, s=18, label=f"n = {n}")
-    ax.set(xlabel=distances.meta.get("metric", "distance"), ylabel="held-out loss without the block (nats)")
+    ax.set(xlabel=label(distances.meta.get("metric", "distance")), ylabel="held-out loss without the block (nats per token)")
     ax.set_title(f"{distances.meta.get('model', 'model')}: does a smaller distance mean a smaller loss?")
     ax.legend(title="block size", fontsize="small")
     return ax

@@ -27,6 +27,12 @@ class Estimate:
     chance: float = math.nan
 
 
+def side(low: float, high: float, level: float) -> str:
+    """Where a 95% interval lies against `level`: "above", "below", or "contains" (a NaN interval
+    contains every level: it decides nothing)."""
+    return "above" if low > level else "below" if high < level else "contains"
+
+
 def too_few(what: str) -> tuple[float, float]:
     """A NaN interval, with a warning saying why: never a silently zero-width one."""
     warnings.warn(f"{what}: the 95% interval is NaN", stacklevel=3)

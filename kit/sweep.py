@@ -4,6 +4,7 @@ paper's Figures 2, 3, 5 and 6 do, without reloading or copying the model."""
 import copy
 import hashlib
 import json
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -39,14 +40,29 @@ def compare(checkpoints: dict, evals: Sequence[Evaluation], **load_kwargs) -> pd
     """One row per labelled checkpoint (loaded one at a time with kit.load_model): layers,
     parameters and every metric of `evals`, e.g. {"original": "smollm2-135m", "pruned": "runs/x/pruned",
     "healed (adapter)": ("runs/x/pruned", "runs/x/healed/adapter")}; a (base, adapter) pair is
-    evaluated with the adapter unmerged. cost_metrics() among `evals` puts the inference cost beside the quality."""
+    evaluated with the adapter unmerged. cost_metrics() among `evals` puts the inference cost beside the quality.
+    A metric with a 95% interval has its bounds beside it (columns "{metric}_ci_low", "{metric}_ci_high")."""
     rows = []
     for label, name in checkpoints.items():
         model, tokenizer = _load(name, **load_kwargs)
-        metrics = {name: estimate.value for name, estimate in evaluate_all(model, tokenizer, evals).items()}
-        rows.append({"model": label, "layers": layers.num_layers(model), "parameters": cost.parameters(model), **metrics})
+        rows.append({"model": label, "layers": layers.num_layers(model), "parameters": cost.parameters(model),
+                     **_columns(evaluate_all(model, tokenizer, evals))})
         del model
     return pd.DataFrame(rows).set_index("model")
+
+
+def _columns(metrics: dict[str, Estimate]) -> dict[str, float]:
+    columns = {}
+    for name, estimate in metrics.items():
+        columns[name] = estimate.value
+        if not math.isnan(estimate.low):
+            columns |= {f"{name}_ci_low": estimate.low, f"{name}_ci_high": estimate.high}
+    return columns
+
+
+def table(metrics: dict[str, Estimate], **columns) -> pd.DataFrame:
+    """Metrics (kit.metrics.evaluate_all) as rows of a sweep's table, with `columns` (e.g. n=0) on every row."""
+    return pd.DataFrame(_rows(metrics, **columns))
 
 
 def _plain(value):

@@ -1,8 +1,12 @@
 """Shared fixtures: tiny models, the embedded model, hand-written MMLU questions, a prompt past the
 tiny sliding windows, model snapshots, and notebooks executed once per session through papermill."""
 
+import ast
 import hashlib
+import json
+import math
 import os
+import re
 from pathlib import Path
 
 # Tests never reach the model or dataset Hub (set before transformers is imported; kernels inherit it).
@@ -11,6 +15,7 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 # Tests compare against CPU fp32 references, on a GPU machine too; `make gpu-check` covers the GPU paths.
 os.environ["KIT_DEVICE"] = "cpu"
 
+import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -104,19 +109,99 @@ def snapshot():
     return take
 
 
-@pytest.fixture(scope="session")
-def notebook_run(tmp_path_factory):
-    """run(name) executes notebooks 01..name in order (each once per session) with smoke
-    parameters into one run folder, and returns that folder."""
-    runs_root = tmp_path_factory.mktemp("runs")
+def _chain(runs_root: Path, parameters: dict):
+    """run(name) executes notebooks 01..name in order (each once) with `parameters` into one run folder."""
     executed = set()
 
     def run(name: str) -> Path:
         for earlier in NOTEBOOKS[: NOTEBOOKS.index(name) + 1]:
             if earlier not in executed:
-                parameters = {**SMOKE_PARAMETERS[earlier], "RUN": "smoke", "RUNS_ROOT": str(runs_root)}
-                execute(earlier, output_dir=runs_root, parameters=parameters)
+                execute(earlier, output_dir=runs_root, parameters={**parameters[earlier], "RUN": "smoke", "RUNS_ROOT": str(runs_root)})
                 executed.add(earlier)
         return runs_root / "smoke"
 
     return run
+
+
+@pytest.fixture(scope="session")
+def notebook_run(tmp_path_factory):
+    """run(name) executes notebooks 01..name in order (each once per session) with smoke
+    parameters into one run folder, and returns that folder."""
+    return _chain(tmp_path_factory.mktemp("runs"), SMOKE_PARAMETERS)
+
+
+# A second run of every notebook, on a tiny random model (8 layers) with other settings and seeds: other
+# outcomes (recall at chance, MMLU not swept by default, no healed blocks in the sweep) for a few seconds of
+# work per notebook.
+TINY_PARAMETERS = {
+    "01_similarity": {"N_TEXTS": 4, "BATCH_SIZE": 4, "MAX_LENGTH": 32, "SEED": 1},
+    "02_select_and_prune": {"N": 2, "N_VAL_TEXTS": 2, "MAX_LENGTH": 32, "BATCH_SIZE": 2, "SEED": 1},
+    "03_heal": {"STEPS": 1, "BATCH_SIZE": 2, "SEQ_LEN": 16, "RANK": 2, "N_TRAIN_TEXTS": 2, "N_VAL_TEXTS": 2, "EVAL_EVERY": 1,
+                "QUANTIZE": None, "SEED": 1},
+    "04_compare": {"RECALL_ITEMS": 6, "RECALL_FACTS": 2, "MMLU_SUBJECTS": 1, "MMLU_PER_SUBJECT": 3, "SHOTS": 1, "N_VAL_TEXTS": 2,
+                   "MAX_LENGTH": 32, "SWEEP_STEP": 3, "HEAL_NS": [], "COST_PROMPT_TOKENS": 4, "COST_NEW_TOKENS": 2, "COST_REPEATS": 1, "SEED": 1},
+    "05_criteria": {"N_CALIBRATION": 2, "N_HELD_OUT": 2, "MAX_LENGTH": 16, "BATCH_SIZE": 2, "NS": [2, 4], "METRICS": ["angular_last"],
+                    "SCATTER_NS": [2], "SEED": 1},
+}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_notebook_run(tmp_path_factory):
+    """Like notebook_run, on a tiny random llama saved as a local checkpoint, with TINY_PARAMETERS."""
+    folder = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    model, tokenizer = kit.tiny_model("llama", num_layers=8)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    parameters = {name: {**TINY_PARAMETERS[name], **({"MODEL": str(folder)} if name in ("01_similarity", "05_criteria") else {})} for name in NOTEBOOKS}
+    return _chain(tmp_path_factory.mktemp("runs"), parameters)
+
+
+NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)?(?!\w)")
+RULE_CONSTANTS = {"0", "1.96", "95"}  # "excludes 0", "1.96 standard errors", "95% interval": the rules, not results
+
+
+def reading_numbers(markdown: str) -> list[str]:
+    """Every number a reading states, outside `code spans` (model and criterion names)."""
+    return NUMBER.findall(re.sub(r"`[^`]*`", "", markdown))
+
+
+def _numbers(value):
+    if isinstance(value, bool) or value is None:
+        return
+    if isinstance(value, (int, float)):
+        yield float(value)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _numbers(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _numbers(item)
+    elif isinstance(value, str) and value.startswith("{"):
+        yield from _numbers(ast.literal_eval(value))  # a dict written into a CSV cell (choices.csv's stability)
+
+
+def artifact_numbers(run: Path, derived=()) -> set[str]:
+    """Every way a reading may print a number of the run's CSV and JSON artifacts (or of `derived`,
+    values the test computed from them): 3, 2 or 1 decimals, signed, as a percentage, in millions or
+    billions, or an integer; plus the rules' own constants."""
+    values = [*derived]
+    for path in run.glob("*.csv"):
+        values += [v for column in pd.read_csv(path).itertuples(index=False) for cell in column for v in _numbers(cell)]
+    for path in run.glob("*.json"):
+        values += list(_numbers(json.loads(path.read_text())))
+    shown = set(RULE_CONSTANTS)
+    for v in values:
+        if math.isfinite(v):
+            shown |= {f"{v:.3f}", f"{v:.2f}", f"{v:.1f}", f"{v:+.3f}", f"{100 * v:.0f}", f"{v / 1e6:.2f}", f"{v / 1e9:.2f}"}
+            shown |= {f"{v:g}"} if v == int(v) else set()
+    return shown
+
+
+def assert_redrawn(figure: Path, ax, tmp_path: Path) -> None:
+    """The notebook's saved figure equals, byte for byte, the same kit function's drawing of the run's
+    saved table (matplotlib's Agg rendering is deterministic): it drew what the artifacts hold."""
+    import matplotlib.pyplot as plt
+
+    redrawn = kit.plots.save(ax, tmp_path / figure.name).read_bytes()
+    plt.close("all")
+    assert redrawn == figure.read_bytes(), f"{figure.name} is not the drawing of the run's artifacts"

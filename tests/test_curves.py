@@ -85,3 +85,12 @@ def test_chance_level_is_the_one_the_rows_carry():
     mixed = pd.concat([table, pd.DataFrame([dict(metric="recall", chance=0.25)])])
     with pytest.raises(ValueError, match="several chance levels"):
         curves.chance_level(mixed, "recall")
+
+
+def test_by_metric_stacks_one_table_per_metric():
+    mmlu = _curve([0.7, 0.7, 0.25], 200, seed=7)
+    recall = _curve([0.9, 0.3, 0.3], 200, seed=8).assign(metric="recall", chance=0.25)
+    both = pd.concat([mmlu, recall], ignore_index=True)
+    table = curves.by_metric(curves.collapse_points, both, ["recall", "mmlu"])
+    assert table["metric"].tolist() == ["recall", "mmlu"]
+    assert table["collapse"].tolist() == [curves.collapse_point(recall, "recall")[0], curves.collapse_point(mmlu, "mmlu")[0]]

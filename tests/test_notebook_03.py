@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import SMOKE_PARAMETERS
+from conftest import SMOKE_PARAMETERS, assert_redrawn
 from papermill.exceptions import PapermillExecutionError
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -27,8 +27,14 @@ def test_history_has_every_logged_step_and_validation(run):
     assert [e["step"] for e in history["train"]] == steps
     assert [e["step"] for e in history["validation"]] == [0] + steps  # before training, then EVAL_EVERY = 1
     assert all(math.isfinite(e["loss"]) for e in history["train"] + history["validation"])
-    assert (run / "heal_curve.png").stat().st_size > 0
     assert read_json(run / "manifest.json")["03_heal"]["config"]["steps"] == PARAMETERS["STEPS"]
+
+
+def test_heal_curve_draws_the_saved_history(run, tmp_path):
+    history = read_json(run / "heal_history.json")
+    ax = kit.plots.heal_curve(history)
+    assert [len(line.get_xdata()) for line in ax.lines] == [len(history["train"]), len(history["validation"])]
+    assert_redrawn(run / "heal_curve.png", ax, tmp_path)
 
 
 def test_merged_checkpoint_is_the_pruned_model_plus_the_adapter(run):

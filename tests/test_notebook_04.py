@@ -1,7 +1,8 @@
 import pandas as pd
 import pytest
-from conftest import SMOKE_PARAMETERS
+from conftest import SMOKE_PARAMETERS, assert_redrawn
 
+import kit
 from kit import sweep
 
 SMOKE = SMOKE_PARAMETERS["04_compare"]
@@ -28,19 +29,18 @@ def test_sweep_covers_both_strategies_and_every_metric(run):
     assert (intervals["ci_low"] <= intervals["value"]).all() and (intervals["value"] <= intervals["ci_high"]).all()
     recall = table[table["metric"] == "recall"]
     assert recall["outcomes"].str.len().eq(SMOKE["RECALL_ITEMS"]).all()
-    assert (run / "sweep.png").stat().st_size > 0
     assert {p.name for p in run.glob("sweep-*.json")} == {f"sweep-{s}.json" for s in sweep.STRATEGIES}
     kv = table[table["metric"] == "kv_bytes_per_token"].set_index(["strategy", "n", "healed"])["value"]
     assert (kv.xs((20, False), level=("n", "healed")) == kv.xs((0, False), level=("n", "healed")) * 10 / 30).all()
 
 
 def test_paired_comparison_of_the_strategies(run):
-    paired = pd.read_csv(run / "paired.csv")
+    paired = pd.read_csv(run / "paired.csv").query("metric == 'recall'").reset_index(drop=True)
     assert paired["n"].tolist() == [0, 10, 20]
     assert paired.loc[0, ["difference", "ci_low", "ci_high"]].tolist() == [0, 0, 0]  # n = 0: the same model
     assert (paired["ci_low"] <= paired["difference"]).all() and (paired["difference"] <= paired["ci_high"]).all()
     collapse = pd.read_csv(run / "collapse.csv")
-    assert collapse["strategy"].tolist() == list(sweep.STRATEGIES) and set(collapse["metric"]) == {"recall"}
+    assert collapse["strategy"].tolist() == list(sweep.STRATEGIES) * 2 and collapse["metric"].tolist() == ["recall"] * 2 + ["mmlu"] * 2
 
 
 def test_each_strategy_heals_its_blocks_beside_their_unhealed_twins(run):
@@ -52,8 +52,7 @@ def test_each_strategy_heals_its_blocks_beside_their_unhealed_twins(run):
         assert loss[True] != loss[False]
         assert (run / "sweep_healed" / strategy / "n10" / "adapter").is_dir()
     gains = pd.read_csv(run / "healing_gains.csv")
-    assert gains["strategy"].tolist() == list(sweep.STRATEGIES) and set(gains["n"]) == {10}
-    assert (run / "sweep_healed.png").stat().st_size > 0
+    assert gains["strategy"].tolist() == list(sweep.STRATEGIES) * 2 and set(gains["n"]) == {10}
 
 
 def test_comparison_of_original_pruned_and_healed(run):
@@ -63,9 +62,33 @@ def test_comparison_of_original_pruned_and_healed(run):
     parameters = table["parameters"]
     assert parameters["original"] > parameters["pruned"] == parameters["healed"] < parameters["healed (unmerged)"]
     assert table.loc["pruned", "kv_bytes_per_token"] == table.loc["original", "kv_bytes_per_token"] * 26 / 30
-    assert (table["decode_tokens_per_s"] > 0).all() and (run / "quality_cost.png").stat().st_size > 0
+    assert (table["decode_tokens_per_s"] > 0).all()
     assert {"recall", "mmlu", "boolq", "val_loss_norm"} <= set(table.columns)
     assert table["mmlu"].between(0, 1).all()
+
+
+PANELS = ["recall", "mmlu", "val_loss_norm"]  # SWEEP_MMLU is True in the smoke parameters
+
+
+def test_figures_draw_the_saved_tables(run, tmp_path):
+    table = pd.read_csv(run / "sweep.csv")
+    unhealed = table[~table["healed"]]
+    axes = kit.plots.sweep_figure(unhealed, PANELS)
+    for metric, ax in zip(PANELS, axes[0]):
+        drawn = {line.get_label(): len(line.get_xdata()) for line in ax.lines}
+        rows = unhealed[unhealed["metric"] == metric].groupby("strategy").size().to_dict()
+        assert {s: drawn[s] for s in rows} == rows  # one point per row of the table
+    assert_redrawn(run / "sweep.png", axes[0, 0], tmp_path)
+    twins = table[table["n"].isin(SMOKE["HEAL_NS"])]
+    axes = kit.plots.sweep_figure(twins, PANELS, hue="healed", rows="strategy")
+    assert axes.shape == (2, 3) and {line.get_label() for line in axes[0, 0].lines} >= {"healed", "unhealed"}
+    assert_redrawn(run / "sweep_healed.png", axes[0, 0], tmp_path)
+    comparison = pd.read_csv(run / "comparison.csv", index_col="model")
+    axes = kit.plots.quality_cost_figure(table, PANELS, comparison=comparison)
+    assert axes.shape == (3, 2)
+    points = {c.get_label(): len(c.lines[0].get_xdata()) for c in axes[0, 0].containers}
+    assert points == {"similarity": 3, "heuristic": 3, "similarity, healed": 1, "heuristic, healed": 1, **{m: 1 for m in comparison.index}}
+    assert_redrawn(run / "quality_cost.png", axes[0, 0], tmp_path)
 
 
 def test_missing_heal_names_notebook_03(run, tmp_path):

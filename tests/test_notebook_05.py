@@ -1,21 +1,20 @@
-"""Notebook 05 runs headless with small parameters (it needs no other notebook) and leaves the
-scans, both oracles, the comparison and its figures in its run folder."""
+"""Notebook 05 runs headless with small parameters (it needs no other notebook; here it runs in the
+smoke run's folder after 01-04) and leaves the scans, both oracles, the comparison and its figures there."""
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import SMOKE_PARAMETERS
+from conftest import SMOKE_PARAMETERS, assert_redrawn
 
+import kit
+from kit.artifacts import read_json
 from kit.oracle import Ablation
-from kit.reports import execute
 from kit.similarity import Distances
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
-    execute("05_criteria", output_dir=root, parameters={**SMOKE_PARAMETERS["05_criteria"], "RUN": "smoke", "RUNS_ROOT": str(root)})
-    return root / "smoke"
+def run(notebook_run):
+    return notebook_run("05_criteria")
 
 
 def test_notebook_05_compares_every_criterion_on_held_out_texts(run):
@@ -31,5 +30,18 @@ def test_notebook_05_compares_every_criterion_on_held_out_texts(run):
     assert all(best[n] == np.nanmin(held_out.loss[n]) for n in smoke["NS"])
     for metric in smoke["METRICS"]:
         assert Distances.load(run / f"distances_{metric}.safetensors").meta["metric"] == metric
-    for figure in ("regret.png", "distance_vs_loss.png"):
-        assert (run / figure).stat().st_size > 0
+    step = read_json(run / "manifest.json")["05_criteria"]
+    assert step["config"]["ns"] == smoke["NS"] and step["model"] == "smollm2-135m" and step["layers"] == 30
+
+
+def test_notebook_05_figures_draw_the_saved_comparison(run, tmp_path):
+    smoke = SMOKE_PARAMETERS["05_criteria"]
+    table = pd.read_csv(run / "criteria.csv")
+    ax = kit.plots.regret_plot(table)
+    drawn = {(float(x), float(y)) for line in ax.get_lines() for x, y in zip(line.get_xdata(), line.get_ydata())}
+    assert drawn == set(zip(table["n"].astype(float), table["regret"])) and len(ax.get_lines()) >= table["criterion"].nunique()
+    assert_redrawn(run / "regret.png", ax, tmp_path)
+    scan, held_out = Distances.load(run / f"distances_{smoke['METRICS'][0]}.safetensors"), Ablation.load(run / "oracle_held_out.safetensors")
+    ax = kit.plots.distance_vs_loss(scan, held_out, ns=smoke["SCATTER_NS"])
+    assert [len(c.get_offsets()) for c in ax.collections] == [scan.num_layers - n + 1 for n in smoke["SCATTER_NS"]]  # every start
+    assert_redrawn(run / "distance_vs_loss.png", ax, tmp_path)

@@ -50,3 +50,61 @@ def test_every_notebook_takes_the_device_policy_as_parameters(name):
     assert {"DEVICE", "DTYPE", "QUANTIZE"} <= set(parameters), f"{name}: DEVICE, DTYPE and QUANTIZE parameters"
     assert parameters["DEVICE"]["default"] == parameters["DTYPE"]["default"] == '"auto"'
     assert parameters["RUNS_ROOT"]["default"] == '"auto"'
+
+
+def _cells(name: str, kind: str) -> list[str]:
+    nb = json.loads((REPO / "notebooks" / f"{name}.ipynb").read_text())
+    return ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == kind]
+
+
+def test_every_notebook_opens_with_the_same_minimal_preamble():
+    preambles = {_cells(name, "code")[1] for name in NOTEBOOKS}  # the cell after the parameters
+    (preamble,) = preambles
+    assert preamble.index("%pip install") < preamble.index("import kit")  # Colab installs the kit before importing it
+    assert "kit.artifacts.seed_everything(SEED)" in preamble and "run = kit.artifacts.run_dir(RUN, RUNS_ROOT)" in preamble
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_one_import_style_a_manifest_and_a_generated_reading(name):
+    code = _cells(name, "code")
+    imports = [line for cell in code for line in cell.splitlines() if re.match(r"\s*(import|from)\s", line)]
+    assert imports == ["import sys", "import kit"], f"{name}: `import kit` alone, names used as kit.module.name"
+    assert sum(f'write_manifest(run, "{name}",' in cell for cell in code) == 1, f"{name}: one manifest step named {name}"
+    assert code[-1] == f'kit.readings.reading(run, "{name}")', f"{name}: the reading closes the notebook"
+    assert _cells(name, "markdown")[-1].startswith("## Reading the result\n")
+
+
+# Numbers a markdown cell may state: they are not results of a run. Contexts first (headings, notebook and
+# figure numbers, model names, the paper's year, "4-bit", "5-shot"), then cited constants with their source.
+CONTEXTS = [r"^#+ \d+\.", r"^# \d\d ·", r"[Nn]otebooks?\s+\d\d(-\d\d)?(\s+and\s+\d\d)?", r"Figures? \d+(\(b\))?( and \d+)?",
+            r"\(\d{4}\)", r"\b[A-Z][\w]*-\d+(-\d+B)?\b", r"\b\d+B\b", r"\d+-bit", r"\d+-shot", r"\d+e-\d+", r"`[^`]*`", r"\]\([^)]*\)"]  # fmt: skip
+CITED = {
+    "0", "1", "1.96", "95", "100",  # zero differences and regrets, a Spearman of 1, the 95% intervals (z = 1.96), shares
+    "0.25",  # MMLU's chance level (four choices)
+    "0.05", "16", "5000", "5,000", "2", "45", "55", "35", "25", "20",  # the paper: dropout, batch, steps, rank; collapse points (Figure 2)
+    "32", "1000", "5",  # the scan's resampling groups and resamples, the 5% share listed (kit.distances)
+    "14,000", "57",  # questions and subjects of all of MMLU
+}
+NUMBER = re.compile(r"(?<![\w.,])\d+(?:[.,]\d+)*(?!\w)")
+
+
+def _parameter_values(name: str) -> set[str]:
+    import papermill
+
+    defaults = papermill.inspect_notebook(REPO / "notebooks" / f"{name}.ipynb")
+    return {number for p in defaults.values() for number in NUMBER.findall(str(p["default"]))}
+
+
+def hard_coded_numbers(name: str) -> list[str]:
+    """The numbers of `name`'s markdown that are not parameters, paper figures or cited constants."""
+    found = []
+    for text in _cells(name, "markdown"):
+        for pattern in CONTEXTS:
+            text = re.sub(pattern, " ", text, flags=re.MULTILINE)
+        found += [n for n in NUMBER.findall(text) if n not in CITED | _parameter_values(name)]
+    return found
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_no_result_typed_into_the_markdown(name):
+    assert hard_coded_numbers(name) == [], f"{name}: results belong in the generated reading (kit.readings)"

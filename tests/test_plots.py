@@ -76,29 +76,49 @@ def test_figures_draw_on_a_given_axes_and_save_atomically(distances, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["figure.png"]
 
 
-def test_quality_cost_draws_each_strategy_and_marks_each_checkpoint():
+def _cost_rows():
     import pandas as pd
 
-    rows = [
+    return pd.DataFrame([
         dict(strategy=s, n=n, healed=h, metric=m, value=v)
         for s, bonus in (("similarity", 0.0), ("heuristic", 1.0))
         for n in (0, 2, 4)
         for h in ((False, True) if n == 2 and s == "similarity" else (False,))
-        for m, v in (("val_loss", 3 + n / 10 + bonus - h), ("decode_tokens_per_s", 100 / (6 - n)))
-    ]
-    comparison = pd.DataFrame({"val_loss": [3.0, 3.4], "decode_tokens_per_s": [16.7, 25.0]}, index=["original", "pruned"])
-    ax = kit.plots.quality_cost(pd.DataFrame(rows), "val_loss", comparison=comparison)
-    lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.lines}
-    speeds = [100 / 6, 100 / 4, 100 / 2]
-    assert lines["heuristic"] == (speeds, [4.0, 4.2, 4.4]) and lines["similarity"] == (speeds, [3.0, 3.2, 3.4])
-    assert lines["similarity, healed"] == ([25.0], [2.2])
-    stars = [(c.get_label(), c.get_offsets().tolist()) for c in ax.collections]
-    assert stars == [("original", [[16.7, 3.0]]), ("pruned", [[25.0, 3.4]])]
-    assert sorted(t.get_text() for t in ax.texts) == sorted(["n=0", "n=2", "n=4"] * 2 + ["n=2"])
+        for m, v in (("val_loss", 3 + n / 10 + bonus - h), ("weight_bytes", 600 - 100 * n), ("decode_spread", 0.1 * (n + 1)),
+                     ("decode_tokens_per_s", 100 / (6 - n) if n != 2 else 10.0))  # n = 2 timed slower than n = 0: noise
+    ])  # fmt: skip
+
+
+def test_quality_cost_draws_each_strategy_in_order_of_n_against_an_exact_cost():
+    import matplotlib
+    import pandas as pd
+
+    comparison = pd.DataFrame({"val_loss": [3.0, 3.4], "weight_bytes": [600, 200], "decode_tokens_per_s": [16.7, 25.0],
+                               "decode_spread": [0.2, 0.4]}, index=["original", "healed"])  # fmt: skip
+    ax = kit.plots.quality_cost(_cost_rows(), "val_loss", comparison=comparison)
+    drawn = {c.get_label(): c.lines[0] for c in ax.containers}
+    xy = {name: (list(line.get_xdata()), list(line.get_ydata())) for name, line in drawn.items()}
+    assert xy["similarity"] == ([1.0, 400 / 600, 200 / 600], [3.0, 3.2, 3.4]) and xy["heuristic"][1] == [4.0, 4.2, 4.4]
+    assert xy["similarity, healed"] == ([400 / 600], [2.2]) and drawn["similarity, healed"].get_linestyle() == "--"
+    assert xy["original"] == ([1.0], [3.0]) and xy["healed"] == ([200 / 600], [3.4])  # the checkpoints' stars
+    assert drawn["healed"].get_marker() == "*" and drawn["healed"].get_linestyle() == "None"
+    assert matplotlib.colors.to_hex(drawn["healed"].get_color()) == kit.plots.style("healed")["color"]
+    assert ax.get_xlabel() == "fraction of the unpruned model's weight bytes" and not ax.texts  # no labels to overlap
+    speed = kit.plots.quality_cost(_cost_rows(), "val_loss", cost="decode_tokens_per_s")
+    (similarity,) = [c for c in speed.containers if c.get_label() == "similarity"]
+    assert list(similarity.lines[0].get_xdata()) == [100 / 6, 10.0, 100 / 2]  # in order of n, not of speed
+    (bars,) = similarity.lines[2]
+    halves = [round((seg[1][0] - seg[0][0]) / 2, 6) for seg in bars.get_segments()]
+    assert halves == [round(100 / 6 * 0.1 / 2, 6), round(10.0 * 0.3 / 2, 6), round(50 * 0.5 / 2, 6)]  # half the spread each side
+    assert speed.get_xlabel() == "decode speed (tokens/s)"
     with pytest.raises(ValueError, match="cost_metrics"):
-        kit.plots.quality_cost(pd.DataFrame(rows).query("metric == 'val_loss'"), "val_loss")
+        kit.plots.quality_cost(_cost_rows().query("metric == 'val_loss'"), "val_loss")
     with pytest.raises(ValueError, match="no column \\['mmlu'\\]"):
-        kit.plots.quality_cost(pd.DataFrame(rows).replace("val_loss", "mmlu"), "mmlu", comparison=comparison)
+        kit.plots.quality_cost(_cost_rows().replace("val_loss", "mmlu"), "mmlu", comparison=comparison)
+    axes = kit.plots.quality_cost_figure(_cost_rows(), ["val_loss"])
+    assert axes.shape == (1, 2) and [ax.get_xlabel() for ax in axes[0]] == [ax.get_xlabel(), "decode speed (tokens/s)"]
+    with pytest.warns(DeprecationWarning, match="costs="):
+        assert kit.plots.quality_cost_figure(_cost_rows(), ["val_loss"], cost="decode_tokens_per_s").shape == (1, 1)
     plt.close("all")
 
 
@@ -145,7 +165,7 @@ def test_sweep_plot_joins_three_or_more_points_and_never_one_or_two():
     curve, pair = (next(line for line in ax.lines if line.get_label() == label) for label in ("similarity", "heuristic"))
     assert curve.get_linestyle() == "-" and curve.get_marker() == "o"
     assert list(curve.get_xdata()) == [0.0, 0.1, 0.2] and list(curve.get_ydata()) == [0.5, 0.45, 0.4]
-    assert pair.get_linestyle() == "None" and pair.get_marker() == "o"  # two points: markers only, no line
+    assert pair.get_linestyle() == "None" and pair.get_marker() == "s"  # two points: markers only, no line
     assert list(pair.get_xdata()) == [0.0, 0.1] and list(pair.get_ydata()) == [0.5, 0.45]
     (band,) = [c for c in ax.collections if isinstance(c, PolyCollection)]  # the curve's band only
     assert {(0.2, 0.3), (0.2, 0.6)} <= {tuple(np.round(v, 6)) for v in band.get_paths()[0].vertices}
@@ -166,14 +186,14 @@ def test_sweep_figure_has_a_panel_per_metric_and_a_row_per_strategy():
     table = pd.concat([_sweep_rows({"similarity": 3, "heuristic": 3}), _sweep_rows({"similarity": 3, "heuristic": 3}, "loss")])
     table["chance"] = np.where(table["metric"] == "recall", 0.25, np.nan)  # what accuracy rows carry
     axes = kit.plots.sweep_figure(table, ["recall", "loss"])
-    assert axes.shape == (1, 2) and [ax.get_ylabel() for ax in axes[0]] == ["recall", "loss"]
+    assert axes.shape == (1, 2) and [ax.get_ylabel() for ax in axes[0]] == ["in-context recall (accuracy)", "loss"]
     assert [line.get_label() for line in axes[0, 0].lines] == ["similarity", "heuristic", "chance"]
     assert "chance" not in [line.get_label() for line in axes[0, 1].lines]
     healed = table.assign(healed=table["n"] % 2 == 1)
     axes = kit.plots.sweep_figure(healed, ["recall", "loss"], hue="healed", rows="strategy")
     assert axes.shape == (2, 2) and axes[1, 0].get_title() == "strategy = heuristic"
     drawn = {line.get_label(): list(line.get_ydata()) for line in axes[1, 0].lines if not line.get_label().startswith("_")}
-    assert drawn == {"False": [0.5, 0.4], "True": [0.45], "chance": [0.25, 0.25]}  # n = 0, 2 unhealed; n = 1 healed
+    assert drawn == {"unhealed": [0.5, 0.4], "healed": [0.45], "chance": [0.25, 0.25]}  # n = 0, 2 unhealed; n = 1 healed
     plt.close("all")
 
 
@@ -187,4 +207,70 @@ def test_losses_bar_draws_each_normalised_loss_with_its_interval():
     (bars,) = ax.collections
     halves = [round((s[1][1] - s[0][1]) / 2, 6) for s in bars.get_segments()]
     assert halves == [round(1.959964 * 0.1 * 0.1, 6), round(1.959964 * 0.2 * 0.1, 6)]  # stderr scaled by 1 / log(vocab)
+    plt.close("all")
+
+
+def test_one_colour_and_marker_per_strategy_and_criterion_in_every_figure():
+    import pandas as pd
+
+    assert kit.plots.style("similarity") == kit.plots.style("angular_last")  # the strategy chooses by the paper's metric
+    named = [name for name in kit.plots.STYLES if name != "angular_last"]
+    assert len({kit.plots.STYLES[name] for name in named}) == len(named)  # otherwise all distinct
+    assert kit.plots.style(True) == kit.plots.style("healed") and kit.plots.style(np.bool_(False)) == kit.plots.style("unhealed")
+
+    def colours(artists):
+        return {a.get_label(): (matplotlib.colors.to_hex(a.get_color()), a.get_marker()) for a in artists}
+
+    import matplotlib
+
+    expected = {name: tuple(kit.plots.style(name).values()) for name in ("similarity", "heuristic", "healed", "unhealed")}
+    sweep = colours(kit.plots.sweep_plot(_sweep_rows({"similarity": 3, "heuristic": 3}), "recall", chance=0.2).lines)
+    assert {k: sweep[k] for k in ("similarity", "heuristic")} == {k: expected[k] for k in ("similarity", "heuristic")}
+    healed = colours(kit.plots.sweep_plot(_sweep_rows({"similarity": 4}).assign(healed=lambda t: t["n"] > 1), "recall", hue="healed").lines)
+    assert {k: healed[k] for k in ("healed", "unhealed")} == {k: expected[k] for k in ("healed", "unhealed")}
+    cost = {c.get_label(): (matplotlib.colors.to_hex(c.lines[0].get_color()), c.lines[0].get_marker())
+            for c in kit.plots.quality_cost(_cost_rows(), "val_loss").containers}
+    assert cost["similarity"] == expected["similarity"] and cost["heuristic"] == expected["heuristic"]
+    criteria = ["angular_last", "angular_all", "block_influence", "heuristic", "loss"]
+    table = pd.DataFrame([dict(n=n, criterion=c, regret=float(n)) for c in criteria for n in (1, 2)])
+    regret = kit.plots.regret_plot(table)
+    for criterion, (line, text) in zip(criteria, zip(regret.get_legend().get_lines(), regret.get_legend().get_texts())):
+        assert text.get_text() == criterion
+        assert (matplotlib.colors.to_hex(line.get_color()), line.get_marker()) == tuple(kit.plots.style(criterion).values())
+    plt.close("all")
+
+
+RAW_NAMES = {"fraction", "n", "value", "regret", "val_loss_norm", "decode_tokens_per_s", "weight_bytes", "recall", "angular_last"}
+
+
+def test_every_figure_labels_its_axes_in_words(distances):
+    import pandas as pd
+
+    from kit.loss import LossResult
+    from kit.oracle import Ablation
+
+    loss = np.arange((L + 1) ** 2, dtype=float).reshape(L + 1, L + 1)
+    criteria = pd.DataFrame({"n": [1, 2], "criterion": ["loss", "loss"], "regret": [0.0, 0.1]})
+    heatmap = kit.plots.distance_heatmap(distances)
+    figures = {
+        "distance_heatmap": (heatmap, "first layer of the block (start)", "block size n"),
+        "distance_curves": (kit.plots.distance_curves(distances, [1]), "first layer of the block (start)",
+                            "angular distance, last token (arccos(cos) / π)"),
+        "sweep_plot": (kit.plots.sweep_plot(_sweep_rows({"similarity": 3}), "recall"), "fraction of layers dropped",
+                       "in-context recall (accuracy)"),
+        "losses_bar": (kit.plots.losses_bar({"original": LossResult(2.0, 0.2, 10, 0.1)}), "", "validation loss / log(vocabulary size)"),
+        "heal_curve": (kit.plots.heal_curve({"train": [{"step": 1, "loss": 2.0}]}), "optimiser step", "loss (nats per token)"),
+        "quality_cost": (kit.plots.quality_cost(_cost_rows(), "val_loss"), "fraction of the unpruned model's weight bytes",
+                         "validation loss (nats per token)"),
+        "regret_plot": (kit.plots.regret_plot(criteria), "block size n (layers removed)", "regret (nats per token, symlog)"),
+        "distance_vs_loss": (kit.plots.distance_vs_loss(distances, Ablation(loss, loss), ns=[1]),
+                             "angular distance, last token (arccos(cos) / π)", "held-out loss without the block (nats per token)"),
+    }  # fmt: skip
+    drawn = {name: (ax.get_xlabel(), ax.get_ylabel()) for name, (ax, *_) in figures.items()}
+    assert drawn == {name: tuple(labels) for name, (_, *labels) in figures.items()}
+    assert heatmap.figure.axes[-1].get_ylabel() == "angular distance, last token (arccos(cos) / π)"  # the colour bar
+    assert not {label for pair in drawn.values() for label in pair} & RAW_NAMES
+    public = {name for name, f in vars(kit.plots).items() if callable(f) and getattr(f, "__module__", "") == "kit.plots"}
+    drawers = public - {"save", "style", "label", "sweep_figure", "quality_cost_figure"} - {n for n in public if n.startswith("_")}
+    assert drawers == set(figures), "every figure function is checked here"
     plt.close("all")

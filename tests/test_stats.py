@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from kit import stats
+from kit.stats import Estimate, side
 
 RUNS = 1000  # simulated samples per coverage check: a 95% interval should cover the truth in 93-97% of them
 
@@ -80,3 +81,16 @@ def test_too_few_data_give_nan_intervals_with_a_warning():
         assert math.isnan(stats.ratio_stderr([1.0], [3]))
     with pytest.raises(ValueError, match="same questions"):
         stats.paired_difference([True, False], [True])
+
+
+def test_side_places_an_interval_against_a_level():
+    assert [side(0.3, 0.4, 0.25), side(0.1, 0.2, 0.25), side(0.2, 0.3, 0.25), side(0.25, 0.3, 0.25)] == ["above", "below", "contains", "contains"]
+    assert side(math.nan, math.nan, 0.25) == "contains"  # no interval decides nothing
+
+
+def test_above_chance_decides_unless_forced():
+    from kit.metrics import above_chance
+
+    above, at = Estimate(0.5, 0.3, 0.7, chance=0.25), Estimate(0.3, 0.2, 0.4, chance=0.25)
+    assert above_chance(above) and not above_chance(at)
+    assert above_chance(at, force=True) and not above_chance(above, force=False)

@@ -138,8 +138,18 @@ def test_compare_loads_each_checkpoint(tmp_path):
     assert table.index.tolist() == ["original", "pruned"] and table["layers"].tolist() == [6, 4]
     per_layer = sum(p.numel() for p in model.model.layers[0].parameters())
     assert table.loc["original", "parameters"] - table.loc["pruned", "parameters"] == 2 * per_layer
-    expected = evaluate.validation_loss(model, tokenizer, TEXTS, max_length=64).loss
-    assert table.loc["original", "val_loss"] == pytest.approx(expected, abs=1e-6)
+    expected = evaluate.validation_loss(model, tokenizer, TEXTS, max_length=64)
+    assert table.loc["original", "val_loss"] == pytest.approx(expected.loss, abs=1e-6)
+    half = 1.959964 * expected.stderr  # the interval beside the value, as the sweep's rows carry it
+    assert table.loc["original", ["val_loss_ci_low", "val_loss_ci_high"]].tolist() == pytest.approx([expected.loss - half, expected.loss + half])
+
+
+def test_table_is_a_sweep_row_per_metric():
+    from kit.stats import Estimate
+
+    rows = sweep.table({"mmlu": Estimate(0.5, 0.2, 0.8, np.array([True, False]), 0.25), "parameters": Estimate(7.0)}, n=0)
+    assert rows["metric"].tolist() == ["mmlu", "parameters"] and rows["n"].tolist() == [0, 0]
+    assert rows.loc[0, ["value", "ci_low", "ci_high", "chance", "outcomes"]].tolist() == [0.5, 0.2, 0.8, 0.25, "RW"]
 
 
 COST = metrics.cost_metrics(prompt_tokens=8, new_tokens=3, repeats=1, threads=1)

@@ -1,0 +1,177 @@
+"""kit.readings: every verdict follows its rule on constructed artifacts, flipping when the data does,
+and every number a reading states is one of its artifacts' numbers."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import artifact_numbers, reading_numbers
+
+from kit import curves, readings, sweep
+from kit.stats import Estimate, wilson
+
+L = 10
+
+
+def outcomes(right: int, total: int = 40) -> str:
+    return "R" * right + "W" * (total - right)
+
+
+def accuracy_rows(strategy: str, rights: dict[int, int], *, metric="recall", chance=1 / 6, healed=False) -> list[dict]:
+    rows = []
+    for n, right in rights.items():
+        value = right / 40
+        low, high = wilson(right, 40)
+        rows.append({"n": n, "fraction": n / L, "strategy": strategy, "healed": healed, "metric": metric, "value": value,
+                     "ci_low": low, "ci_high": high, "chance": chance, "outcomes": outcomes(right)})  # fmt: skip
+    return rows
+
+
+def loss_rows(strategy: str, losses: dict[int, float], *, half=0.01, healed=False) -> list[dict]:
+    return [{"n": n, "fraction": n / L, "strategy": strategy, "healed": healed, "metric": "val_loss_norm", "value": v,
+             "ci_low": v - half, "ci_high": v + half, "chance": np.nan, "outcomes": None} for n, v in losses.items()]  # fmt: skip
+
+
+def write_compare_run(run, *, mmlu_right=12, similarity=None, heuristic=None, sim_loss=None, heu_loss=None, healed_loss=0.31):
+    """The artifacts notebook 04 writes, built from per-n recall counts (of 40) and losses, with the
+    kit's own tables (collapse points, paired differences, healing gains) computed from them."""
+    similarity = similarity or {0: 30, 2: 25, 4: 20, 6: 6, 8: 5}
+    heuristic = heuristic or {0: 30, 2: 20, 4: 8, 6: 6, 8: 7}
+    sim_loss = sim_loss or {0: 0.3, 2: 0.35, 4: 0.4, 6: 0.5, 8: 0.6}
+    heu_loss = heu_loss or {0: 0.3, 2: 0.5, 4: 0.7, 6: 0.9, 8: 1.1}
+    rows = (accuracy_rows("similarity", similarity) + accuracy_rows("heuristic", heuristic)
+            + loss_rows("similarity", sim_loss) + loss_rows("heuristic", heu_loss)
+            + accuracy_rows("similarity", {4: similarity[4] + 1}, healed=True) + accuracy_rows("heuristic", {4: heuristic[4] + 9}, healed=True)
+            + loss_rows("similarity", {4: healed_loss}, healed=True) + loss_rows("heuristic", {4: 0.6}, healed=True))  # fmt: skip
+    results = pd.DataFrame(rows)
+    unhealed = results[~results["healed"]]
+    results.to_csv(run / "sweep.csv", index=False)
+    curves.by_metric(curves.collapse_points, unhealed, ["recall"]).to_csv(run / "collapse.csv", index=False)
+    curves.by_metric(curves.paired_comparison, unhealed, ["recall"], "strategy", "similarity", "heuristic").to_csv(run / "paired.csv", index=False)
+    curves.by_metric(curves.healing_gains, results, ["recall"]).to_csv(run / "healing_gains.csv", index=False)
+    low, high = wilson(mmlu_right, 40)
+    unpruned = sweep.table({"mmlu": Estimate(mmlu_right / 40, low, high, np.arange(40) < mmlu_right, 0.25)}, n=0)
+    unpruned.to_csv(run / "unpruned.csv", index=False)
+    comparison = pd.DataFrame({
+        "model": ["original", "pruned", "healed"], "layers": [L, L - 4, L - 4], "parameters": [1.5e8, 1.0e8, 1.0e8],
+        "weight_bytes": [6e8, 4e8, 4e8], "decode_tokens_per_s": [15.3, 20.1, 19.8], "recall": [0.75, 0.5, 0.525],
+        "recall_ci_low": [0.6, 0.35, 0.37], "recall_ci_high": [0.86, 0.65, 0.67], "val_loss_norm": [0.3, 0.4, 0.33],
+        "val_loss_norm_ci_low": [0.29, 0.39, 0.32], "val_loss_norm_ci_high": [0.31, 0.41, 0.34],
+    })  # fmt: skip
+    comparison.to_csv(run / "comparison.csv", index=False)
+    (run / "selection.json").write_text(json.dumps({"model": "my-model", "start": 3, "n": 4, "distance": 0.2, "source": "argmin"}))
+    return run
+
+
+def test_mmlu_verdict_follows_its_interval_against_chance(tmp_path):
+    at_chance = readings.reading(write_compare_run(tmp_path, mmlu_right=12), "04_compare").markdown
+    assert "**MMLU is indistinguishable from chance on the unpruned model**: 0.300 of 40 questions (95% interval" in at_chance
+    above = readings.reading(write_compare_run(tmp_path, mmlu_right=20), "04_compare").markdown
+    low, high = wilson(20, 40)
+    assert f"**MMLU is above chance on the unpruned model**: 0.500 of 40 questions (95% interval {low:.3f} to {high:.3f}); " \
+           "the interval lies above chance (0.25)." in above  # fmt: skip
+
+
+def test_collapse_verdicts_name_where_the_curve_reaches_chance(tmp_path):
+    text = readings.reading(write_compare_run(tmp_path), "04_compare").markdown
+    collapse = pd.read_csv(tmp_path / "collapse.csv").set_index("strategy")
+    assert collapse.loc["similarity", "collapse"] == pytest.approx(0.6) and collapse.loc["heuristic", "collapse"] == pytest.approx(0.4)
+    assert "similarity blocks: holds until 40% of the layers and collapses at 60% (n = 6); collapse point 60%" in text
+    assert "heuristic blocks: holds until 20% of the layers and collapses at 40% (n = 4)" in text
+    first = readings.reading(write_compare_run(tmp_path, heuristic={0: 30, 2: 6, 4: 6, 6: 6, 8: 6}), "04_compare").markdown
+    assert "heuristic blocks: collapses at the first block size swept, 20% (n = 2); collapse point 20%" in first
+    never = readings.reading(write_compare_run(tmp_path, similarity={0: 30, 2: 30, 4: 30, 6: 30, 8: 30}), "04_compare").markdown
+    assert "similarity blocks: stays above chance at every block size swept (up to 80%); collapse point beyond the sweep" in never
+    dead = readings.reading(write_compare_run(tmp_path, similarity={0: 6, 2: 6, 4: 6, 6: 6, 8: 6}), "04_compare").markdown
+    assert "similarity blocks: already at chance before any layer is removed; collapse point 0%" in dead
+
+
+def test_strategy_loss_verdict_flips_where_the_intervals_meet(tmp_path):
+    text = readings.reading(write_compare_run(tmp_path), "04_compare").markdown
+    assert "**The similarity blocks cost less loss than the heuristic's at every block size swept**" in text
+    mixed = readings.reading(write_compare_run(tmp_path, sim_loss={0: 0.3, 2: 0.505, 4: 0.4, 6: 1.0, 8: 0.6}), "04_compare").markdown
+    assert "cost less loss than the heuristic's at n = 4, 8, cost more at n = 6, and cannot be told apart at n = 2**" in mixed
+    apart = readings.reading(write_compare_run(tmp_path, sim_loss={0: 0.3, 2: 0.505, 4: 0.705, 6: 0.9, 8: 1.1}), "04_compare").markdown
+    assert "**The similarity blocks and the heuristic's cannot be told apart by their loss at any block size swept**" in apart
+    assert "| 6 | 60% | 1.000 (0.990 to 1.010) | 0.900 (0.890 to 0.910) | more |" in mixed
+
+
+def test_paired_and_healing_verdicts(tmp_path):
+    text = readings.reading(write_compare_run(tmp_path), "04_compare").markdown
+    paired = pd.read_csv(tmp_path / "paired.csv").set_index("n")
+    higher = [n for n in (2, 4, 6, 8) if paired.loc[n, "ci_low"] > 0]
+    assert higher == [2, 4]  # the first k questions right: 25 vs 20 and 20 vs 8 differ on questions one side alone gets
+    assert "of the similarity blocks is higher at n = 2, 4, indistinguishable elsewhere**" in text
+    assert "**Healing lowers the loss at 2 of 2 healed blocks and changes in-context recall (accuracy) detectably at 1**: " \
+           "as the paper finds" in text  # fmt: skip
+    assert "| similarity | 4 | 0.400 | 0.310 | 90% | +0.025 (" in text  # (0.40 - 0.31) / (0.40 - 0.30) of the damage
+    unhelped = readings.reading(write_compare_run(tmp_path, healed_loss=0.395), "04_compare").markdown
+    assert "**Healing lowers the loss at 1 of 2 healed blocks and changes in-context recall (accuracy) detectably at 1**: " \
+           "this run does not show the paper's finding" in unhelped  # fmt: skip
+
+
+def test_every_number_of_the_compare_reading_is_an_artifact_number(tmp_path):
+    text = readings.reading(write_compare_run(tmp_path), "04_compare").markdown
+    comparison = pd.read_csv(tmp_path / "comparison.csv")
+    derived = [*(comparison["weight_bytes"] / comparison["weight_bytes"].iloc[0]), (0.4 - 0.31) / (0.4 - 0.3), (0.7 - 0.6) / (0.7 - 0.3)]
+    allowed = artifact_numbers(tmp_path, derived)
+    assert reading_numbers(text) and set(reading_numbers(text)) <= allowed
+    assert "1.50 M" not in text and "150.00 M parameters" in text and "| pruned | 6 | 67% |" in text
+
+
+def test_criteria_reading_names_the_lowest_mean_regret(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"05_criteria": {"model": "m", "layers": 8, "parameters": 2.5e9}}))
+    rows = [(1, "angular_last", 0.0, 0.9), (2, "angular_last", 0.5, 0.8), (1, "heuristic", 1.0, np.nan), (2, "heuristic", 0.0, np.nan),
+            (1, "loss", 0.1, 0.99), (2, "loss", 0.1, 0.97)]  # fmt: skip
+    table = pd.DataFrame(rows, columns=["n", "criterion", "regret", "spearman"])
+    table.to_csv(tmp_path / "criteria.csv", index=False)
+    text = readings.reading(tmp_path, "05_criteria").markdown
+    assert "**`m`**: 8 layers, 2.50 B parameters." in text and "**Lowest mean regret: `loss`** (0.100 nats" in text
+    assert "| `angular_last` | 1 | 0.000 to 0.500 | 0.80 to 0.90 |" in text and "| `heuristic` | 2 | 0.000 to 1.000 | none |" in text
+    table.loc[table["criterion"] == "angular_last", "regret"] = 0.0
+    table.to_csv(tmp_path / "criteria.csv", index=False)
+    assert "**Lowest mean regret: `angular_last`** (0.000 nats" in readings.reading(tmp_path, "05_criteria").markdown
+
+
+def test_unknown_notebook_lists_the_readings(tmp_path):
+    with pytest.raises(ValueError, match="01_similarity"):
+        readings.reading(tmp_path, "06_nothing")
+
+
+def _loss(loss, stderr):
+    return {"loss": loss, "normalized": loss / 10, "tokens": 100, "stderr": stderr}
+
+
+def test_prune_reading_calls_a_rise_only_beyond_the_noise(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"02_select_and_prune": {"layers": 30, "parameters": 1.345e8}}))
+    block = {"model": "m", "start": 13, "n": 6, "distance": 0.148, "source": "argmin"}
+
+    def read(after, stderr):
+        (tmp_path / "losses.json").write_text(json.dumps({"original": _loss(3.0, 0.05), "pruned": _loss(after, stderr), "block": block}))
+        return readings.reading(tmp_path, "02_select_and_prune").markdown
+
+    text = read(3.2, 0.05)  # 0.2 > 1.96 * hypot(0.05, 0.05) = 0.139
+    assert "**Removed layers 13 to 18** (n = 6, chosen by argmin; distance 0.148)." in text
+    assert "**The validation loss rises**: 3.000 ± 0.050 to 3.200 ± 0.050 nats per token" in text and "0.300 to 0.320 divided" in text
+    assert "**The validation loss does not change beyond the noise**" in read(3.1, 0.05)  # 0.1 < 0.139
+    assert "**The validation loss falls**" in read(2.8, 0.05)
+
+
+def test_heal_reading_states_the_share_restored_when_the_interval_is_below(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"03_heal": {"config": {"steps": 20, "quantize": "4bit"}}}))
+    (tmp_path / "selection.json").write_text(json.dumps({"model": "m", "start": 13, "n": 6, "distance": 0.1, "source": "argmin"}))
+    (tmp_path / "heal_history.json").write_text(json.dumps({"validation": [{"step": 0, "loss": 4.368}, {"step": 20, "loss": 3.751}]}))
+
+    def read(healed, half):
+        rows = {name: {"layers": layers, "parameters": 1e8, "val_loss": loss, "val_loss_ci_low": loss - half,
+                       "val_loss_ci_high": loss + half, "val_loss_norm": loss / 10}
+                for name, layers, loss in (("original", 30, 3.0), ("pruned", 24, 4.0), ("healed", 24, healed))}  # fmt: skip
+        (tmp_path / "heal_losses.json").write_text(json.dumps(rows))
+        return readings.reading(tmp_path, "03_heal").markdown
+
+    text = read(3.5, 0.1)
+    assert "**Healing lowers the loss** (rule: the healed model's 95% interval lies below the pruned model's loss): it restores " \
+           "50% of the loss the pruning added." in text  # fmt: skip
+    assert "| healed | 24 | 3.500 (95% interval 3.400 to 3.600) | 0.350 |" in text and "on the 4bit base, went from 4.368 to 3.751" in text
+    assert "**Healing does not detectably lower the loss**" in read(3.9, 0.2)  # the interval reaches 4.0
