@@ -3,6 +3,7 @@ grows during a call (from /proc: Linux only), and running a call in a fresh proc
 freed by earlier steps (kept by the allocator) cannot hide a later step's peak."""
 
 import multiprocessing
+import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -40,8 +41,18 @@ def page_in(model) -> None:
             tensor.sum()
 
 
+MALLOC_FIXED = {"MALLOC_MMAP_THRESHOLD_": "131072"}  # glibc's default, fixed: every large block mmapped, freed at once
+
+
 def in_fresh_process(fn, *args):
     """fn(*args) in a new Python process (spawned: nothing inherited); its return value. `fn` must be a
-    module-level function, its arguments and result picklable."""
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh:
-        return fresh.submit(fn, *args).result()
+    module-level function, its arguments and result picklable. glibc's mmap threshold is fixed there
+    (it otherwise rises after frees, and where later blocks land, hence the peak, varies from run to run)."""
+    saved = {name: os.environ.get(name) for name in MALLOC_FIXED}
+    os.environ.update(MALLOC_FIXED)  # read by the spawned interpreter's allocator at its start
+    try:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh:
+            return fresh.submit(fn, *args).result()
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)

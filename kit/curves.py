@@ -8,6 +8,15 @@ import pandas as pd
 
 from .stats import paired_difference, wilson
 
+LABELS = {  # each metric in words, with its unit: the figures' axes and the readings
+    "recall": "in-context recall (accuracy)", "mmlu": "MMLU accuracy", "mmlu_subjects": "MMLU accuracy, mean over subjects",
+    "boolq": "BoolQ accuracy", "val_loss": "validation loss (nats per token)",
+    "val_loss_norm": "validation loss / log(vocabulary size)", "parameters": "parameters", "weight_bytes": "weight bytes",
+    "kv_bytes_per_token": "KV-cache bytes per token", "prefill_tokens_per_s": "prefill speed (tokens/s)",
+    "decode_tokens_per_s": "decode speed (tokens/s)", "time_to_first_token_s": "time to first token (s)",
+    "peak_memory_bytes": "peak memory (bytes)",
+}  # fmt: skip
+
 
 def encode_outcomes(outcomes) -> str | None:
     """Per-question outcomes as one letter each, R (right) or W (wrong): compact and CSV-safe."""

@@ -9,14 +9,6 @@ from .stats import Z95, Estimate, side
 # An evaluation maps (model, tokenizer) to named metrics: floats, or Estimates with their interval,
 # e.g. {"mmlu": Estimate(0.41, 0.27, 0.56, outcomes, chance=0.25)}.
 Evaluation = Callable[..., dict[str, float | Estimate]]
-LABELS = {  # each metric in words, with its unit: the figures' axes and the readings
-    "recall": "in-context recall (accuracy)", "mmlu": "MMLU accuracy", "mmlu_subjects": "MMLU accuracy, mean over subjects",
-    "boolq": "BoolQ accuracy", "val_loss": "validation loss (nats per token)",
-    "val_loss_norm": "validation loss / log(vocabulary size)", "parameters": "parameters", "weight_bytes": "weight bytes",
-    "kv_bytes_per_token": "KV-cache bytes per token", "prefill_tokens_per_s": "prefill speed (tokens/s)",
-    "decode_tokens_per_s": "decode speed (tokens/s)", "time_to_first_token_s": "time to first token (s)",
-    "peak_memory_bytes": "peak memory (bytes)",
-}  # fmt: skip
 CHANCE = {"mmlu": 0.25, "mmlu_subjects": 0.25, "boolq": 0.5}  # fixed by the benchmark; recall's rows carry theirs
 
 

@@ -10,8 +10,7 @@ import seaborn as sns
 from matplotlib.patches import Rectangle
 
 from .artifacts import atomic_path
-from .curves import chance_level
-from .metrics import LABELS
+from .curves import LABELS, chance_level
 from .stats import Z95
 
 # One colour and marker per strategy, criterion and checkpoint across every figure of the kit. The similarity

@@ -12,8 +12,8 @@ from pathlib import Path
 import pandas as pd
 
 from .artifacts import read_json
+from .curves import LABELS
 from .distances import Distances
-from .metrics import LABELS
 from .stats import Z95, side
 
 

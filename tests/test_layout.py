@@ -95,3 +95,11 @@ def test_every_module_and_export_is_reachable_from_kit():
         value = getattr(kit, name)
         assert value is getattr(import_module(f"kit.{home}"), name)
         assert getattr(value, "__module__", f"kit.{home}") == f"kit.{home}", f"{name} is defined in {value.__module__}"
+
+
+@pytest.mark.parametrize("reader", ["plots", "readings", "curves"])
+def test_the_readers_of_results_import_neither_transformers_nor_the_evaluators(reader):
+    """Drawing or reading a saved table needs no model code: `import kit.<reader>` in a fresh process."""
+    code = f"import sys, kit.{reader}; print(sorted(m for m in ('transformers', 'kit.metrics', 'kit.evaluate') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
