@@ -1,13 +1,12 @@
-"""Fault injection: run a workload in a fresh process and SIGKILL it, with every process it started
-(a notebook's kernel too), just before a given write point, or at a chosen moment.
+"""Fault injection: run a workload in a fresh process and SIGKILL it, with every process it started,
+just before a given write point, or at a chosen moment.
 
 A write is any file-system change under the watched folder: what Python's audit events show (an open
 for writing, a rename or replace, a removal, a new folder) and the writers written in C, C++ or Rust
 that they do not show (`torch.save`, safetensors, the kit's atomic folder swap
 `kit.artifacts._exchange`). Its write point is its kind and path, less the numbers in the path (steps,
-batches, process ids) and the random part of a temporary's name. Writes are logged across the
-workload's processes through shared files, so a crash point stops a run at the same write whatever
-the machine's load.
+batches, process ids) and the random part of a temporary's name. A crash point is a write, not a
+moment: it stops a run at the same place whatever the machine's load.
 
 Workloads are forked from one multiprocessing fork server that has already imported torch,
 transformers, peft, the kit and IPython: each run starts in milliseconds, a notebook's too
@@ -25,18 +24,16 @@ from pathlib import Path
 
 PRELOAD = ["torch", "transformers", "peft", "kit.testing", "kit.similarity", "kit.healing", "kit.sweep", "kit.plots",
            "IPython.core.interactiveshell", "papermill.iorw", "papermill.parameterize"]  # fmt: skip
-CRASH_BEFORE, WATCH, COUNTER, LOG, ROOT = "KIT_CRASH_BEFORE", "KIT_CRASH_WATCH", "KIT_CRASH_COUNTER", "KIT_CRASH_LOG", "KIT_CRASH_ROOT"
+CRASH_BEFORE, WATCH, LOG, ROOT = "KIT_CRASH_BEFORE", "KIT_CRASH_WATCH", "KIT_CRASH_LOG", "KIT_CRASH_ROOT"
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 PATH_EVENTS = {"os.rename", "os.remove", "os.rmdir", "os.mkdir", "shutil.rmtree", "os.truncate", "os.link", "os.symlink"}
-HERE = Path(__file__).resolve().parent
 
 
 # ---------------------------------------------------------------------------- inside the workload
 
 
 def arm() -> None:
-    """Log the writes under $KIT_CRASH_WATCH; kill the workload before the first write at point
-    $KIT_CRASH_BEFORE. Runs in the workload and, through a sitecustomize, in every Python process it starts."""
+    """Log the workload's writes under $KIT_CRASH_WATCH; kill it before its first write at point $KIT_CRASH_BEFORE."""
     if WATCH not in os.environ:
         return
     import safetensors.torch
@@ -52,9 +49,8 @@ def arm() -> None:
         inside = [p for p in map(_path, paths) if p and p.startswith(watched)]
         if not inside:
             return
-        number = _append(os.environ[COUNTER], b".")  # an appending write moves the offset with it, atomically
         write = f"{kind}\t{inside[-1][len(watched):]}"
-        _append(os.environ[LOG], f"{number}\t{write}\n".encode())
+        _append(os.environ[LOG], f"{write}\n".encode())
         if point(write) == crash_before:
             kill_tree(root)
 
@@ -83,12 +79,10 @@ def _path(path) -> str | None:
     return os.path.realpath(os.fsdecode(path)) if isinstance(path, (str, bytes, os.PathLike)) else None
 
 
-def _append(file: str, data: bytes) -> int:
-    """Append `data` to `file` in one write; the file's size just after it."""
+def _append(file: str, data: bytes) -> None:
     fd = os.open(file, os.O_WRONLY | os.O_APPEND)
     try:
         os.write(fd, data)
-        return os.lseek(fd, 0, os.SEEK_CUR)
     finally:
         os.close(fd)
 
@@ -157,13 +151,10 @@ def run(workload: str, out: Path, *, crash_before: str = "", watch: Path | None 
     """
     context = _context()
     with tempfile.TemporaryDirectory() as scratch:
-        files = {name: Path(scratch) / name for name in ("output", "counter", "writes")}
+        files = {name: Path(scratch) / name for name in ("output", "writes")}
         for file in files.values():
             file.touch()
-        (Path(scratch) / "sitecustomize.py").write_text("import faults\nfaults.arm()\n")  # in a notebook's kernel
-        path = os.pathsep.join(filter(None, [scratch, str(HERE), os.environ.get("PYTHONPATH")]))
-        env = {CRASH_BEFORE: crash_before, WATCH: str(watch or out), COUNTER: str(files["counter"]), LOG: str(files["writes"]),
-               "PYTHONPATH": path}  # fmt: skip
+        env = {CRASH_BEFORE: crash_before, WATCH: str(watch or out), LOG: str(files["writes"])}
         started, child_end = context.Pipe(duplex=False)
         args = (textwrap.dedent(workload), str(out), str(files["output"]), child_end, env)
         proc = context.Process(target=_workload, args=args)
@@ -178,8 +169,7 @@ def run(workload: str, out: Path, *, crash_before: str = "", watch: Path | None 
         if proc.exitcode is None:
             kill_tree(proc.pid)
             proc.join()
-        numbered = (line.split("\t", 1) for line in files["writes"].read_text().splitlines())
-        writes = [write for _, write in sorted(numbered, key=lambda pair: int(pair[0]))]
+        writes = files["writes"].read_text().splitlines()
         if proc.exitcode == -signal.SIGKILL:
             return False, writes
         if proc.exitcode != 0:
