@@ -29,7 +29,7 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS) + [
     "artifacts", "assets", "block", "boolq", "config", "cost", "curves", "data", "device", "distances", "distributed",
-    "evaluate", "harness", "healing", "layers", "loss", "merge", "metrics", "mmlu", "models", "oracle", "plots", "prune",
+    "evaluate", "families", "harness", "healing", "layers", "loss", "merge", "metrics", "mmlu", "models", "oracle", "plots", "prune",
     "recall", "reports", "scoring", "similarity", "stats", "sweep", "testing", "text", "widgets",
 ]
 

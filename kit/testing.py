@@ -116,16 +116,19 @@ def reference_distance_sums(model, tokenizer, texts: list[str], max_length: int)
     """Brute-force reference for kit.angular_distances: {metric: (per-text distance sums [texts, L+1, L+1],
     token counts [texts])}, one unpadded text at a time through HF's `output_hidden_states` with the final
     norm replaced by Identity (so the last hidden state is position L), in numpy float64."""
-    *parents, name = layers.anatomy(model).final_norm.split(".")
-    parent = model.get_submodule(".".join(parents))
-    norm = getattr(parent, name)
+    path = layers.anatomy(model).final_norm
+    parent, _, name = (path or "").rpartition(".")
+    parent = model.get_submodule(parent)
+    norm = getattr(parent, name) if path else None
     sums = {metric: [] for metric in REFERENCE_METRICS}
     counts = {metric: [] for metric in REFERENCE_METRICS}
-    setattr(parent, name, nn.Identity())
+    if path:
+        setattr(parent, name, nn.Identity())
     try:
         for text in texts:
             ids = tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt")
-            x = np.stack([h[0].double().cpu().numpy() for h in model(**ids, output_hidden_states=True).hidden_states])
+            out = model(**ids, output_hidden_states=True, use_cache=False)
+            x = np.stack([h[0].double().cpu().numpy() for h in out.hidden_states])
             x = x / np.linalg.norm(x, axis=-1, keepdims=True)  # [L+1, tokens, hidden]
             for metric, (last_only, distance) in REFERENCE_METRICS.items():
                 tokens = x[:, -1:] if last_only else x
@@ -133,7 +136,8 @@ def reference_distance_sums(model, tokenizer, texts: list[str], max_length: int)
                 sums[metric].append(distance(cos).sum(0))
                 counts[metric].append(tokens.shape[1])
     finally:
-        setattr(parent, name, norm)
+        if path:
+            setattr(parent, name, norm)
     return {metric: (np.stack(sums[metric]), np.array(counts[metric], float)) for metric in REFERENCE_METRICS}
 
 
