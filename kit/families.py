@@ -21,7 +21,9 @@ TINY_SIZES = dict(
     # Mamba and linear-attention layers
     mamba_n_heads=4, mamba_d_head=16, mamba_d_ssm=64, mamba_expand=2, mamba_d_state=8, mamba_n_groups=1,
     mamba_chunk_size=16, state_size=8, expand=2, num_heads=8, linear_num_key_heads=2, linear_num_value_heads=4,
-    linear_key_head_dim=8, linear_value_head_dim=8,
+    linear_key_head_dim=8, linear_value_head_dim=8, linear_num_heads=4, linear_head_dim=8,
+    # DeepSeek sparse attention's indexer
+    index_n_heads=4, index_head_dim=8, index_topk=4,
     # per-layer input embeddings (Gemma 3n and 4) and a wider global head
     vocab_size_per_layer_input=512, hidden_size_per_layer_input=8, global_head_dim=16,
 )  # fmt: skip
@@ -32,14 +34,67 @@ TINY_OVERRIDES: dict[str, dict] = {
     "bamba": dict(attn_layer_indices=[1, 3]),
     "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"] * 2),
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1),
+    "kimi_linear": dict(layer_types=["linear_attention", "full_attention"] * 2),
+    "bailing_hybrid": dict(layer_types=["linear_attention", "full_attention"] * 2),
+    "reformer": dict(is_decoder=True),
+    "gpt_neo": dict(attention_types=[[["global", "local"], 2]]),
+    "recurrent_gemma": dict(block_types=["recurrent", "attention"]),
+    "gemma3n_text": dict(num_kv_shared_layers=0),
+    "gemma3n": dict(text_config=dict(num_kv_shared_layers=0)),
+    "zaya": dict(num_experts_per_tok=1),
 }
 
-NOT_DECODER_TEXT: dict[str, str] = {}  # model_type -> why it is no decoder-only text model (beyond the generic rules)
+NOT_DECODER_TEXT: dict[str, str] = {  # model_type -> why it is no decoder-only text model (beyond the generic rules)
+    "musicgen": "audio: a text-conditioned decoder over audio codebooks",
+    "musicgen_melody": "audio: a text- and melody-conditioned decoder over audio codebooks",
+    "moshi": "audio: a speech-text model whose causal LM runs over audio codebooks too",
+    "moss_transcribe_diarize": "audio: speech transcription",
+    "xlm": "encoder: a masked-language model (XLM) with an optional causal mode",
+    "xlnet": "permutation language model with two-stream attention, no causal decoder stack",
+    "gemma4_assistant": "a draft model that reads the target model's shared KV states; it does not run alone",
+    "gemma4_unified_assistant": "a draft model that reads the target model's shared KV states; it does not run alone",
+}
 
 # The one place for the families that cannot pass the census, each with its reason: those whose tiny
 # model does not build offline, and those that build but fail a check.
-NO_TINY_MODEL: dict[str, str] = {}
-CANNOT_PASS: dict[str, str] = {}
+NO_TINY_MODEL: dict[str, str] = {
+    "cohere_compass_text": "its config does not build with 4 layers (KeyError 'full_attention' in its rope setup)",
+    "dbrx": "its attention sub-config does not build from the tiny sizes (DbrxAttentionConfig has no rope_theta)",
+    "dots3_note": "its default per_layer_config names layers 25-32, which a 4-layer config rejects",
+    "gemma3n": "its vision tower needs the timm package, which is not installed",
+    "lfm2_moe": "its config does not build with 4 layers (a default per-layer list is None)",
+    "qwen4_exp": "its config does not build from the tiny sizes (a head size it derives is None)",
+    "qwen4_exp_text": "its config does not build from the tiny sizes (a head size it derives is None)",
+    "reformer": "its axial position embeddings must sum to the hidden size (64 + 192 by default)",
+    "zamba": "its tied shared-transformer weights are declared for the default layer pattern: a 4-layer model fails to tie",
+    "zamba2": "its default layer_types lists 54 layers",
+}
+CANNOT_PASS: dict[str, str] = {
+    "blt": "byte-level model: its layers sit in local encoder, global and local decoder transformers, none a ModuleList "
+    "of num_hidden_layers modules",
+    "cpmant": "it prepends prompt tokens inside the model, so its hidden states are longer than the input",
+    "deepseek_v4": "several residual streams per position (hyper-connections): no single stream to scan",
+    "dory": "its output_hidden_states lists 9 states for 4 layers, so the brute-force reference has no one state per position",
+    "emu3": "transformers cannot reload its saved Emu3ForCausalLM with AutoModelForCausalLM (the text config's type is "
+    "not in the causal-LM mapping)",
+    "gemma3n_text": "AltUp keeps several residual streams per position: no single stream to scan",
+    "hrm_text": "hierarchical reasoning model: its layers sit in two recurrent modules, no ModuleList of num_hidden_layers",
+    "hy_v4": "several residual streams per position (hyper-connections): no single stream to scan",
+    "inkling2_loop_text": "its final norm reads an attention-weighted mix of every layer's output (final_input), so "
+    "position L is not the last layer's output",
+    "inkling2_text": "its final norm reads an attention-weighted mix of every layer's output (final_input), so "
+    "position L is not the last layer's output",
+    "longcat_flash": "each decoder layer holds two attention sublayers: num_hidden_layers counts sublayers, not layers",
+    "minicpm3": "each layer's residual scale depends on the depth (scale_depth / sqrt(num_hidden_layers)): drop_layers "
+    "refuses every removal",
+    "minimax": "its attention depends on the depth (num_hidden_layers): drop_layers refuses every removal",
+    "mllama": "without an image its cross-attention layers are skipped, so their inputs are never seen",
+    "nanochat": "its output_hidden_states[0] is the embedding before the norm applied ahead of layer 0, so the "
+    "brute-force reference's position 0 is not layer 0's input",
+    "xlstm": "greedy generation with its recurrent cache fails on the pruned model (matC_old has the wrong shape)",
+    "zaya": "dropping layers differs from bypassing them (logits up to 4e-3 apart): state passes between layers "
+    "beside the residual stream",
+}
 
 # The families issue 20 names (Qwen3 and 3.5 dense and MoE, Qwen3-Next, Gemma 3 and 4, Llama 4, gpt-oss,
 # DeepSeek-V3, Mixtral, OLMo 3, OLMoE, SmolLM3, Granite 4, GLM-4.5, MiniMax-M2, Nemotron-H, Falcon-H1).
@@ -69,10 +124,12 @@ def not_decoder_text(model_type: str) -> str | None:
 
 def _shrunk(default, overrides: dict) -> dict:
     """TINY_SIZES (and head_dim) restricted to the fields the config `default` has, then `overrides`."""
-    fields = default.to_dict()
+    fields = {*default.to_dict(), *getattr(type(default), "__dataclass_fields__", {}), *default.attribute_map}
     sizes = {k: v for k, v in TINY_SIZES.items() if k in fields}
-    if "head_dim" in fields and "qk_rope_head_dim" not in fields:
-        sizes["head_dim"] = HEAD_DIM
+    if "kv_lora_rank" in fields:  # MLA: as many key-value heads as query heads
+        sizes["num_key_value_heads"] = TINY_SIZES["num_attention_heads"]
+    if "head_dim" in fields:  # with an MLA rope split, head_dim means the rope part
+        sizes["head_dim"] = TINY_SIZES["qk_rope_head_dim"] if "qk_rope_head_dim" in fields else HEAD_DIM
     return {**sizes, **overrides}
 
 

@@ -30,6 +30,7 @@ FINAL_NORMS = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "norm_f", 
 MLPS = ("mlp", "feed_forward", "ffn", "block_sparse_moe", "moe")  # a decoder layer's MLP child, first match
 ROUTERS = ("gate", "router", "shared_expert_gate", "wg")  # linear maps inside an MLP that are not projections
 LAYER_THRESHOLDS = ("max_window_layers", "first_k_dense_replace")  # config ints: "the layers below this index"
+DEPTH_ALIASES = ("num_blocks",)  # config ints repeating num_hidden_layers under another name (xLSTM)
 LAYER_INDEX_LISTS = ("mlp_only_layers", "moe_layers", "attn_layer_indices")  # config lists of layer indices
 PER_LAYER_WEIGHTS = {"embed_tokens_per_layer": 1, "per_layer_model_projection": 0}  # decoder modules whose weight
 # packs one slice per layer along this dimension (Gemma 3n and 4's per-layer inputs)
@@ -77,22 +78,25 @@ def _mlp_targets(layer_list: nn.ModuleList) -> tuple[tuple[str, ...], tuple[str,
                 numeric = [i for i, part in enumerate(parts) if part.isdigit()]
                 modules[".".join(parts[numeric[-1] + 1 :]) if numeric else f"{child}.{name}"] = None
             for pname, parameter in module.named_parameters(recurse=False):
-                if parameter.dim() == 3:
+                if parameter.dim() == 3 and "expert" in name:
                     parameters[".".join(filter(None, [child, name, pname]))] = None
     return tuple(modules), tuple(parameters)
 
 
 def _find(base: nn.Module) -> Anatomy:
-    """The Anatomy of `base` from its structure: the decoder is `get_decoder()`, its layers the ModuleList
+    """The Anatomy of `base` from its structure: the decoder is `get_decoder()` (else `base_model`), its layers the ModuleList
     of config.num_hidden_layers modules nearest to it, its final norm a child named in FINAL_NORMS (or
     the one norm registered after the layers)."""
     model_type = getattr(base.config, "model_type", None)
     num = getattr(text_config(base.config), "num_hidden_layers", None)
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else base
-    prefix = next((name for name, module in base.named_modules() if module is decoder), None)
-    if not isinstance(num, int) or prefix is None:
-        raise _unsupported(model_type, "looked for config.num_hidden_layers and a decoder (get_decoder()) inside the model")
-    lists = [(name, m) for name, m in decoder.named_modules() if isinstance(m, nn.ModuleList) and len(m) == num]
+    if not isinstance(num, int):
+        raise _unsupported(model_type, "looked for config.num_hidden_layers (or the text config's) and found none")
+    decoder, lists = None, []
+    for decoder in (base.get_decoder() if hasattr(base, "get_decoder") else base, base.base_model):
+        lists = [(name, m) for name, m in decoder.named_modules() if isinstance(m, nn.ModuleList) and len(m) == num]
+        if lists:
+            break
+    prefix = next(name for name, module in base.named_modules() if module is decoder)
     if not lists:
         raise _unsupported(
             model_type, f"looked for a ModuleList of {num} modules (config.num_hidden_layers) in its decoder "
@@ -211,7 +215,7 @@ def layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
 
 def layer_output(output) -> torch.Tensor:
     """The hidden states a decoder layer returned (alone, or first of a tuple)."""
-    return output[0] if isinstance(output, tuple) else output
+    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 class LayerTap:

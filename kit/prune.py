@@ -157,12 +157,13 @@ def _renumbered(device_map: dict, prefix: str, kept: list[int]) -> dict:
 
 def _config_edits(config, block: Block, num: int) -> list[tuple[object, str, object]]:
     """The text config's per-layer facts for the layers that stay: num_hidden_layers (aliases such as
-    GPT-2's n_layer follow through attribute_map), every list or pattern string with one entry per
+    GPT-2's n_layer follow through attribute_map, copies such as xLSTM's num_blocks are set), every list or pattern string with one entry per
     layer indexed, transformers' per-layer overrides (per_layer_config) and every list of layer indices (layers.LAYER_INDEX_LISTS) renumbered, every threshold
     (layers.LAYER_THRESHOLDS) moved."""
     kept = [i for i in range(num) if i not in block.layers]
     new_index = {old: new for new, old in enumerate(kept)}
     edits: list[tuple[object, str, object]] = [(config, "num_hidden_layers", num - block.n)]
+    edits += [(config, name, num - block.n) for name in layers.DEPTH_ALIASES if vars(config).get(name) == num]
     for name, value in list(vars(config).items()):
         if name in layers.LAYER_INDEX_LISTS and isinstance(value, (list, tuple)):
             edits.append((config, name, type(value)(new_index[i] for i in value if i in new_index)))
