@@ -157,9 +157,10 @@ def _renumbered(device_map: dict, prefix: str, kept: list[int]) -> dict:
 
 def _config_edits(config, block: Block, num: int) -> list[tuple[object, str, object]]:
     """The text config's per-layer facts for the layers that stay: num_hidden_layers (aliases such as
-    GPT-2's n_layer follow through attribute_map, copies such as xLSTM's num_blocks are set), every list or pattern string with one entry per
-    layer indexed, transformers' per-layer overrides (per_layer_config) and every list of layer indices (layers.LAYER_INDEX_LISTS) renumbered, every threshold
-    (layers.LAYER_THRESHOLDS) moved."""
+    GPT-2's n_layer follow through attribute_map; copies such as xLSTM's num_blocks are set), every
+    list or pattern string with one entry per layer indexed, transformers' per-layer overrides
+    (per_layer_config) and every list of layer indices (layers.LAYER_INDEX_LISTS) renumbered, every
+    threshold (layers.LAYER_THRESHOLDS) moved."""
     kept = [i for i in range(num) if i not in block.layers]
     new_index = {old: new for new, old in enumerate(kept)}
     edits: list[tuple[object, str, object]] = [(config, "num_hidden_layers", num - block.n)]
@@ -200,7 +201,8 @@ def _removal(model: nn.Module, block: Block) -> tuple[nn.ModuleList, list[tuple[
 
     This is the one place that knows the bookkeeping: the per-layer facts of the text config
     (_config_edits), config.pruned_blocks, the layer index of every module inside the kept layers
-    (layers.LAYER_INDEX_ATTRIBUTES: the KV cache is indexed by it), and the device map of a model dispatched by accelerate (hf_device_map).
+    (layers.LAYER_INDEX_ATTRIBUTES: the KV cache is indexed by it), the kept slices of weights packing
+    one slice per layer, and the device map of a model dispatched by accelerate (hf_device_map).
     """
     old = layers.decoder_layers(model)
     num = len(old)
@@ -281,11 +283,14 @@ def _check_expressible(model: nn.Module, block: Block, kept: nn.ModuleList, edit
 
 @contextmanager
 def dropped(model: nn.Module, block: Block):
-    """Remove `block` from `model` for the duration of a `with` block, without copying anything.
+    """Remove `block` from `model` for the duration of a `with` block, without copying anything (but
+    the per-layer slices of Gemma 3n/4's per-layer input weights).
 
     Swaps in a ModuleList of the kept layers (the same module objects) and updates the config and
     the layer indices as `drop_layers` does; on exit, even on an exception, everything is restored
-    exactly. Meant for sweeps that evaluate many blocks on one loaded model.
+    exactly. Meant for sweeps that evaluate many blocks on one loaded model. The kept modules compute
+    what they computed before, so a block whose removal the config cannot express (drop_layers
+    refuses it) is still measured here.
     """
     original = layers.decoder_layers(model)
     kept, edits = _removal(model, block)
