@@ -84,24 +84,24 @@ def _mlp_targets(layer_list: nn.ModuleList) -> tuple[tuple[str, ...], tuple[str,
 
 
 def _find(base: nn.Module) -> Anatomy:
-    """The Anatomy of `base` from its structure: the decoder is `get_decoder()` (else `base_model`), its layers the ModuleList
-    of config.num_hidden_layers modules nearest to it, its final norm a child named in FINAL_NORMS (or
-    the one norm registered after the layers)."""
+    """The Anatomy of `base` from its structure: the decoder is `get_decoder()` (else `base_model`), its
+    layers the ModuleList of config.num_hidden_layers modules nearest to it, its final norm a child
+    named in FINAL_NORMS (or the one norm registered after the layers)."""
     model_type = getattr(base.config, "model_type", None)
     num = getattr(text_config(base.config), "num_hidden_layers", None)
     if not isinstance(num, int):
         raise _unsupported(model_type, "looked for config.num_hidden_layers (or the text config's) and found none")
-    decoder, lists = None, []
-    for decoder in (base.get_decoder() if hasattr(base, "get_decoder") else base, base.base_model):
+    candidates = (base.get_decoder() if hasattr(base, "get_decoder") else base, base.base_model)
+    for decoder in candidates:
         lists = [(name, m) for name, m in decoder.named_modules() if isinstance(m, nn.ModuleList) and len(m) == num]
         if lists:
             break
-    prefix = next(name for name, module in base.named_modules() if module is decoder)
-    if not lists:
+    else:
         raise _unsupported(
-            model_type, f"looked for a ModuleList of {num} modules (config.num_hidden_layers) in its decoder "
-            f"{type(decoder).__name__} ({'get_decoder()' if prefix else 'the model itself'}) and found none"
+            model_type, f"looked for a ModuleList of {num} modules (config.num_hidden_layers) under get_decoder() "
+            f"({type(candidates[0]).__name__}) and base_model ({type(candidates[1]).__name__}) and found none"
         )  # fmt: skip
+    prefix = next(name for name, module in base.named_modules() if module is decoder)
     name, layer_list = min(lists, key=lambda item: item[0].count("."))
     children = dict(decoder.named_children())
     norm = next((n for n in FINAL_NORMS if n in children), None)
