@@ -29,8 +29,9 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS) + [
     "artifacts", "assets", "block", "boolq", "config", "cost", "curves", "data", "device", "distances", "distributed",
-    "evaluate", "harness", "healing", "layers", "loss", "merge", "metrics", "mmlu", "models", "oracle", "plots", "progress",
-    "prune", "readings", "recall", "reports", "scoring", "similarity", "stats", "sweep", "testing", "text", "widgets",
+    "evaluate", "families", "harness", "healing", "layers", "loss", "merge", "metrics", "mmlu", "models", "oracle", "plots",
+    "progress", "prune", "readings", "recall", "reports", "scoring", "similarity", "stats", "sweep", "testing", "text",
+    "widgets",
 ]
 
 

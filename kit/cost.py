@@ -11,7 +11,14 @@ from pathlib import Path
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import (
+    DYNAMIC_LAYER_TYPE_MAPPING,
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+    get_layer_types_and_kwargs,
+)
 
+from . import layers
 from .data import corpus
 from .device import model_device
 
@@ -64,28 +71,43 @@ def weight_bytes(model) -> int:
 
 
 def attention_types(config) -> list[str]:
-    """Each layer's attention type: config.layer_types, else every layer sliding when the config has a window."""
-    types = getattr(config, "layer_types", None)
-    if types is None:
-        sliding = getattr(config, "sliding_window", None) is not None
-        types = ["sliding_attention" if sliding else "full_attention"] * config.num_hidden_layers
-    return list(types)
+    """Each layer's cache kind, as transformers' DynamicCache builds it from the (text) config:
+    "full_attention", "sliding_attention", "linear_attention" (a recurrent state), "dummy" (no cache), ..."""
+    return get_layer_types_and_kwargs(layers.text_config(config))[0]
+
+
+def _cached_tokens(kind: str, kwargs: dict, tokens: int) -> int:
+    """Tokens a layer's cache holds keys and values for: a sliding window keeps `sliding_window - 1`,
+    a recurrent (Mamba, linear-attention, conv) or shared-KV layer none."""
+    layer = DYNAMIC_LAYER_TYPE_MAPPING.get(kind, DynamicLayer)
+    if issubclass(layer, DynamicSlidingWindowLayer):
+        return min(tokens, kwargs["sliding_window"] - 1)
+    return tokens if issubclass(layer, DynamicLayer) else 0
+
+
+def _values_per_token(config) -> int:
+    """Key plus value entries one attention layer caches per token: 2 x kv_heads x head_dim, or for
+    multi-head latent attention (DeepSeek) the compressed latent and the rope key it shares over heads."""
+    heads = config.num_attention_heads
+    if getattr(config, "kv_lora_rank", None) and getattr(config, "qk_rope_head_dim", None):
+        return config.kv_lora_rank + config.qk_rope_head_dim
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return 2 * kv_heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)
 
 
 def kv_cache_bytes(model, tokens: int, batch_size: int = 1) -> int:
     """Bytes of keys and values a DynamicCache holds for `batch_size` sequences of `tokens` tokens.
 
-    Every layer caches 2 x kv_heads x head_dim values per token in the model's dtype; a sliding-window
-    layer keeps only the last `sliding_window - 1` tokens (what transformers' cache stores).
+    Only what each layer caches per token counts, in the model's dtype: full attention every token, a
+    sliding-window layer the last `sliding_window - 1` (what transformers' cache stores), recurrent
+    layers (Mamba, linear attention) and layers sharing another's KV nothing (their state does not grow).
     """
-    config = model.config
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    per_token = 2 * kv_heads * head_dim * torch.empty((), dtype=model.dtype).element_size()
-    window = getattr(config, "sliding_window", None)
-    cached = sum(min(tokens, window - 1) if kind == "sliding_attention" else tokens for kind in attention_types(config))
-    return batch_size * cached * per_token
+    config = layers.text_config(model.config)
+    size = torch.empty((), dtype=model.dtype).element_size()
+    kinds, kwargs = get_layer_types_and_kwargs(config)
+    per_layer = config.per_layer_config
+    cached = sum(_cached_tokens(kind, kw, tokens) * _values_per_token(per_layer[i]) for i, (kind, kw) in enumerate(zip(kinds, kwargs)))
+    return batch_size * cached * size
 
 
 def _check(model, prompt_tokens: int, new_tokens: int, batch_size: int, repeats: int) -> None:

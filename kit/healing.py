@@ -5,6 +5,7 @@ adapter into a plain checkpoint."""
 import json
 import shutil
 import tempfile
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,8 +77,9 @@ class Blocks(torch.utils.data.Dataset):
 
 
 def target_modules(model: nn.Module, config: HealConfig) -> list[str] | str:
-    """The module names LoRA adapts: the architecture's MLP projections, all linear layers, or
-    the names given in the config."""
+    """The module names LoRA adapts: the architecture's MLP projections (for MoE, the projections of
+    the shared experts and of routed experts that are modules), all linear layers, or the names
+    given in the config."""
     if config.target_modules == "mlp":
         return layers.mlp_modules(model)
     if config.target_modules == "all-linear":
@@ -87,6 +89,12 @@ def target_modules(model: nn.Module, config: HealConfig) -> list[str] | str:
             f"target_modules must be 'mlp', 'all-linear' or a tuple of module names, not {config.target_modules!r}"
         )
     return list(config.target_modules)
+
+
+def target_parameters(model: nn.Module, config: HealConfig) -> list[str]:
+    """Fused expert weights LoRA adapts through peft's `target_parameters` (3-d parameters holding
+    every routed expert, e.g. `mlp.experts.gate_up_proj`), with target_modules="mlp" only."""
+    return layers.mlp_parameters(model) if config.target_modules == "mlp" else []
 
 
 def lora_model(model: nn.Module, config: HealConfig):
@@ -99,11 +107,19 @@ def lora_model(model: nn.Module, config: HealConfig):
     if config.gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
     model.config.use_cache = False
+    parameters = target_parameters(model, config)
+    if parameters and config.dropout:
+        warnings.warn(
+            f"LoRA on the fused expert weights {parameters} (peft's target_parameters) works only without dropout: "
+            f"every adapter of this model trains with lora_dropout=0 instead of {config.dropout}.",
+            stacklevel=2,
+        )
     lora = LoraConfig(
         r=config.rank,
         lora_alpha=config.alpha,
-        lora_dropout=config.dropout,
+        lora_dropout=0.0 if parameters else config.dropout,
         target_modules=target_modules(model, config),
+        target_parameters=parameters or None,
         fan_in_fan_out=layers.weights_transposed(model),
         task_type="CAUSAL_LM",
     )

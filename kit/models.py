@@ -120,6 +120,6 @@ def load_model(
             f"a local checkpoint folder or a .gguf file, and loading it from the Hub failed. "
             f"Hub names need network access to the model Hub. ({err})"
         ) from err
-    layers.anatomy(model)  # fail early, naming the supported architectures
+    layers.anatomy(model)  # fail early, saying what was looked for
     model.eval()
     return model, prepare_tokenizer(tokenizer)

@@ -2,12 +2,12 @@
 good (drop_layers), as a plain HF checkpoint (save_pruned), or as a mergekit recipe."""
 
 import copy
-import warnings
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from . import layers
@@ -155,14 +155,54 @@ def _renumbered(device_map: dict, prefix: str, kept: list[int]) -> dict:
     return renamed
 
 
+def _config_edits(config, block: Block, num: int) -> list[tuple[object, str, object]]:
+    """The text config's per-layer facts for the layers that stay: num_hidden_layers (aliases such as
+    GPT-2's n_layer follow through attribute_map; copies such as xLSTM's num_blocks are set), every
+    list or pattern string with one entry per layer indexed, transformers' per-layer overrides
+    (per_layer_config) and every list of layer indices (layers.LAYER_INDEX_LISTS) renumbered, every
+    threshold (layers.LAYER_THRESHOLDS) moved."""
+    kept = [i for i in range(num) if i not in block.layers]
+    new_index = {old: new for new, old in enumerate(kept)}
+    edits: list[tuple[object, str, object]] = [(config, "num_hidden_layers", num - block.n)]
+    edits += [(config, name, num - block.n) for name in layers.DEPTH_ALIASES if vars(config).get(name) == num]
+    for name, value in list(vars(config).items()):
+        if name in layers.LAYER_INDEX_LISTS and isinstance(value, (list, tuple)):
+            edits.append((config, name, type(value)(new_index[i] for i in value if i in new_index)))
+        elif isinstance(value, (list, tuple)) and len(value) == num and name != PRUNED_BLOCKS:
+            edits.append((config, name, type(value)(value[i] for i in kept)))
+        elif isinstance(value, str) and len(value) == num and ("pattern" in name or "layer" in name):
+            edits.append((config, name, "".join(value[i] for i in kept)))
+        elif name in layers.LAYER_THRESHOLDS and isinstance(value, int):
+            edits.append((config, name, value - sum(i < value for i in block.layers)))
+    spec = vars(config).get("_heterogeneity_spec")  # transformers' per-layer overrides (per_layer_config)
+    if spec is not None:
+        overrides = {new_index[i]: o for i, o in spec.per_layer_overrides.items() if i in new_index}
+        edits.append((config, "_heterogeneity_spec", replace(spec, per_layer_overrides=overrides)))
+    return edits
+
+
+def _per_layer_weight_edits(decoder: nn.Module, num: int, kept: list[int]) -> list[tuple[object, str, object]]:
+    """The kept layers' slices of weights that pack one slice per layer (layers.PER_LAYER_WEIGHTS): new
+    parameters, so the original weights stay untouched (a `dropped` view copies these)."""
+    edits: list[tuple[object, str, object]] = []
+    for name, dim in layers.PER_LAYER_WEIGHTS.items():
+        module = getattr(decoder, name, None)
+        if module is None:
+            continue
+        slices = module.weight.detach().chunk(num, dim)
+        weight = nn.Parameter(torch.cat([slices[i] for i in kept], dim), requires_grad=module.weight.requires_grad)
+        size = "embedding_dim" if isinstance(module, nn.Embedding) else "out_features" if dim == 0 else "in_features"
+        edits += [(module, "weight", weight), (module, size, weight.shape[dim])]
+    return edits
+
+
 def _removal(model: nn.Module, block: Block) -> tuple[nn.ModuleList, list[tuple[object, str, object]]]:
     """What removing `block` means: the new layer list, and every (object, attribute, value) to set.
 
-    This is the one place that knows the bookkeeping: config.num_hidden_layers (architecture
-    aliases such as GPT-2's n_layer follow through the config's attribute_map), every per-layer
-    config list, index thresholds such as max_window_layers, config.pruned_blocks, the
-    `layer_idx` of every module inside the kept layers (the KV cache is indexed by it), and the
-    device map of a model dispatched by accelerate (hf_device_map).
+    This is the one place that knows the bookkeeping: the per-layer facts of the text config
+    (_config_edits), config.pruned_blocks, the layer index of every module inside the kept layers
+    (layers.LAYER_INDEX_ATTRIBUTES: the KV cache is indexed by it), the kept slices of weights packing
+    one slice per layer, and the device map of a model dispatched by accelerate (hf_device_map).
     """
     old = layers.decoder_layers(model)
     num = len(old)
@@ -172,38 +212,85 @@ def _removal(model: nn.Module, block: Block) -> tuple[nn.ModuleList, list[tuple[
     before = _pruned_before(config)
     original = [i for i in range(num + len(before)) if i not in before]  # original index of each layer
 
-    edits: list[tuple[object, str, object]] = [(config, "num_hidden_layers", num - block.n)]
-    for name, value in list(vars(config).items()):
-        if name != PRUNED_BLOCKS and isinstance(value, (list, tuple)) and len(value) == num:
-            edits.append((config, name, type(value)(value[i] for i in kept)))
-    for name in layers.LAYER_THRESHOLDS:
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            edits.append((config, name, value - sum(i < value for i in block.layers)))
+    edits = _config_edits(layers.text_config(config), block, num)
     edits.append((config, PRUNED_BLOCKS, _runs(before | {original[i] for i in block.layers})))
     for new_index, old_index in enumerate(kept):
         for module in old[old_index].modules():
-            if isinstance(getattr(module, "layer_idx", None), int):
-                edits.append((module, "layer_idx", new_index))
+            for name in layers.LAYER_INDEX_ATTRIBUTES:
+                if isinstance(getattr(module, name, None), int) and not isinstance(getattr(module, name), bool):
+                    edits.append((module, name, new_index))
+    edits += _per_layer_weight_edits(layers.decoder(model), num, kept)
     device_map = getattr(model, "hf_device_map", None)
     if device_map:
         edits.append((model, "hf_device_map", _renumbered(device_map, layers.anatomy(model).layers, kept)))
-    if getattr(config, "scale_attn_by_inverse_layer_idx", False):
-        warnings.warn(
-            "This model scales attention by 1/(layer_idx+1): a checkpoint saved after pruning rescales the layers "
-            "after the block, so it will not compute exactly what the kept layers computed before.",
-            stacklevel=3,
-        )
     return nn.ModuleList(old[i] for i in kept), edits
+
+
+_NOT_STRUCTURE = {"training", "gradient_checkpointing", *layers.LAYER_INDEX_ATTRIBUTES}  # module attributes a reload may differ in
+
+
+def _structure(layer: nn.Module) -> dict[str, tuple]:
+    """{submodule name: (class, scalar attributes, parameter names)} of one decoder layer."""
+    scalar = (bool, int, float, str, type(None))
+    return {
+        name: (type(m), {k: v for k, v in vars(m).items() if isinstance(v, scalar) and not k.startswith("_") and k not in _NOT_STRUCTURE},
+               {n for n, _ in m.named_parameters(recurse=False)})
+        for name, m in layer.named_modules()
+    }  # fmt: skip
+
+
+def _difference(kept: nn.Module, twin: nn.Module) -> str | None:
+    """How `twin` (built from the edited config) differs from the `kept` layer, or None."""
+    mine, theirs = _structure(kept), _structure(twin)
+    for name in sorted(set(mine) ^ set(theirs)):
+        return f"{'it lacks' if name in mine else 'it gains'} the submodule {name!r}"
+    for name, (cls, attributes, parameters) in theirs.items():
+        where = f"submodule {name!r}" if name else "the layer"
+        if not isinstance(kept.get_submodule(name), cls):
+            return f"{where} becomes a {cls.__name__} (it is a {type(kept.get_submodule(name)).__name__})"
+        if parameters != mine[name][2]:
+            return f"{where} gets the parameters {sorted(parameters)} instead of {sorted(mine[name][2])}"
+        for key, value in attributes.items():
+            if mine[name][1].get(key, value) != value:  # a state that is no longer a scalar (a cache) is no fact
+                return f"{where} gets {key}={value!r} instead of {mine[name][1][key]!r}"
+    return None
+
+
+def _check_expressible(model: nn.Module, block: Block, kept: nn.ModuleList, edits) -> None:
+    """Refuse `block` when the edited config would rebuild any kept layer differently: build the model
+    the saved checkpoint reloads into (on the meta device, no memory) and compare it layer by layer."""
+    base = layers._base(model)
+    if hasattr(base, "peft_config"):
+        return  # adapters sit inside the layers; a pruned checkpoint is saved after merging them
+    config = copy.deepcopy(model.config)
+    twins = {id(model.config): config, id(layers.text_config(model.config)): layers.text_config(config)}
+    for obj, name, value in edits:
+        if id(obj) in twins:
+            setattr(twins[id(obj)], name, value)
+    with torch.device("meta"):
+        twin = type(base)(config)
+    original = [i for i in range(len(kept) + block.n) if i not in block.layers]
+    for index, (layer, rebuilt) in enumerate(zip(kept, layers.decoder_layers(twin), strict=True)):
+        difference = _difference(layer, rebuilt)
+        if difference:
+            raise ValueError(
+                f"Removing layers {block.start}..{block.end - 1} cannot be expressed in the "
+                f"{config.model_type!r} config: a saved checkpoint would rebuild layer {original[index]} (then "
+                f"layer {index}) differently: {difference}. A per-layer rule of the config (such as every k-th "
+                "layer being MoE) no longer holds for the layers that stay; choose another block."
+            )
 
 
 @contextmanager
 def dropped(model: nn.Module, block: Block):
-    """Remove `block` from `model` for the duration of a `with` block, without copying anything.
+    """Remove `block` from `model` for the duration of a `with` block, without copying anything (but
+    the per-layer slices of Gemma 3n/4's per-layer input weights).
 
     Swaps in a ModuleList of the kept layers (the same module objects) and updates the config and
     the layer indices as `drop_layers` does; on exit, even on an exception, everything is restored
-    exactly. Meant for sweeps that evaluate many blocks on one loaded model.
+    exactly. Meant for sweeps that evaluate many blocks on one loaded model. The kept modules compute
+    what they computed before, so a block whose removal the config cannot express (drop_layers
+    refuses it) is still measured here.
     """
     original = layers.decoder_layers(model)
     kept, edits = _removal(model, block)
@@ -226,13 +313,16 @@ def drop_layers(model: nn.Module, block: Block, *, inplace: bool = False) -> nn.
     """`model` without layers block.start .. block.end-1, ready for generation and saving.
 
     Without `inplace` a deep copy is pruned (the original is untouched; memory is needed for both).
-    The config records the removed layers as `pruned_blocks = [[start, n], ...]` in the indices of
-    the ORIGINAL model, merged into runs, so pruning twice still says which original layers are gone.
+    A block whose removal the config cannot express (a saved checkpoint would rebuild a kept layer
+    differently) is refused with the reason, before anything changes. The config records the removed
+    layers as `pruned_blocks = [[start, n], ...]` in the indices of the ORIGINAL model, merged into
+    runs, so pruning twice still says which original layers are gone.
     """
     block.check(layers.num_layers(model))
     if not inplace:
         model = copy.deepcopy(model)
     kept, edits = _removal(model, block)
+    _check_expressible(model, block, kept, edits)
     for obj, name, value in edits:
         setattr(obj, name, value)
     layers.set_decoder_layers(model, kept)

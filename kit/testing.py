@@ -6,7 +6,6 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from . import layers
@@ -115,17 +114,21 @@ REFERENCE_METRICS = {
 def reference_distance_sums(model, tokenizer, texts: list[str], max_length: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Brute-force reference for kit.angular_distances: {metric: (per-text distance sums [texts, L+1, L+1],
     token counts [texts])}, one unpadded text at a time through HF's `output_hidden_states` with the final
-    norm replaced by Identity (so the last hidden state is position L), in numpy float64."""
-    *parents, name = layers.anatomy(model).final_norm.split(".")
-    parent = model.get_submodule(".".join(parents))
-    norm = getattr(parent, name)
+    norm made the identity (so the last hidden state is position L), in numpy float64. Families whose
+    hidden states list the layers' outputs only (Mamba, RWKV: the last one repeated by the final norm)
+    get the input embeddings as position 0."""
+    norm = layers.final_norm(model)
+    if norm is not None:
+        norm.forward = lambda hidden, *args, **kwargs: hidden  # the module and its weights stay in place
     sums = {metric: [] for metric in REFERENCE_METRICS}
     counts = {metric: [] for metric in REFERENCE_METRICS}
-    setattr(parent, name, nn.Identity())
     try:
         for text in texts:
             ids = tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt")
-            x = np.stack([h[0].double().cpu().numpy() for h in model(**ids, output_hidden_states=True).hidden_states])
+            states = list(model(**ids, output_hidden_states=True, use_cache=False).hidden_states)
+            if torch.equal(states[-1], states[-2]) and len(states) == layers.num_layers(model) + 1:
+                states = [model.get_input_embeddings()(ids["input_ids"]), *states[:-1]]
+            x = np.stack([h[0].double().cpu().numpy() for h in states])
             x = x / np.linalg.norm(x, axis=-1, keepdims=True)  # [L+1, tokens, hidden]
             for metric, (last_only, distance) in REFERENCE_METRICS.items():
                 tokens = x[:, -1:] if last_only else x
@@ -133,7 +136,8 @@ def reference_distance_sums(model, tokenizer, texts: list[str], max_length: int)
                 sums[metric].append(distance(cos).sum(0))
                 counts[metric].append(tokens.shape[1])
     finally:
-        setattr(parent, name, norm)
+        if norm is not None:
+            del norm.forward
     return {metric: (np.stack(sums[metric]), np.array(counts[metric], float)) for metric in REFERENCE_METRICS}
 
 

@@ -96,6 +96,27 @@ def test_lora_targets_the_mlp_projections(tiny):
     assert len(adapted) == kit.layers.num_layers(model) * len(suffixes)
 
 
+@pytest.mark.parametrize("family", ["qwen2_moe", "gpt_oss"])  # shared and routed experts; fused routed experts only
+def test_lora_on_moe_targets_shared_and_routed_experts_and_trains_them(family):
+    model = kit.families.tiny_family_model(family)
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    with torch.no_grad():
+        before = model(ids).logits
+    with pytest.warns(UserWarning, match="lora_dropout=0"):  # peft's target_parameters take no dropout
+        peft_model = lora_model(model, kit.HealConfig(quantize=None))
+    adapted = {name.removeprefix("base_model.model.") for name, m in peft_model.named_modules() if hasattr(m, "lora_A")}
+    mlp = {f"model.layers.{i}.{name}" for i in range(4) for name in kit.layers.mlp_modules(model)}
+    experts = {f"model.layers.{i}.mlp.experts" for i in range(4)}
+    assert {name.removesuffix(".base_layer") for name in adapted} == mlp | experts  # no router, no attention
+    assert peft_model.peft_config["default"].target_parameters == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    out = peft_model(input_ids=ids, labels=ids)
+    torch.testing.assert_close(out.logits, before)  # LoRA B starts at zero: the base model's output
+    out.loss.backward()
+    grads = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert all(".lora_" in n for n in grads)
+    assert all(grads[n].abs().sum() > 0 for n in grads if "experts" in n and "lora_B" in n)
+
+
 def test_lora_all_linear_adapts_attention_too():
     model, _ = kit.tiny_model("llama")
     peft_model = lora_model(model, kit.HealConfig(quantize=None, target_modules="all-linear"))

@@ -45,14 +45,23 @@ def test_unknown_tiny_architecture():
         kit.tiny_model("bert")
 
 
-def test_unsupported_architecture_error_names_supported_ones(tmp_path):
-    from transformers import BertConfig, BertLMHeadModel
-
-    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, is_decoder=True)
-    BertLMHeadModel(config).save_pretrained(tmp_path)
+def test_a_model_whose_layers_cannot_be_found_says_what_was_looked_for(tmp_path):
+    model = kit.families.tiny_family_model("hrm_text")  # its layers are no ModuleList of num_hidden_layers modules
+    model.save_pretrained(tmp_path)
     kit.testing.tiny_tokenizer().save_pretrained(tmp_path)
-    with pytest.raises(layers.UnsupportedArchitectureError, match=r"'bert' is not supported.*gpt2.*llama"):
+    with pytest.raises(layers.UnsupportedArchitectureError, match=r"'hrm_text' is not supported: looked for a ModuleList.*ANATOMIES"):
         kit.load_model(str(tmp_path))
+
+
+def test_anatomy_is_found_generically_and_named_exceptions_win(monkeypatch):
+    model, _ = kit.tiny_model("opt")
+    assert layers.anatomy(model) == layers.Anatomy("model.decoder.layers", "model.decoder.final_layer_norm", ("fc1", "fc2"))
+    gemma3 = kit.families.tiny_family_model("gemma3")  # a vision-language wrapper: the text tower's layers
+    assert layers.anatomy(gemma3).layers == "model.language_model.layers"
+    assert layers.decoder_layers(gemma3) is gemma3.model.language_model.layers
+    exception = layers.Anatomy("model.layers", None, ("mlp.up_proj",))
+    monkeypatch.setitem(layers.ANATOMIES, "llama", exception)
+    assert layers.anatomy(kit.tiny_model("llama")[0]) is exception
 
 
 def test_unknown_name_lists_aliases():

@@ -20,7 +20,7 @@ def _brute_kl(model, pruned, tokenizer, texts, max_length, batch_size) -> float:
     total, count = 0.0, 0
     for first in range(0, len(texts), batch_size):
         enc = encode(tokenizer, texts[first : first + batch_size], max_length=max_length)
-        p, q = (m(**enc).logits[:, :-1].float().log_softmax(-1) for m in (model, pruned))
+        p, q = (m(**enc, use_cache=False).logits[:, :-1].float().log_softmax(-1) for m in (model, pruned))
         scored = enc["attention_mask"][:, 1:].bool()
         total += (p.exp() * (p - q)).sum(-1)[scored].sum().item()
         count += int(scored.sum())
@@ -29,7 +29,15 @@ def _brute_kl(model, pruned, tokenizer, texts, max_length, batch_size) -> float:
 
 @pytest.mark.parametrize("arch", kit.TINY_ARCHITECTURES)
 def test_equals_validation_loss_of_the_rebuilt_model(arch):
-    model, tokenizer = kit.tiny_model(arch, num_layers=4)  # every block of 4 layers: 9 rebuilt models
+    _assert_equals_rebuilt_models(*kit.tiny_model(arch, num_layers=4))  # every block of 4 layers: 9 rebuilt models
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_next", "granitemoehybrid"])  # MoE, linear attention, Mamba
+def test_equals_validation_loss_of_rebuilt_moe_and_hybrid_models(family):
+    _assert_equals_rebuilt_models(kit.families.tiny_family_model(family), kit.testing.tiny_tokenizer())
+
+
+def _assert_equals_rebuilt_models(model, tokenizer):
     L = kit.layers.num_layers(model)
     oracle = ablation_losses(model, tokenizer, TEXTS, max_length=16, batch_size=3)
     assert oracle.loss.shape == oracle.kl.shape == (L + 1, L + 1)

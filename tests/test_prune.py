@@ -61,11 +61,11 @@ def test_unsupported_architecture_is_named():
         kit.drop_layers(model, BLOCK)
 
 
-def test_layer_index_scaled_attention_warns():
-    model, _ = kit.tiny_model("gpt2")
-    model.config.scale_attn_by_inverse_layer_idx = True
-    with pytest.warns(UserWarning, match="1/\\(layer_idx\\+1\\)"):
-        kit.drop_layers(model, BLOCK)
+def test_layer_index_scaled_attention_is_refused_unless_the_indices_stay():
+    model = kit.families.tiny_family_model("gpt2", scale_attn_by_inverse_layer_idx=True)  # attention scaled by 1/(layer_idx+1)
+    with pytest.raises(ValueError, match=r"rebuild layer 3 \(then layer 1\) differently: submodule 'attn' gets scaling"):
+        kit.drop_layers(model, Block(1, 2))
+    assert layers.num_layers(kit.drop_layers(model, Block(2, 2))) == 2  # the last layers: no index changes
 
 
 # ------------------------------------------------------------------------------ sweep view
@@ -144,6 +144,25 @@ def test_qwen2_sliding_layers_stay_sliding():
     pruned = kit.drop_layers(model, BLOCK)
     assert pruned.config.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2
     assert pruned.config.max_window_layers == 2
+
+
+def test_index_lists_and_thresholds_follow_the_kept_layers():
+    model = kit.families.tiny_family_model("qwen3_moe", mlp_only_layers=[0, 3])  # layers 0 and 3 dense, 1 and 2 MoE
+    pruned = kit.drop_layers(model, Block(1, 1))
+    assert pruned.config.mlp_only_layers == [0, 2]
+    assert [type(layer.mlp).__name__ for layer in layers.decoder_layers(pruned)] == ["Qwen3MoeMLP", "Qwen3MoeSparseMoeBlock", "Qwen3MoeMLP"]
+    model = kit.families.tiny_family_model("deepseek_v3", first_k_dense_replace=2)
+    assert kit.drop_layers(model, Block(0, 1)).config.first_k_dense_replace == 1
+    assert kit.drop_layers(model, Block(2, 2)).config.first_k_dense_replace == 2
+
+
+def test_a_removal_the_config_cannot_express_is_refused_with_the_reason():
+    model = kit.families.tiny_family_model("qwen2_moe", decoder_sparse_step=2)  # layers 1 and 3 MoE: a periodic rule
+    before = kit.layers.num_layers(model)
+    with pytest.raises(ValueError, match=r"layers 1\.\.1 cannot be expressed.*rebuild layer 2 \(then layer 1\) differently"):
+        kit.drop_layers(model, Block(1, 1), inplace=True)
+    assert kit.layers.num_layers(model) == before == model.config.num_hidden_layers  # untouched
+    assert kit.layers.num_layers(kit.drop_layers(model, Block(1, 2))) == 2  # the rule still holds for 0 and 3
 
 
 def test_pruning_twice_records_original_indices(long_prompt):
