@@ -30,7 +30,8 @@ LLAMA_2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=3
                   num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)  # fmt: skip
 SMALL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=4, vocab_size=512, max_position_embeddings=4096)  # fmt: skip
-FIGURES = dict(texts=32, questions=400, heal_steps=6)  # the figures' sizes, on every shape
+FIGURES = dict(texts=32, questions=400, heal_steps=6)  # the figures' sizes at 7B shape
+TINY_FIGURES = dict(FIGURES, questions=40)  # the same texts (the corpus bounds them); MMLU rows cost ~0.3 CPU s each here
 WEIGHT_SHARE = 0.45  # of the GPU's memory, for the 7B-shape weights (the rest: activations, LoRA training)
 PARTS = {  # part: the packages it needs (the kit's own imports included)
     "full": ("torch", "transformers", "huggingface-hub", "tokenizers", "safetensors", "peft", "accelerate", "numpy",
@@ -143,11 +144,11 @@ def check_4bit(device, archs, perturb=None) -> list[str]:
     """4-bit NF4 loads of tiny checkpoints on `device`, against CPU fp32 (bench.gpu_checks.TOLERANCE["4bit"]);
     perturb(model) alters the checkpoint (the test that the check can fail)."""
     import kit
-    from bench.gpu_checks import Reference, mmlu_questions
+    from bench.gpu_checks import reference_of
 
-    texts, failures = kit.data.corpus("validation")[:8], []
+    failures = []
     for arch in archs:
-        reference = Reference(arch, texts, *mmlu_questions(20))
+        reference = reference_of(arch)
         with tempfile.TemporaryDirectory() as tmp:
             model = reference.model()
             if perturb is not None:
@@ -268,7 +269,7 @@ def part_full(device, half, args) -> list[str]:
         figures(device, half, shape, **FIGURES, length=2048)
     else:
         print(f"== figures at a small shape on {device}")
-        figures(device, half if device.type == "cuda" else torch.float32, SMALL, **FIGURES, length=64)
+        figures(device, half if device.type == "cuda" else torch.float32, SMALL, **TINY_FIGURES, length=64)
     return failures
 
 

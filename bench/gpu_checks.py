@@ -4,6 +4,7 @@ set from a measured error, and prints the error beside its tolerance. Each can f
 weight fails every one (tests/test_gpu_check.py shows it)."""
 
 import tempfile
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -122,16 +123,20 @@ def mmlu_questions(n: int, subjects: int = 4):
     return questions[5 * subjects :], lambda subject: pool[subject]
 
 
+@lru_cache(maxsize=None)
+def reference_of(arch: str) -> Reference:
+    """The CPU fp32 reference of `arch` on 8 validation texts and 20 questions, computed once per run."""
+    import kit
+
+    return Reference(arch, kit.data.corpus("validation")[:8], *mmlu_questions(20))
+
+
 def check_correctness(device, precisions: dict, archs, perturb=None) -> list[str]:
     """Every tiny architecture on `device` in each of `precisions` ({label: dtype}) against CPU fp32.
     perturb(model), when given, alters the model under test (the test that every check can fail)."""
-    import kit
-
-    texts = kit.data.corpus("validation")[:8]
-    questions, pool = mmlu_questions(20)
     failures = []
     for arch in archs:
-        reference = Reference(arch, texts, questions, pool)
+        reference = reference_of(arch)
         for label, dtype in precisions.items():
             model = reference.model().to(device, dtype)
             if perturb is not None:
@@ -146,7 +151,7 @@ def check_cost(device, perturb=None) -> list[str]:
     import kit
     from kit.evaluate import cost
 
-    reference = Reference("llama", kit.data.corpus("validation")[:2], *mmlu_questions(1))
+    reference = reference_of("llama")
     model = reference.model().to(device)
     if perturb is not None:
         perturb(model)
@@ -166,7 +171,7 @@ def check_device_map(device, perturb=None) -> list[str]:
     disk), scanned, scored and ablated: equal to the undispatched CPU model within fp32 tolerance."""
     import kit
 
-    reference = Reference("llama", kit.data.corpus("validation")[:8], *mmlu_questions(20))
+    reference = reference_of("llama")
     with tempfile.TemporaryDirectory() as tmp:
         model = reference.model()
         if perturb is not None:
