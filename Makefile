@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: setup test lab bench gpu-check reports clean
+.PHONY: setup test lab bench gpu-check wheelhouse reports clean
 
 setup:  ## create .venv, install the kit with its dev extra, register the kernel, fetch assets, chromium if root
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +29,11 @@ reports:  ## notebooks 01-05 headless on the embedded model -> reports/ (HTML, f
 bench:  ## benchmarks: ratios measured in one run
 	TQDM_DISABLE=1 $(PY) -m bench
 
-gpu-check:  ## on a GPU machine (offline): versions, GPU vs CPU results, the pipeline, figures at 7B shape
-	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m bench.gpu_check
+gpu-check:  ## on a GPU machine (offline): parts full and 4bit (PART=full or PART=4bit runs one); see README "On a GPU"
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m bench.gpu_check --part $(or $(PART),all)
+
+wheelhouse:  ## with the package index: wheelhouse/full and wheelhouse/4bit (<= 60 MiB each) for an offline node's Python NODE_PYTHON
+	$(PY) -m bench.wheelhouse --python $(or $(NODE_PYTHON),3.12)
 
 clean:
 	rm -rf reports runs .pytest_cache

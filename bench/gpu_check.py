@@ -1,20 +1,23 @@
-"""`make gpu-check`: the kit on one GPU, offline, in a few minutes.
+"""`make gpu-check` (or `python -m bench.gpu_check`): the kit on one GPU, offline, in two parts.
 
-1. Versions: what this machine has against what the kit needs (and what is missing).
-2. Correctness: GPU results against CPU fp32 on tiny models of every architecture (scan matrix,
-   validation loss, MMLU-style predictions), in fp32 and in the policy's half precision.
-3. The pipeline on the GPU: drop a block, save, reload, heal a few steps (4-bit when bitsandbytes
-   is there) with the loss falling, merge the adapter.
-4. Figures at Llama-2-7B's shape (random weights built on the GPU): scan and plain-forward
-   tokens/s, MMLU questions/s, LoRA training tokens/s, peak memory of each step, and the projected
-   time of the paper's full workloads on this GPU.
+Part "full" (no bitsandbytes): versions; every tiny architecture's scan, validation loss, MMLU-style
+log-likelihoods and ablation oracle on the GPU in fp32 and in the policy's half precision against
+CPU fp32 within measured tolerances (bench/gpu_checks.py); kit.evaluate.cost; a device_map="auto"
+dispatch over the GPU and the CPU; two processes on NCCL when two GPUs are visible; drop / save /
+reload / LoRA healing with the loss falling / merge; figures at Llama-2-7B's shape (cut to fit the
+GPU's memory): scan, MMLU and LoRA throughput, peak memory, the paper's workloads projected.
+Part "4bit" (bitsandbytes): a 4-bit NF4 load scanned and scored against CPU fp32, QLoRA steps with
+the loss falling, the merge.
 
-Needs no network and no cached asset. `--device cpu --shape tiny` runs the same code on a CPU
-in seconds (the test suite does, so the script cannot rot between GPU sessions).
+A part that cannot run prints `NOT RUN: <why>` and the check exits non-zero, unless that part was
+left out with --part. Needs no network and no cached asset (it sets HF_HUB_OFFLINE=1 itself), and no
+`make`. `--device cpu --shape tiny` runs the same code on a CPU (tests/test_gpu_check.py does).
 """
 
 import argparse
 import importlib.metadata
+import itertools
+import os
 import sys
 import tempfile
 import time
@@ -27,30 +30,58 @@ LLAMA_2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=3
                   num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)  # fmt: skip
 SMALL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=4, vocab_size=512, max_position_embeddings=4096)  # fmt: skip
-TOLERANCE = {"fp32": 1e-3, "half": 3e-2}  # max |GPU - CPU fp32| of scan distances (in [0, 1])
-NEEDED = ("torch", "transformers", "peft", "accelerate", "safetensors", "numpy", "pandas", "tqdm")  # by this check
-OPTIONAL = ("bitsandbytes",)  # without it the pipeline heals with plain LoRA and says so
+FIGURES = dict(texts=32, questions=400, heal_steps=6)  # the figures' sizes at 7B shape
+TINY_FIGURES = dict(FIGURES, questions=40)  # the same texts (the corpus bounds them); MMLU rows cost ~0.3 CPU s each here
+WEIGHT_SHARE = 0.45  # of the GPU's memory, for the 7B-shape weights (the rest: activations, LoRA training)
+PARTS = {  # part: the packages it needs (the kit's own imports included)
+    "full": ("torch", "transformers", "huggingface-hub", "tokenizers", "safetensors", "peft", "accelerate", "numpy",
+             "pandas", "tqdm", "packaging", "pyyaml"),
+    "4bit": ("bitsandbytes",),
+}  # fmt: skip
 PAPER = dict(scan_tokens=10_000 * 2048, mmlu_questions=14_042, heal_tokens=5000 * 16 * 2048)
 
 
-def versions() -> list[str]:
-    """Prints what this machine has of the packages this check needs, against pyproject.toml's
-    requirements; returns the needed ones that are missing or too old (empty: all there)."""
+def requirements() -> dict[str, list]:
+    """Every version requirement on the packages of PARTS: the kit's (pyproject.toml) and those of
+    the installed packages themselves (transformers' on huggingface-hub and tokenizers, ...)."""
     from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
 
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    requirements = {r.name: r for r in map(Requirement, project["dependencies"])}
-    missing = []
-    for name in NEEDED + OPTIONAL:
-        specifier = requirements[name].specifier if name in requirements else ""
+    wanted = {canonicalize_name(n) for names in PARTS.values() for n in names}
+    found = {name: [] for name in wanted}
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    installed = []
+    for name in wanted:
         try:
-            found = importlib.metadata.version(name)
+            installed += importlib.metadata.requires(name) or []
         except importlib.metadata.PackageNotFoundError:
-            found = None
-        ok = found is not None and (not specifier or specifier.contains(found, prereleases=True))
-        print(f"  {name:14s} {found or 'not installed':14s} needs {specifier or 'any'}{'' if ok else '  <- missing'}")
-        if not ok and name in NEEDED:
-            missing.append(f"{name}{specifier} (found {found})")
+            pass
+    for line in project + installed:
+        requirement = Requirement(line)
+        if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+            continue
+        if canonicalize_name(requirement.name) in wanted:
+            found[canonicalize_name(requirement.name)].append(requirement.specifier)
+    return found
+
+
+def versions(part: str) -> list[str]:
+    """Prints what this machine has of `part`'s packages against every requirement on them; returns
+    the missing or too old ones (empty: all there)."""
+    from packaging.utils import canonicalize_name
+
+    needed, missing = requirements(), []
+    for name in PARTS[part]:
+        specifiers = needed[canonicalize_name(name)]
+        wanted = ",".join(sorted({str(one) for s in specifiers for one in s})) or "any"
+        try:
+            have = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            have = None
+        ok = have is not None and all(s.contains(have, prereleases=True) for s in specifiers)
+        print(f"  {name:16s} {have or 'not installed':14s} needs {wanted}{'' if ok else '  <- missing'}")
+        if not ok:
+            missing.append(f"{name}{'' if wanted == 'any' else wanted} (found {have})")
     return missing
 
 
@@ -59,63 +90,18 @@ def timed(fn, device):
     import torch
 
     if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     result = fn()
     if device.type == "cuda":
-        torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+        torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     return result, time.perf_counter() - start, peak
 
 
-def synthetic_questions(n: int, subjects: int = 4):
-    """MMLU-shaped questions from the offline corpus (no asset): 5 shots per subject, then n questions."""
-    from kit.data import MMLUQuestion, corpus
-
-    words = " ".join(corpus("train")[:200]).split()
-    questions = [
-        MMLUQuestion(f"subject_{i % subjects}", " ".join(words[40 * i : 40 * i + 30]) + "?",
-                     tuple(" ".join(words[40 * i + 30 + 2 * k : 40 * i + 32 + 2 * k]) for k in range(4)), i % 4, i)
-        for i in range(n + 5 * subjects)
-    ]  # fmt: skip
-    pool = {q.subject: [p for p in questions[: 5 * subjects] if p.subject == q.subject] for q in questions}
-    return questions[5 * subjects :], lambda subject: pool[subject]
-
-
-def check_correctness(device, half, archs=None) -> list[str]:
-    """GPU against CPU fp32 on every tiny architecture; returns the failures."""
-    import torch
-
-    import kit
-    from kit.evaluate import mmlu, validation_loss
-
-    texts = kit.data.corpus("validation")[:8]
-    questions, pool = synthetic_questions(20)
-    failures = []
-    for arch in archs or kit.TINY_ARCHITECTURES:
-        reference, tokenizer = kit.tiny_model(arch, num_layers=4)
-        ref_scan = kit.angular_distances(reference, tokenizer, texts, batch_size=4, max_length=128).matrix
-        ref_loss = validation_loss(reference, tokenizer, texts, max_length=128).loss
-        ref_mmlu = mmlu(reference, tokenizer, questions, shots=2, fewshot=pool).predictions
-        for label, dtype in (("fp32", torch.float32), ("half", half)):
-            model = kit.tiny_model(arch, num_layers=4)[0].to(device, dtype)
-            scan = kit.angular_distances(model, tokenizer, texts, batch_size=4, max_length=128).matrix
-            error = (scan - ref_scan).abs().max().item()
-            loss = validation_loss(model, tokenizer, texts, max_length=128).loss
-            agree = sum(a == b for a, b in zip(mmlu(model, tokenizer, questions, shots=2, fewshot=pool).predictions, ref_mmlu))
-            ok = error <= TOLERANCE[label] and (label != "fp32" or (abs(loss / ref_loss - 1) < 1e-4 and agree == 20))
-            print(f"  {arch:9s} {label:4s} scan max error {error:.1e}  loss {loss:.4f} vs {ref_loss:.4f}  "
-                  f"predictions agree {agree}/20  {'ok' if ok else 'FAIL'}")  # fmt: skip
-            if not ok:
-                failures.append(f"{arch} {label}")
-    return failures
-
-
-def check_pipeline(device) -> list[str]:
-    """Drop, save, reload, heal a few steps, merge: on `device`."""
-    import importlib.util
-
+def check_pipeline(device, quantize: str | None) -> list[str]:
+    """Drop, save, reload, heal a few steps (LoRA on fp32, or QLoRA on 4-bit), merge: on `device`."""
     import torch
 
     import kit
@@ -133,19 +119,20 @@ def check_pipeline(device) -> list[str]:
         ids = torch.tensor([tokenizer(kit.data.corpus("train")[0])["input_ids"][:64]], device=device)
         with torch.no_grad():
             same = torch.allclose(pruned(input_ids=ids).logits, reloaded(input_ids=ids).logits, atol=1e-5)
-        quantize = "4bit" if device.type == "cuda" and importlib.util.find_spec("bitsandbytes") else None
         config = kit.HealConfig(rank=8, lr=3e-3, steps=12, batch_size=4, seq_len=64, quantize=quantize,
                                 log_every=1, eval_every=6, save_every=12)  # fmt: skip
-        texts = kit.data.corpus("train")[:40]
-        result = kit.heal(tmp / "pruned", tokenizer, texts, config, output_dir=tmp / "healed",
+        result = kit.heal(tmp / "pruned", tokenizer, kit.data.corpus("train")[:40], config, output_dir=tmp / "healed",
                           val_texts=kit.data.corpus("validation")[:4])  # fmt: skip
+        quantized = getattr(result.model.get_base_model(), "is_loaded_in_4bit", False)
         validation = [e["loss"] for e in result.history["validation"]]
         merged = kit.merge_adapter(tmp / "pruned", result.adapter_path, tmp / "merged")
         merged_layers = kit.layers.num_layers(kit.load_model(str(merged), device=device)[0])
-    print(f"  drop + save + reload: logits equal {same}; heal ({quantize or 'LoRA, no bitsandbytes'}): "
+    print(f"  drop + save + reload: logits equal {same}; heal ({'QLoRA, 4-bit base' if quantized else 'LoRA'}): "
           f"validation loss {validation[0]:.3f} -> {validation[-1]:.3f}; merged model has {merged_layers} layers")  # fmt: skip
     if not same:
         failures.append("reload after save_pruned")
+    if quantized != (quantize == "4bit"):
+        failures.append(f"healing base {'is' if quantized else 'is not'} 4-bit, asked {quantize}")
     if not validation[-1] < validation[0]:
         failures.append("healing did not lower the validation loss")
     if merged_layers != 4:
@@ -153,12 +140,59 @@ def check_pipeline(device) -> list[str]:
     return failures
 
 
+def check_4bit(device, archs, perturb=None) -> list[str]:
+    """4-bit NF4 loads of tiny checkpoints on `device`, against CPU fp32 (bench.gpu_checks.TOLERANCE["4bit"]);
+    perturb(model) alters the checkpoint (the test that the check can fail)."""
+    import kit
+    from bench.gpu_checks import reference_of
+
+    failures = []
+    for arch in archs:
+        reference = reference_of(arch)
+        with tempfile.TemporaryDirectory() as tmp:
+            model = reference.model()
+            if perturb is not None:
+                perturb(model)
+            model.save_pretrained(tmp)
+            reference.tokenizer.save_pretrained(tmp)
+            model, _ = kit.load_model(tmp, device=device, quantize="4bit")
+            failures += reference.compare(model, "4bit", "4bit")
+    return failures
+
+
+def fitted_shape(total_bytes: int, itemsize: int) -> dict:
+    """Llama-2-7B's shape, with fewer layers where its weights would take more than WEIGHT_SHARE of the GPU."""
+    h, inner, vocab = LLAMA_2_7B["hidden_size"], LLAMA_2_7B["intermediate_size"], LLAMA_2_7B["vocab_size"]
+    per_layer, fixed = (4 * h * h + 3 * h * inner) * itemsize, 2 * vocab * h * itemsize
+    layers = min(LLAMA_2_7B["num_hidden_layers"], int((WEIGHT_SHARE * total_bytes - fixed) // per_layer))
+    if layers < 2:
+        raise ValueError(f"a GPU of {total_bytes / 2**30:.1f} GiB holds fewer than 2 layers of Llama-2-7B's shape: use --shape tiny")
+    return {**LLAMA_2_7B, "num_hidden_layers": layers}
+
+
+def long_texts(tokenizer, n: int, length: int) -> list[str]:
+    """n texts of at least `length` tokens each, from the offline corpus read round and round (so
+    that any n exists, whatever the corpus's size on this Python)."""
+    from kit.data import corpus
+
+    chunks, texts = itertools.cycle(corpus("train")), []
+    for _ in range(n):
+        parts, tokens = [], 0
+        while tokens < length:
+            parts.append(next(chunks))
+            tokens += len(tokenizer(parts[-1])["input_ids"])
+        texts.append("\n\n".join(parts))
+    return texts
+
+
 def figures(device, dtype, shape: dict, *, texts: int, questions: int, heal_steps: int, length: int = 2048) -> None:
-    """Throughput and peak memory at `shape` (random weights), and the paper's workloads projected."""
+    """Throughput and peak memory at `shape` (random weights), and the paper's workloads projected
+    (at Llama-2-7B's 32 layers when `shape` has fewer)."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, TrainerCallback
 
     import kit
+    from bench.gpu_checks import mmlu_questions
     from kit.evaluate import mmlu
 
     tokenizer = kit.testing.tiny_tokenizer()  # any ids < the vocabulary do for random weights
@@ -166,26 +200,27 @@ def figures(device, dtype, shape: dict, *, texts: int, questions: int, heal_step
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     model.name_or_path = "llama-2-7b-shape"
-    print(f"  {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters in {dtype}")
-    long_texts = ["\n\n".join(kit.data.corpus("train")[i : i + 12]) for i in range(0, 12 * texts, 12)]
-    tokens = sum(min(length, len(tokenizer(t)["input_ids"])) for t in long_texts)
+    scale = LLAMA_2_7B["num_hidden_layers"] / shape["num_hidden_layers"] if shape["hidden_size"] == LLAMA_2_7B["hidden_size"] else 1
+    print(f"  {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters in {dtype}, {shape['num_hidden_layers']} layers")
+    scan_texts = long_texts(tokenizer, texts, length)
+    tokens = sum(min(length, len(tokenizer(t)["input_ids"])) for t in scan_texts)
 
     def forward():
         with torch.no_grad():
-            for batch in kit.text.batched(long_texts, 4):
+            for batch in kit.text.batched(scan_texts, 4):
                 model(**kit.text.encode(tokenizer, batch, max_length=length, device=device), logits_to_keep=1)
 
-    scan = lambda: kit.angular_distances(model, tokenizer, long_texts, batch_size=4, max_length=length)  # noqa: E731
+    scan = lambda: kit.angular_distances(model, tokenizer, scan_texts, batch_size=4, max_length=length)  # noqa: E731
     forward()  # warm-up
     _, plain_s, plain_peak = timed(forward, device)
     _, scan_s, scan_peak = timed(scan, device)
-    print(f"  scan {tokens / scan_s:,.0f} tokens/s (plain forward {tokens / plain_s:,.0f}; ratio {plain_s / scan_s:.2f}); "
-          f"peak {scan_peak:.1f} GiB (forward {plain_peak:.1f} GiB)")  # fmt: skip
+    print(f"  scan of {texts} texts x {length} tokens: {tokens / scan_s:,.0f} tokens/s (plain forward {tokens / plain_s:,.0f}; "
+          f"ratio {plain_s / scan_s:.2f}); peak {scan_peak:.1f} GiB (forward {plain_peak:.1f} GiB)")  # fmt: skip
 
-    qs, pool = synthetic_questions(questions)
+    qs, pool = mmlu_questions(questions)
     mmlu(model, tokenizer, qs[:8], shots=5, fewshot=pool, batch_size=16)  # warm-up
     _, mmlu_s, mmlu_peak = timed(lambda: mmlu(model, tokenizer, qs, shots=5, fewshot=pool, batch_size=16), device)
-    print(f"  MMLU 5-shot {len(qs) / mmlu_s:.1f} questions/s; peak {mmlu_peak:.1f} GiB")
+    print(f"  MMLU 5-shot, {len(qs)} questions: {len(qs) / mmlu_s:.1f} questions/s; peak {mmlu_peak:.1f} GiB")
 
     class StepTimes(TrainerCallback):
         def __init__(self):
@@ -193,57 +228,102 @@ def figures(device, dtype, shape: dict, *, texts: int, questions: int, heal_step
 
         def on_step_end(self, args, state, control, **kwargs):
             if device.type == "cuda":
-                torch.cuda.synchronize()
+                torch.cuda.synchronize(device)
             self.times.append(time.perf_counter())
 
     steps = StepTimes()
     heal_config = kit.HealConfig(rank=8, steps=heal_steps, batch_size=4, grad_accum=4, seq_len=length, quantize=None,
                                  save_every=heal_steps, log_every=1)  # fmt: skip
-    heal_texts = kit.data.corpus("train")
     with tempfile.TemporaryDirectory() as tmp:
-        _, _, heal_peak = timed(lambda: kit.heal(model, tokenizer, heal_texts, heal_config, output_dir=tmp, callbacks=[steps]), device)
+        heal = lambda: kit.heal(model, tokenizer, kit.data.corpus("train"), heal_config, output_dir=tmp, callbacks=[steps])  # noqa: E731
+        _, _, heal_peak = timed(heal, device)
     per_step = (steps.times[-1] - steps.times[0]) / (len(steps.times) - 1)
     heal_tps = heal_config.global_batch * length / per_step
     print(f"  LoRA ({dtype} base, gradient checkpointing) {heal_tps:,.0f} tokens/s at global batch 16 x {length}; "
           f"peak {heal_peak:.1f} GiB")  # fmt: skip
-    print("  projected on this device, the paper's workloads at this shape (tokens/s measured above):")
-    print(f"    scan of 10k texts x 2048 tokens: {PAPER['scan_tokens'] / (tokens / scan_s) / 60:.1f} min")
-    print(f"    full MMLU 5-shot (14,042 questions) per sweep point: {PAPER['mmlu_questions'] / (len(qs) / mmlu_s) / 60:.1f} min")
-    print(f"    5,000 healing steps at batch 16 x 2048: {PAPER['heal_tokens'] / heal_tps / 3600:.1f} h")
+    print(f"  projected on this device, the paper's workloads{' at 32 layers' if scale != 1 else ''} (rates measured above):")
+    print(f"    scan of 10k texts x 2048 tokens: {scale * PAPER['scan_tokens'] / (tokens / scan_s) / 60:.1f} min")
+    print(f"    full MMLU 5-shot (14,042 questions) per sweep point: {scale * PAPER['mmlu_questions'] / (len(qs) / mmlu_s) / 60:.1f} min")
+    print(f"    5,000 healing steps at batch 16 x 2048: {scale * PAPER['heal_tokens'] / heal_tps / 3600:.1f} h")
+
+
+def part_full(device, half, args) -> list[str]:
+    import torch
+
+    from bench import gpu_checks, gpu_nccl
+
+    print(f"== correctness on {device} against CPU fp32 (half precision: {half}), error/tolerance per check")
+    failures = gpu_checks.check_correctness(device, {"fp32": torch.float32, str(half).removeprefix("torch."): half}, args.archs)
+    print(f"== kit.evaluate.cost on {device}")
+    failures += gpu_checks.check_cost(device)
+    print(f"== device_map='auto' on {device} and beyond")
+    failures += gpu_checks.check_device_map(device)
+    print("== two processes on NCCL")
+    failures += gpu_nccl.check(device)
+    print(f"== pipeline on {device}, full precision")
+    failures += check_pipeline(device, quantize=None)
+    if args.shape == "7b":
+        shape = fitted_shape(torch.cuda.get_device_properties(device).total_memory, half.itemsize)
+        print(f"== figures at Llama-2-7B's shape on {device}: {shape['num_hidden_layers']} of 32 layers "
+              f"(weights at most {WEIGHT_SHARE:.0%} of the GPU's memory)")  # fmt: skip
+        figures(device, half, shape, **FIGURES, length=2048)
+    else:
+        print(f"== figures at a small shape on {device}")
+        figures(device, half if device.type == "cuda" else torch.float32, SMALL, **TINY_FIGURES, length=64)
+    return failures
+
+
+def part_4bit(device, half, args) -> list[str]:
+    print(f"== 4-bit NF4 on {device} against CPU fp32")
+    failures = check_4bit(device, args.archs)
+    print(f"== pipeline on {device}, 4-bit base (QLoRA)")
+    return failures + check_pipeline(device, quantize="4bit")
 
 
 def main(argv=None) -> int:
+    os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers / huggingface_hub are imported: nothing asks the Hub
     parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (a quick run of the same code)")
+    parser.add_argument("--device", default="cuda", help="cuda (default), cuda:1, or cpu (a run of the same code)")
     parser.add_argument("--shape", choices=("7b", "tiny"), default="7b", help="model shape of the figures")
+    parser.add_argument("--part", choices=("all", *PARTS), default="all", help="run only this part (the other is left out)")
+    parser.add_argument("--archs", nargs="+", help="tiny architectures of the correctness checks (default: all of kit.testing)")
     args = parser.parse_args(argv)
+    parts = list(PARTS) if args.part == "all" else [args.part]
     print("== versions")
-    missing = versions()
-    if missing:
-        print("missing: " + "; ".join(missing))
-        print("bring wheels: `pip download --no-deps -d wheels 'PACKAGE==VERSION'` where there is network, carry "
-              "wheels/, then `pip install --no-deps wheels/*.whl` here.")  # fmt: skip
+    missing = {part: versions(part) for part in parts}
+    if missing.get("full"):
+        print("missing: " + "; ".join(missing["full"]))
+        print("install the wheel sets (README, 'On a GPU'): `make wheelhouse` where there is network, then here "
+              "`pip install --no-index --no-deps --target deps wheelhouse/full/*.whl` and PYTHONPATH=deps.")  # fmt: skip
         return 2
     import torch
 
     from kit import device as policy
+    from kit.testing import TINY_ARCHITECTURES
 
+    if unknown := set(args.archs or ()) - set(TINY_ARCHITECTURES):
+        parser.error(f"no tiny model for {', '.join(sorted(unknown))}; choose among {', '.join(TINY_ARCHITECTURES)}")
+    args.archs = args.archs or list(TINY_ARCHITECTURES)
     device = policy.resolve_device(args.device)
     half = policy.resolve_dtype("auto", device) if device.type == "cuda" else torch.bfloat16
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         print(f"  {props.name}, {props.total_memory / 2**30:.0f} GiB, native bf16: {policy.native_bf16(device)}")
-    print(f"== correctness on {device} against CPU fp32 (half precision: {half})")
-    failures = check_correctness(device, half)
-    print(f"== pipeline on {device}")
-    failures += check_pipeline(device)
-    seven_b = args.shape == "7b"
-    print(f"== figures at {'Llama-2-7B' if seven_b else 'a small'} shape on {device}")
-    figures(device, half if device.type == "cuda" else torch.float32, LLAMA_2_7B if seven_b else SMALL,
-            texts=32 if seven_b else 2, questions=400 if seven_b else 8, heal_steps=6 if seven_b else 3,
-            length=2048 if seven_b else 256)  # fmt: skip
-    print("FAILED: " + ", ".join(failures) if failures else "all checks passed")
-    return 1 if failures else 0
+    failures, not_run = [], []
+    for part in parts:
+        print(f"==== part {part}")
+        if missing.get(part):
+            not_run.append(f"{part}: {'; '.join(missing[part])}: install wheelhouse/{part} (README, 'On a GPU')")
+            print(f"NOT RUN: {not_run[-1]}")
+            continue
+        failures += {"full": part_full, "4bit": part_4bit}[part](device, half, args)
+    for reason in not_run:
+        print(f"NOT RUN: {reason}")
+    if failures:
+        print("FAILED: " + "; ".join(failures))
+    elif not not_run:
+        print(f"all checks of part {', '.join(parts)} passed")
+    return 1 if failures or not_run else 0
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ class CostResult:
     prefill_tokens_per_s: float  # prompt tokens of the whole batch per second of prefill
     decode_tokens_per_s: float  # generated tokens of the whole batch per second of cached decoding
     time_to_first_token_s: float  # prefill of the prompt up to the first generated token
-    peak_memory_bytes: int | None  # CUDA: peak allocated; CPU: peak resident set of the process (None: unreadable)
+    peak_memory_bytes: int | None  # CUDA: peak allocated, summed over the model's GPUs; CPU: peak resident set of the process (None: unreadable)
     device: str
     dtype: str
     context: int  # tokens per sequence in the cache after generation (prompt + new tokens - 1)
@@ -141,14 +141,16 @@ def prompt_ids(tokenizer, prompt_tokens: int) -> torch.Tensor:
 
 
 def _timed(fn, device: torch.device):
-    """fn() and its duration in seconds: CUDA events on GPU, the wall clock elsewhere."""
+    """fn() and its duration in seconds: CUDA events on GPU (recorded on `device`'s stream, whichever
+    GPU is current), the wall clock elsewhere."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        result = fn()
-        end.record()
-        end.synchronize()
+        with torch.cuda.device(device):
+            torch.cuda.synchronize(device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            result = fn()
+            end.record()
+            end.synchronize()
         return result, start.elapsed_time(end) / 1000
     start = time.perf_counter()
     result = fn()
@@ -177,9 +179,15 @@ def generate(model, prompt: torch.Tensor, new_tokens: int):
     return tokens, prefill_s, decode_s, cache
 
 
-def _reset_peak(device: torch.device) -> bool:
+def gpus(model) -> list[torch.device]:
+    """The GPUs holding the model's parameters: one, or each of a device_map's."""
+    return sorted({p.device for p in model.parameters() if p.device.type == "cuda"}, key=lambda d: d.index or 0)
+
+
+def _reset_peak(device: torch.device, devices: list[torch.device]) -> bool:
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+        for gpu in devices:
+            torch.cuda.reset_peak_memory_stats(gpu)
         return True
     try:
         Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak resident set (VmHWM)
@@ -188,9 +196,10 @@ def _reset_peak(device: torch.device) -> bool:
         return False
 
 
-def _peak(device: torch.device) -> int | None:
+def _peak(device: torch.device, devices: list[torch.device]) -> int | None:
+    """CUDA: the sum over the model's GPUs of each one's peak allocation; CPU: the peak resident set."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
+        return sum(torch.cuda.max_memory_allocated(gpu) for gpu in devices)
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
@@ -226,9 +235,9 @@ def cost(model, tokenizer, *, prompt_tokens: int = 128, new_tokens: int = 32, ba
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     with _threads(device, threads) as used:
         generate(model, prompt, new_tokens)
-        readable = _reset_peak(device)
+        readable = _reset_peak(device, gpus(model) or [device])
         runs = [generate(model, prompt, new_tokens)[1:3] for _ in range(repeats)]
-        peak = _peak(device) if readable else None
+        peak = _peak(device, gpus(model) or [device]) if readable else None
     prefill_s, decode_s = (tuple(seconds) for seconds in zip(*runs))
     context = prompt_tokens + new_tokens - 1
     return CostResult(

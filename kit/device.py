@@ -31,10 +31,11 @@ def native_bf16(device: torch.device) -> bool:
     """Whether `device` computes bf16 in hardware (a T4 only emulates it, several times slower)."""
     if device.type != "cuda":
         return False
-    try:
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    except TypeError:  # torch < 2.4 has no including_emulation
-        return torch.cuda.get_device_capability(device)[0] >= 8
+    with torch.cuda.device(device):  # is_bf16_supported reads the current device: make it `device`
+        try:
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # torch < 2.4 has no including_emulation
+            return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def resolve_dtype(dtype=AUTO, device=AUTO) -> torch.dtype:

@@ -33,13 +33,17 @@ def is_main() -> bool:
 def init() -> bool:
     """Join the process group a launcher describes in the environment (WORLD_SIZE, RANK, MASTER_ADDR),
     on NCCL with one GPU per process when GPUs are visible, else gloo. False when not launched so."""
-    if active() or int(os.environ.get("WORLD_SIZE", "1")) < 2:
-        return active()
-    if torch.cuda.is_available() and os.environ.get("KIT_DEVICE", "cuda").startswith("cuda"):
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl")
-    else:
-        dist.init_process_group("gloo")
+    if not active():
+        if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+            return False
+        nccl = torch.cuda.is_available() and os.environ.get("KIT_DEVICE", "cuda").startswith("cuda")
+        if nccl:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if nccl else "gloo")
+    if dist.get_backend() == "nccl" and "LOCAL_RANK" in os.environ:
+        # also when a group exists already (accelerate's): NCCL's collectives run on the current
+        # device, and without this every rank would use cuda:0 ("Duplicate GPU detected" or a hang)
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     return True
 
 

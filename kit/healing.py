@@ -136,6 +136,12 @@ def _base_model(model_or_path, tokenizer, quantize: str | None, scratch: Path) -
     model = model_or_path
     if quantize is None or getattr(model, "is_loaded_in_4bit", False):
         return model
+    return reloaded(model, tokenizer, quantize, scratch)
+
+
+def reloaded(model: nn.Module, tokenizer, quantize: str | None, scratch: Path) -> nn.Module:
+    """A new copy of `model` (quantized if asked), loaded from a temporary checkpoint in `scratch`:
+    how a 4-bit model is copied (bitsandbytes quantizes while loading)."""
     scratch.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=scratch, prefix=".unquantized.") as tmp:
         model.save_pretrained(tmp)
@@ -263,6 +269,18 @@ def single_gpu(args: TrainingArguments) -> TrainingArguments:
     return args
 
 
+def _require_trainer_gpu(model: nn.Module) -> None:
+    """Without a launcher the Trainer trains on cuda:0: a 4-bit model on another GPU is refused by
+    accelerate, a full-precision one silently moved. Stop first, saying how to use that GPU."""
+    device, placed = model_device(model), {str(d) for d in getattr(model, "hf_device_map", {}).values()}
+    if device.type == "cuda" and (device.index or 0) != 0 and len(placed) < 2 and not distributed.active():
+        raise ValueError(
+            f"the model is on {device}, but without a launcher the HF Trainer trains on cuda:0. To heal on GPU "
+            f"{device.index}, run with CUDA_VISIBLE_DEVICES={device.index} (it is then cuda:0) and DEVICE='cuda'; "
+            "or load the model on cuda:0."
+        )
+
+
 def _last_complete_checkpoint(output_dir: Path) -> str | None:
     """The newest Trainer checkpoint written to the end (its trainer_state.json, saved last, parses);
     newer ones cut short by a crash are deleted, and training resumes before them."""
@@ -344,6 +362,8 @@ def heal(
             "Distillation needs both a teacher model and config.distill_weight > 0: "
             f"got teacher={'a model' if teacher is not None else None}, distill_weight={config.distill_weight}."
         )
+    if not isinstance(model_or_path, (str, Path)):
+        _require_trainer_gpu(model_or_path)
     output_dir = Path(output_dir)
     distributed.init()  # under accelerate launch / torchrun: join the group before rank 0 checks output_dir
     distributed.require_same("healing", dict(texts=distributed.digest(texts), val_texts=distributed.digest(val_texts or []),

@@ -5,14 +5,17 @@ import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .artifacts import atomic_dir, read_json
+from .artifacts import atomic_dir, read_json, write_json
+from .layers import anatomy
 from .models import resolve
 from .progress import progress
+from .prune import pruned_before
 
 
 def _checkpoint_folder(base) -> Path:
@@ -96,4 +99,42 @@ def merge_adapter(base, adapter_path, out_dir) -> Path:
         for extra in source.iterdir():  # config, generation config, shard index, tokenizer files
             if extra.is_file() and extra.suffix != ".safetensors":
                 shutil.copy2(extra, tmp / extra.name)
+    return Path(out_dir)
+
+
+def save_pruned_full_precision(model, tokenizer, out_dir) -> Path:
+    """The checkpoint of a pruned model loaded 4-bit, written from the full-precision weights it was
+    loaded from (model.name_or_path), streamed shard by shard: the layers it lacks dropped, the others
+    renumbered, its pruned config without the quantization. merge_adapter takes it as a base (a 4-bit
+    checkpoint it refuses); notebook 02 writes it with QUANTIZE="auto" on a model too big for the GPU."""
+    source = _checkpoint_folder(model.name_or_path)
+    base_pruned = pruned_before(SimpleNamespace(**read_json(source / "config.json")))
+    total = model.config.num_hidden_layers + len(pruned_before(model.config))
+    originals = [i for i in range(total) if i not in base_pruned]  # the base's layers, by original index
+    kept = [i for i in range(total) if i not in pruned_before(model.config)]
+    renumber = {s: kept.index(o) for s, o in enumerate(originals) if o in kept}  # base index -> pruned index
+    prefix = anatomy(model).layers + "."
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    with atomic_dir(out_dir) as tmp:
+        index = {}
+        for shard in progress(sorted(source.glob("*.safetensors")), desc="writing the pruned checkpoint", unit="shard"):
+            tensors = {}
+            with safe_open(shard, framework="pt") as f:
+                for name in f.keys():
+                    if not name.startswith(prefix):
+                        tensors[name] = f.get_tensor(name)
+                        continue
+                    layer, rest = name.removeprefix(prefix).split(".", 1)
+                    if int(layer) in renumber:
+                        tensors[f"{prefix}{renumber[int(layer)]}.{rest}"] = f.get_tensor(name)
+                metadata = f.metadata()
+            save_file(tensors, tmp / shard.name, metadata=metadata)
+            index.update(dict.fromkeys(tensors, shard.name))
+        if (source / "model.safetensors.index.json").exists():
+            write_json(tmp / "model.safetensors.index.json", {"metadata": {}, "weight_map": index})
+        write_json(tmp / "config.json", config)
+        if (source / "generation_config.json").exists():
+            shutil.copy2(source / "generation_config.json", tmp)
+        tokenizer.save_pretrained(tmp)
     return Path(out_dir)

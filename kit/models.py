@@ -35,17 +35,37 @@ def weight_bytes(source: str, dtype: torch.dtype, trust_remote_code: bool = Fals
     return sum(p.numel() for p in empty.parameters()) * dtype.itemsize
 
 
-def resolve_quantize(quantize, source: str, device: torch.device, dtype: torch.dtype, trust_remote_code=False):
-    """None or "4bit". "auto" picks 4-bit (NF4) only on a GPU that cannot hold the weights in `dtype`
-    with a fifth of its memory to spare, and only when bitsandbytes is installed."""
+def gpu_capacity(device: torch.device, device_map=None, max_memory=None) -> int:
+    """Bytes of GPU memory the weights may use: the GPUs in `max_memory` when given, every visible GPU
+    under a device_map such as "auto", else `device` alone."""
+    if max_memory:
+        from accelerate.utils import convert_file_size_to_int
+
+        return sum(convert_file_size_to_int(size) for key, size in max_memory.items() if key not in ("cpu", "disk", "mps"))
+    indices = range(torch.cuda.device_count()) if device_map is not None else [device.index or 0]
+    return sum(torch.cuda.get_device_properties(i).total_memory for i in indices)
+
+
+def resolve_quantize(quantize, source: str, device: torch.device, dtype: torch.dtype, trust_remote_code=False, *,
+                     device_map=None, max_memory=None):  # fmt: skip
+    """None or "4bit". "auto" picks 4-bit (NF4) only on a GPU (or the GPUs of a device_map) that cannot
+    hold the weights in `dtype` with a fifth of its memory to spare; then bitsandbytes must be installed."""
     if quantize not in (None, "4bit", device_policy.AUTO):
         raise ValueError(f"quantize must be '4bit', 'auto' or None, not {quantize!r}")
     if quantize != device_policy.AUTO:
         return quantize
-    if device.type != "cuda" or importlib.util.find_spec("bitsandbytes") is None:
+    if device.type != "cuda":
         return None
-    free = 0.8 * torch.cuda.get_device_properties(device).total_memory
-    return "4bit" if weight_bytes(source, dtype, trust_remote_code) > free else None
+    size, capacity = weight_bytes(source, dtype, trust_remote_code), gpu_capacity(device, device_map, max_memory)
+    if size <= 0.8 * capacity:
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(
+            f"{source} takes {size / 2**30:.1f} GiB in {dtype}, more than 80% of the {capacity / 2**30:.1f} GiB of GPU "
+            "memory, and quantize='auto' would load it 4-bit, but bitsandbytes is not installed: install it "
+            "(pip install bitsandbytes), or pass quantize=None with device_map='auto' to offload to the CPU."
+        )
+    return "4bit"
 
 
 def _gguf_checkpoint(path: Path) -> Path:
@@ -99,7 +119,7 @@ def load_model(
     source = resolve(name)
     target = device_policy.resolve_device(device)
     dtype = device_policy.resolve_dtype(dtype, target)
-    quantize = resolve_quantize(quantize, source, target, dtype, trust_remote_code)
+    quantize = resolve_quantize(quantize, source, target, dtype, trust_remote_code, device_map=device_map, max_memory=max_memory)
     kwargs = dict(
         dtype=dtype,
         device_map=device_map if device_map is not None else {"": target},

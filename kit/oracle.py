@@ -110,7 +110,7 @@ def _head(model):
 
 def _scored(hidden: torch.Tensor, scored: torch.Tensor):
     """The hidden states of the scored positions, in chunks of _TOKEN_CHUNK tokens."""
-    return hidden[:, :-1][scored].split(_TOKEN_CHUNK)
+    return hidden[:, :-1][scored.to(hidden.device)].split(_TOKEN_CHUNK)  # under a device_map: the last layer's device
 
 
 def _sizes(ns, num_layers: int) -> list[int]:
@@ -164,6 +164,7 @@ def ablation_losses(
             if len(calls) != L or inputs.output is None:
                 raise RuntimeError(f"captured the inputs of {len(calls)} layers, expected {L}")
             reference = torch.cat([head(h).log_softmax(-1) for h in _scored(inputs.output, scored)])
+            targets = targets.to(reference.device)  # the LM head's device, under a device_map not the inputs'
             loss[0] += F.nll_loss(reference, targets, reduction="sum").item()
             for block in blocks:
                 hidden = layers.layer_input(*calls[block.start])
@@ -172,8 +173,8 @@ def ablation_losses(
                 done = 0
                 for chunk in _scored(hidden, scored):
                     logp = head(chunk).log_softmax(-1)
-                    ref = reference[done : done + len(chunk)]
-                    loss[block.n, block.start] += F.nll_loss(logp, targets[done : done + len(chunk)], reduction="sum").item()
+                    ref, target = (t[done : done + len(chunk)].to(logp.device) for t in (reference, targets))
+                    loss[block.n, block.start] += F.nll_loss(logp, target, reduction="sum").item()
                     kl[block.n, block.start] += F.kl_div(logp, ref, log_target=True, reduction="sum").item()
                     done += len(chunk)
             count += len(targets)

@@ -135,7 +135,7 @@ def _runs(indices) -> list[list[int]]:
     return runs
 
 
-def _pruned_before(config) -> set[int]:
+def pruned_before(config) -> set[int]:
     """Original-model indices of the layers removed by earlier pruning (config.pruned_blocks)."""
     return {start + k for start, n in getattr(config, PRUNED_BLOCKS, None) or [] for k in range(n)}
 
@@ -209,7 +209,7 @@ def _removal(model: nn.Module, block: Block) -> tuple[nn.ModuleList, list[tuple[
     block.check(num)
     config = model.config
     kept = [i for i in range(num) if i not in block.layers]
-    before = _pruned_before(config)
+    before = pruned_before(config)
     original = [i for i in range(num + len(before)) if i not in before]  # original index of each layer
 
     edits = _config_edits(layers.text_config(config), block, num)
@@ -331,7 +331,13 @@ def drop_layers(model: nn.Module, block: Block, *, inplace: bool = False) -> nn.
 
 def save_pruned(model: nn.Module, tokenizer, path: str | Path) -> Path:
     """Write `model` and `tokenizer` to `path` atomically as a plain HF checkpoint (safetensors):
-    `AutoModelForCausalLM.from_pretrained(path)` loads it without the kit."""
+    `AutoModelForCausalLM.from_pretrained(path)` loads it without the kit. A 4-bit model is refused:
+    its checkpoint could not be healed and merged; kit.merge.save_pruned_full_precision writes it."""
+    if getattr(model, "is_loaded_in_4bit", False):
+        raise ValueError(
+            "the model is loaded 4-bit: its pruned checkpoint would be 4-bit, which merge_adapter refuses. Write it "
+            "from the full-precision weights instead: kit.merge.save_pruned_full_precision(model, tokenizer, path)."
+        )
     return save_checkpoint(path, model, tokenizer)
 
 

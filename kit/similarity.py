@@ -64,13 +64,27 @@ def _pair_sums(states: list[torch.Tensor], metric: str, text_of_token: torch.Ten
     """Per text, the sum over its tokens of the distance between every pair of positions
     ([texts, L+1, L+1], float64); text_of_token gives each selected token's row in the batch."""
     total = torch.zeros(n_texts, len(states), len(states), dtype=torch.float64, device=states[0].device)
-    for start in range(0, len(states[0]), _TOKEN_CHUNK):
-        chunk = torch.stack([state[start : start + _TOKEN_CHUNK] for state in states])
-        unit = F.normalize(chunk.double(), dim=-1)
+    step = _chunk_tokens(len(states), states[0].shape[-1], states[0].device)
+    for start in range(0, len(states[0]), step):
+        # float64 from the norms on: unit vectors normalised in fp32 have cos(x, x) = 1 - 1e-7, which
+        # arccos turns into 1e-4 of distance for every (near-)parallel pair (the diagonal's 3e-4)
+        unit = F.normalize(torch.stack([state[start : start + step] for state in states]).double(), dim=-1)
         cos = torch.einsum("ptd,qtd->tpq", unit, unit).clamp_(-1.0, 1.0)
         distance = 1.0 - cos if metric == "block_influence" else torch.arccos(cos) / math.pi
-        total.index_add_(0, text_of_token[start : start + _TOKEN_CHUNK], distance)
+        total.index_add_(0, text_of_token[start : start + step], distance)
     return total
+
+
+def _chunk_tokens(positions: int, hidden: int, device: torch.device) -> int:
+    """Tokens per pairwise-cosine chunk: _TOKEN_CHUNK, fewer where a chunk's buffers (the fp32 stack of
+    [positions, tokens, hidden], its fp64 copy and unit vectors, fp64 [tokens, positions, positions]
+    cosines and distances) would take more than a quarter of the GPU's free memory (2.6 GiB at 1,024
+    tokens, 33 positions and hidden 4,096: more than a T4 has free after a 7B fp16 load)."""
+    if device.type != "cuda":
+        return _TOKEN_CHUNK
+    free, _ = torch.cuda.mem_get_info(device)
+    per_token = positions * hidden * (4 + 8 + 8) + 2 * positions**2 * 8
+    return max(1, min(_TOKEN_CHUNK, free // 4 // per_token))
 
 
 class _Sums:

@@ -216,8 +216,15 @@ def healer(texts: list[str], config, *, output_root, val_texts=None) -> Callable
 
     def run(pruned, tokenizer, block: Block):
         output_dir = Path(output_root) / f"n{block.n}"
-        # a 4-bit heal re-loads the pruned weights quantized; LoRA on the full-precision base needs its own copy
-        base = pruned if config.quantize else copy.deepcopy(pruned)
+        # never the loaded model itself: later points are measured on it. A 4-bit heal of a full-precision
+        # model re-loads the pruned weights quantized anyway; a 4-bit model is copied through a checkpoint
+        # (peft would cast its norms and inject LoRA in place); a full-precision one is deep-copied
+        if getattr(pruned, "is_loaded_in_4bit", False):
+            from .healing import reloaded
+
+            base = reloaded(pruned, tokenizer, "4bit", output_dir)
+        else:
+            base = pruned if config.quantize else copy.deepcopy(pruned)
         return heal_model(base, tokenizer, texts, config, output_dir=output_dir, val_texts=val_texts).model
 
     return run

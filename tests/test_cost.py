@@ -1,5 +1,6 @@
 """Inference cost: exact counts against hand computation and the real cache, generation with the cache."""
 
+import contextlib
 import statistics
 from pathlib import Path
 
@@ -158,3 +159,42 @@ def test_bad_input():
             cost.cost(model, tokenizer, **kwargs)
     with pytest.raises(ValueError, match="needs a causal LM with a generation head, got LlamaModel"):
         cost.cost(model.model, tokenizer)
+
+
+def test_on_gpus_the_events_run_on_the_models_gpu_and_the_peaks_of_all_its_gpus_are_summed(monkeypatch):
+    # Mocked CUDA (no GPU here). On a GPU: events recorded outside torch.cuda.device(model's GPU) time the
+    # current GPU's stream, not the model's; under a device_map one GPU's peak misses the others'.
+    current, recorded = [0], []
+
+    @contextlib.contextmanager
+    def on(device):
+        before, current[0] = current[0], device.index
+        yield
+        current[0] = before
+
+    class Event:
+        def __init__(self, enable_timing):
+            self.at = None
+
+        def record(self):
+            recorded.append(current[0])
+            self.at = len(recorded)
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, other):
+            return 1000.0 * (other.at - self.at)
+
+    monkeypatch.setattr(torch.cuda, "device", on)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    result, seconds = cost._timed(lambda: "done", torch.device("cuda", 1))
+    assert (result, seconds, recorded, current) == ("done", 1.0, [1, 1], [0])
+
+    peaks, reset = {0: 5, 1: 7}, []
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: reset.append(device.index))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: peaks[device.index])
+    two = [torch.device("cuda", 0), torch.device("cuda", 1)]
+    assert cost._reset_peak(two[0], two) and reset == [0, 1]
+    assert cost._peak(two[0], two) == 12

@@ -1,5 +1,7 @@
 """The device and dtype policy under mocked GPUs: bf16 only where native, fp16 on older GPUs, fp32 on CPU."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -13,10 +15,22 @@ def gpu(monkeypatch):
 
     monkeypatch.delenv("KIT_DEVICE")
 
-    def make(native_bf16: bool, memory_gb: float = 16):
+    def make(native_bf16, memory_gb: float = 16):
+        """native_bf16: one bool for every GPU, or one per GPU (cuda:0, cuda:1, ...)."""
+        per_gpu = native_bf16 if isinstance(native_bf16, tuple) else (native_bf16,) * 8
+        current = [0]
+
+        @contextlib.contextmanager
+        def on(device):  # torch.cuda.device: what is_bf16_supported and friends then read
+            before, current[0] = current[0], torch.device(device).index
+            yield
+            current[0] = before
+
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native_bf16 or including_emulation)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+        monkeypatch.setattr(torch.cuda, "device", on)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                            lambda including_emulation=True: per_gpu[current[0]] or including_emulation)  # fmt: skip
         props = type("Props", (), {"total_memory": int(memory_gb * 2**30)})()
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
 
@@ -45,6 +59,14 @@ def test_an_ampere_gpu_gets_bf16(gpu):
     assert policy.mixed_precision(torch.bfloat16, device) == {"bf16": True, "fp16": False}
 
 
+def test_each_gpu_is_asked_for_its_own_bf16(gpu):
+    # a T4 as cuda:0 beside an A100 as cuda:1: the dtype of cuda:1 is read on cuda:1, not on the current GPU
+    gpu(native_bf16=(False, True))
+    assert policy.resolve_dtype("auto", "cuda:1") == torch.bfloat16
+    assert policy.resolve_dtype("auto", "cuda:0") == torch.float16
+    assert torch.cuda.current_device() == 0
+
+
 def test_explicit_dtype_wins_and_bad_values_say_what_to_pass():
     assert policy.resolve_dtype("bfloat16", "cpu") == torch.bfloat16
     assert policy.resolve_dtype(torch.float16, "cpu") == torch.float16
@@ -70,6 +92,21 @@ def test_quantize_auto_picks_4bit_only_when_the_weights_do_not_fit(gpu, monkeypa
     gpu(native_bf16=True, memory_gb=2 * size / 2**30)
     assert kit.models.resolve_quantize("auto", str(tmp_path), cuda, torch.float16) is None
     assert kit.models.resolve_quantize(None, str(tmp_path), cuda, torch.float16) is None
+
+
+def test_quantize_auto_counts_a_device_maps_gpus_and_stops_without_bitsandbytes(gpu, monkeypatch, tmp_path):
+    kit.tiny_model("llama")[0].save_pretrained(tmp_path)
+    size, cuda = kit.models.weight_bytes(str(tmp_path), torch.float16), torch.device("cuda", 0)
+    gpu(native_bf16=True, memory_gb=0.7 * size / 2**30)  # one GPU holds 70% of the weights, two hold 140%
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert kit.models.resolve_quantize("auto", str(tmp_path), cuda, torch.float16) == "4bit"
+    assert kit.models.resolve_quantize("auto", str(tmp_path), cuda, torch.float16, device_map="auto") is None
+    assert kit.models.resolve_quantize("auto", str(tmp_path), cuda, torch.float16, device_map="auto",
+                                       max_memory={0: int(0.7 * size), "cpu": "10GiB"}) == "4bit"  # fmt: skip
+    real = kit.models.importlib.util.find_spec
+    monkeypatch.setattr(kit.models.importlib.util, "find_spec", lambda name: None if name == "bitsandbytes" else real(name))
+    with pytest.raises(ValueError, match="bitsandbytes is not installed: install it"):
+        kit.models.resolve_quantize("auto", str(tmp_path), cuda, torch.float16)
 
 
 def test_kit_device_pins_the_default_device(monkeypatch):

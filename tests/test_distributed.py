@@ -199,3 +199,16 @@ def test_cli_scan_under_torchrun_equals_one_process(tmp_path):
 def test_distributed_imports_nothing_from_the_kit():
     tree = ast.parse((REPO / "kit" / "distributed.py").read_text())
     assert not [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and (n.level or (n.module or "").startswith("kit"))]
+
+
+def test_init_sets_each_ranks_gpu_also_when_a_group_exists(monkeypatch):
+    # Mocked NCCL group (no GPU here). On GPUs: a group made by accelerate before init() left every rank
+    # on cuda:0, where NCCL's object collectives then hang or fail with "Duplicate GPU detected".
+    chosen = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert distributed.init() and chosen == [1]
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "gloo")
+    assert distributed.init() and chosen == [1]

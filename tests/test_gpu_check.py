@@ -1,25 +1,104 @@
-"""`make gpu-check` runs where no test runs (a GPU machine, offline): its code runs here on the CPU
-so that it works the first time it gets a GPU."""
+"""`make gpu-check` runs where no test runs (a GPU machine, offline): every part of it runs here on
+the CPU at its real text counts, so that it works the first time it gets a GPU; and every check it
+makes fails on a model with one perturbed weight, so that passing means something."""
 
+import importlib.metadata
+import re
+
+import pytest
 import torch
 
-from bench import gpu_check
+import kit
+from bench import gpu_check, gpu_checks, gpu_nccl
+
+CPU = torch.device("cpu")
 
 
-def test_versions_are_met_here_and_a_missing_package_is_named(monkeypatch, capsys):
-    assert gpu_check.versions() == []
-    real = gpu_check.importlib.metadata.version
-    monkeypatch.setattr(gpu_check.importlib.metadata, "version", lambda name: "5.17.0" if name == "transformers" else real(name))
-    assert gpu_check.versions() == ["transformers>=5.24 (found 5.17.0)"]
-    assert "transformers   5.17.0         needs >=5.24  <- missing" in capsys.readouterr().out
-    assert gpu_check.main(["--device", "cpu"]) == 2  # stops before anything else, saying how to bring wheels
+def perturb(model):
+    """One weight matrix of the model under test scaled by 10: layer 1's MLP output projection (its last matrix)."""
+    weight = [p for p in kit.layers.decoder_layers(model)[1].parameters() if p.dim() == 2][-1]
+    with torch.no_grad():
+        weight.mul_(10)
 
 
-def test_correctness_pipeline_and_figures_run_on_the_cpu(capsys):
-    cpu = torch.device("cpu")
-    assert gpu_check.check_correctness(cpu, torch.bfloat16, archs=("llama", "gemma3")) == []
-    assert gpu_check.check_pipeline(cpu) == []
-    gpu_check.figures(cpu, torch.float32, gpu_check.SMALL, texts=1, questions=2, heal_steps=2, length=64)
+def test_versions_name_every_missing_or_too_old_package(monkeypatch, capsys):
+    assert gpu_check.versions("full") == [] and gpu_check.versions("4bit") == []
+    real = importlib.metadata.version
+
+    def version(name):
+        if name in ("pandas", "bitsandbytes"):
+            raise importlib.metadata.PackageNotFoundError(name)
+        return {"transformers": "5.17.0", "huggingface-hub": "0.30.0"}.get(name) or real(name)
+
+    monkeypatch.setattr(gpu_check.importlib.metadata, "version", version)
+    missing = gpu_check.versions("full")
+    assert [re.match(r"[\w-]+", m).group() for m in missing] == ["transformers", "huggingface-hub", "pandas"]
+    assert "transformers>=5.24 (found 5.17.0)" in missing and "pandas (found None)" in missing
+    hub = next(m for m in missing if m.startswith("huggingface-hub"))  # transformers' own requirement on it
+    assert hub.endswith("(found 0.30.0)") and ">=" in hub
+    assert gpu_check.versions("4bit") == ["bitsandbytes>=0.48 (found None)"]
+    assert "<- missing" in capsys.readouterr().out
+    assert gpu_check.main(["--device", "cpu"]) == 2  # stops before anything else, saying how to install the wheels
+
+
+def test_a_part_that_cannot_run_says_so_and_fails_the_check_unless_left_out(monkeypatch, capsys):
+    ran = []
+    monkeypatch.setattr(gpu_check, "part_full", lambda device, half, args: ran.append("full") or [])
+    monkeypatch.setattr(gpu_check, "part_4bit", lambda device, half, args: ran.append("4bit") or [])
+    real = gpu_check.versions
+    monkeypatch.setattr(gpu_check, "versions", lambda part: ["bitsandbytes>=0.48 (found None)"] if part == "4bit" else real(part))
+    assert gpu_check.main(["--device", "cpu"]) == 1 and ran == ["full"]
     out = capsys.readouterr().out
-    assert "predictions agree 20/20  ok" in out and "FAIL" not in out
-    assert "full MMLU 5-shot (14,042 questions) per sweep point" in out
+    assert "NOT RUN: 4bit: bitsandbytes>=0.48 (found None)" in out and "passed" not in out
+    assert gpu_check.main(["--device", "cpu", "--part", "full"]) == 0 and ran == ["full", "full"]
+    assert "all checks of part full passed" in capsys.readouterr().out
+
+
+def test_every_part_runs_on_the_cpu_at_its_real_text_counts(capsys):
+    assert gpu_check.main(["--device", "cpu", "--shape", "tiny", "--archs", "llama"]) == 0
+    out = capsys.readouterr().out
+    assert "all checks of part full, 4bit passed" in out and "FAIL" not in out and "NOT RUN" not in out
+    assert f"scan of {gpu_check.FIGURES['texts']} texts x 64 tokens" in out  # the 7B shape's count of corpus texts
+    assert f"MMLU 5-shot, {gpu_check.TINY_FIGURES['questions']} questions" in out  # synthetic: any number exists
+    assert "heal (QLoRA, 4-bit base)" in out and "heal (LoRA)" in out
+    assert "device_map='auto' over cpu + disk" in out and "skipped: a CPU run; NCCL needs two GPUs" in out
+
+
+def test_every_correctness_check_fails_on_a_perturbed_model(capsys):
+    every = "scan, loss, loglik, oracle"  # predictions fail too where a margin was wider than the tolerance
+    failures = gpu_checks.check_correctness(CPU, {"fp32": torch.float32, "bfloat16": torch.bfloat16}, ["llama"], perturb=perturb)
+    failures += gpu_checks.check_device_map(CPU, perturb=perturb) + gpu_check.check_4bit(CPU, ["llama"], perturb=perturb)
+    assert [f.split(": ")[0] for f in failures] == ["llama fp32", "llama bfloat16", "llama dispatched", "llama 4bit"]
+    assert all(f.split(": ")[1].startswith(every) for f in failures[:3]), failures
+    # NF4's own error on a random tiny model (loss 5e-4, log-likelihoods 0.13) is wider than what this
+    # perturbation does to them (loss 1.2e-3 relative): in 4-bit the scan is the check that sees it
+    assert failures[3].split(": ")[1].startswith("scan"), failures
+    assert gpu_checks.check_cost(CPU, perturb=perturb) == ["cost"]
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_the_answers_are_single_tokens_so_the_predictions_can_differ():
+    tokenizer = kit.testing.tiny_tokenizer()
+    answers = gpu_checks.answer_strings(tokenizer)
+    assert all(len(tokenizer(a)["input_ids"]) == 1 for a in answers) and len(set(answers)) == 4
+    assert answers != (" A", " B", " C", " D")  # " B" is two tokens here: letters would always lose to " A"
+
+
+def test_the_7b_shape_fits_the_gpu_and_texts_always_exist():
+    t4, h200 = 15.6 * 2**30, 139.8 * 2**30
+    assert gpu_check.fitted_shape(h200, 2)["num_hidden_layers"] == 32
+    layers = gpu_check.fitted_shape(t4, 2)["num_hidden_layers"]
+    per_layer = (4 * 4096**2 + 3 * 4096 * 11008) * 2
+    assert 2 <= layers < 32 and 2 * 32000 * 4096 * 2 + layers * per_layer <= gpu_check.WEIGHT_SHARE * t4
+    with pytest.raises(ValueError, match="use --shape tiny"):
+        gpu_check.fitted_shape(2**30, 2)
+    tokenizer = kit.testing.tiny_tokenizer()
+    texts = gpu_check.long_texts(tokenizer, 2 * len(kit.data.corpus("train")), 16)  # more texts than corpus chunks
+    assert all(len(tokenizer(t)["input_ids"]) >= 16 for t in texts)
+
+
+def test_the_two_process_worker_runs_alone_and_its_comparison_can_fail(tmp_path, capsys):
+    one = gpu_nccl.worker(tmp_path)
+    assert one["world_size"] == 1 and (tmp_path / "world1.json").exists()
+    assert gpu_nccl.compare(one, {**one, "world_size": 2}) == []
+    assert gpu_nccl.compare(one, {**one, "world_size": 2, "loss": one["loss"] * 1.001}) == ["two processes on NCCL"]

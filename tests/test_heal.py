@@ -324,3 +324,29 @@ def test_several_visible_gpus_without_a_launcher_keep_the_global_batch(tmp_path)
     args._n_gpu = 4  # as the Trainer counts them on a 4-GPU machine started without torchrun / accelerate
     assert args.train_batch_size == 16  # what the Trainer would silently train with
     assert kit.healing.single_gpu(args).train_batch_size * config.grad_accum == config.global_batch
+
+
+def test_healing_a_model_on_a_second_gpu_without_a_launcher_says_how(monkeypatch, tmp_path):
+    # Mocked placement (no GPU here). On a GPU machine the Trainer would train on cuda:0: accelerate refuses
+    # a 4-bit model on cuda:1, a full-precision one is moved there silently.
+    model, tokenizer = kit.tiny_model("llama", num_layers=2)
+    monkeypatch.setattr(kit.healing, "model_device", lambda model: torch.device("cuda", 1))
+    with pytest.raises(ValueError, match="run with CUDA_VISIBLE_DEVICES=1"):
+        kit.heal(model, tokenizer, ["a text"], kit.HealConfig(steps=1, quantize=None), output_dir=tmp_path)
+    assert not any(tmp_path.iterdir())  # stopped before anything was written
+
+
+def test_a_pruned_4bit_model_is_written_from_its_full_precision_weights(tmp_path):
+    model, tokenizer = kit.tiny_model("llama")
+    model.save_pretrained(tmp_path / "base", max_shard_size="100KB")  # several shards, streamed one by one
+    tokenizer.save_pretrained(tmp_path / "base")
+    quantized, _ = load_model(str(tmp_path / "base"), device="cpu", quantize="4bit")
+    pruned = kit.drop_layers(quantized, kit.Block(2, 2), inplace=True)
+    with pytest.raises(ValueError, match="save_pruned_full_precision"):
+        kit.save_pruned(pruned, tokenizer, tmp_path / "refused")
+    kit.merge.save_pruned_full_precision(pruned, tokenizer, tmp_path / "pruned")
+    written, _ = load_model(str(tmp_path / "pruned"), device="cpu", dtype=torch.float32)
+    expected = kit.drop_layers(model, kit.Block(2, 2))
+    assert "quantization_config" not in written.config.to_dict() and written.config.pruned_blocks == [[2, 2]]
+    assert written.state_dict().keys() == expected.state_dict().keys()
+    assert all(torch.equal(v, expected.state_dict()[k]) for k, v in written.state_dict().items())

@@ -172,3 +172,14 @@ def test_too_few_texts_for_uncertainty(texts):
     assert torch.isnan(single.stderr[off_diagonal]).all() and single.meta["groups"] == 1
     with pytest.raises(ValueError, match="at least 2 groups"):
         single.stability(1)
+
+
+def test_cosine_chunks_shrink_to_the_gpus_free_memory(monkeypatch):
+    # Mocked free memory (no GPU here). On a T4 after a 7B fp16 load (about 2 GiB free) a chunk of 1,024
+    # tokens x 33 positions x hidden 4,096 would need 2.6 GiB: out of memory.
+    from kit import similarity
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2 * 2**30, 16 * 2**30))
+    tokens = similarity._chunk_tokens(33, 4096, torch.device("cuda", 0))
+    assert 1 <= tokens < similarity._TOKEN_CHUNK and tokens * (33 * 4096 * 20 + 2 * 33**2 * 8) <= 2 * 2**30 / 4
+    assert similarity._chunk_tokens(33, 4096, torch.device("cpu")) == similarity._TOKEN_CHUNK

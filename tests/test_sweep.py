@@ -77,6 +77,24 @@ def test_healer_leaves_the_swept_model_untouched(quantize, tmp_path):
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
 
 
+def test_healing_a_4bit_model_in_a_sweep_leaves_it_untouched(tmp_path):
+    # peft's prepare_model_for_kbit_training casts the norms to fp32 and get_peft_model injects LoRA in place:
+    # on the loaded 4-bit model itself, every later point of the sweep would be measured on a modified model.
+    # (Its values are not compared: on CPUs with AVX512-BF16 bitsandbytes repacks NF4 weights between
+    # forwards, and two evaluations of one untouched 4-bit model differ by 1e-4 nats.)
+    kit.tiny_model("llama")[0].save_pretrained(tmp_path / "base")
+    kit.testing.tiny_tokenizer().save_pretrained(tmp_path / "base")
+    model, tokenizer = kit.load_model(str(tmp_path / "base"), device="cpu", dtype=torch.bfloat16, quantize="4bit")
+    before = {k: v.dtype for k, v in model.state_dict().items()}
+    config = kit.HealConfig(rank=2, lr=1e-2, steps=1, batch_size=2, seq_len=32, quantize="4bit", save_every=1)
+    heal = sweep.healer(kit.data.corpus("train")[:4], config, output_root=tmp_path / "healed")
+    probe = lambda m, t: {"layers": float(layers.num_layers(m))}  # noqa: E731
+    table = sweep.sweep(model, tokenizer, ns=[2], evals=[probe], strategy="heuristic", heal=heal, heal_ns=[2])
+    assert table[["healed", "value"]].values.tolist() == [[False, 4.0], [True, 4.0]]
+    assert not any("lora" in name for name, _ in model.named_modules()) and not hasattr(model, "peft_config")
+    assert {k: v.dtype for k, v in model.state_dict().items()} == before  # bf16 norms stay bf16
+
+
 def test_sweep_restores_the_model_after_an_error():
     model, tokenizer = kit.tiny_model("gemma3")
     layer_types = list(model.config.layer_types)
