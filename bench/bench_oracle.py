@@ -3,19 +3,23 @@ each pruned model and scores it (validation_loss(drop_layers(model, block))) ove
 (goal <= 0.75), and its peak memory with 1 vs 4 batches of texts (goal: flat, one batch's states).
 
 Times are CPU seconds of one torch thread, so other jobs on a shared machine do not skew the
-ratio. Memory is the peak resident size (VmHWM) growth of a fresh process, as in bench_scan."""
+ratio; the two run in turn REPEATS times, and the ratio is taken per repeat and printed as its median
+with its spread. Blocks of 14, 21 and 28 layers (30 blocks; 2, 15 and 28 used to give 48 blocks, run
+once) keep three repeats at about the time one cost. Memory is the peak resident size (VmHWM) growth
+of a fresh process, as in bench_scan."""
 
+import statistics
 
 import torch
 
 import kit
-from bench.measure import cpu_seconds, in_fresh_process, peak_growth_mib
+from bench.measure import in_fresh_process, interleaved, peak_growth_mib, ratios, spread
 from kit.evaluate import validation_loss
 from kit.prune import Block, drop_layers
 
 MODEL = "smollm2-135m"
-NS = (2, 15, 28)  # short, middle and long blocks: 48 blocks of the 30-layer model
-TEXTS, LENGTH, BATCH_SIZE = 2, 64, 2
+NS = (14, 21, 28)  # blocks of three lengths: 30 blocks of the 30-layer model
+TEXTS, LENGTH, BATCH_SIZE, REPEATS = 2, 64, 2, 3
 MEMORY_BATCHES = (1, 4)
 
 
@@ -30,11 +34,15 @@ def time_ratio():
         for block in blocks:
             validation_loss(drop_layers(model, block), tokenizer, texts, max_length=LENGTH, batch_size=BATCH_SIZE)
 
-    oracle = cpu_seconds(lambda: kit.ablation_losses(model, tokenizer, texts, ns=NS, max_length=LENGTH, batch_size=BATCH_SIZE))
-    loop = cpu_seconds(naive)
-    print(f"CPU time on one thread, {len(blocks)} blocks (n in {NS}), {TEXTS} texts x {LENGTH} tokens:")
-    print(f"  oracle {oracle:.1f} s, naive validation_loss(drop_layers(...)) loop {loop:.1f} s")
-    print(f"  oracle / naive loop: {oracle / loop:.2f} (goal <= 0.75)")
+    def oracle():
+        kit.ablation_losses(model, tokenizer, texts, ns=NS, max_length=LENGTH, batch_size=BATCH_SIZE)
+
+    seconds = interleaved({"oracle": oracle, "naive": naive}, REPEATS)
+    print(f"CPU time on one thread, {len(blocks)} blocks (n in {NS}), {TEXTS} texts x {LENGTH} tokens, "
+          f"medians of {REPEATS} interleaved repeats:")  # fmt: skip
+    print(f"  oracle {statistics.median(seconds['oracle']):.1f} s, "
+          f"naive validation_loss(drop_layers(...)) loop {statistics.median(seconds['naive']):.1f} s")  # fmt: skip
+    print(f"  oracle / naive loop: {spread(ratios(seconds['oracle'], seconds['naive']))} (goal <= 0.75)")
 
 
 def _peak_growth(batches: int) -> float:

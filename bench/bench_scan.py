@@ -3,21 +3,22 @@ same batches (goal <= 1.10), the cost of its uncertainty bookkeeping (standard e
 against the same scan keeping only the mean (goal <= 1.05), and its peak memory with 64 vs 512
 texts (goal: flat).
 
-Times are CPU seconds of one torch thread (best of a few interleaved runs), so other jobs on a
-shared machine do not skew the ratios. The scan stops after the last decoder layer, so it is
+Times are CPU seconds of one torch thread, so other jobs on a shared machine do not skew the ratios;
+every ratio is taken per repeat of REPEATS interleaved runs and printed as its median with its spread. The scan stops after the last decoder layer, so it is
 compared both to the full forward (with the LM head) and to the decoder stack alone
 (`model.base_model`); the second ratio is the scan's own overhead (hooks, pairwise distances).
 Memory is the peak resident size (VmHWM) of a fresh process, compared with the decoder stack run
 over the same batches: the process's allocators grow a little with the number of batches anyway."""
 
 import math
+import statistics
 from unittest import mock
 
 import torch
 import torch.nn.functional as F
 
 import kit
-from bench.measure import cpu_seconds, in_fresh_process, peak_growth_mib
+from bench.measure import in_fresh_process, interleaved, peak_growth_mib, ratios, spread
 from kit import similarity
 from kit.text import encode
 
@@ -71,20 +72,18 @@ def time_ratios():
         **{f"{metric} mean only": lambda metric=metric: _mean_only_scan(model, tokenizer, texts, metric) for metric in METRICS},
     }
     _forward(model, tokenizer, texts[:BATCH_SIZE], TIME_LENGTH)  # warm-up
-    best = {name: float("inf") for name in runs}
-    for _ in range(REPEATS):
-        for name, fn in runs.items():
-            best[name] = min(best[name], cpu_seconds(fn))
-    print(f"CPU time on one thread, {TIME_TEXTS} texts x {TIME_LENGTH} tokens, batch {BATCH_SIZE}, best of {REPEATS}:")
-    print(f"  plain forward {best['forward']:.2f} s, decoder stack alone {best['decoder stack']:.2f} s")
+    seconds = interleaved(runs, REPEATS)
+    median = {name: statistics.median(values) for name, values in seconds.items()}
+    print(f"CPU time on one thread, {TIME_TEXTS} texts x {TIME_LENGTH} tokens, batch {BATCH_SIZE}, medians of {REPEATS} interleaved repeats:")
+    print(f"  plain forward {median['forward']:.2f} s, decoder stack alone {median['decoder stack']:.2f} s")
     for metric in METRICS:
         print(
-            f"  scan {metric:<13} {best[metric]:.2f} s   scan / forward {best[metric] / best['forward']:.3f} "
-            f"(goal <= 1.10), scan / decoder stack {best[metric] / best['decoder stack']:.3f}"
+            f"  scan {metric:<13} {median[metric]:.2f} s   scan / forward {spread(ratios(seconds[metric], seconds['forward']), 3)} "
+            f"(goal <= 1.10), scan / decoder stack {spread(ratios(seconds[metric], seconds['decoder stack']), 3)}"
         )
     for metric in METRICS:
-        overhead = best[metric] / best[f"{metric} mean only"]
-        print(f"  uncertainty, {metric:<13}: scan / scan keeping only the mean {overhead:.3f} (goal <= 1.05)")
+        overhead = spread(ratios(seconds[metric], seconds[f"{metric} mean only"]), 3)
+        print(f"  uncertainty, {metric:<13}: scan / scan keeping only the mean {overhead} (goal <= 1.05)")
 
 
 def _peak_growth(job: str, n_texts: int) -> float:

@@ -1,10 +1,13 @@
-"""Measurements the benchmarks share: CPU time of a call, how much the process's peak resident memory
+"""Measurements the benchmarks share: CPU or wall time of a call, calls measured in interleaved repeats
+and a speed ratio printed with its spread over them, how much the process's peak resident memory
 grows during a call (from /proc: Linux only), and running a call in a fresh process, so that memory
 freed by earlier steps (kept by the allocator) cannot hide a later step's peak."""
 
 import multiprocessing
 import os
+import statistics
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -13,6 +16,33 @@ def cpu_seconds(fn) -> float:
     start = time.process_time()
     fn()
     return time.process_time() - start
+
+
+def wall_seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def interleaved(runs: dict[str, Callable[[], object]], repeats: int, measure=cpu_seconds) -> dict[str, list]:
+    """measure(fn) of every call in `runs`, `repeats` times, interleaved (A, B, A, B, ...): a slow spell of a
+    shared machine then falls on every call alike. Returns name -> one measurement per repeat."""
+    measured = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            measured[name].append(measure(fn))
+    return measured
+
+
+def ratios(numerators: Sequence[float], denominators: Sequence[float]) -> list[float]:
+    """The ratio of each repeat (numerators[i] / denominators[i])."""
+    return [a / b for a, b in zip(numerators, denominators, strict=True)]
+
+
+def spread(per_repeat: Sequence[float], digits: int = 2) -> str:
+    """A ratio measured per repeat as its median with the min-max of the repeats: `1.04 (1.02-1.07 over 3 repeats)`."""
+    return (f"{statistics.median(per_repeat):.{digits}f} "
+            f"({min(per_repeat):.{digits}f}-{max(per_repeat):.{digits}f} over {len(per_repeat)} repeats)")  # fmt: skip
 
 
 def memory_mib(field: str) -> float:
