@@ -18,8 +18,8 @@ NS, REPEATS = (0, 10, 20), 3
 def main():
     model, tokenizer = kit.load_model(MODEL)
     evals = [
-        metrics.mmlu_metrics(data.mmlu_questions(["anatomy", "marketing"], per_subject=5)),
-        metrics.loss_metrics(data.corpus("validation")[:8], max_length=128),
+        metrics.MMLUAccuracy(data.mmlu_questions(["anatomy", "marketing"], per_subject=5)),
+        metrics.ValidationLoss(data.corpus("validation")[:8], max_length=128),
     ]
     metrics.evaluate_all(model, tokenizer, evals)  # warm-up
 

@@ -90,12 +90,12 @@ def run_sweep(args):
     model, tokenizer = _load(args, args.quantize)
     subjects = data.mmlu_subjects()[: args.mmlu_subjects]
     evals = [
-        metrics.mmlu_metrics(data.mmlu_questions(subjects, per_subject=args.per_subject), shots=args.shots, batch_size=args.batch_size),
-        metrics.loss_metrics(data.load_texts(args.val_source, "validation", args.val_texts), max_length=args.max_length,
+        metrics.MMLUAccuracy(data.mmlu_questions(subjects, per_subject=args.per_subject), shots=args.shots, batch_size=args.batch_size),
+        metrics.ValidationLoss(data.load_texts(args.val_source, "validation", args.val_texts), max_length=args.max_length,
                            batch_size=args.batch_size),
     ]  # fmt: skip
     if args.boolq is not None:
-        evals.append(metrics.boolq_metrics(data.boolq_items(args.boolq, n=args.n_boolq), batch_size=args.batch_size))
+        evals.append(metrics.BoolQAccuracy(data.boolq_items(args.boolq, n=args.n_boolq), batch_size=args.batch_size))
     needs_scan = args.strategy in prune.CRITERIA and prune.CRITERIA[args.strategy].needs == "distances"
     distances = Distances.load(artifacts.require(args.out / "distances.safetensors")) if needs_scan else None
     settings = {k: v for k, v in vars(args).items() if k not in ("command", "out", "func")}

@@ -1,4 +1,13 @@
-"""Frozen dataclasses for every step's settings: hashable, serialisable with to_dict()."""
+"""Frozen dataclasses holding each step's settings: hashable, serialisable with to_dict(), digested for
+caches and manifests.
+
+What takes them: `kit.heal` takes a `HealConfig`. `kit.angular_distances(model, tokenizer, texts, config)`
+takes a `ScanConfig` and reads its metric, batch_size, max_length, model_name and groups; its source,
+split and n_texts say where the texts come from, and the caller loads them
+(`kit.data.load_texts(config.source, config.split, config.n_texts)`, as notebook 01 and `python -m kit scan`
+do), so that the numeric code never reaches the loaders. `PruneConfig` is notebook 02's record of its
+choices (written to its manifest); no function takes it whole: `kit.prune.choose_block(config.strategy,
+num_layers, config.n, start=config.start)` takes its fields."""
 
 import hashlib
 import json

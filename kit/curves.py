@@ -6,6 +6,8 @@ import math
 import numpy as np
 import pandas as pd
 
+from . import results as _results
+from .deprecation import moved
 from .stats import paired_difference, wilson
 
 LABELS = {  # each metric in words, with its unit: the figures' axes and the readings
@@ -16,18 +18,6 @@ LABELS = {  # each metric in words, with its unit: the figures' axes and the rea
     "decode_tokens_per_s": "decode speed (tokens/s)", "time_to_first_token_s": "time to first token (s)",
     "peak_memory_bytes": "peak memory (bytes)",
 }  # fmt: skip
-
-
-def encode_outcomes(outcomes) -> str | None:
-    """Per-question outcomes as one letter each, R (right) or W (wrong): compact and CSV-safe."""
-    return None if outcomes is None else "".join("R" if right else "W" for right in outcomes)
-
-
-def outcomes(row) -> np.ndarray:
-    """The per-question outcomes (bool) of a sweep row, e.g. results.iloc[0]."""
-    if not isinstance(row["outcomes"], str):
-        raise ValueError(f"metric {row['metric']!r} has no per-question outcomes (only accuracies over questions do: mmlu, boolq, recall)")
-    return np.frombuffer(row["outcomes"].encode(), dtype=np.uint8) == ord("R")
 
 
 def paired_comparison(results: pd.DataFrame, by: str, a, b, *, metric: str = "mmlu", resamples: int = 2000,
@@ -48,22 +38,12 @@ def paired_comparison(results: pd.DataFrame, by: str, a, b, *, metric: str = "mm
         if any(side.empty for side in pair):
             continue
         (row_a, row_b) = (side.iloc[0] for side in pair)
-        difference = paired_difference(outcomes(row_a), outcomes(row_b), resamples=resamples, seed=seed)
+        difference = paired_difference(_results.outcomes(row_a), _results.outcomes(row_b), resamples=resamples, seed=seed)
         table.append({"n": n, "fraction": row_a["fraction"], f"{by}={a}": row_a["value"], f"{by}={b}": row_b["value"],
                       "difference": difference.value, "ci_low": difference.low, "ci_high": difference.high})  # fmt: skip
     if not table:
         raise ValueError(f"no n has {metric!r} rows for both {by}={a!r} and {by}={b!r}")
     return pd.DataFrame(table)
-
-
-def chance_level(results: pd.DataFrame, metric: str) -> float | None:
-    """The chance level of `metric` in sweep rows: the one its rows carry (the evaluation knows it: MMLU's
-    0.25, recall's 1 / facts); None for metrics without one (losses)."""
-    rows = results[results["metric"] == metric]
-    levels = rows["chance"].dropna().unique() if "chance" in rows else []
-    if len(levels) > 1:
-        raise ValueError(f"the rows of {metric!r} carry several chance levels {sorted(levels)}: select rows of one kind")
-    return float(levels[0]) if len(levels) else None
 
 
 def collapse_point(results: pd.DataFrame, metric: str = "mmlu", chance: float | None = None, *,
@@ -72,18 +52,18 @@ def collapse_point(results: pd.DataFrame, metric: str = "mmlu", chance: float | 
     longer distinguishable from chance (its Wilson 95% interval reaches `chance`), with a 95% interval
     from resampling the questions (percentile bootstrap, the same questions at every n).
 
-    results: one sweep curve (one strategy, healed or not). chance: default chance_level(results, metric).
+    results: one sweep curve (one strategy, healed or not). chance: default kit.results.chance_level(results, metric).
     Returns (fraction, (low, high)); inf where accuracy stays above chance at every fraction swept.
     """
     rows = results[results["metric"] == metric].sort_values("n")
     if rows.empty:
         raise ValueError(f"no rows for metric {metric!r}; metrics present: {sorted(results['metric'].unique())}")
-    chance = chance_level(results, metric) if chance is None else chance
+    chance = _results.chance_level(results, metric) if chance is None else chance
     if chance is None:
         raise ValueError(f"no chance level known for {metric!r} (its rows carry none): pass chance=")
     if rows["n"].duplicated().any():
         raise ValueError("results hold several curves: select one, e.g. results[results.strategy == 'similarity']")
-    right = np.stack([outcomes(row) for _, row in rows.iterrows()])  # [points, questions]
+    right = np.stack([_results.outcomes(row) for _, row in rows.iterrows()])  # [points, questions]
     fractions = np.append(rows["fraction"].to_numpy(float), math.inf)
 
     def first_collapse(hits: np.ndarray) -> np.ndarray:  # hits [..., points] -> fraction per leading index
@@ -125,3 +105,6 @@ def by_metric(function, results: pd.DataFrame, metrics, *args, **kwargs) -> pd.D
     """function(results, *args, metric=m, **kwargs) for each metric m, one table with a metric column,
     e.g. by_metric(collapse_points, results, ["recall", "mmlu"])."""
     return pd.concat([function(results, *args, metric=m, **kwargs).assign(metric=m) for m in metrics], ignore_index=True)
+
+
+__getattr__ = moved(__name__, {name: _results for name in ("encode_outcomes", "outcomes", "chance_level")})

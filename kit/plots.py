@@ -10,7 +10,8 @@ import seaborn as sns
 from matplotlib.patches import Rectangle
 
 from .artifacts import atomic_path
-from .curves import LABELS, chance_level
+from .curves import LABELS
+from .results import chance_level
 from .stats import Z95
 
 # One colour and marker per strategy, criterion and checkpoint across every figure of the kit. The similarity
@@ -126,7 +127,7 @@ def sweep_plot(results, metric: str, *, hue: str = "strategy", chance: float | N
     one or two points are markers with error bars only, so they never pose as a curve.
     results: the DataFrame of kit.sweep.sweep (several concatenated); hue: the column compared,
     "strategy" (similarity vs heuristic) or "healed"; chance: the chance line drawn, by default
-    the metric's own (kit.curves.chance_level: MMLU 0.25, recall 1 / facts; none for losses).
+    the metric's own (kit.results.chance_level: MMLU 0.25, recall 1 / facts; none for losses).
     """
     ax = _axes(ax)
     rows = results[results["metric"] == metric]
@@ -202,7 +203,7 @@ def quality_cost(results, metric: str, *, comparison=None, cost: str = "weight_b
     the unpruned model's) or a measured speed (SPEEDS, with error bars of half the repeats' spread,
     (max - min) / median, either side).
 
-    results: kit.sweep.sweep rows with kit.metrics.cost_metrics() among the evaluations; one line per
+    results: kit.sweep.sweep rows with kit.metrics.InferenceCost() among the evaluations; one line per
     strategy joining the block sizes in order of n, healed rows on their own dashed line.
     comparison: kit.sweep.compare's table; each checkpoint (original, pruned, healed...) a star.
     """
@@ -212,7 +213,7 @@ def quality_cost(results, metric: str, *, comparison=None, cost: str = "weight_b
     if missing := sorted(needed - set(results["metric"])):
         raise ValueError(
             f"no rows for {missing}; metrics present: {sorted(results['metric'].unique())}. "
-            "Cost needs kit.metrics.cost_metrics() among the sweep's evaluations."
+            "Cost needs kit.metrics.InferenceCost() among the sweep's evaluations."
         )
     ax = _axes(ax)
     table = results.pivot_table(index=["strategy", "healed", "n"], columns="metric", values="value").reset_index()

@@ -4,16 +4,16 @@ paper's Figures 2, 3, 5 and 6 do, without reloading or copying the model."""
 import copy
 import hashlib
 import json
-import math
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from . import artifacts, cost, distributed, layers, prune
+from . import artifacts, cost, distributed, layers, prune, results
 from .block import Block
-from .curves import encode_outcomes
+from .deprecation import moved
 from .device import provenance
 from .metrics import Evaluation, evaluate_all
 from .progress import progress
@@ -40,42 +40,15 @@ def compare(checkpoints: dict, evals: Sequence[Evaluation], **load_kwargs) -> pd
     """One row per labelled checkpoint (loaded one at a time with kit.load_model): layers,
     parameters and every metric of `evals`, e.g. {"original": "smollm2-135m", "pruned": "runs/x/pruned",
     "healed (adapter)": ("runs/x/pruned", "runs/x/healed/adapter")}; a (base, adapter) pair is
-    evaluated with the adapter unmerged. cost_metrics() among `evals` puts the inference cost beside the quality.
+    evaluated with the adapter unmerged. kit.metrics.InferenceCost() among `evals` puts the inference cost beside the quality.
     A metric with a 95% interval has its bounds beside it (columns "{metric}_ci_low", "{metric}_ci_high")."""
     rows = []
     for label, name in checkpoints.items():
         model, tokenizer = _load(name, **load_kwargs)
         rows.append({"model": label, "layers": layers.num_layers(model), "parameters": cost.parameters(model),
-                     **_columns(evaluate_all(model, tokenizer, evals))})
+                     **results.wide(evaluate_all(model, tokenizer, evals))})
         del model
     return pd.DataFrame(rows).set_index("model")
-
-
-def _columns(metrics: dict[str, Estimate]) -> dict[str, float]:
-    columns = {}
-    for name, estimate in metrics.items():
-        columns[name] = estimate.value
-        if not math.isnan(estimate.low):
-            columns |= {f"{name}_ci_low": estimate.low, f"{name}_ci_high": estimate.high}
-    return columns
-
-
-def table(metrics: dict[str, Estimate], **columns) -> pd.DataFrame:
-    """Metrics (kit.metrics.evaluate_all) as rows of a sweep's table, with `columns` (e.g. n=0) on every row."""
-    return pd.DataFrame(_rows(metrics, **columns))
-
-
-def _plain(value):
-    return value.item() if hasattr(value, "item") else value  # numpy / torch scalars -> Python
-
-
-def _rows(metrics: dict[str, Estimate], **columns) -> list[dict]:
-    columns = {k: _plain(v) for k, v in columns.items()}
-    return [
-        {**columns, "metric": name, "value": _plain(e.value), "ci_low": _plain(e.low), "ci_high": _plain(e.high),
-         "chance": _plain(e.chance), "outcomes": encode_outcomes(e.outcomes)}
-        for name, e in metrics.items()
-    ]  # fmt: skip
 
 
 class _Cache:
@@ -96,8 +69,7 @@ class _Cache:
             old, points = cached["settings"], cached["points"]
         except (ValueError, KeyError, TypeError) as error:
             raise ValueError(f"{path} is not a sweep cache ({error}); delete it or pass another cache_path") from None
-        if old != settings:
-            changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]
+        if changed := _changes(old, settings):
             raise ValueError(f"{path} holds a sweep made with other settings ({'; '.join(changed)}); "
                              "delete it or pass another cache_path")  # fmt: skip
         return {(p["n"], p["healed"]): p["rows"] for p in points}
@@ -114,8 +86,29 @@ class _Cache:
         return self.points[(n, healed)]
 
 
+def _changes(old, new, where: str = "") -> list[str]:
+    """Every setting that differs, named by its path, e.g. ["evals.mmlu.shots: 5 -> 1"]."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [change for key in {**old, **new} for change in _changes(old.get(key), new.get(key), f"{where}.{key}".lstrip("."))]
+    return [] if old == new else [f"{where}: {old!r} -> {new!r}"]
+
+
 def _digest(array) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
+
+
+def _evaluations(evals) -> dict[str, dict]:
+    """Each evaluation's settings by name: every parameter and the identity of its data."""
+    recorded = {}
+    for i, e in enumerate(evals):
+        if isinstance(e, Evaluation):
+            name, settings = e.name, e.settings()
+        else:  # a plain function, by position: its parameters cannot be seen (None)
+            name, settings = f"{i}: {getattr(e, '__qualname__', type(e).__name__)}", None
+        if name in recorded:
+            raise ValueError(f"two evaluations named {name!r}: evaluate each kind once per sweep")
+        recorded[name] = settings
+    return recorded
 
 
 def _settings(model, ns, evals, distances, oracle, strategy, heal_ns, settings) -> dict:
@@ -125,8 +118,7 @@ def _settings(model, ns, evals, distances, oracle, strategy, heal_ns, settings) 
         placement=provenance(model), ns=[int(n) for n in ns], strategy=strategy,
         distances=_digest(distances.matrix.numpy()) if distances is not None else None,
         oracle=_digest(np.asarray(oracle.loss)) if oracle is not None else None,
-        evals=[getattr(e, "__qualname__", type(e).__name__) for e in evals], heal_ns=sorted(int(n) for n in heal_ns),
-        settings=settings,
+        evals=_evaluations(evals), heal_ns=sorted(int(n) for n in heal_ns), settings=settings,
     )  # fmt: skip
 
 
@@ -142,12 +134,13 @@ def sweep(
     heal(pruned_model, tokenizer, block) -> healed model is applied to every n in `heal_ns` (it gets
     the pruned view and must not modify it: see healer), and those rows carry healed=True.
     cache_path: a JSON file recording each finished (n, healed) point; a rerun with the same settings
-    skips those points and returns the same table. settings: whatever else changes the results (the
-    evaluations' parameters, a HealConfig digest), JSON-able; recorded there and compared on resume.
+    (the evaluations' parameters and data included) skips those points and returns the same table; one
+    with other settings is refused, naming them. settings: whatever else changes the results (e.g. a
+    HealConfig digest), JSON-able; recorded there and compared on resume.
     Returns one row per (n, metric): strategy, n, fraction (n / L), start, distance, healed, metric,
     value, its 95% interval ci_low, ci_high (NaN where a metric has none), chance (an accuracy's
     chance level, else NaN) and, for accuracies over questions, the outcomes of every question
-    (kit.curves.outcomes reads them; kit.curves reads the whole table).
+    (kit.results.outcomes reads them; kit.curves reads the whole table). Columns: kit.results.COLUMNS.
     """
     num = layers.num_layers(model)
     blocks = {n: prune.choose_block(strategy, num, n, distances=distances, oracle=oracle) for n in ns if n != 0}
@@ -157,6 +150,9 @@ def sweep(
         raise ValueError("heal_ns needs a heal function, e.g. kit.sweep.healer(...)")
     recorded = _settings(model, ns, evals, distances, oracle, strategy, heal_ns, settings)
     distributed.require_same("the sweep", {**recorded, "placement": None})  # each evaluation checks its own inputs
+    if cache_path is not None and (plain := [name for name, seen in recorded["evals"].items() if seen is None]):
+        warnings.warn(f"evaluations {plain} are plain functions: a resumed sweep cannot see their parameters and may return "
+                      "stale rows; make each a kit.metrics.Evaluation (a frozen dataclass)", FutureWarning, stacklevel=2)  # fmt: skip
     cache = _Cache(cache_path, recorded)
     rows = []
     for n in progress(ns, desc=f"sweep ({strategy})", unit="n", show=distributed.is_main()):
@@ -165,14 +161,14 @@ def sweep(
             strategy=strategy, n=n, fraction=n / num,
             start=block.start if block else None, distance=block.distance if block else None,
         )  # fmt: skip
-        unhealed = lambda: _rows(evaluate_all(model, tokenizer, evals), **columns, healed=False)  # noqa: E731
+        unhealed = lambda: results.rows(evaluate_all(model, tokenizer, evals), **columns, healed=False)  # noqa: E731
         if block is None:
             rows += cache.run(n, False, unhealed)
             continue
         with dropped(model, block):
             rows += cache.run(n, False, unhealed)
             if n in heal_ns:
-                rows += cache.run(n, True, lambda: _rows(_healed_metrics(heal, model, tokenizer, block, evals), **columns, healed=True))
+                rows += cache.run(n, True, lambda: results.rows(_healed_metrics(heal, model, tokenizer, block, evals), **columns, healed=True))
     return pd.DataFrame(rows)
 
 
@@ -228,3 +224,6 @@ def healer(texts: list[str], config, *, output_root, val_texts=None) -> Callable
         return heal_model(base, tokenizer, texts, config, output_dir=output_dir, val_texts=val_texts).model
 
     return run
+
+
+__getattr__ = moved(__name__, {"table": results})

@@ -63,7 +63,7 @@ def work(out: Path, disagree: bool = False, interrupt: bool = False) -> dict:
     yes_no = boolq(model, tokenizer, items, batch_size=2)
     loss = validation_loss(model, tokenizer, texts[:5], max_length=32, batch_size=BATCH)
     oracle = kit.ablation_losses(model, tokenizer, texts, ns=[1, 2], max_length=32, batch_size=BATCH)
-    evals = [metrics.mmlu_metrics(questions, shots=1, batch_size=3), metrics.loss_metrics(texts[:5], max_length=32, batch_size=BATCH)]
+    evals = [metrics.MMLUAccuracy(questions, shots=1, batch_size=3), metrics.ValidationLoss(texts[:5], max_length=32, batch_size=BATCH)]
     config, heal_texts = heal_config(distributed.world_size()), data.corpus("train")[:8]
     healer = sweep.healer(heal_texts, config, output_root=out / "sweep_healed")
     swept = sweep.sweep(model, tokenizer, ns=[0, 2], evals=evals, distances=scan, heal=healer, heal_ns=[2], cache_path=out / "sweep.json")

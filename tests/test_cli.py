@@ -40,8 +40,8 @@ def test_scan_sweep_and_heal_write_the_notebooks_artifacts(checkpoint, tmp_path)
     results = main(["sweep", *common, "--ns", "0", "2", "--mmlu-subjects", "2", "--per-subject", "2", "--shots", "1",
                     "--val-texts", "3", "--max-length", "32", "--batch-size", "2"])  # fmt: skip
     model, tokenizer = kit.load_model(str(checkpoint))
-    evals = [metrics.mmlu_metrics(data.mmlu_questions(data.mmlu_subjects()[:2], per_subject=2), shots=1, batch_size=2),
-             metrics.loss_metrics(data.load_texts("corpus", "validation", 3), max_length=32, batch_size=2)]  # fmt: skip
+    evals = [metrics.MMLUAccuracy(data.mmlu_questions(data.mmlu_subjects()[:2], per_subject=2), shots=1, batch_size=2),
+             metrics.ValidationLoss(data.load_texts("corpus", "validation", 3), max_length=32, batch_size=2)]  # fmt: skip
     expected = sweep.sweep(model, tokenizer, ns=[0, 2], evals=evals, distances=distances)
     np.testing.assert_allclose(results["value"], expected["value"], rtol=1e-9)
     assert pd.read_csv(tmp_path / "sweep-similarity.csv")["metric"].tolist() == expected["metric"].tolist()

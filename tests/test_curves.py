@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kit import curves, stats
+from kit import curves, results, stats
 
 
 def _curve(accuracies, questions, seed=0, strategy="similarity"):
@@ -49,7 +49,7 @@ def test_paired_comparison_of_two_strategies():
     table = curves.paired_comparison(pd.concat([a, b]), "strategy", "similarity", "heuristic")
     assert list(table.columns) == ["n", "fraction", "strategy=similarity", "strategy=heuristic", "difference", "ci_low", "ci_high"]
     for n, row in table.iterrows():
-        right_a, right_b = curves.outcomes(a.iloc[n]), curves.outcomes(b.iloc[n])
+        right_a, right_b = results.outcomes(a.iloc[n]), results.outcomes(b.iloc[n])
         expected = stats.paired_difference(right_a, right_b)
         assert row.difference == pytest.approx(right_a.mean() - right_b.mean())
         assert (row.ci_low, row.ci_high) == (expected.low, expected.high)
@@ -74,17 +74,6 @@ def test_collapse_points_and_healing_gains_per_strategy():
     pd.testing.assert_frame_equal(gains.drop(columns="strategy"), expected)
     with pytest.raises(ValueError, match="no healed rows"):
         curves.healing_gains(pd.concat([a, b]))
-
-
-def test_chance_level_is_the_one_the_rows_carry():
-    rows = [dict(metric="recall", chance=1 / 6), dict(metric="mmlu", chance=math.nan), dict(metric="val_loss", chance=math.nan)]
-    table = pd.DataFrame(rows)
-    assert curves.chance_level(table, "recall") == 1 / 6
-    assert curves.chance_level(table, "mmlu") is None  # rows without one: the reader does not guess
-    assert curves.chance_level(table, "val_loss") is None
-    mixed = pd.concat([table, pd.DataFrame([dict(metric="recall", chance=0.25)])])
-    with pytest.raises(ValueError, match="several chance levels"):
-        curves.chance_level(mixed, "recall")
 
 
 def test_by_metric_stacks_one_table_per_metric():

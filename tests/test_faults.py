@@ -49,7 +49,7 @@ kit.heal(model, tokenizer, kit.data.corpus("train")[:8], config, output_dir=out 
 """
 
 SWEEP = TINY + """
-evals = [kit.metrics.loss_metrics(texts, max_length=48, batch_size=4)]
+evals = [kit.metrics.ValidationLoss(texts, max_length=48, batch_size=4)]
 table = kit.sweep.sweep(model, tokenizer, ns=range(3), evals=evals, strategy="heuristic", cache_path=out / "sweep.json")
 kit.artifacts.write_text(out / "sweep.csv", table.to_csv(index=False))
 """

@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CORE = ["progress", "text", "block", "config", "stats", "device", "layers", "artifacts", "distributed"]  # import only the core
-NUMERIC = ["similarity", "distances", "scoring", "loss", "recall", "curves", "oracle", "prune"]  # never reach the loaders
+CORE = ["progress", "text", "block", "config", "stats", "device", "layers", "artifacts", "distributed", "deprecation"]  # import only the core
+NUMERIC = ["similarity", "distances", "scoring", "loss", "recall", "results", "curves", "oracle", "prune"]  # never reach the loaders
 LOADERS = {"data", "assets", "models"}
+READERS = ["results", "curves", "plots", "readings"]  # read a saved result table
+EVALUATORS = {"metrics", "evaluate", "mmlu", "boolq", "recall", "loss", "cost", "scoring", "harness", "sweep"}
 
 
 def kit_imports(module: str) -> set[str]:
@@ -97,7 +99,22 @@ def test_every_module_and_export_is_reachable_from_kit():
         assert getattr(value, "__module__", f"kit.{home}") == f"kit.{home}", f"{name} is defined in {value.__module__}"
 
 
-@pytest.mark.parametrize("reader", ["plots", "readings", "curves"])
+@pytest.mark.parametrize("reader", READERS)
+def test_the_readers_of_results_never_reach_the_evaluators(reader):
+    assert reached(reader) & EVALUATORS == set()
+
+
+def test_the_sweep_writes_through_the_result_table_not_its_readers():
+    assert "results" in kit_imports("sweep") and kit_imports("sweep") & {"curves", "plots", "readings"} == set()
+
+
+def test_tab_completion_shows_every_public_name():
+    import kit
+
+    assert set(kit.__all__) <= set(dir(kit))
+
+
+@pytest.mark.parametrize("reader", READERS)
 def test_the_readers_of_results_import_neither_transformers_nor_the_evaluators(reader):
     """Drawing or reading a saved table needs no model code: `import kit.<reader>` in a fresh process."""
     code = f"import sys, kit.{reader}; print(sorted(m for m in ('transformers', 'kit.metrics', 'kit.evaluate') if m in sys.modules))"

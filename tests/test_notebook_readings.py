@@ -64,7 +64,7 @@ def test_mmlu_is_swept_by_default_only_above_chance(notebook_run, tiny_notebook_
     unpruned = pd.read_csv(tiny / "unpruned.csv").set_index("metric").loc["mmlu"]
     swept = "mmlu" in set(pd.read_csv(tiny / "sweep.csv")["metric"])
     assert swept == (unpruned["ci_low"] > 0.25)  # SWEEP_MMLU None: the rule decides
-    assert read_json(tiny / "manifest.json")["04_compare"]["config"]["evaluations"]["sweep_mmlu"] == swept
+    assert read_json(tiny / "manifest.json")["04_compare"]["config"]["sweep_mmlu"] == swept
     smoke = notebook_run("04_compare")  # SWEEP_MMLU True forces it
     assert "mmlu" in set(pd.read_csv(smoke / "sweep.csv")["metric"])
 

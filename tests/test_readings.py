@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from conftest import artifact_numbers, reading_numbers
 
-from kit import curves, readings, sweep
+from kit import curves, readings, results
 from kit.stats import Estimate, wilson
 
 L = 10
@@ -44,14 +44,14 @@ def write_compare_run(run, *, mmlu_right=12, similarity=None, heuristic=None, si
             + loss_rows("similarity", sim_loss) + loss_rows("heuristic", heu_loss)
             + accuracy_rows("similarity", {4: similarity[4] + 1}, healed=True) + accuracy_rows("heuristic", {4: heuristic[4] + 9}, healed=True)
             + loss_rows("similarity", {4: healed_loss}, healed=True) + loss_rows("heuristic", {4: 0.6}, healed=True))  # fmt: skip
-    results = pd.DataFrame(rows)
-    unhealed = results[~results["healed"]]
-    results.to_csv(run / "sweep.csv", index=False)
+    swept = pd.DataFrame(rows)
+    unhealed = swept[~swept["healed"]]
+    swept.to_csv(run / "sweep.csv", index=False)
     curves.by_metric(curves.collapse_points, unhealed, ["recall"]).to_csv(run / "collapse.csv", index=False)
     curves.by_metric(curves.paired_comparison, unhealed, ["recall"], "strategy", "similarity", "heuristic").to_csv(run / "paired.csv", index=False)
-    curves.by_metric(curves.healing_gains, results, ["recall"]).to_csv(run / "healing_gains.csv", index=False)
+    curves.by_metric(curves.healing_gains, swept, ["recall"]).to_csv(run / "healing_gains.csv", index=False)
     low, high = wilson(mmlu_right, 40)
-    unpruned = sweep.table({"mmlu": Estimate(mmlu_right / 40, low, high, np.arange(40) < mmlu_right, 0.25)}, n=0)
+    unpruned = results.table({"mmlu": Estimate(mmlu_right / 40, low, high, np.arange(40) < mmlu_right, 0.25)}, n=0)
     unpruned.to_csv(run / "unpruned.csv", index=False)
     comparison = pd.DataFrame({
         "model": ["original", "pruned", "healed"], "layers": [L, L - 4, L - 4], "parameters": [1.5e8, 1.0e8, 1.0e8],

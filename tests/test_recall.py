@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import kit  # noqa: E402
-from kit import curves, metrics, plots, sweep  # noqa: E402
+from kit import curves, metrics, plots, results, sweep  # noqa: E402
 from kit.evaluate import RecallResult, recall  # noqa: E402
 from kit.prune import drop_layers, heuristic_block  # noqa: E402
 from kit.recall import RecallItem, recall_items  # noqa: E402
@@ -85,14 +85,14 @@ def test_recall_errors_say_what_to_do():
 def test_recall_metrics_in_a_sweep_carry_their_chance():
     model, tokenizer = kit.tiny_model("llama")
     items = recall_items(12, facts=4)
-    table = sweep.sweep(model, tokenizer, ns=[0, 2, 4], evals=[metrics.recall_metrics(items)], strategy="heuristic")
+    table = sweep.sweep(model, tokenizer, ns=[0, 2, 4], evals=[metrics.RecallAccuracy(items)], strategy="heuristic")
     for n, row in table.set_index("n").iterrows():
         direct = recall(drop_layers(model, heuristic_block(6, n)) if n else model, tokenizer, items)
         assert (row.metric, row.value, (row.ci_low, row.ci_high), row.chance) == ("recall", direct.accuracy, direct.ci, 0.25)
-        assert curves.outcomes(row).tolist() == direct.correct.tolist()
-    assert curves.chance_level(table, "recall") == 0.25
+        assert results.outcomes(row).tolist() == direct.correct.tolist()
+    assert results.chance_level(table, "recall") == 0.25
     # collapse_point reads the rows' chance: the same as passing it, unlike the 1 / 6 of six facts
-    right = np.stack([curves.outcomes(row) for _, row in table.iterrows()]).sum(1)
+    right = np.stack([results.outcomes(row) for _, row in table.iterrows()]).sum(1)
     low = wilson(right, len(items))[0]
     first = np.flatnonzero(low <= 0.25)
     expected = table["fraction"].iloc[first[0]] if len(first) else math.inf

@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import kit  # noqa: E402
-from kit import curves, data, evaluate, layers, metrics, sweep  # noqa: E402
+from kit import data, evaluate, layers, metrics, results, sweep  # noqa: E402
 from kit.prune import Block, drop_layers, heuristic_block  # noqa: E402
 from kit.testing import random_distances  # noqa: E402
 
@@ -23,7 +23,7 @@ def test_sweep_equals_evaluating_each_pruned_copy(strategy, snapshot):
     model, tokenizer = kit.tiny_model("qwen2")
     distances = random_distances(6)
     before = snapshot(model)
-    evals = [metrics.loss_metrics(TEXTS, max_length=64)]
+    evals = [metrics.ValidationLoss(TEXTS, max_length=64)]
     table = sweep.sweep(model, tokenizer, ns=[0, 1, 3], evals=evals, distances=distances, strategy=strategy)
 
     assert list(table.columns) == [
@@ -114,7 +114,7 @@ def test_mmlu_metrics_in_a_sweep(smollm):
     # splits " B".." D" in two), so no pruning could change their row. SmolLM2 changes its answers.
     model, tokenizer = smollm
     questions = data.mmlu_questions(["anatomy", "world_religions"], per_subject=2)
-    table = sweep.sweep(model, tokenizer, ns=[0, 8], evals=[metrics.mmlu_metrics(questions, shots=0)], strategy="heuristic")
+    table = sweep.sweep(model, tokenizer, ns=[0, 8], evals=[metrics.MMLUAccuracy(questions, shots=0)], strategy="heuristic")
     predictions = {}
     for n, reference in ((0, model), (8, drop_layers(model, heuristic_block(30, 8)))):
         direct = evaluate.mmlu(reference, tokenizer, questions, shots=0)
@@ -126,10 +126,10 @@ def test_mmlu_metrics_in_a_sweep(smollm):
         assert tuple(rows.loc["mmlu", ["ci_low", "ci_high"]]) == kit.stats.wilson(correct.sum(), len(correct))
         assert tuple(rows.loc["mmlu_subjects", ["ci_low", "ci_high"]]) == direct.subject_ci
         assert rows["chance"].tolist() == [0.25, 0.25]
-        assert curves.outcomes(table[(table.n == n) & (table.metric == "mmlu")].iloc[0]).tolist() == correct.tolist()
+        assert results.outcomes(table[(table.n == n) & (table.metric == "mmlu")].iloc[0]).tolist() == correct.tolist()
     assert predictions[0] != predictions[8]  # the rows tell the pruned model from the unpruned one
     with pytest.raises(ValueError, match="'mmlu_subjects' has no per-question outcomes"):
-        curves.outcomes(table[table.metric == "mmlu_subjects"].iloc[0])
+        results.outcomes(table[table.metric == "mmlu_subjects"].iloc[0])
 
 
 def test_sweep_bad_input():
@@ -151,7 +151,7 @@ def test_compare_loads_each_checkpoint(tmp_path):
     for name, m in {"full": model, "pruned": drop_layers(model, Block(1, 2))}.items():
         m.save_pretrained(tmp_path / name)
         tokenizer.save_pretrained(tmp_path / name)
-    evals = [metrics.loss_metrics(TEXTS, max_length=64)]
+    evals = [metrics.ValidationLoss(TEXTS, max_length=64)]
     table = sweep.compare({"original": tmp_path / "full", "pruned": tmp_path / "pruned"}, evals)
     assert table.index.tolist() == ["original", "pruned"] and table["layers"].tolist() == [6, 4]
     per_layer = sum(p.numel() for p in model.model.layers[0].parameters())
@@ -162,15 +162,7 @@ def test_compare_loads_each_checkpoint(tmp_path):
     assert table.loc["original", ["val_loss_ci_low", "val_loss_ci_high"]].tolist() == pytest.approx([expected.loss - half, expected.loss + half])
 
 
-def test_table_is_a_sweep_row_per_metric():
-    from kit.stats import Estimate
-
-    rows = sweep.table({"mmlu": Estimate(0.5, 0.2, 0.8, np.array([True, False]), 0.25), "parameters": Estimate(7.0)}, n=0)
-    assert rows["metric"].tolist() == ["mmlu", "parameters"] and rows["n"].tolist() == [0, 0]
-    assert rows.loc[0, ["value", "ci_low", "ci_high", "chance", "outcomes"]].tolist() == [0.5, 0.2, 0.8, 0.25, "RW"]
-
-
-COST = metrics.cost_metrics(prompt_tokens=8, new_tokens=3, repeats=1, threads=1)
+COST = metrics.InferenceCost(prompt_tokens=8, new_tokens=3, repeats=1, threads=1)
 
 
 def test_cost_metrics_in_a_sweep():
@@ -196,7 +188,7 @@ def test_compare_an_unmerged_adapter_against_its_merged_checkpoint(tmp_path):
     lora = sum(p.numel() for name, p in adapted.named_parameters() if "lora_" in name)
     adapted.merge_and_unload().save_pretrained(tmp_path / "merged")
     tokenizer.save_pretrained(tmp_path / "merged")
-    evals = [metrics.loss_metrics(TEXTS, max_length=64), COST]
+    evals = [metrics.ValidationLoss(TEXTS, max_length=64), COST]
     table = sweep.compare({"merged": tmp_path / "merged", "adapter": (tmp_path / "base", tmp_path / "adapter")}, evals)
     merged, unmerged = table.loc["merged"], table.loc["adapter"]
     assert unmerged["parameters"] - merged["parameters"] == lora > 0 and (table["layers"] == 6).all()
@@ -246,7 +238,7 @@ def test_a_sweep_cache_of_other_settings_is_refused(tmp_path):
     sweep.sweep(model, tokenizer, ns=[0, 2], evals=[probe], distances=random_distances(6), cache_path=cache, settings={"shots": 5})
     with pytest.raises(ValueError, match=r"other settings \(ns: \[0, 2\] -> \[0, 3\]\); delete it or pass another cache_path"):
         sweep.sweep(model, tokenizer, ns=[0, 3], evals=[probe], distances=random_distances(6), cache_path=cache, settings={"shots": 5})
-    with pytest.raises(ValueError, match=r"settings: \{'shots': 5\} -> \{'shots': 0\}"):
+    with pytest.raises(ValueError, match=r"settings.shots: 5 -> 0"):
         sweep.sweep(model, tokenizer, ns=[0, 2], evals=[probe], distances=random_distances(6), cache_path=cache, settings={"shots": 0})
     with pytest.raises(ValueError, match=r"distances: '\w+' -> '\w+'"):
         sweep.sweep(model, tokenizer, ns=[0, 2], evals=[probe], distances=random_distances(6, seed=1), cache_path=cache, settings={"shots": 5})
