@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from . import assets, layers
 from . import device as device_policy
+from .deprecation import warn
 
 
 def _quantization_config(quantize: str | None, compute_dtype: torch.dtype):
@@ -24,8 +25,9 @@ def _quantization_config(quantize: str | None, compute_dtype: torch.dtype):
     )
 
 
-def weight_bytes(source: str, dtype: torch.dtype, trust_remote_code: bool = False) -> int:
-    """Bytes the weights of `source` take in `dtype`, counted on the meta device (nothing loaded)."""
+def checkpoint_bytes(source: str, dtype: torch.dtype, trust_remote_code: bool = False) -> int:
+    """Bytes the weights of checkpoint `source` would take loaded in `dtype`, counted on the meta device
+    (nothing loaded); kit.cost.weight_bytes measures a loaded model."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
@@ -56,7 +58,7 @@ def resolve_quantize(quantize, source: str, device: torch.device, dtype: torch.d
         return quantize
     if device.type != "cuda":
         return None
-    size, capacity = weight_bytes(source, dtype, trust_remote_code), gpu_capacity(device, device_map, max_memory)
+    size, capacity = checkpoint_bytes(source, dtype, trust_remote_code), gpu_capacity(device, device_map, max_memory)
     if size <= 0.8 * capacity:
         return None
     if importlib.util.find_spec("bitsandbytes") is None:
@@ -143,3 +145,8 @@ def load_model(
     layers.anatomy(model)  # fail early, saying what was looked for
     model.eval()
     return model, prepare_tokenizer(tokenizer)
+
+
+def weight_bytes(source: str, dtype: torch.dtype, trust_remote_code: bool = False) -> int:
+    warn("kit.models.weight_bytes", "kit.models.checkpoint_bytes")
+    return checkpoint_bytes(source, dtype, trust_remote_code)

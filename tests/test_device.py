@@ -83,7 +83,7 @@ def test_asking_for_cuda_without_a_gpu_is_a_clear_error(monkeypatch):
 def test_quantize_auto_picks_4bit_only_when_the_weights_do_not_fit(gpu, monkeypatch, tmp_path):
     model, _ = kit.tiny_model("llama")
     model.save_pretrained(tmp_path)
-    size = kit.models.weight_bytes(str(tmp_path), torch.float16)
+    size = kit.models.checkpoint_bytes(str(tmp_path), torch.float16)
     assert size == sum(p.numel() for p in model.parameters()) * 2
     cuda = torch.device("cuda", 0)
     assert kit.models.resolve_quantize("auto", str(tmp_path), torch.device("cpu"), torch.float32) is None
@@ -96,7 +96,7 @@ def test_quantize_auto_picks_4bit_only_when_the_weights_do_not_fit(gpu, monkeypa
 
 def test_quantize_auto_counts_a_device_maps_gpus_and_stops_without_bitsandbytes(gpu, monkeypatch, tmp_path):
     kit.tiny_model("llama")[0].save_pretrained(tmp_path)
-    size, cuda = kit.models.weight_bytes(str(tmp_path), torch.float16), torch.device("cuda", 0)
+    size, cuda = kit.models.checkpoint_bytes(str(tmp_path), torch.float16), torch.device("cuda", 0)
     gpu(native_bf16=True, memory_gb=0.7 * size / 2**30)  # one GPU holds 70% of the weights, two hold 140%
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert kit.models.resolve_quantize("auto", str(tmp_path), cuda, torch.float16) == "4bit"
@@ -121,3 +121,9 @@ def test_loads_follow_the_policy_and_record_their_provenance(smollm):
     placement = policy.provenance(model)
     assert placement["dtype"] == "float32" and placement["quantization"] is None
     assert placement["device"] == str(model.device)
+
+
+def test_the_old_name_of_checkpoint_bytes_still_works_with_a_warning(tmp_path):
+    kit.tiny_model("llama")[0].save_pretrained(tmp_path)
+    with pytest.warns(DeprecationWarning, match="kit.models.weight_bytes is deprecated .* use kit.models.checkpoint_bytes"):
+        assert kit.models.weight_bytes(str(tmp_path), torch.float16) == kit.models.checkpoint_bytes(str(tmp_path), torch.float16)
