@@ -8,7 +8,7 @@ import pandas as pd
 
 from . import results as _results
 from .deprecation import moved
-from .stats import paired_difference, wilson
+from .stats import paired_difference, paired_ratio_difference, wilson
 
 LABELS = {  # each metric in words, with its unit: the figures' axes and the readings
     "recall": "in-context recall (accuracy)", "mmlu": "MMLU accuracy", "mmlu_subjects": "MMLU accuracy, mean over subjects",
@@ -20,10 +20,18 @@ LABELS = {  # each metric in words, with its unit: the figures' axes and the rea
 }  # fmt: skip
 
 
+def _paired(row_a, row_b, **bootstrap):
+    """a minus b on the same questions (accuracies) or the same texts (losses), with its paired interval."""
+    if isinstance(row_a.get("per_text"), str):
+        return paired_ratio_difference(_results.per_text(row_a), _results.per_text(row_b), **bootstrap)
+    return paired_difference(_results.outcomes(row_a), _results.outcomes(row_b), **bootstrap)
+
+
 def paired_comparison(results: pd.DataFrame, by: str, a, b, *, metric: str = "mmlu", resamples: int = 2000,
                       seed: int = 0) -> pd.DataFrame:  # fmt: skip
     """For every n evaluated both ways, `metric` where results[by] == a minus where it is b, on the
-    same questions, with a paired bootstrap 95% interval (questions resampled together).
+    same questions (accuracies) or texts (losses), with a paired bootstrap 95% interval (questions or
+    texts resampled together for both).
 
     E.g. paired_comparison(results, "strategy", "similarity", "heuristic") or
     paired_comparison(healed, "healed", True, False). Returns one row per n: n, fraction,
@@ -38,7 +46,7 @@ def paired_comparison(results: pd.DataFrame, by: str, a, b, *, metric: str = "mm
         if any(side.empty for side in pair):
             continue
         (row_a, row_b) = (side.iloc[0] for side in pair)
-        difference = paired_difference(_results.outcomes(row_a), _results.outcomes(row_b), resamples=resamples, seed=seed)
+        difference = _paired(row_a, row_b, resamples=resamples, seed=seed)
         table.append({"n": n, "fraction": row_a["fraction"], f"{by}={a}": row_a["value"], f"{by}={b}": row_b["value"],
                       "difference": difference.value, "ci_low": difference.low, "ci_high": difference.high})  # fmt: skip
     if not table:

@@ -19,6 +19,8 @@ class LossResult:
     normalized: float  # loss / log(vocab size), as the paper reports it
     tokens: int  # number of predicted tokens
     stderr: float  # standard error of loss over texts (nats; NaN for one text)
+    text_losses: tuple[float, ...] = ()  # per text with tokens to predict, in order: its summed loss (nats)
+    text_tokens: tuple[int, ...] = ()  # and its predicted tokens (what paired comparisons resample)
 
 
 _LOGIT_ELEMENTS = 2**25  # logits materialised at once (128 MiB in fp32), whatever the vocabulary
@@ -64,4 +66,5 @@ def validation_loss(model, tokenizer, texts: list[str], *, max_length: int = 512
     loss = float(text_losses.sum()) / count
     require_finite(math.isfinite(loss), "the validation loss", model)
     vocab = layers.lm_head(model).weight.shape[0]
-    return LossResult(loss, loss / math.log(vocab), count, ratio_stderr(text_losses, text_tokens))
+    return LossResult(loss, loss / math.log(vocab), count, ratio_stderr(text_losses, text_tokens),
+                      tuple(map(float, text_losses)), tuple(map(int, text_tokens)))  # fmt: skip

@@ -15,6 +15,8 @@ import math
 from collections.abc import Callable, Sequence
 from typing import ClassVar
 
+import numpy as np
+
 from . import distributed, evaluate
 from .deprecation import warn
 from .stats import Z95, Estimate, side
@@ -171,7 +173,8 @@ class RecallAccuracy(Evaluation):
 @dataclasses.dataclass(frozen=True)
 class ValidationLoss(Evaluation):
     """Validation loss in nats per token ("val_loss") and divided by log(vocabulary size) ("val_loss_norm"),
-    with a normal 95% interval from the standard error over texts.
+    with a normal 95% interval from the standard error over texts, and each text's summed loss and
+    tokens (what paired comparisons of two models on the same texts resample).
 
     Args:
         texts: the validation texts, e.g. kit.data.corpus("validation")[:16].
@@ -190,9 +193,11 @@ class ValidationLoss(Evaluation):
         result = evaluate.validation_loss(model, tokenizer, list(self.texts), max_length=self.max_length, batch_size=self.batch_size)
         half = Z95 * result.stderr
         scale = result.normalized / result.loss
+        per_text = np.stack([result.text_losses, result.text_tokens], axis=1)
         return {
-            "val_loss": Estimate(result.loss, result.loss - half, result.loss + half),
-            "val_loss_norm": Estimate(result.normalized, (result.loss - half) * scale, (result.loss + half) * scale),
+            "val_loss": Estimate(result.loss, result.loss - half, result.loss + half, per_text=per_text),
+            "val_loss_norm": Estimate(result.normalized, (result.loss - half) * scale, (result.loss + half) * scale,
+                                      per_text=per_text * [scale, 1]),  # fmt: skip
         }
 
 

@@ -202,33 +202,26 @@ def _collapse(row, curve) -> str:
     return f"  - {row['strategy']} blocks: {words}; collapse point {pct(c)} ({interval(row['ci_low'], row['ci_high'], pct)})."
 
 
-def _apart(row, a: str, b: str) -> str:
-    """'less' / 'more' when a's value and b's lie each outside the other's 95% interval, else 'overlap'."""
-    sides = (side(row["ci_low", a], row["ci_high", a], row["value", b]), side(row["ci_low", b], row["ci_high", b], row["value", a]))
-    return {("below", "above"): "less", ("above", "below"): "more"}.get(sides, "overlap")
+LOSS_PHRASES = {"below": "cost less loss than the heuristic's", "above": "cost more", "contains": "cannot be told apart"}
 
 
-LOSS_PHRASES = {"less": "cost less loss than the heuristic's", "more": "cost more", "overlap": "cannot be told apart"}
-
-
-def _strategy_loss(unhealed: pd.DataFrame) -> list[str]:
-    rows = unhealed[(unhealed["metric"] == "val_loss_norm") & (unhealed["n"] > 0)]
-    table = rows.pivot(index="n", columns="strategy", values=["value", "ci_low", "ci_high", "fraction"])
-    verdicts = {n: _apart(r, "similarity", "heuristic") for n, r in table.iterrows()}
-    at = {v: [n for n, w in verdicts.items() if w == v] for v in ("less", "more", "overlap")}
-    if len(at["less"]) == len(verdicts):
+def _strategy_loss(paired: pd.DataFrame) -> list[str]:
+    paired = paired[paired["n"] > 0]
+    verdicts = {r["n"]: side(r["ci_low"], r["ci_high"], 0) for _, r in paired.iterrows()}
+    at = {v: [n for n, w in verdicts.items() if w == v] for v in LOSS_PHRASES}
+    if len(at["below"]) == len(verdicts):
         words = "**The similarity blocks cost less loss than the heuristic's at every block size swept**"
-    elif len(at["overlap"]) == len(verdicts):
+    elif len(at["contains"]) == len(verdicts):
         words = "**The similarity blocks and the heuristic's cannot be told apart by their loss at any block size swept**"
     else:
         parts = [f"{phrase} at n = {listing(at[v])}" for v, phrase in LOSS_PHRASES.items() if at[v]]
         words = "**The similarity blocks " + ", ".join(parts[:-1]) + ", and " * (len(parts) > 1) + parts[-1] + "**"
-    lines = [f"- {words} (rule: neither value lies inside the other's 95% interval).", "",
-             f"| n | layers dropped | {LABELS['val_loss_norm']}, similarity | heuristic | similarity costs |",
+    lines = [f"- {words} (rule: the paired bootstrap 95% interval of the difference, over the same texts, excludes 0).", "",
+             f"| n | layers dropped | {LABELS['val_loss_norm']}, similarity | heuristic | similarity minus heuristic (95% interval) |",
              "| --- | --- | --- | --- | --- |"]  # fmt: skip
-    for n, r in table.iterrows():
-        cells = [f"{num(r['value', s])} ({num(r['ci_low', s])} to {num(r['ci_high', s])})" for s in ("similarity", "heuristic")]
-        lines.append(f"| {n:g} | {pct(r['fraction', 'similarity'])} | {cells[0]} | {cells[1]} | {verdicts[n]} |")
+    for _, r in paired.iterrows():
+        lines.append(f"| {r['n']:g} | {pct(r['fraction'])} | {num(r['strategy=similarity'])} | {num(r['strategy=heuristic'])} "
+                     f"| {r['difference']:+.3f} ({num(r['ci_low'])} to {num(r['ci_high'])}) |")  # fmt: skip
     return lines + [""]
 
 
@@ -298,7 +291,9 @@ def _compare(run: Path) -> list[str]:
                      f"dropped at which the accuracy's 95% interval reaches chance):")  # fmt: skip
         lines += [_collapse(row, unhealed[(unhealed["metric"] == metric) & (unhealed["strategy"] == row["strategy"])])
                   for _, row in rows.iterrows()]  # fmt: skip
-    lines += _strategy_loss(unhealed) + _paired(pd.read_csv(run / "paired.csv"))
+    paired = pd.read_csv(run / "paired.csv")
+    losses = paired["metric"] == "val_loss_norm"
+    lines += _strategy_loss(paired[losses]) + _paired(paired[~losses])
     if (run / "healing_gains.csv").exists():
         lines += _healing(results, pd.read_csv(run / "healing_gains.csv"))
     quality = [m for m in ("recall", "mmlu", "boolq", "val_loss_norm") if m in comparison.columns]

@@ -1,5 +1,5 @@
 """The result table of sweeps and comparisons, in one place: its columns, building its rows from
-evaluated metrics, encoding per-question outcomes and reading them back. Writers (kit.sweep) and
+evaluated metrics, encoding per-question outcomes and per-text losses and reading them back. Writers (kit.sweep) and
 readers (kit.curves, kit.plots, kit.readings) import this module, never each other or the evaluators,
 so that a saved CSV is read without loading any model code."""
 
@@ -11,7 +11,7 @@ import pandas as pd
 from .stats import Estimate
 
 POINT = ("strategy", "n", "fraction", "start", "distance", "healed")  # where a sweep evaluated: the block removed
-METRIC = ("metric", "value", "ci_low", "ci_high", "chance", "outcomes")  # what it measured there
+METRIC = ("metric", "value", "ci_low", "ci_high", "chance", "outcomes", "per_text")  # what it measured there
 COLUMNS = POINT + METRIC  # a sweep row: one per (point, metric)
 
 
@@ -27,6 +27,18 @@ def outcomes(row) -> np.ndarray:
     return np.frombuffer(row["outcomes"].encode(), dtype=np.uint8) == ord("R")
 
 
+def encode_per_text(per_text) -> str | None:
+    """A loss's per-text sums and token counts ([texts, 2]) as "sum:tokens" pairs, exact and CSV-safe."""
+    return None if per_text is None else " ".join(f"{total!r}:{int(tokens)}" for total, tokens in np.asarray(per_text, float).tolist())
+
+
+def per_text(row) -> np.ndarray:
+    """The per-text sums and token counts ([texts, 2]) of a result row of a loss, e.g. results.iloc[0]."""
+    if not isinstance(row["per_text"], str):
+        raise ValueError(f"metric {row['metric']!r} has no per-text values (only losses over texts do: val_loss, val_loss_norm)")
+    return np.array([pair.split(":") for pair in row["per_text"].split()], dtype=np.float64)
+
+
 def _plain(value):
     return value.item() if hasattr(value, "item") else value  # numpy / torch scalars -> Python
 
@@ -37,7 +49,7 @@ def rows(metrics: dict[str, Estimate], **point) -> list[dict]:
     point = {k: _plain(v) for k, v in point.items()}
     return [
         {**point, "metric": name, "value": _plain(e.value), "ci_low": _plain(e.low), "ci_high": _plain(e.high),
-         "chance": _plain(e.chance), "outcomes": encode_outcomes(e.outcomes)}
+         "chance": _plain(e.chance), "outcomes": encode_outcomes(e.outcomes), "per_text": encode_per_text(e.per_text)}
         for name, e in metrics.items()
     ]  # fmt: skip
 

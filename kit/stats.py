@@ -25,6 +25,7 @@ class Estimate:
     high: float = math.nan
     outcomes: np.ndarray | None = None
     chance: float = math.nan
+    per_text: np.ndarray | None = None  # a token-weighted mean (a loss): [texts, 2] per-text sums and token counts
 
 
 def side(low: float, high: float, level: float) -> str:
@@ -81,6 +82,24 @@ def paired_difference(a, b, *, resamples: int = 2000, seed: int = 0) -> Estimate
     counts = np.random.default_rng(seed).multinomial(len(a), [only_a / len(a), only_b / len(a), 1 - (only_a + only_b) / len(a)], resamples)
     low, high = np.quantile((counts[:, 0] - counts[:, 1]) / len(a), [0.025, 0.975])
     return Estimate((only_a - only_b) / len(a), float(low), float(high))
+
+
+def paired_ratio_difference(a, b, *, resamples: int = 2000, seed: int = 0) -> Estimate:
+    """Token-weighted mean of `a` minus that of `b` on the same texts (each a [texts, 2] array of per-text
+    sums and token counts, e.g. summed losses), with a paired bootstrap 95% interval: texts are
+    resampled together for both models."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape or a.ndim != 2 or a.shape[1] != 2:
+        raise ValueError(f"paired per-text values must be two [texts, 2] arrays over the same texts, got {a.shape} and {b.shape}")
+    if not np.array_equal(a[:, 1], b[:, 1]):
+        raise ValueError("the two sides counted different tokens per text: pair evaluations of the same texts and tokenizer")
+    gap, tokens = a[:, 0] - b[:, 0], a[:, 1]
+    value = float(gap.sum() / tokens.sum())
+    if len(gap) < 2:
+        return Estimate(value, *too_few("fewer than 2 paired texts"))
+    picks = np.random.default_rng(seed).integers(len(gap), size=(resamples, len(gap)))
+    low, high = np.quantile(gap[picks].sum(1) / tokens[picks].sum(1), [0.025, 0.975])
+    return Estimate(value, float(low), float(high))
 
 
 def ratio_stderr(sums, counts) -> float:

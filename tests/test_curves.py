@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from kit import curves, results, stats
+from kit.stats import Estimate
 
 
 def _curve(accuracies, questions, seed=0, strategy="similarity"):
@@ -83,3 +84,20 @@ def test_by_metric_stacks_one_table_per_metric():
     table = curves.by_metric(curves.collapse_points, both, ["recall", "mmlu"])
     assert table["metric"].tolist() == ["recall", "mmlu"]
     assert table["collapse"].tolist() == [curves.collapse_point(recall, "recall")[0], curves.collapse_point(mmlu, "mmlu")[0]]
+
+
+def test_paired_comparison_of_losses_pairs_the_same_texts():
+    rng = np.random.default_rng(5)
+    tokens = rng.integers(10, 50, size=30).astype(float)
+    hard = rng.normal(3, 0.4, size=30)
+    sums = {"similarity": (hard + 0.1) * tokens, "heuristic": (hard + 0.3 + rng.normal(0, 0.05, 30)) * tokens}
+    table = pd.concat([
+        results.table({"val_loss": Estimate(s.sum() / tokens.sum(), per_text=np.stack([s, tokens], 1))},
+                      strategy=strategy, n=2, fraction=0.25)
+        for strategy, s in sums.items()
+    ])  # fmt: skip
+    row = curves.paired_comparison(table, "strategy", "similarity", "heuristic", metric="val_loss").iloc[0]
+    expected = stats.paired_ratio_difference(*(np.stack([s, tokens], 1) for s in sums.values()))
+    assert row.difference == pytest.approx(row["strategy=similarity"] - row["strategy=heuristic"])
+    assert (row.difference, row.ci_low, row.ci_high) == (expected.value, expected.low, expected.high)
+    assert row.ci_high < 0  # about -0.2 +- 0.02: far clearer than either loss's own interval (+-0.15)

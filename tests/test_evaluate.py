@@ -163,6 +163,7 @@ def test_validation_loss_is_the_token_weighted_hf_loss(arch, monkeypatch):
     residuals = np.array(sums) - total / count * np.array(counts)
     expected = math.sqrt(len(texts) / (len(texts) - 1) * np.sum(residuals**2)) / count
     assert result.stderr == pytest.approx(expected, rel=1e-4)
+    assert result.text_losses == pytest.approx(sums, rel=1e-5) and result.text_tokens == tuple(counts)  # per text, in order
     with pytest.warns(UserWarning, match="at least 2 texts"):
         assert math.isnan(validation_loss(model, tokenizer, texts[:1], max_length=64).stderr)
 

@@ -39,6 +39,10 @@ def test_paired_comparison_of_the_strategies(run):
     assert paired["n"].tolist() == [0, 10, 20]
     assert paired.loc[0, ["difference", "ci_low", "ci_high"]].tolist() == [0, 0, 0]  # n = 0: the same model
     assert (paired["ci_low"] <= paired["difference"]).all() and (paired["difference"] <= paired["ci_high"]).all()
+    losses = pd.read_csv(run / "paired.csv").query("metric == 'val_loss_norm'").set_index("n")  # on the same texts
+    swept = pd.read_csv(run / "sweep.csv").query("metric == 'val_loss_norm' and not healed").pivot(index="n", columns="strategy", values="value")
+    assert losses["difference"].to_numpy() == pytest.approx((swept["similarity"] - swept["heuristic"]).loc[losses.index].to_numpy(), abs=1e-12)
+    assert losses.loc[0, ["difference", "ci_low", "ci_high"]].tolist() == [0, 0, 0]
     collapse = pd.read_csv(run / "collapse.csv")
     assert collapse["strategy"].tolist() == list(sweep.STRATEGIES) * 2 and collapse["metric"].tolist() == ["recall"] * 2 + ["mmlu"] * 2
 

@@ -28,9 +28,20 @@ def accuracy_rows(strategy: str, rights: dict[int, int], *, metric="recall", cha
     return rows
 
 
+SPREAD = np.array([0.03, -0.03, 0.0, 0.0] * 5)  # per-text deviations, opposite for the two strategies
+
+
+def per_text(loss: float, sign: int, *, tokens: int = 10) -> str:
+    """20 texts of `tokens` tokens whose token-weighted mean loss is `loss` (paired differences between
+    the strategies spread by 2 x SPREAD around the difference of the means: +-0.017 for the mean of 20)."""
+    return results.encode_per_text(np.stack([(loss + sign * SPREAD) * tokens, np.full(20, tokens)], 1))
+
+
 def loss_rows(strategy: str, losses: dict[int, float], *, half=0.01, healed=False) -> list[dict]:
+    sign = 1 if strategy == "similarity" else -1
     return [{"n": n, "fraction": n / L, "strategy": strategy, "healed": healed, "metric": "val_loss_norm", "value": v,
-             "ci_low": v - half, "ci_high": v + half, "chance": np.nan, "outcomes": None} for n, v in losses.items()]  # fmt: skip
+             "ci_low": v - half, "ci_high": v + half, "chance": np.nan, "outcomes": None, "per_text": per_text(v, sign)}
+            for n, v in losses.items()]  # fmt: skip
 
 
 def write_compare_run(run, *, mmlu_right=12, similarity=None, heuristic=None, sim_loss=None, heu_loss=None, healed_loss=0.31):
@@ -48,7 +59,7 @@ def write_compare_run(run, *, mmlu_right=12, similarity=None, heuristic=None, si
     unhealed = swept[~swept["healed"]]
     swept.to_csv(run / "sweep.csv", index=False)
     curves.by_metric(curves.collapse_points, unhealed, ["recall"]).to_csv(run / "collapse.csv", index=False)
-    curves.by_metric(curves.paired_comparison, unhealed, ["recall"], "strategy", "similarity", "heuristic").to_csv(run / "paired.csv", index=False)
+    curves.by_metric(curves.paired_comparison, unhealed, ["recall", "val_loss_norm"], "strategy", "similarity", "heuristic").to_csv(run / "paired.csv", index=False)
     curves.by_metric(curves.healing_gains, swept, ["recall"]).to_csv(run / "healing_gains.csv", index=False)
     low, high = wilson(mmlu_right, 40)
     unpruned = results.table({"mmlu": Estimate(mmlu_right / 40, low, high, np.arange(40) < mmlu_right, 0.25)}, n=0)
@@ -87,19 +98,20 @@ def test_collapse_verdicts_name_where_the_curve_reaches_chance(tmp_path):
     assert "similarity blocks: already at chance before any layer is removed; collapse point 0%" in dead
 
 
-def test_strategy_loss_verdict_flips_where_the_intervals_meet(tmp_path):
+def test_strategy_loss_verdict_follows_the_paired_interval_over_the_same_texts(tmp_path):
     text = readings.reading(write_compare_run(tmp_path), "04_compare").markdown
     assert "**The similarity blocks cost less loss than the heuristic's at every block size swept**" in text
     mixed = readings.reading(write_compare_run(tmp_path, sim_loss={0: 0.3, 2: 0.505, 4: 0.4, 6: 1.0, 8: 0.6}), "04_compare").markdown
     assert "cost less loss than the heuristic's at n = 4, 8, cost more at n = 6, and cannot be told apart at n = 2**" in mixed
     apart = readings.reading(write_compare_run(tmp_path, sim_loss={0: 0.3, 2: 0.505, 4: 0.705, 6: 0.9, 8: 1.1}), "04_compare").markdown
     assert "**The similarity blocks and the heuristic's cannot be told apart by their loss at any block size swept**" in apart
-    assert "| 6 | 60% | 1.000 (0.990 to 1.010) | 0.900 (0.890 to 0.910) | more |" in mixed
+    assert "| 6 | 60% | 1.000 | 0.900 | +0.100 (0.0" in mixed  # its paired interval: about 0.1 +- 0.017
+    assert "| 2 | 20% | 0.505 | 0.500 | +0.005 (-0.0" in mixed  # contains 0: cannot be told apart
 
 
 def test_paired_and_healing_verdicts(tmp_path):
     text = readings.reading(write_compare_run(tmp_path), "04_compare").markdown
-    paired = pd.read_csv(tmp_path / "paired.csv").set_index("n")
+    paired = pd.read_csv(tmp_path / "paired.csv").query("metric == 'recall'").set_index("n")
     higher = [n for n in (2, 4, 6, 8) if paired.loc[n, "ci_low"] > 0]
     assert higher == [2, 4]  # the first k questions right: 25 vs 20 and 20 vs 8 differ on questions one side alone gets
     assert "of the similarity blocks is higher at n = 2, 4, indistinguishable elsewhere**" in text

@@ -15,7 +15,7 @@ def test_rows_are_one_per_metric_with_the_point_columns():
     table = results.table({"mmlu": Estimate(0.5, 0.2, 0.8, np.array([True, False]), 0.25), "parameters": Estimate(7.0)}, n=0)
     assert table["metric"].tolist() == ["mmlu", "parameters"] and table["n"].tolist() == [0, 0]
     assert table.loc[0, ["value", "ci_low", "ci_high", "chance", "outcomes"]].tolist() == [0.5, 0.2, 0.8, 0.25, "RW"]
-    assert pd.isna(table.loc[1, "outcomes"]) and math.isnan(table.loc[1, "chance"])
+    assert pd.isna(table.loc[1, "outcomes"]) and pd.isna(table.loc[1, "per_text"]) and math.isnan(table.loc[1, "chance"])
     point = dict(strategy="similarity", n=np.int64(4), fraction=0.5, start=2, distance=np.float32(0.25), healed=False)
     row = results.rows({"recall": Estimate(1.0)}, **point)[0]
     assert tuple(row) == results.COLUMNS and type(row["n"]) is int and type(row["distance"]) is float  # JSON-able
@@ -30,6 +30,17 @@ def test_outcomes_survive_a_csv_round_trip(tmp_path):
     with pytest.raises(ValueError, match="'val_loss' has no per-question outcomes"):
         results.outcomes(back.iloc[1])
     assert results.encode_outcomes(None) is None and results.encode_outcomes([]) == ""
+
+
+def test_per_text_losses_survive_a_csv_round_trip_exactly(tmp_path):
+    per_text = np.stack([np.random.default_rng(1).random(13) * 50, np.arange(13) + 3], axis=1)
+    table = results.table({"val_loss": Estimate(per_text[:, 0].sum() / per_text[:, 1].sum(), per_text=per_text),
+                           "mmlu": Estimate(0.5, outcomes=np.array([True, False]))}, n=0)  # fmt: skip
+    table.to_csv(tmp_path / "t.csv", index=False)
+    back = pd.read_csv(tmp_path / "t.csv")
+    assert np.array_equal(results.per_text(back.iloc[0]), per_text)  # floats written by repr: bit-exact
+    with pytest.raises(ValueError, match="'mmlu' has no per-text values"):
+        results.per_text(back.iloc[1])
 
 
 def test_chance_level_is_the_one_the_rows_carry():

@@ -64,6 +64,25 @@ def test_paired_difference_is_narrower_than_unpaired():
     assert estimate.high - estimate.low < 0.05  # unpaired Wilson intervals are each about 0.1 wide
 
 
+def test_paired_ratio_difference_covers_the_truth_and_cancels_what_both_share():
+    rng = np.random.default_rng(4)
+    tokens = rng.integers(20, 200, size=(60, 1)).astype(float)
+    covered = 0
+    for run in range(RUNS):
+        text_hardness = rng.normal(3.0, 0.5, size=(60, 1))  # shared by both models: cancels in the pair
+        a = np.hstack([(text_hardness + 0.05 + rng.normal(0, 0.02, (60, 1))) * tokens, tokens])
+        b = np.hstack([(text_hardness + rng.normal(0, 0.02, (60, 1))) * tokens, tokens])
+        estimate = stats.paired_ratio_difference(a, b, resamples=1000, seed=run)
+        assert estimate.value == pytest.approx(a[:, 0].sum() / tokens.sum() - b[:, 0].sum() / tokens.sum())
+        covered += estimate.low <= 0.05 <= estimate.high
+        assert estimate.high - estimate.low < 0.03  # each model's own 95% interval over texts is about 0.25 wide
+    assert 0.93 <= covered / RUNS <= 0.97
+    with pytest.raises(ValueError, match="counted different tokens per text"):
+        stats.paired_ratio_difference(a, b + [0, 1])
+    with pytest.raises(ValueError, match=r"two \[texts, 2\] arrays over the same texts"):
+        stats.paired_ratio_difference(a, b[:5])
+
+
 def test_ratio_stderr_is_the_standard_error_of_a_mean_for_unit_counts():
     values = np.random.default_rng(3).random(30)
     assert stats.ratio_stderr(values, np.ones(30)) == pytest.approx(values.std(ddof=1) / math.sqrt(30))

@@ -28,7 +28,7 @@ def test_sweep_equals_evaluating_each_pruned_copy(strategy, snapshot):
 
     assert list(table.columns) == [
         "strategy", "n", "fraction", "start", "distance", "healed", "metric", "value", "ci_low", "ci_high", "chance",
-        "outcomes",
+        "outcomes", "per_text",
     ]  # fmt: skip
     assert set(table["metric"]) == {"val_loss", "val_loss_norm"} and len(table) == 6
     for n in (0, 1, 3):
@@ -44,6 +44,7 @@ def test_sweep_equals_evaluating_each_pruned_copy(strategy, snapshot):
         assert row.value == pytest.approx(expected.loss, abs=1e-6)
         assert (row.ci_low, row.ci_high) == pytest.approx((expected.loss - 1.96 * expected.stderr, expected.loss + 1.96 * expected.stderr), abs=1e-3)
         assert row.outcomes is None and math.isnan(row.chance)
+        assert results.per_text(row).tolist() == [[s, t] for s, t in zip(expected.text_losses, expected.text_tokens)]
     assert snapshot(model) == before and layers.num_layers(model) == 6
 
 
