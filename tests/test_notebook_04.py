@@ -56,7 +56,12 @@ def test_each_strategy_heals_its_blocks_beside_their_unhealed_twins(run):
         assert loss[True] != loss[False]
         assert (run / "sweep_healed" / strategy / "n10" / "adapter").is_dir()
     gains = pd.read_csv(run / "healing_gains.csv")
-    assert gains["strategy"].tolist() == list(sweep.STRATEGIES) * 2 and set(gains["n"]) == {10}
+    assert gains["strategy"].tolist() == list(sweep.STRATEGIES) * 3 and set(gains["n"]) == {10}  # recall, mmlu, loss
+    assert gains["metric"].tolist() == [m for m in ("recall", "mmlu", "val_loss_norm") for _ in sweep.STRATEGIES]
+    for _, gain in gains[gains["metric"] == "val_loss_norm"].iterrows():  # paired over the same texts
+        loss = table.query("metric == 'val_loss_norm' and n == 10 and strategy == @gain.strategy").set_index("healed")["value"]
+        assert gain["difference"] == pytest.approx(loss[True] - loss[False], abs=1e-12)
+        assert gain["ci_low"] <= gain["difference"] <= gain["ci_high"]
 
 
 def test_comparison_of_original_pruned_and_healed(run):

@@ -38,7 +38,7 @@ def per_text(loss: float, sign: int, *, tokens: int = 10) -> str:
 
 
 def loss_rows(strategy: str, losses: dict[int, float], *, half=0.01, healed=False) -> list[dict]:
-    sign = 1 if strategy == "similarity" else -1
+    sign = (1 if strategy == "similarity" else -1) * (-1 if healed else 1)
     return [{"n": n, "fraction": n / L, "strategy": strategy, "healed": healed, "metric": "val_loss_norm", "value": v,
              "ci_low": v - half, "ci_high": v + half, "chance": np.nan, "outcomes": None, "per_text": per_text(v, sign)}
             for n, v in losses.items()]  # fmt: skip
@@ -60,7 +60,7 @@ def write_compare_run(run, *, mmlu_right=12, similarity=None, heuristic=None, si
     swept.to_csv(run / "sweep.csv", index=False)
     curves.by_metric(curves.collapse_points, unhealed, ["recall"]).to_csv(run / "collapse.csv", index=False)
     curves.by_metric(curves.paired_comparison, unhealed, ["recall", "val_loss_norm"], "strategy", "similarity", "heuristic").to_csv(run / "paired.csv", index=False)
-    curves.by_metric(curves.healing_gains, swept, ["recall"]).to_csv(run / "healing_gains.csv", index=False)
+    curves.by_metric(curves.healing_gains, swept, ["recall", "val_loss_norm"]).to_csv(run / "healing_gains.csv", index=False)
     low, high = wilson(mmlu_right, 40)
     unpruned = results.table({"mmlu": Estimate(mmlu_right / 40, low, high, np.arange(40) < mmlu_right, 0.25)}, n=0)
     unpruned.to_csv(run / "unpruned.csv", index=False)
@@ -117,7 +117,8 @@ def test_paired_and_healing_verdicts(tmp_path):
     assert "of the similarity blocks is higher at n = 2, 4, indistinguishable elsewhere**" in text
     assert "**Healing lowers the loss at 2 of 2 healed blocks and changes in-context recall (accuracy) detectably at 1**: " \
            "as the paper finds" in text  # fmt: skip
-    assert "| similarity | 4 | 0.400 | 0.310 | 90% | +0.025 (" in text  # (0.40 - 0.31) / (0.40 - 0.30) of the damage
+    assert "| similarity | 4 | 0.400 | 0.310 (-0.090: -0.1" in text  # the paired change: -0.09 +- 0.017
+    assert "| 90% | +0.025 (" in text  # (0.40 - 0.31) / (0.40 - 0.30) of the damage
     unhelped = readings.reading(write_compare_run(tmp_path, healed_loss=0.395), "04_compare").markdown
     assert "**Healing lowers the loss at 1 of 2 healed blocks and changes in-context recall (accuracy) detectably at 1**: " \
            "this run does not show the paper's finding" in unhelped  # fmt: skip
