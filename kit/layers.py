@@ -31,10 +31,15 @@ MLPS = ("mlp", "feed_forward", "ffn", "block_sparse_moe", "moe")  # a decoder la
 ROUTERS = ("gate", "router", "shared_expert_gate", "wg")  # linear maps inside an MLP that are not projections
 LAYER_THRESHOLDS = ("max_window_layers", "first_k_dense_replace")  # config ints: "the layers below this index"
 DEPTH_ALIASES = ("num_blocks",)  # config ints repeating num_hidden_layers under another name (xLSTM)
+DEPTH_SCALED = ("scale_depth",)  # config numbers every layer reads as value / sqrt(num_hidden_layers) (MiniCPM3's
+# residual scale): rescaled by sqrt(new / old depth) when layers go, so each kept layer computes what it did
 LAYER_INDEX_LISTS = ("mlp_only_layers", "moe_layers", "attn_layer_indices")  # config lists of layer indices
 PER_LAYER_WEIGHTS = {"embed_tokens_per_layer": 1, "per_layer_model_projection": 0}  # decoder modules whose weight
 # packs one slice per layer along this dimension (Gemma 3n and 4's per-layer inputs)
 LAYER_INDEX_ATTRIBUTES = ("layer_idx", "layer_id", "layer_number")  # a module's own layer index (the KV cache's key)
+BUFFER_SEEDS = {"MiniMaxLightningAttention": ("num_hidden_layers",)}  # module class -> attributes read only to
+# compute persistent buffers (MiniMax's per-layer decay rates, from the layer's depth fraction), which a saved
+# checkpoint carries and a reload restores: a kept layer reloads the same though the depth changed
 
 _FOUND: "weakref.WeakKeyDictionary[nn.Module, Anatomy]" = weakref.WeakKeyDictionary()
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from transformers import PretrainedConfig
+from transformers import AutoModelForCausalLM, PretrainedConfig
 
 import kit
 from kit import layers
@@ -154,6 +154,19 @@ def test_index_lists_and_thresholds_follow_the_kept_layers():
     model = kit.families.tiny_family_model("deepseek_v3", first_k_dense_replace=2)
     assert kit.drop_layers(model, Block(0, 1)).config.first_k_dense_replace == 1
     assert kit.drop_layers(model, Block(2, 2)).config.first_k_dense_replace == 2
+
+
+def test_a_depth_scaled_residual_is_rescaled_for_the_layers_that_stay(tmp_path):
+    """MiniCPM3 scales each residual branch by scale_depth / sqrt(num_hidden_layers): pruning rescales
+    scale_depth so every kept layer keeps its scale, pruned twice and after a reload."""
+    model = kit.families.tiny_family_model("minicpm3", num_hidden_layers=6)
+    scale = layers.decoder_layers(model)[0].residual_scale
+    pruned = kit.drop_layers(kit.drop_layers(model, Block(1, 2)), Block(0, 1))
+    assert pruned.config.scale_depth / (3**0.5) == pytest.approx(model.config.scale_depth / (6**0.5), rel=1e-15)
+    kit.save_pruned(pruned, kit.testing.tiny_tokenizer(), tmp_path / "pruned")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
+    for layer in [*layers.decoder_layers(pruned), *layers.decoder_layers(reloaded)]:
+        assert layer.residual_scale == pytest.approx(scale, rel=1e-15)
 
 
 def test_a_removal_the_config_cannot_express_is_refused_with_the_reason():
