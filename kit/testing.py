@@ -110,23 +110,49 @@ REFERENCE_METRICS = {
 }
 
 
+def _hooked_states(model, ids) -> list[torch.Tensor]:
+    """Positions 0..L of one full, unpatched forward pass, by forward hooks: each decoder layer's input,
+    then the last layer's output."""
+    decoder, states = layers.decoder_layers(model), []
+    keep_input = lambda module, args, kwargs: states.append(layers.layer_input(args, kwargs))  # noqa: E731
+    handles = [layer.register_forward_pre_hook(keep_input, with_kwargs=True) for layer in decoder]
+    handles.append(decoder[-1].register_forward_hook(lambda module, args, out: states.append(layers.layer_output(out))))
+    try:
+        model(**ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(states) != len(decoder) + 1:
+        raise RuntimeError(f"the decoder layers ran {len(states) - 1} times for {len(decoder)} layers")
+    return states
+
+
 @torch.no_grad()
 def reference_distance_sums(model, tokenizer, texts: list[str], max_length: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Brute-force reference for kit.angular_distances: {metric: (per-text distance sums [texts, L+1, L+1],
     token counts [texts])}, one unpadded text at a time through HF's `output_hidden_states` with the final
     norm made the identity (so the last hidden state is position L), in numpy float64. Families whose
     hidden states list the layers' outputs only (Mamba, RWKV: the last one repeated by the final norm)
-    get the input embeddings as position 0."""
+    get the input embeddings as position 0. Where the final-norm module also runs before the layers
+    (NanoChat), making it the identity would change the network: the states are then taken by forward
+    hooks on the layers of a full, unpatched pass."""
     norm = layers.final_norm(model)
+    calls = []
     if norm is not None:
         norm.forward = lambda hidden, *args, **kwargs: hidden  # the module and its weights stay in place
+        counter = norm.register_forward_hook(lambda *_: calls.append(1))
     sums = {metric: [] for metric in REFERENCE_METRICS}
     counts = {metric: [] for metric in REFERENCE_METRICS}
     try:
         for text in texts:
             ids = tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt")
+            calls.clear()
             states = list(model(**ids, output_hidden_states=True, use_cache=False).hidden_states)
-            if torch.equal(states[-1], states[-2]) and len(states) == layers.num_layers(model) + 1:
+            if len(calls) > 1:  # the norm runs before the layers too: restore it and hook the layers
+                del norm.forward
+                states = _hooked_states(model, ids)
+                norm.forward = lambda hidden, *args, **kwargs: hidden
+            elif torch.equal(states[-1], states[-2]) and len(states) == layers.num_layers(model) + 1:
                 states = [model.get_input_embeddings()(ids["input_ids"]), *states[:-1]]
             x = np.stack([h[0].double().cpu().numpy() for h in states])
             x = x / np.linalg.norm(x, axis=-1, keepdims=True)  # [L+1, tokens, hidden]
@@ -138,6 +164,7 @@ def reference_distance_sums(model, tokenizer, texts: list[str], max_length: int)
     finally:
         if norm is not None:
             del norm.forward
+            counter.remove()
     return {metric: (np.stack(sums[metric]), np.array(counts[metric], float)) for metric in REFERENCE_METRICS}
 
 
