@@ -12,8 +12,20 @@ from . import layers
 from .data import corpus
 from .distances import Distances
 
+# One family of each kind beyond the dense ones, built from kit.families' tiny sizes (hidden size 32):
+# name -> (model type, config fields for a model of n layers).
+FAMILY_ARCHITECTURES = {
+    "qwen3_moe": ("qwen3_moe", lambda n: {}),  # MoE: every layer routed over fused experts
+    "deepseek_v3": ("deepseek_v3", lambda n: {"first_k_dense_replace": 1}),  # MLA; a dense layer, then routed + shared experts
+    "granitemoehybrid": (  # hybrid Mamba 2: Mamba and attention layers alternate, MoE MLPs
+        "granitemoehybrid", lambda n: {"layer_types": ["linear_attention", "full_attention"] * (n // 2) + ["linear_attention"] * (n % 2)},
+    ),
+    "qwen3_next": ("qwen3_next", lambda n: {}),  # linear attention (gated DeltaNet), every 4th layer full attention; MoE
+    "gemma3_vl": ("gemma3", lambda n: {}),  # multimodal: the text tower (sliding-window pattern) under model.language_model
+}  # fmt: skip
 TINY_ARCHITECTURES = (
     "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "olmo2", "phi3", "phi", "gpt2", "gpt_neox", "opt",
+    *FAMILY_ARCHITECTURES,
 )  # fmt: skip
 _TINY_VOCAB = 512
 
@@ -77,6 +89,14 @@ def _tiny_config(arch: str, num_layers: int, vocab: int):
             max_position_embeddings=2048, word_embed_proj_dim=64, **ids,
         ),  # fmt: skip
     }
+    if arch in FAMILY_ARCHITECTURES:
+        from . import families
+
+        model_type, fields = FAMILY_ARCHITECTURES[arch]
+        sizes = dict(num_hidden_layers=num_layers, vocab_size=vocab, **fields(num_layers))
+        if "text_config" in families.tiny_config(model_type).sub_configs:  # a multimodal model: sizes of its text tower
+            return families.tiny_config(model_type, text_config=sizes)
+        return families.tiny_config(model_type, **sizes)
     if arch not in builders:
         raise ValueError(f"No tiny model for {arch!r}; choose one of {', '.join(TINY_ARCHITECTURES)}")
     return builders[arch]()
