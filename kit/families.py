@@ -15,7 +15,7 @@ TINY_SIZES = dict(
     n_inner=64, ffn_dim=64, d_model=32, rotary_dim=4, pad_token_id=0, bos_token_id=0, eos_token_id=0,
     # MoE: routed and shared experts
     num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-    shared_expert_intermediate_size=32, n_shared_experts=1, n_group=1, topk_group=1, moe_topk=2,
+    shared_expert_intermediate_size=32, shared_intermediate_size=32, n_shared_experts=1, n_group=1, topk_group=1, moe_topk=2,
     # MLA (DeepSeek): compressed queries and keys, a rope part and a no-rope part per head
     q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8,
     # Mamba and linear-attention layers

@@ -307,6 +307,29 @@ def _check_expressible(model: nn.Module, block: Block, kept: nn.ModuleList, edit
             )
 
 
+def _attention(kind) -> bool:
+    """Whether a layer_types entry is an attention layer (full, sliding, chunked), not a recurrent one
+    (Mamba, linear attention: "linear_attention", "mamba", ...)."""
+    return isinstance(kind, str) and "attention" in kind and not kind.startswith("linear")
+
+
+def _check_attention_kept(model: nn.Module, block: Block) -> None:
+    """Refuse removing the last attention layers of a hybrid: transformers' caches of hybrid models
+    count positions on their attention layers, so a model of recurrent layers only cannot generate."""
+    kinds = getattr(layers.text_config(model.config), "layer_types", None)
+    if not isinstance(kinds, (list, tuple)) or len(kinds) != layers.num_layers(model):
+        return
+    kept = [kind for i, kind in enumerate(kinds) if i not in block.layers]
+    if any(map(_attention, kinds)) and not any(map(_attention, kept)):
+        attention = [i for i, kind in enumerate(kinds) if _attention(kind)]
+        raise ValueError(
+            f"Removing layers {block.start}..{block.end - 1} leaves no attention layer (layers {attention} are the "
+            f"attention layers of this hybrid; the others are {sorted(set(kinds) - set(filter(_attention, kinds)))}): "
+            "transformers' cache of a hybrid counts positions on its attention layers, so the pruned model could not "
+            "generate. Keep at least one of them."
+        )
+
+
 @contextmanager
 def dropped(model: nn.Module, block: Block):
     """Remove `block` from `model` for the duration of a `with` block, without copying anything (but
@@ -340,11 +363,13 @@ def drop_layers(model: nn.Module, block: Block, *, inplace: bool = False) -> nn.
 
     Without `inplace` a deep copy is pruned (the original is untouched; memory is needed for both).
     A block whose removal the config cannot express (a saved checkpoint would rebuild a kept layer
-    differently) is refused with the reason, before anything changes. The config records the removed
+    differently), or that would leave a hybrid without attention layers, is refused with the reason,
+    before anything changes. The config records the removed
     layers as `pruned_blocks = [[start, n], ...]` in the indices of the ORIGINAL model, merged into
     runs, so pruning twice still says which original layers are gone.
     """
     block.check(layers.num_layers(model))
+    _check_attention_kept(model, block)
     if not inplace:
         model = copy.deepcopy(model)
     kept, edits = _removal(model, block)

@@ -14,13 +14,12 @@ from .distances import Distances
 
 # One family of each kind beyond the dense ones, built from kit.families' tiny sizes (hidden size 32):
 # name -> (model type, config fields for a model of n layers).
+_ALTERNATING = lambda n: {"layer_types": (["linear_attention", "full_attention"] * n)[:n]}  # noqa: E731
 FAMILY_ARCHITECTURES = {
     "qwen3_moe": ("qwen3_moe", lambda n: {}),  # MoE: every layer routed over fused experts
     "deepseek_v3": ("deepseek_v3", lambda n: {"first_k_dense_replace": 1}),  # MLA; a dense layer, then routed + shared experts
-    "granitemoehybrid": (  # hybrid Mamba 2: Mamba and attention layers alternate, MoE MLPs
-        "granitemoehybrid", lambda n: {"layer_types": ["linear_attention", "full_attention"] * (n // 2) + ["linear_attention"] * (n % 2)},
-    ),
-    "qwen3_next": ("qwen3_next", lambda n: {}),  # linear attention (gated DeltaNet), every 4th layer full attention; MoE
+    "granitemoehybrid": ("granitemoehybrid", _ALTERNATING),  # hybrid: Mamba 2 and attention layers alternate; MoE MLPs
+    "qwen3_next": ("qwen3_next", _ALTERNATING),  # linear attention (gated DeltaNet) and full attention alternate; MoE
     "gemma3_vl": ("gemma3", lambda n: {}),  # multimodal: the text tower (sliding-window pattern) under model.language_model
 }  # fmt: skip
 TINY_ARCHITECTURES = (
@@ -93,7 +92,7 @@ def _tiny_config(arch: str, num_layers: int, vocab: int):
         from . import families
 
         model_type, fields = FAMILY_ARCHITECTURES[arch]
-        sizes = dict(num_hidden_layers=num_layers, vocab_size=vocab, **fields(num_layers))
+        sizes = dict(num_hidden_layers=num_layers, vocab_size=vocab, max_position_embeddings=2048, **fields(num_layers))
         if "text_config" in families.tiny_config(model_type).sub_configs:  # a multimodal model: sizes of its text tower
             return families.tiny_config(model_type, text_config=sizes)
         return families.tiny_config(model_type, **sizes)

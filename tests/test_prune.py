@@ -76,7 +76,7 @@ def test_dropped_equals_drop_layers_and_restores_exactly(tiny, long_prompt, snap
     ids = long_prompt(tokenizer)
     before, full = snapshot(model), _logits(model, ids)
     with dropped(model, BLOCK) as view:
-        assert view is model and layers.num_layers(model) == 4 and model.config.num_hidden_layers == 4
+        assert view is model and layers.num_layers(model) == 4 and layers.text_config(model.config).num_hidden_layers == 4
         inside = _logits(model, ids)
     assert snapshot(model) == before
     assert torch.equal(_logits(model, ids), full)
@@ -112,13 +112,13 @@ def test_drop_layers_leaves_the_original_untouched(tiny, long_prompt, snapshot):
 def test_per_layer_config_is_shortened_consistently(tiny):
     model, _ = tiny
     kept = [0, 1, 4, 5]
-    per_layer = {k: v for k, v in vars(model.config).items() if isinstance(v, list) and len(v) == 6}
+    per_layer = {k: v for k, v in vars(layers.text_config(model.config)).items() if isinstance(v, list) and len(v) == 6}
     originals = [layers.decoder_layers(model)[i] for i in kept]
     pruned = kit.drop_layers(model, BLOCK)
-    config = pruned.config
+    config = layers.text_config(pruned.config)  # a multimodal model's per-layer facts sit in its text config
     assert config.num_hidden_layers == layers.num_layers(pruned) == 4
     assert config.to_dict().get("n_layer", 4) == 4  # GPT-2's own name for it
-    assert config.pruned_blocks == [[2, 2]]
+    assert pruned.config.pruned_blocks == [[2, 2]]
     for name, values in per_layer.items():
         assert getattr(config, name) == [values[i] for i in kept], name
     for index, layer in enumerate(layers.decoder_layers(pruned)):
