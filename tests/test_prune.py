@@ -169,6 +169,14 @@ def test_a_depth_scaled_residual_is_rescaled_for_the_layers_that_stay(tmp_path):
         assert layer.residual_scale == pytest.approx(scale, rel=1e-15)
 
 
+def test_a_hybrid_keeps_an_attention_layer():
+    model, _ = kit.tiny_model("granitemoehybrid", num_layers=4)  # Mamba, attention, Mamba, attention
+    with pytest.raises(ValueError, match=r"layers 1\.\.3 leaves no attention layer \(layers \[1, 3\]"):
+        kit.drop_layers(model, Block(1, 3), inplace=True)
+    assert layers.num_layers(model) == 4  # untouched
+    assert kit.drop_layers(model, Block(0, 3)).config.layer_types == ["full_attention"]
+
+
 def test_a_removal_the_config_cannot_express_is_refused_with_the_reason():
     model = kit.families.tiny_family_model("qwen2_moe", decoder_sparse_step=2)  # layers 1 and 3 MoE: a periodic rule
     before = kit.layers.num_layers(model)
