@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 # Largest error each check allows, per precision, set from the errors measured on the tiny models of
-# all 13 architectures on the CPU (`python -m bench.gpu_checks`; README, "On a GPU"). fp32: about 100 x
+# the 13 dense architectures on the CPU (`python -m bench.gpu_checks`; README, "On a GPU"; the MoE, MLA,
+# hybrid, linear-attention and multimodal ones measure within them). fp32: about 100 x
 # the largest error of fp32 against float64 (scan 9.6e-8, loss 2.4e-9, loglik 9.5e-7, oracle 7.3e-8),
 # room for a GPU's other summation order; half: about 4 x the largest error of bf16 or fp16 against
 # fp32 (scan 5.2e-3 on gemma bf16, loss 1.9e-5, loglik 5.6e-3, oracle 1.9e-5); 4bit: about 3 x the largest
@@ -205,7 +206,10 @@ def measure(archs, precisions: dict) -> dict[tuple[str, str], float]:
     for arch in archs:
         reference = Reference(arch, texts, questions, pool)
         for label, dtype in precisions.items():
-            errors, _ = reference.errors(reference.model().to(dtype))
+            model = reference.model().to(dtype)
+            if dtype == torch.float64 and any("Experts" in type(m).__name__ for m in model.modules()):
+                model.set_experts_implementation("eager")  # torch's grouped_mm has no float64
+            errors, _ = reference.errors(model)
             print(f"  {arch:9s} {label:5s} " + "  ".join(f"{name} {error:.1e}" for name, error in errors.items()), flush=True)
             for name, error in errors.items():
                 worst[label, name] = max(worst.get((label, name), 0.0), error)

@@ -97,6 +97,24 @@ def target_parameters(model: nn.Module, config: HealConfig) -> list[str]:
     return layers.mlp_parameters(model) if config.target_modules == "mlp" else []
 
 
+@contextmanager
+def native_targets():
+    """peft (0.21) rewrites the LoRA targets of the model types whose MoE experts transformers 5 fused,
+    as if the adapter had been made for transformers 4: every target ending in gate_proj, up_proj or
+    down_proj becomes the fused expert weights, so the dense MLPs and shared experts of DeepSeek-V3 or
+    Qwen3-Next lose their adapters (and the fused weights get a doubled rank). The kit's targets are
+    transformers 5 names already (layers.mlp_modules, mlp_parameters): while adapters are made or loaded
+    in this context, peft takes them as they are."""
+    from peft.utils import transformers_weight_conversion as conversion
+
+    original = conversion.convert_peft_config_for_transformers
+    conversion.convert_peft_config_for_transformers = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        conversion.convert_peft_config_for_transformers = original
+
+
 def lora_model(model: nn.Module, config: HealConfig):
     """`model` (modified in place) with fresh LoRA adapters on its target modules, ready to train:
     a 4-bit base goes through peft's prepare_model_for_kbit_training first."""
@@ -124,7 +142,8 @@ def lora_model(model: nn.Module, config: HealConfig):
         task_type="CAUSAL_LM",
     )
     set_seed(config.seed)  # the adapters' initialisation
-    return get_peft_model(model, lora)
+    with native_targets():
+        return get_peft_model(model, lora)
 
 
 def _base_model(model_or_path, tokenizer, quantize: str | None, scratch: Path) -> nn.Module:

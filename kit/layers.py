@@ -27,14 +27,21 @@ class Anatomy:
 ANATOMIES: dict[str, Anatomy] = {}  # model_type -> Anatomy, for families the generic search gets wrong
 
 FINAL_NORMS = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "norm_f", "final_norm")  # decoder children
-MLPS = ("mlp", "feed_forward", "ffn", "block_sparse_moe", "moe")  # a decoder layer's MLP child, first match
+MLPS = ("mlp", "feed_forward", "ffn", "block_sparse_moe", "moe")  # a decoder layer's MLP children by name; also
+# any child whose class is an MLP or MoE block (MLP_CLASSES: Granite 4's shared_mlp, Nemotron-H's MLP and MoE mixers)
+MLP_CLASSES = ("mlp", "moe")  # endings of such class names, lower case
 ROUTERS = ("gate", "router", "shared_expert_gate", "wg")  # linear maps inside an MLP that are not projections
 LAYER_THRESHOLDS = ("max_window_layers", "first_k_dense_replace")  # config ints: "the layers below this index"
 DEPTH_ALIASES = ("num_blocks",)  # config ints repeating num_hidden_layers under another name (xLSTM)
+DEPTH_SCALED = ("scale_depth",)  # config numbers every layer reads as value / sqrt(num_hidden_layers) (MiniCPM3's
+# residual scale): rescaled by sqrt(new / old depth) when layers go, so each kept layer computes what it did
 LAYER_INDEX_LISTS = ("mlp_only_layers", "moe_layers", "attn_layer_indices")  # config lists of layer indices
 PER_LAYER_WEIGHTS = {"embed_tokens_per_layer": 1, "per_layer_model_projection": 0}  # decoder modules whose weight
 # packs one slice per layer along this dimension (Gemma 3n and 4's per-layer inputs)
 LAYER_INDEX_ATTRIBUTES = ("layer_idx", "layer_id", "layer_number")  # a module's own layer index (the KV cache's key)
+BUFFER_SEEDS = {"MiniMaxLightningAttention": ("num_hidden_layers",)}  # module class -> attributes read only to
+# compute persistent buffers (MiniMax's per-layer decay rates, from the layer's depth fraction), which a saved
+# checkpoint carries and a reload restores: a kept layer reloads the same though the depth changed
 
 _FOUND: "weakref.WeakKeyDictionary[nn.Module, Anatomy]" = weakref.WeakKeyDictionary()
 
@@ -62,24 +69,23 @@ def _unsupported(model_type, looked_for: str) -> UnsupportedArchitectureError:
 
 
 def _mlp_targets(layer_list: nn.ModuleList) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Names of the linear projections inside every layer's MLP child (routers excluded; an expert's
+    """Names of the linear projections inside every layer's MLP children (routers excluded; an expert's
     index dropped, so one name covers all experts), else the layer's own linear children, and the
     MLPs' 3-d fused expert weights."""
     modules, parameters = {}, {}
     for layer in layer_list:
-        child = next((name for name in MLPS if isinstance(getattr(layer, name, None), nn.Module)), None)
-        if child is None:  # projections directly on the layer (OPT's fc1, fc2)
+        children = [name for name, m in layer.named_children() if name in MLPS or type(m).__name__.lower().endswith(MLP_CLASSES)]
+        if not children:  # projections directly on the layer (OPT's fc1, fc2)
             modules.update({name: None for name, m in layer.named_children() if isinstance(m, (nn.Linear, Conv1D))})
-            continue
-        for name, module in getattr(layer, child).named_modules():
-            leaf = name.rpartition(".")[2]
-            if isinstance(module, (nn.Linear, Conv1D)) and leaf not in ROUTERS:
+        for child in children:
+            for name, module in getattr(layer, child).named_modules():
                 parts = name.split(".")
-                numeric = [i for i, part in enumerate(parts) if part.isdigit()]
-                modules[".".join(parts[numeric[-1] + 1 :]) if numeric else f"{child}.{name}"] = None
-            for pname, parameter in module.named_parameters(recurse=False):
-                if parameter.dim() == 3 and "expert" in name:
-                    parameters[".".join(filter(None, [child, name, pname]))] = None
+                if isinstance(module, (nn.Linear, Conv1D)) and not set(parts) & set(ROUTERS):  # nor inside a router
+                    numeric = [i for i, part in enumerate(parts) if part.isdigit()]
+                    modules[".".join(parts[numeric[-1] + 1 :]) if numeric else f"{child}.{name}"] = None
+                for pname, parameter in module.named_parameters(recurse=False):
+                    if parameter.dim() == 3 and "expert" in name:
+                        parameters[".".join(filter(None, [child, name, pname]))] = None
     return tuple(modules), tuple(parameters)
 
 

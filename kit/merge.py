@@ -61,13 +61,42 @@ def _lora_factors(adapter_path: Path) -> dict[str, _LoraFactors]:
     return factors
 
 
+def _fused_experts(adapter_path: Path) -> bool:
+    """Whether the adapter adapts fused expert weights (peft's target_parameters, kit's LoRA on MoE)."""
+    from peft import LoraConfig
+
+    return bool(LoraConfig.from_pretrained(str(adapter_path)).target_parameters)
+
+
+def _merged_by_peft(source: Path, adapter_path: Path, out_dir) -> Path:
+    """merge_adapter for an adapter of fused expert weights: peft's merge_and_unload, in the memory of
+    the whole model (not streamed): each expert's update is peft's own arrangement of the wrapped
+    3-d weight, which the streamed merge does not reproduce."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from .healing import native_targets
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype="auto")
+    with native_targets():
+        merged = PeftModel.from_pretrained(model, str(adapter_path)).merge_and_unload()
+    with atomic_dir(out_dir) as tmp:
+        merged.save_pretrained(tmp)
+        for extra in source.iterdir():  # tokenizer files, generation config
+            if extra.is_file() and extra.suffix != ".safetensors" and not (tmp / extra.name).exists():
+                shutil.copy2(extra, tmp / extra.name)
+    return Path(out_dir)
+
+
 def merge_adapter(base, adapter_path, out_dir) -> Path:
     """Merge a LoRA adapter into its unquantized base and write a plain checkpoint (safetensors,
     with the base's config and tokenizer) to out_dir, atomically.
 
     Streamed shard by shard: peak memory is about one shard of the base plus the adapter, not the
     model (a 70B base merges on a machine with a few GB of RAM). The result equals peft's
-    `merge_and_unload` (W + scale * B @ A in the base's dtype).
+    `merge_and_unload` (W + scale * B @ A in the base's dtype). An adapter of fused expert weights
+    (an MoE model's routed experts, peft's target_parameters) is merged by peft itself, in the memory
+    of the whole model.
 
     Args:
         base: the checkpoint the adapter was trained on: a folder, an embedded alias or a Hub id.
@@ -83,6 +112,8 @@ def merge_adapter(base, adapter_path, out_dir) -> Path:
             f"{source} is a quantized checkpoint: merge the adapter into the full-precision base it was pruned "
             "from (save the pruned model before quantizing it, as notebook 02 does with QUANTIZE=None)."
         )
+    if _fused_experts(Path(adapter_path)):
+        return _merged_by_peft(source, Path(adapter_path), out_dir)
     factors = _lora_factors(Path(adapter_path))
     with atomic_dir(out_dir) as tmp:
         for shard in progress(shards, desc="merging adapter", unit="shard"):

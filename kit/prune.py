@@ -2,6 +2,7 @@
 good (drop_layers), as a plain HF checkpoint (save_pruned), or as a mergekit recipe."""
 
 import copy
+import math
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
@@ -155,9 +156,21 @@ def _renumbered(device_map: dict, prefix: str, kept: list[int]) -> dict:
     return renamed
 
 
+def _depth_scaled(value: float, num: int, new: int) -> float:
+    """`value` / sqrt(num) re-expressed over `new` layers: the number v with v / sqrt(new) equal to
+    value / sqrt(num), exactly where a float a few ulps away gives it, else the nearest."""
+    scale, root = value / math.sqrt(num), math.sqrt(new)
+    candidates, up, down = [scale * root], scale * root, scale * root
+    for _ in range(4):
+        up, down = math.nextafter(up, math.inf), math.nextafter(down, -math.inf)
+        candidates += [up, down]
+    return min(candidates, key=lambda v: abs(v / root - scale))
+
+
 def _config_edits(config, block: Block, num: int) -> list[tuple[object, str, object]]:
     """The text config's per-layer facts for the layers that stay: num_hidden_layers (aliases such as
     GPT-2's n_layer follow through attribute_map; copies such as xLSTM's num_blocks are set), every
+    number read as value / sqrt(num_hidden_layers) (layers.DEPTH_SCALED) rescaled, every
     list or pattern string with one entry per layer indexed, transformers' per-layer overrides
     (per_layer_config) and every list of layer indices (layers.LAYER_INDEX_LISTS) renumbered, every
     threshold (layers.LAYER_THRESHOLDS) moved."""
@@ -165,6 +178,10 @@ def _config_edits(config, block: Block, num: int) -> list[tuple[object, str, obj
     new_index = {old: new for new, old in enumerate(kept)}
     edits: list[tuple[object, str, object]] = [(config, "num_hidden_layers", num - block.n)]
     edits += [(config, name, num - block.n) for name in layers.DEPTH_ALIASES if vars(config).get(name) == num]
+    for name in layers.DEPTH_SCALED:
+        value = vars(config).get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            edits.append((config, name, _depth_scaled(value, num, num - block.n)))
     for name, value in list(vars(config).items()):
         if name in layers.LAYER_INDEX_LISTS and isinstance(value, (list, tuple)):
             edits.append((config, name, type(value)(new_index[i] for i in value if i in new_index)))
@@ -232,11 +249,20 @@ _NOT_STRUCTURE = {"training", "gradient_checkpointing", *layers.LAYER_INDEX_ATTR
 def _structure(layer: nn.Module) -> dict[str, tuple]:
     """{submodule name: (class, scalar attributes, parameter names)} of one decoder layer."""
     scalar = (bool, int, float, str, type(None))
+    skip = lambda m, k: k.startswith("_") or k in _NOT_STRUCTURE or k in layers.BUFFER_SEEDS.get(type(m).__name__, ())  # noqa: E731
     return {
-        name: (type(m), {k: v for k, v in vars(m).items() if isinstance(v, scalar) and not k.startswith("_") and k not in _NOT_STRUCTURE},
+        name: (type(m), {k: v for k, v in vars(m).items() if isinstance(v, scalar) and not skip(m, k)},
                {n for n, _ in m.named_parameters(recurse=False)})
         for name, m in layer.named_modules()
     }  # fmt: skip
+
+
+def _same(a, b) -> bool:
+    """Equal scalar attributes; floats within rounding (1e-12 relative: a scale recomputed from a
+    rescaled config, such as MiniCPM3's residual scale, may land one ulp away)."""
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-12)
+    return a == b
 
 
 def _difference(kept: nn.Module, twin: nn.Module) -> str | None:
@@ -251,7 +277,7 @@ def _difference(kept: nn.Module, twin: nn.Module) -> str | None:
         if parameters != mine[name][2]:
             return f"{where} gets the parameters {sorted(parameters)} instead of {sorted(mine[name][2])}"
         for key, value in attributes.items():
-            if mine[name][1].get(key, value) != value:  # a state that is no longer a scalar (a cache) is no fact
+            if not _same(mine[name][1].get(key, value), value):  # a state that is no longer a scalar (a cache) is no fact
                 return f"{where} gets {key}={value!r} instead of {mine[name][1][key]!r}"
     return None
 
@@ -279,6 +305,29 @@ def _check_expressible(model: nn.Module, block: Block, kept: nn.ModuleList, edit
                 f"layer {index}) differently: {difference}. A per-layer rule of the config (such as every k-th "
                 "layer being MoE) no longer holds for the layers that stay; choose another block."
             )
+
+
+def _attention(kind) -> bool:
+    """Whether a layer_types entry is an attention layer (full, sliding, chunked), not a recurrent one
+    (Mamba, linear attention: "linear_attention", "mamba", ...)."""
+    return isinstance(kind, str) and "attention" in kind and not kind.startswith("linear")
+
+
+def _check_attention_kept(model: nn.Module, block: Block) -> None:
+    """Refuse removing the last attention layers of a hybrid: transformers' caches of hybrid models
+    count positions on their attention layers, so a model of recurrent layers only cannot generate."""
+    kinds = getattr(layers.text_config(model.config), "layer_types", None)
+    if not isinstance(kinds, (list, tuple)) or len(kinds) != layers.num_layers(model):
+        return
+    kept = [kind for i, kind in enumerate(kinds) if i not in block.layers]
+    if any(map(_attention, kinds)) and not any(map(_attention, kept)):
+        attention = [i for i, kind in enumerate(kinds) if _attention(kind)]
+        raise ValueError(
+            f"Removing layers {block.start}..{block.end - 1} leaves no attention layer (layers {attention} are the "
+            f"attention layers of this hybrid; the others are {sorted(set(kinds) - set(filter(_attention, kinds)))}): "
+            "transformers' cache of a hybrid counts positions on its attention layers, so the pruned model could not "
+            "generate. Keep at least one of them."
+        )
 
 
 @contextmanager
@@ -314,11 +363,13 @@ def drop_layers(model: nn.Module, block: Block, *, inplace: bool = False) -> nn.
 
     Without `inplace` a deep copy is pruned (the original is untouched; memory is needed for both).
     A block whose removal the config cannot express (a saved checkpoint would rebuild a kept layer
-    differently) is refused with the reason, before anything changes. The config records the removed
+    differently), or that would leave a hybrid without attention layers, is refused with the reason,
+    before anything changes. The config records the removed
     layers as `pruned_blocks = [[start, n], ...]` in the indices of the ORIGINAL model, merged into
     runs, so pruning twice still says which original layers are gone.
     """
     block.check(layers.num_layers(model))
+    _check_attention_kept(model, block)
     if not inplace:
         model = copy.deepcopy(model)
     kept, edits = _removal(model, block)

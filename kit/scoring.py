@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer, LinearAttentionCacheLayerMixin
 
 from . import distributed
 from .device import model_device, require_finite
@@ -67,6 +68,15 @@ class SharedPrefixCache(DynamicCache):
         return keys, values
 
 
+def _shareable(cache) -> bool:
+    """Whether SharedPrefixCache can serve `cache` to every batch: each layer holds keys and values only.
+    A recurrent layer (Mamba, linear attention) holds a state that every row's tokens rewrite, so the
+    prefix of a hybrid or recurrent model is not cached."""
+    return isinstance(cache, DynamicCache) and all(
+        isinstance(layer, DynamicLayer) and not isinstance(layer, LinearAttentionCacheLayerMixin) for layer in cache.layers
+    )
+
+
 def _forward(model, rows, keep: torch.Tensor, prefix_cache, prefix_len: int) -> torch.Tensor:
     """Logits at positions `keep` (batch, k) of right-padded rows that continue a cached prefix of
     `prefix_len` tokens (or stand alone when `prefix_cache` is None)."""
@@ -87,7 +97,8 @@ def loglikelihoods(model, requests: list[Request], *, batch_size: int = 8, cache
     The model reads `context + continuation[:-1]`; requests that feed it the same tokens share one
     row (the four answer letters of a question whose letters are single tokens share one forward).
     With `cache_prefix`, the tokens that all rows start with run once and their KV cache extends
-    to every batch; the rows are exactly the requests' tokens, so the result equals full forwards.
+    to every batch (not for models with recurrent layers, whose state each row rewrites); the rows
+    are exactly the requests' tokens, so the result equals full forwards.
     `cache_prefix=False, batch_size=1` is the naive loop: one full forward per row.
     """
     if not requests:
@@ -105,6 +116,8 @@ def loglikelihoods(model, requests: list[Request], *, batch_size: int = 8, cache
     if prefix_len > 0:
         prefix = torch.tensor([next(iter(rows))[:prefix_len]], device=model_device(model))
         prefix_cache = model(input_ids=prefix, use_cache=True, logits_to_keep=1).cache  # no logits over the prefix
+        if not _shareable(prefix_cache):
+            prefix_len, prefix_cache = 0, None  # every row runs in full: the same scores, without the shortcut
     scores = [0.0] * len(requests)
     for batch in batched(sorted(rows, key=len), batch_size, desc=desc):
         # the positions (after the prefix) whose logits predict each request's continuation

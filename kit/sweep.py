@@ -31,9 +31,12 @@ def _load(name, **load_kwargs):
         return load_model(str(name), **load_kwargs)
     from peft import PeftModel
 
+    from .healing import native_targets
+
     base, adapter = name
     model, tokenizer = load_model(str(base), **load_kwargs)
-    return PeftModel.from_pretrained(model, str(adapter)).eval(), tokenizer
+    with native_targets():
+        return PeftModel.from_pretrained(model, str(adapter)).eval(), tokenizer
 
 
 def compare(checkpoints: dict, evals: Sequence[Evaluation], **load_kwargs) -> pd.DataFrame:

@@ -12,8 +12,19 @@ from . import layers
 from .data import corpus
 from .distances import Distances
 
+# One family of each kind beyond the dense ones, built from kit.families' tiny sizes (hidden size 32):
+# name -> (model type, config fields for a model of n layers).
+_ALTERNATING = lambda n: {"layer_types": (["linear_attention", "full_attention"] * n)[:n]}  # noqa: E731
+FAMILY_ARCHITECTURES = {
+    "qwen3_moe": ("qwen3_moe", lambda n: {}),  # MoE: every layer routed over fused experts
+    "deepseek_v3": ("deepseek_v3", lambda n: {"first_k_dense_replace": 1}),  # MLA; a dense layer, then routed + shared experts
+    "granitemoehybrid": ("granitemoehybrid", _ALTERNATING),  # hybrid: Mamba 2 and attention layers alternate; MoE MLPs
+    "qwen3_next": ("qwen3_next", _ALTERNATING),  # linear attention (gated DeltaNet) and full attention alternate; MoE
+    "gemma3_vl": ("gemma3", lambda n: {}),  # multimodal: the text tower (sliding-window pattern) under model.language_model
+}  # fmt: skip
 TINY_ARCHITECTURES = (
     "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "olmo2", "phi3", "phi", "gpt2", "gpt_neox", "opt",
+    *FAMILY_ARCHITECTURES,
 )  # fmt: skip
 _TINY_VOCAB = 512
 
@@ -77,6 +88,14 @@ def _tiny_config(arch: str, num_layers: int, vocab: int):
             max_position_embeddings=2048, word_embed_proj_dim=64, **ids,
         ),  # fmt: skip
     }
+    if arch in FAMILY_ARCHITECTURES:
+        from . import families
+
+        model_type, fields = FAMILY_ARCHITECTURES[arch]
+        sizes = dict(num_hidden_layers=num_layers, vocab_size=vocab, max_position_embeddings=2048, **fields(num_layers))
+        if "text_config" in families.tiny_config(model_type).sub_configs:  # a multimodal model: sizes of its text tower
+            return families.tiny_config(model_type, text_config=sizes)
+        return families.tiny_config(model_type, **sizes)
     if arch not in builders:
         raise ValueError(f"No tiny model for {arch!r}; choose one of {', '.join(TINY_ARCHITECTURES)}")
     return builders[arch]()
@@ -110,23 +129,49 @@ REFERENCE_METRICS = {
 }
 
 
+def _hooked_states(model, ids) -> list[torch.Tensor]:
+    """Positions 0..L of one full, unpatched forward pass, by forward hooks: each decoder layer's input,
+    then the last layer's output."""
+    decoder, states = layers.decoder_layers(model), []
+    keep_input = lambda module, args, kwargs: states.append(layers.layer_input(args, kwargs))  # noqa: E731
+    handles = [layer.register_forward_pre_hook(keep_input, with_kwargs=True) for layer in decoder]
+    handles.append(decoder[-1].register_forward_hook(lambda module, args, out: states.append(layers.layer_output(out))))
+    try:
+        model(**ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(states) != len(decoder) + 1:
+        raise RuntimeError(f"the decoder layers ran {len(states) - 1} times for {len(decoder)} layers")
+    return states
+
+
 @torch.no_grad()
 def reference_distance_sums(model, tokenizer, texts: list[str], max_length: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Brute-force reference for kit.angular_distances: {metric: (per-text distance sums [texts, L+1, L+1],
     token counts [texts])}, one unpadded text at a time through HF's `output_hidden_states` with the final
     norm made the identity (so the last hidden state is position L), in numpy float64. Families whose
     hidden states list the layers' outputs only (Mamba, RWKV: the last one repeated by the final norm)
-    get the input embeddings as position 0."""
+    get the input embeddings as position 0. Where the final-norm module also runs before the layers
+    (NanoChat), making it the identity would change the network: the states are then taken by forward
+    hooks on the layers of a full, unpatched pass."""
     norm = layers.final_norm(model)
+    calls = []
     if norm is not None:
         norm.forward = lambda hidden, *args, **kwargs: hidden  # the module and its weights stay in place
+        counter = norm.register_forward_hook(lambda *_: calls.append(1))
     sums = {metric: [] for metric in REFERENCE_METRICS}
     counts = {metric: [] for metric in REFERENCE_METRICS}
     try:
         for text in texts:
             ids = tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt")
+            calls.clear()
             states = list(model(**ids, output_hidden_states=True, use_cache=False).hidden_states)
-            if torch.equal(states[-1], states[-2]) and len(states) == layers.num_layers(model) + 1:
+            if len(calls) > 1:  # the norm runs before the layers too: restore it and hook the layers
+                del norm.forward
+                states = _hooked_states(model, ids)
+                norm.forward = lambda hidden, *args, **kwargs: hidden
+            elif torch.equal(states[-1], states[-2]) and len(states) == layers.num_layers(model) + 1:
                 states = [model.get_input_embeddings()(ids["input_ids"]), *states[:-1]]
             x = np.stack([h[0].double().cpu().numpy() for h in states])
             x = x / np.linalg.norm(x, axis=-1, keepdims=True)  # [L+1, tokens, hidden]
@@ -138,6 +183,7 @@ def reference_distance_sums(model, tokenizer, texts: list[str], max_length: int)
     finally:
         if norm is not None:
             del norm.forward
+            counter.remove()
     return {metric: (np.stack(sums[metric]), np.array(counts[metric], float)) for metric in REFERENCE_METRICS}
 
 

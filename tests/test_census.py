@@ -93,7 +93,6 @@ def test_family(model_type, tmp_path):
     assert torch.equal(pruned.generate(IDS, use_cache=True, **greedy), pruned.generate(IDS, use_cache=False, **greedy))
 
 
-@pytest.mark.xfail(reason="134 of the 151 decoder-only text families whose tiny model builds pass (88.7%)", strict=True)
 def test_census_passes_for_90_percent_of_the_families():
     decoders = [t for t in families.causal_lm_types() if families.not_decoder_text(t) is None]
     built = [t for t in decoders if t not in families.NO_TINY_MODEL]

@@ -48,7 +48,9 @@ def test_kv_bytes_by_hand():
 
 
 def _cache_bytes(cache) -> int:
-    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    """Bytes of keys and values in a cache's layers (recurrent states and shared-KV layers hold none)."""
+    tensors = [getattr(layer, name, None) for layer in cache.layers for name in ("keys", "values")]
+    return sum(t.nbytes for t in tensors if isinstance(t, torch.Tensor) and t.dim() == 4)
 
 
 def test_kv_bytes_equal_the_real_cache(tiny):
@@ -58,12 +60,6 @@ def test_kv_bytes_equal_the_real_cache(tiny):
     assert _cache_bytes(cache) == cost.kv_cache_bytes(model, 41, batch_size=2)
 
 
-def _attention_bytes(cache) -> int:
-    """Bytes of keys and values in a cache's layers (recurrent states and shared-KV layers hold none)."""
-    tensors = [getattr(layer, name, None) for layer in cache.layers for name in ("keys", "values")]
-    return sum(t.nbytes for t in tensors if isinstance(t, torch.Tensor) and t.dim() == 4)
-
-
 # MLA, sliding-window MoE, linear attention, hybrid Mamba, per-layer head sizes with a multimodal wrapper
 @pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss", "qwen3_next", "granitemoehybrid", "gemma4"])
 def test_kv_bytes_count_only_what_each_kept_layer_caches(family):
@@ -71,7 +67,7 @@ def test_kv_bytes_count_only_what_each_kept_layer_caches(family):
     prompt = torch.arange(5, 17).unsqueeze(0).expand(2, -1)
     for candidate in (model, drop_layers(model, Block(1, 1))):
         _, _, _, cache = cost.generate(candidate, prompt, 3)  # 14 tokens cached: past the window of 8
-        assert _attention_bytes(cache) == cost.kv_cache_bytes(candidate, 14, batch_size=2) > 0
+        assert _cache_bytes(cache) == cost.kv_cache_bytes(candidate, 14, batch_size=2) > 0
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])

@@ -1,6 +1,8 @@
 """QLoRA healing on tiny models: the 4-bit path against an fp32 twin, training, adapters,
 resume, distillation and the paper's settings."""
 
+import warnings
+
 import bitsandbytes as bnb
 import matplotlib.pyplot as plt
 import pytest
@@ -88,12 +90,19 @@ def test_pack_concatenates_texts_with_eos_and_drops_the_remainder():
 
 def test_lora_targets_the_mlp_projections(tiny):
     model, _ = tiny
-    peft_model = lora_model(model, kit.HealConfig(quantize=None))
-    adapted = {name for name, module in peft_model.named_modules() if hasattr(module, "lora_A")}
+    fused = kit.layers.mlp_parameters(model)  # MoE: fused routed experts, peft's target_parameters (no dropout)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore" if fused else "error", "LoRA on the fused expert weights")
+        peft_model = lora_model(model, kit.HealConfig(quantize=None))
+    adapted = {name.removesuffix(".base_layer") for name, module in peft_model.named_modules() if hasattr(module, "lora_A")}
     suffixes = tuple("." + name for name in kit.layers.mlp_modules(model))
-    expected = {name for name, _ in peft_model.named_modules() if name.endswith(suffixes) and ".lora_" not in name}
+    owners = tuple("." + name.rpartition(".")[0] for name in fused)  # the module holding each fused weight
+    expected = {name for name, _ in peft_model.named_modules() if name.endswith(suffixes + owners) and ".lora_" not in name}
     assert adapted == expected
-    assert len(adapted) == kit.layers.num_layers(model) * len(suffixes)
+    if not fused and len({type(layer.mlp) for layer in kit.layers.decoder_layers(model) if hasattr(layer, "mlp")}) <= 1:
+        assert len(adapted) == kit.layers.num_layers(model) * len(suffixes)  # a dense model: every target in every layer
+    prefix = "base_model.model." + kit.layers.anatomy(model).layers + "."
+    assert {int(name.removeprefix(prefix).partition(".")[0]) for name in adapted} == set(range(kit.layers.num_layers(model)))
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "gpt_oss"])  # shared and routed experts; fused routed experts only

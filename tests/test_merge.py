@@ -84,3 +84,18 @@ def test_merge_refuses_an_adapter_for_another_base(checkpoints, tmp_path):
     with pytest.raises(ValueError, match="adapts weights the base .* lacks"):
         merge_adapter(tmp_path / "other", adapter_path, tmp_path / "merged")
     assert not (tmp_path / "merged").exists() and not list(tmp_path.glob(".merged.*"))
+
+
+@pytest.mark.filterwarnings("ignore:LoRA on the fused expert weights")
+def test_an_adapter_of_fused_experts_merges_to_the_adapted_model(tmp_path):
+    """MoE: the routed experts' fused 3-d weights are adapted through peft's target_parameters, the
+    shared experts and dense MLPs as modules; the merged checkpoint computes what the adapted model does."""
+    model, tokenizer = kit.tiny_model("deepseek_v3", num_layers=3)  # a dense layer, then routed + shared experts
+    kit.save_pruned(model, tokenizer, tmp_path / "base")
+    adapted = _trained_looking(model).eval()
+    adapted.save_pretrained(tmp_path / "adapter")
+    merged, _ = load_model(str(merge_adapter(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged")))
+    ids = torch.tensor([[5, 17, 42, 99, 7, 300]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(load_model(str(tmp_path / "base"))[0](ids).logits, adapted(ids).logits, atol=1e-3)

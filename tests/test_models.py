@@ -15,13 +15,22 @@ def test_tiny_forward_and_layer_access(tiny):
     logits = model(**enc).logits
     assert logits.shape == (2, enc["input_ids"].shape[1], len(tokenizer))
     assert torch.isfinite(logits).all()
-    assert layers.num_layers(model) == model.config.num_hidden_layers == 6
+    assert layers.num_layers(model) == layers.text_config(model.config).num_hidden_layers == 6
     assert isinstance(layers.final_norm(model), nn.Module)
+    prefix, covered = layers.anatomy(model).layers + ".", set()
+    layer_of = lambda name: int(name.removeprefix(prefix).partition(".")[0])  # noqa: E731
     names = [name for name, _ in model.named_modules()]
-    for target in layers.mlp_modules(model):
+    for target in layers.mlp_modules(model):  # layers differ in MoE models: a dense MLP here, experts there
         hits = [n for n in names if n.endswith("." + target)]
-        assert len(hits) == 6, f"{target} should name one linear per layer, found {hits}"
+        assert hits and all(n.startswith(prefix) for n in hits), f"{target} names no linear inside the layers: {hits}"
+        assert len({layer_of(n) for n in hits}) == len(hits), f"{target} should name one linear per layer, found {hits}"
         assert all(isinstance(model.get_submodule(n), nn.Linear) or "Conv1D" in type(model.get_submodule(n)).__name__ for n in hits)
+        covered |= {layer_of(n) for n in hits}
+    for target in layers.mlp_parameters(model):  # fused routed experts: one 3-d weight per layer
+        hits = [n for n, p in model.named_parameters() if n.endswith("." + target) and p.dim() == 3]
+        assert hits and len({layer_of(n) for n in hits}) == len(hits), f"{target}: {hits}"
+        covered |= {layer_of(n) for n in hits}
+    assert covered == set(range(6))  # every layer's MLP has LoRA targets
 
 
 def test_set_decoder_layers_round_trip():

@@ -1,5 +1,7 @@
 """The ablation oracle against rebuilt models, its artifact, and its errors."""
 
+from copy import deepcopy
+
 import numpy as np
 import pytest
 import torch
@@ -27,14 +29,27 @@ def _brute_kl(model, pruned, tokenizer, texts, max_length, batch_size) -> float:
     return total / count
 
 
-@pytest.mark.parametrize("arch", kit.TINY_ARCHITECTURES)
+@pytest.mark.parametrize("arch", kit.TINY_ARCHITECTURES)  # MoE, MLA, hybrid Mamba, linear attention, multimodal too
 def test_equals_validation_loss_of_the_rebuilt_model(arch):
     _assert_equals_rebuilt_models(*kit.tiny_model(arch, num_layers=4))  # every block of 4 layers: 9 rebuilt models
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_next", "granitemoehybrid"])  # MoE, linear attention, Mamba
-def test_equals_validation_loss_of_rebuilt_moe_and_hybrid_models(family):
-    _assert_equals_rebuilt_models(kit.families.tiny_family_model(family), kit.testing.tiny_tokenizer())
+def _rebuilt(model, block: Block):
+    """`model` without `block`: drop_layers, or where it refuses the block (the last attention layers
+    of a hybrid, which could not generate) a copy whose layers in `block` return their input (hooks)."""
+    try:
+        return drop_layers(model, block)
+    except ValueError as err:
+        assert "leaves no attention layer" in str(err)
+    copy = deepcopy(model)
+
+    def identity(module, args, kwargs, output):
+        hidden = kit.layers.layer_input(args, kwargs)
+        return type(output)([hidden, *output[1:]]) if isinstance(output, (tuple, list)) else hidden
+
+    for i in block.layers:
+        kit.layers.decoder_layers(copy)[i].register_forward_hook(identity, with_kwargs=True)
+    return copy
 
 
 def _assert_equals_rebuilt_models(model, tokenizer):
@@ -49,7 +64,7 @@ def _assert_equals_rebuilt_models(model, tokenizer):
             if start + n > L:
                 assert np.isnan(oracle.loss[n, start]) and np.isnan(oracle.kl[n, start])
                 continue
-            pruned = drop_layers(model, Block(start, n))
+            pruned = _rebuilt(model, Block(start, n))
             expected = validation_loss(pruned, tokenizer, TEXTS, max_length=16, batch_size=3).loss
             assert oracle.loss[n, start] == pytest.approx(expected, rel=1e-5), (n, start)
             if n == 2:  # KL brute-forced on one row (two full forwards per block)

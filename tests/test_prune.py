@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from transformers import PretrainedConfig
+from transformers import AutoModelForCausalLM, PretrainedConfig
 
 import kit
 from kit import layers
@@ -76,7 +76,7 @@ def test_dropped_equals_drop_layers_and_restores_exactly(tiny, long_prompt, snap
     ids = long_prompt(tokenizer)
     before, full = snapshot(model), _logits(model, ids)
     with dropped(model, BLOCK) as view:
-        assert view is model and layers.num_layers(model) == 4 and model.config.num_hidden_layers == 4
+        assert view is model and layers.num_layers(model) == 4 and layers.text_config(model.config).num_hidden_layers == 4
         inside = _logits(model, ids)
     assert snapshot(model) == before
     assert torch.equal(_logits(model, ids), full)
@@ -112,13 +112,13 @@ def test_drop_layers_leaves_the_original_untouched(tiny, long_prompt, snapshot):
 def test_per_layer_config_is_shortened_consistently(tiny):
     model, _ = tiny
     kept = [0, 1, 4, 5]
-    per_layer = {k: v for k, v in vars(model.config).items() if isinstance(v, list) and len(v) == 6}
+    per_layer = {k: v for k, v in vars(layers.text_config(model.config)).items() if isinstance(v, list) and len(v) == 6}
     originals = [layers.decoder_layers(model)[i] for i in kept]
     pruned = kit.drop_layers(model, BLOCK)
-    config = pruned.config
+    config = layers.text_config(pruned.config)  # a multimodal model's per-layer facts sit in its text config
     assert config.num_hidden_layers == layers.num_layers(pruned) == 4
     assert config.to_dict().get("n_layer", 4) == 4  # GPT-2's own name for it
-    assert config.pruned_blocks == [[2, 2]]
+    assert pruned.config.pruned_blocks == [[2, 2]]
     for name, values in per_layer.items():
         assert getattr(config, name) == [values[i] for i in kept], name
     for index, layer in enumerate(layers.decoder_layers(pruned)):
@@ -154,6 +154,27 @@ def test_index_lists_and_thresholds_follow_the_kept_layers():
     model = kit.families.tiny_family_model("deepseek_v3", first_k_dense_replace=2)
     assert kit.drop_layers(model, Block(0, 1)).config.first_k_dense_replace == 1
     assert kit.drop_layers(model, Block(2, 2)).config.first_k_dense_replace == 2
+
+
+def test_a_depth_scaled_residual_is_rescaled_for_the_layers_that_stay(tmp_path):
+    """MiniCPM3 scales each residual branch by scale_depth / sqrt(num_hidden_layers): pruning rescales
+    scale_depth so every kept layer keeps its scale, pruned twice and after a reload."""
+    model = kit.families.tiny_family_model("minicpm3", num_hidden_layers=6)
+    scale = layers.decoder_layers(model)[0].residual_scale
+    pruned = kit.drop_layers(kit.drop_layers(model, Block(1, 2)), Block(0, 1))
+    assert pruned.config.scale_depth / (3**0.5) == pytest.approx(model.config.scale_depth / (6**0.5), rel=1e-15)
+    kit.save_pruned(pruned, kit.testing.tiny_tokenizer(), tmp_path / "pruned")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
+    for layer in [*layers.decoder_layers(pruned), *layers.decoder_layers(reloaded)]:
+        assert layer.residual_scale == pytest.approx(scale, rel=1e-15)
+
+
+def test_a_hybrid_keeps_an_attention_layer():
+    model, _ = kit.tiny_model("granitemoehybrid", num_layers=4)  # Mamba, attention, Mamba, attention
+    with pytest.raises(ValueError, match=r"layers 1\.\.3 leaves no attention layer \(layers \[1, 3\]"):
+        kit.drop_layers(model, Block(1, 3), inplace=True)
+    assert layers.num_layers(model) == 4  # untouched
+    assert kit.drop_layers(model, Block(0, 3)).config.layer_types == ["full_attention"]
 
 
 def test_a_removal_the_config_cannot_express_is_refused_with_the_reason():
