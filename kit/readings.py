@@ -9,12 +9,13 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from .artifacts import read_json
 from .curves import LABELS
 from .distances import Distances
-from .stats import Z95, side
+from .stats import Z95, Estimate, paired_ratio_difference, side
 
 
 @dataclass(frozen=True)
@@ -89,8 +90,8 @@ def _similarity(run: Path) -> list[str]:
         "",
         f"- **The best single layer to drop is layer {single['best_start']:g}** (distance {num(single['best_distance'])}"
         f" ± {num(single['best_stderr'])}).",
-        f"- **The best block ends at the last layer, as the paper's heuristic assumes, at {len(deep)} of {len(choices)} "
-        f"block sizes** (n = {listing(deep)}; rule: the argmin's start equals the heuristic's).",
+        f"- **The best block is the paper's heuristic block (the n layers before the final one) at {len(deep)} of "
+        f"{len(choices)} block sizes** (n = {listing(deep)}; rule: the argmin's start equals the heuristic's).",
         f"- **The heuristic block is farther than the best block by more than the noise at {int(beyond.sum())} of "
         f"{len(choices)} sizes** (rule: the gap exceeds 1.96 standard errors of the difference).",
         f"- **The choice is settled at {len(choices) - len(unsettled)} of {len(choices)} sizes** (rule: the best start "
@@ -117,26 +118,30 @@ def distances_shown(num_layers: int) -> list[int]:
 # -- 02: one block removed --------------------------------------------------------------------------
 
 
-def _loss_change(before: dict, after: dict) -> str:
-    """'rises' / 'falls' when the change exceeds 1.96 standard errors of the difference, else 'does not change'."""
-    noise = Z95 * math.hypot(before["stderr"], after["stderr"])
-    change = after["loss"] - before["loss"]
-    return "rises" if change > noise else "falls" if change < -noise else "does not change beyond the noise"
+def _loss_change(before: dict, after: dict) -> tuple[str, Estimate]:
+    """The change of validation loss on the same texts (losses.json: LossResult fields) with its paired
+    bootstrap 95% interval, and 'rises' / 'falls' when that interval excludes 0, else 'does not change'."""
+    if not before.get("text_losses"):
+        raise ValueError("losses.json carries no per-text losses (written by an older kit): rerun notebook 02")
+    change = paired_ratio_difference(*(np.stack([side["text_losses"], side["text_tokens"]], 1) for side in (after, before)))
+    where = side(change.low, change.high, 0.0)
+    return {"above": "rises", "below": "falls"}.get(where, "does not change beyond the noise"), change
 
 
 def _select_and_prune(run: Path) -> list[str]:
     losses, step = read_json(run / "losses.json"), _manifest(run, "02_select_and_prune")
     block, original, pruned = losses["block"], losses["original"], losses["pruned"]
-    verdict = _loss_change(original, pruned)
+    verdict, change = _loss_change(original, pruned)
     return [
         header(block["model"], step["layers"], step["parameters"]),
         "",
         f"- **Removed layers {block['start']} to {block['start'] + block['n'] - 1}** (n = {block['n']}, chosen by "
         f"{block['source']}; distance {num(block['distance'])}).",
         f"- **The validation loss {verdict}**: {num(original['loss'])} ± {num(original['stderr'])} to "
-        f"{num(pruned['loss'])} ± {num(pruned['stderr'])} nats per token (± one standard error over texts), "
-        f"{num(original['normalized'])} to {num(pruned['normalized'])} divided by log(vocabulary size) "
-        "(rule: a change beyond 1.96 standard errors of the difference).",
+        f"{num(pruned['loss'])} ± {num(pruned['stderr'])} nats per token (± one standard error over texts), a change of "
+        f"{num(change.value)} ({interval(change.low, change.high)}); {num(original['normalized'])} to "
+        f"{num(pruned['normalized'])} divided by log(vocabulary size) (rule: the paired bootstrap 95% interval of the "
+        "change, over the same texts, excludes 0).",
     ]
 
 

@@ -4,12 +4,14 @@ artifacts, every number it states is one of those artifacts' numbers, and the tw
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import artifact_numbers, reading_numbers
 
 from kit import readings
 from kit.artifacts import read_json
+from kit.stats import paired_ratio_difference
 
 READ = ["01_similarity", "02_select_and_prune", "03_heal", "04_compare", "05_criteria"]
 
@@ -24,8 +26,12 @@ def shown(run, name: str) -> str:
 def derived(run, name: str) -> list[float]:
     """Values a reading computes from its artifacts, computed here from them directly."""
     if name == "02_select_and_prune":
-        block = read_json(run / "losses.json")["block"]
-        return [block["start"] + block["n"] - 1]
+        losses = read_json(run / "losses.json")
+        block, before, after = losses["block"], losses["original"], losses["pruned"]
+        sides = [np.stack([side["text_losses"], side["text_tokens"]], 1) for side in (after, before)]
+        change = paired_ratio_difference(*sides)  # its interval: the kit's bootstrap; its value, computed here
+        assert change.value == pytest.approx((sum(after["text_losses"]) - sum(before["text_losses"])) / sum(before["text_tokens"]))
+        return [block["start"] + block["n"] - 1, change.value, change.low, change.high]
     if name == "03_heal":
         losses, selection = read_json(run / "heal_losses.json"), read_json(run / "selection.json")
         o, p, h = (losses[k]["val_loss"] for k in ("original", "pruned", "healed"))

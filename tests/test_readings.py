@@ -6,9 +6,10 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from conftest import artifact_numbers, reading_numbers
 
-from kit import curves, readings, results
+from kit import Distances, curves, readings, results
 from kit.stats import Estimate, wilson
 
 L = 10
@@ -152,23 +153,36 @@ def test_unknown_notebook_lists_the_readings(tmp_path):
         readings.reading(tmp_path, "06_nothing")
 
 
-def _loss(loss, stderr):
-    return {"loss": loss, "normalized": loss / 10, "tokens": 100, "stderr": stderr}
+WOBBLE = np.array([0.5, -0.5, 0.25, -0.25] * 5)  # per-text deviations from a loss, mean 0 over 20 texts
 
 
-def test_prune_reading_calls_a_rise_only_beyond_the_noise(tmp_path):
+def _loss(loss, stderr, changes=np.zeros(20)):
+    """losses.json's LossResult fields: 20 texts of 10 tokens whose mean loss is `loss` + the mean of `changes`."""
+    per_text = (loss + WOBBLE + changes) * 10
+    return {"loss": loss + changes.mean(), "normalized": (loss + changes.mean()) / 10, "tokens": 200, "stderr": stderr,
+            "text_losses": per_text.tolist(), "text_tokens": [10] * 20}  # fmt: skip
+
+
+def test_prune_reading_calls_a_rise_only_when_the_paired_interval_excludes_0(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"02_select_and_prune": {"layers": 30, "parameters": 1.345e8}}))
     block = {"model": "m", "start": 13, "n": 6, "distance": 0.148, "source": "argmin"}
 
-    def read(after, stderr):
-        (tmp_path / "losses.json").write_text(json.dumps({"original": _loss(3.0, 0.05), "pruned": _loss(after, stderr), "block": block}))
+    def read(changes):
+        losses = {"original": _loss(3.0, 0.05), "pruned": _loss(3.0, 0.05, np.asarray(changes, float)), "block": block}
+        (tmp_path / "losses.json").write_text(json.dumps(losses))
         return readings.reading(tmp_path, "02_select_and_prune").markdown
 
-    text = read(3.2, 0.05)  # 0.2 > 1.96 * hypot(0.05, 0.05) = 0.139
+    text = read([0.2] * 20)  # every text 0.2 worse: the paired interval is 0.2 to 0.2, though the stderrs overlap
     assert "**Removed layers 13 to 18** (n = 6, chosen by argmin; distance 0.148)." in text
-    assert "**The validation loss rises**: 3.000 ± 0.050 to 3.200 ± 0.050 nats per token" in text and "0.300 to 0.320 divided" in text
-    assert "**The validation loss does not change beyond the noise**" in read(3.1, 0.05)  # 0.1 < 0.139
-    assert "**The validation loss falls**" in read(2.8, 0.05)
+    assert "**The validation loss rises**: 3.000 ± 0.050 to 3.200 ± 0.050 nats per token (± one standard error over " \
+           "texts), a change of 0.200 (95% interval 0.200 to 0.200); 0.300 to 0.320 divided" in text  # fmt: skip
+    assert "**The validation loss does not change beyond the noise**" in read([0.2, -0.2] * 10)  # half better, half worse
+    assert "**The validation loss falls**" in read([-0.2] * 20)
+    old = json.loads((tmp_path / "losses.json").read_text())
+    del old["original"]["text_losses"]
+    (tmp_path / "losses.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="rerun notebook 02"):
+        readings.reading(tmp_path, "02_select_and_prune")
 
 
 def test_heal_reading_states_the_share_restored_when_the_interval_is_below(tmp_path):
@@ -188,3 +202,41 @@ def test_heal_reading_states_the_share_restored_when_the_interval_is_below(tmp_p
            "50% of the loss the pruning added." in text  # fmt: skip
     assert "| healed | 24 | 3.500 (95% interval 3.400 to 3.600) | 0.350 |" in text and "on the 4bit base, went from 4.368 to 3.751" in text
     assert "**Healing does not detectably lower the loss**" in read(3.9, 0.2)  # the interval reaches 4.0
+
+
+def write_scan_run(run, *, deep: bool, stderr: float, noise: float = 0.0, L: int = 6, groups: int = 8):
+    """The artifacts notebook 01 writes, from a scan whose block distances grow by 0.1 a layer and by
+    0.05 a layer of distance from the layer before the last (`deep`: the best blocks are the heuristic's,
+    ending there) or from the first (not `deep`: they start at layer 0); each group of texts adds its own `noise`."""
+    i, j = np.triu_indices(L + 1, 1)
+    upper = np.zeros((L + 1, L + 1))
+    upper[i, j] = 0.1 * (j - i) + 0.05 * np.where(deep, abs(L - 1 - j), j)
+    matrix = upper + upper.T
+    rng = np.random.default_rng(0)
+    shifts = rng.normal(0, noise, (groups, L + 1, L + 1))
+    counts = np.full(groups, 10.0)
+    sums = (matrix + shifts + shifts.transpose(0, 2, 1)) * counts[:, None, None]
+    scan = Distances(torch.tensor(matrix), {"model": "m", "n_texts": 80, "max_length": 64, "metric": "angular_last"},
+                     torch.full((L + 1, L + 1), stderr), torch.tensor(sums), torch.tensor(counts))  # fmt: skip
+    scan.save(run / "distances.safetensors")
+    (run / "choices.csv").write_text(scan.choices(range(1, L)).to_csv())
+    (run / "manifest.json").write_text(json.dumps({"01_similarity": {"parameters": 2e6}}))
+    return readings.reading(run, "01_similarity").markdown
+
+
+def test_scan_verdicts_follow_where_the_best_blocks_lie_and_the_noise(tmp_path):
+    deep = write_scan_run(tmp_path, deep=True, stderr=0.001)
+    assert "**`m`**: 6 layers, 2.00 M parameters. Scanned on 80 texts of at most 64 tokens" in deep
+    assert "**The best single layer to drop is layer 4** (distance 0.100 ± 0.001)" in deep
+    assert "**The best block is the paper's heuristic block (the n layers before the final one) at 5 of 5 block sizes** " \
+           "(n = 1, 2, 3, 4, 5;" in deep  # fmt: skip
+    assert "farther than the best block by more than the noise at 0 of 5 sizes" in deep  # they are the same blocks
+    assert "**The choice is settled at 5 of 5 sizes**" in deep and "elsewhere" not in deep
+    shallow = write_scan_run(tmp_path, deep=False, stderr=0.001)
+    assert "**The best single layer to drop is layer 0**" in shallow
+    assert "heuristic block (the n layers before the final one) at 1 of 5 block sizes** (n = 5;" in shallow  # both start at 0
+    assert "farther than the best block by more than the noise at 4 of 5 sizes" in shallow  # 0.05 x (5 - n) >> 0.0028
+    noisy = write_scan_run(tmp_path, deep=False, stderr=0.1)  # 1.96 x 0.14 = 0.28 exceeds every gap, at most n = 1's 0.2
+    assert "farther than the best block by more than the noise at 0 of 5 sizes" in noisy
+    unsettled = write_scan_run(tmp_path, deep=False, stderr=0.001, noise=0.1)  # groups disagree by more than the slope
+    assert "**The choice is settled at 5 of 5 sizes**" not in unsettled and ": elsewhere n = " in unsettled
