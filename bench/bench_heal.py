@@ -12,11 +12,12 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-from transformers import Trainer, TrainingArguments, default_data_collator
+from transformers import PrinterCallback, Trainer, TrainingArguments, default_data_collator
 
 import kit
 from bench.measure import interleaved, ratios, spread, wall_seconds
 from kit.healing import heal, pack
+from kit.progress import silenced
 
 MODEL = "smollm2-135m"
 CONFIG = kit.HealConfig(rank=8, steps=3, batch_size=2, seq_len=128, save_every=3, log_every=1)
@@ -39,10 +40,12 @@ def baseline(texts, output_dir: Path):
         output_dir=str(output_dir), max_steps=CONFIG.steps, per_device_train_batch_size=CONFIG.batch_size,
         learning_rate=CONFIG.lr, lr_scheduler_type="cosine", warmup_steps=CONFIG.effective_warmup,
         logging_steps=CONFIG.log_every, save_steps=CONFIG.save_every, seed=CONFIG.seed, report_to="none",
-        remove_unused_columns=False, dataloader_pin_memory=torch.cuda.is_available(),
+        remove_unused_columns=False, dataloader_pin_memory=torch.cuda.is_available(), disable_tqdm=silenced(),
     )  # fmt: skip
     train = [{"input_ids": b, "labels": b} for b in blocks]
-    Trainer(model=model, args=args, train_dataset=train, data_collator=default_data_collator).train()
+    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=default_data_collator)
+    trainer.remove_callback(PrinterCallback)  # as kit.heal: no per-step dicts where the bars are off (TQDM_DISABLE=1)
+    trainer.train()
     model.save_pretrained(output_dir / "adapter")
 
 
