@@ -81,6 +81,12 @@ def target_modules(model: nn.Module, config: HealConfig) -> list[str] | str:
     the shared experts and of routed experts that are modules), all linear layers, or the names
     given in the config."""
     if config.target_modules == "mlp":
+        if not layers.mlp_modules(model) and not layers.mlp_parameters(model):
+            raise ValueError(
+                f"the {model.config.model_type!r} layers have no MLP the kit recognises: heal with "
+                "HealConfig(target_modules='all-linear') or name the modules to adapt as a tuple (a Mamba stack has no MLP, "
+                "and peft refuses its mixers' out_proj and conv1d: target_modules=('in_proj',))"
+            )
         return layers.mlp_modules(model)
     if config.target_modules == "all-linear":
         return "all-linear"

@@ -82,9 +82,10 @@ def _mlp_targets(layer_list: nn.ModuleList) -> tuple[tuple[str, ...], tuple[str,
                 parts = name.split(".")
                 if isinstance(module, (nn.Linear, Conv1D)) and not set(parts) & set(ROUTERS):  # nor inside a router
                     numeric = [i for i, part in enumerate(parts) if part.isdigit()]
-                    modules[".".join(parts[numeric[-1] + 1 :]) if numeric else f"{child}.{name}"] = None
+                    tail = parts[numeric[-1] + 1 :] if numeric else []  # after an expert's index; CTRL's ffn.0 has none
+                    modules[".".join(tail) if tail else f"{child}.{name}"] = None
                 for pname, parameter in module.named_parameters(recurse=False):
-                    if parameter.dim() == 3 and "expert" in name:
+                    if parameter.dim() == 3 and "expert" in f"{name}.{type(module).__name__}".lower():  # JetMoE's ParallelExperts
                         parameters[".".join(filter(None, [child, name, pname]))] = None
     return tuple(modules), tuple(parameters)
 

@@ -16,6 +16,8 @@ from transformers import AutoModelForCausalLM
 import kit
 from kit import families, layers
 from kit.block import Block
+from kit.config import HealConfig
+from kit.healing import lora_model
 from kit.testing import reference_distances, tiny_tokenizer
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -91,6 +93,30 @@ def test_family(model_type, tmp_path):
 
     greedy = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert torch.equal(pruned.generate(IDS, use_cache=True, **greedy), pruned.generate(IDS, use_cache=False, **greedy))
+
+    _check_lora(model)
+
+
+# Families whose layers have no MLP, and the LoRA targets the kit's error tells their users to take instead.
+NO_MLP = {"git": "all-linear", "mamba": ("in_proj",), "mamba2": ("in_proj",), "falcon_mamba": ("in_proj",)}
+
+
+def _check_lora(model):
+    """LoRA on the family's MLP (routed and shared experts included), or where it has none on the targets the
+    error names, wraps the model, and its adapters reach the output (their B matrices made non-zero)."""
+    settings = dict(rank=2, quantize=None, gradient_checkpointing=False)
+    model_type = model.config.model_type
+    if model_type in NO_MLP:
+        with pytest.raises(ValueError, match="no MLP the kit recognises"):
+            lora_model(model, HealConfig(**settings))
+        settings["target_modules"] = NO_MLP[model_type]
+    adapted = lora_model(model, HealConfig(**settings))
+    with torch.no_grad():
+        before = adapted(IDS, use_cache=False).logits
+        for name, weight in adapted.named_parameters():
+            if "lora_B" in name:
+                weight.normal_()
+        assert not torch.allclose(adapted(IDS, use_cache=False).logits, before)
 
 
 def test_census_passes_for_90_percent_of_the_families():
