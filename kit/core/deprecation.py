@@ -1,0 +1,40 @@
+"""Old public names kept working for one release after they move: each use warns with the new name."""
+
+import warnings
+from importlib import import_module
+
+REMOVED_IN = "kit 0.3"  # the release that drops the old names
+
+
+def warn(old: str, new: str) -> None:
+    """A DeprecationWarning pointing at the caller's line: `old` is now `new`."""
+    warnings.warn(f"{old} is deprecated and will be removed in {REMOVED_IN}: use {new}", DeprecationWarning, stacklevel=3)
+
+
+def moved(module: str, homes: dict):
+    """A module `__getattr__` serving the names that moved out of `module` to `homes[name]` (a module or
+    its dotted name, imported on first use), with a warning: e.g.
+    `__getattr__ = moved(__name__, {"outcomes": "kit.experiments.results"})`."""
+
+    def __getattr__(name):
+        if name not in homes:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        home = homes[name] if not isinstance(homes[name], str) else import_module(homes[name])
+        warn(f"{module}.{name}", f"{home.__name__}.{name}")
+        return getattr(home, name)
+
+    return __getattr__
+
+
+def moved_module(old: str, new: str):
+    """The `__getattr__` of an old module path whose whole content moved to the module `new`: every
+    name of `new` is served under `old`, with a warning (kit/_moved/ holds one such stub per old path)."""
+
+    def __getattr__(name):
+        home = import_module(new)
+        if name.startswith("__") or not hasattr(home, name):
+            raise AttributeError(f"module {old!r} has no attribute {name!r} (it moved to {new})")
+        warn(f"{old}.{name}", f"{new}.{name}")
+        return getattr(home, name)
+
+    return __getattr__
