@@ -1,4 +1,4 @@
-"""kit.readings: every verdict follows its rule on constructed artifacts, flipping when the data does,
+"""kit.experiments.readings: every verdict follows its rule on constructed artifacts, flipping when the data does,
 and every number a reading states is one of its artifacts' numbers."""
 
 import json
@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from conftest import artifact_numbers, reading_numbers
 
-from kit import curves, readings, results
-from kit.stats import Estimate, wilson
+from kit.core.stats import Estimate, wilson
+from kit.experiments import curves, readings, results
 
 L = 10
 
