@@ -16,7 +16,7 @@ from transformers import Trainer, TrainingArguments, default_data_collator
 
 import kit
 from bench.measure import interleaved, ratios, spread, wall_seconds
-from kit.healing.lora import heal, pack
+from kit.healing.train import heal, pack
 
 MODEL = "smollm2-135m"
 CONFIG = kit.HealConfig(rank=8, steps=3, batch_size=2, seq_len=128, save_every=3, log_every=1)

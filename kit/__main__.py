@@ -112,7 +112,7 @@ def run_sweep(args):
 
 
 def heal(args):
-    from .healing.lora import heal as heal_model
+    from .healing.train import heal as heal_model
 
     config = _config(HealConfig, args)
     model, tokenizer = _load(args, config.quantize)

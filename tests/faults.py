@@ -22,7 +22,7 @@ import tempfile
 import textwrap
 from pathlib import Path
 
-PRELOAD = ["torch", "transformers", "peft", "kit.testing", "kit.scan.similarity", "kit.healing.lora", "kit.experiments.sweep", "kit.experiments.plots",
+PRELOAD = ["torch", "transformers", "peft", "kit.testing", "kit.scan.similarity", "kit.healing.train", "kit.experiments.sweep", "kit.experiments.plots",
            "IPython.core.interactiveshell", "papermill.iorw", "papermill.parameterize"]  # fmt: skip
 CRASH_BEFORE, WATCH, LOG, ROOT = "KIT_CRASH_BEFORE", "KIT_CRASH_WATCH", "KIT_CRASH_LOG", "KIT_CRASH_ROOT"
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND

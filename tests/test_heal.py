@@ -13,15 +13,8 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 import kit
-from kit.healing.lora import (
-    Blocks,
-    HealTrainer,
-    distillation_kl,
-    heal,
-    lora_model,
-    pack,
-    training_arguments,
-)
+from kit.healing.lora import lora_model
+from kit.healing.train import Blocks, HealTrainer, distillation_kl, heal, pack, training_arguments
 from kit.loaders.models import load_model
 
 TINY = dict(rank=4, lr=3e-2, batch_size=16, seq_len=32, log_every=1, dropout=0.0)  # one text = one fixed batch
@@ -320,7 +313,7 @@ def test_distillation_kl_in_chunks_equals_the_whole_and_its_gradient(monkeypatch
     student, teacher = torch.randn(3, 7, 13, requires_grad=True), torch.randn(3, 7, 13)
     whole = distillation_kl(student, teacher, 1.5)
     (grad_whole,) = torch.autograd.grad(whole.sum(), student)
-    monkeypatch.setattr(kit.healing.lora, "_KL_TOKENS", 4)  # 21 positions in 6 chunks
+    monkeypatch.setattr(kit.healing.train, "_KL_TOKENS", 4)  # 21 positions in 6 chunks
     chunked = distillation_kl(student, teacher, 1.5)
     (grad_chunked,) = torch.autograd.grad(chunked.sum(), student)
     torch.testing.assert_close(chunked, whole)
@@ -332,14 +325,14 @@ def test_several_visible_gpus_without_a_launcher_keep_the_global_batch(tmp_path)
     args = training_arguments(config, tmp_path, evaluate=False)
     args._n_gpu = 4  # as the Trainer counts them on a 4-GPU machine started without torchrun / accelerate
     assert args.train_batch_size == 16  # what the Trainer would silently train with
-    assert kit.healing.lora.single_gpu(args).train_batch_size * config.grad_accum == config.global_batch
+    assert kit.healing.train.single_gpu(args).train_batch_size * config.grad_accum == config.global_batch
 
 
 def test_healing_a_model_on_a_second_gpu_without_a_launcher_says_how(monkeypatch, tmp_path):
     # Mocked placement (no GPU here). On a GPU machine the Trainer would train on cuda:0: accelerate refuses
     # a 4-bit model on cuda:1, a full-precision one is moved there silently.
     model, tokenizer = kit.tiny_model("llama", num_layers=2)
-    monkeypatch.setattr(kit.healing.lora, "model_device", lambda model: torch.device("cuda", 1))
+    monkeypatch.setattr(kit.healing.train, "model_device", lambda model: torch.device("cuda", 1))
     with pytest.raises(ValueError, match="run with CUDA_VISIBLE_DEVICES=1"):
         kit.heal(model, tokenizer, ["a text"], kit.HealConfig(steps=1, quantize=None), output_dir=tmp_path)
     assert not any(tmp_path.iterdir())  # stopped before anything was written

@@ -137,11 +137,11 @@ def test_cached_checkpoint_loads_without_the_kit():
 def test_top_level_names_survive_submodule_imports():
     import importlib
 
-    import kit.healing.lora  # noqa: F401  (binds the submodule on the package)
+    import kit.healing.train  # noqa: F401  (binds the submodule on the package)
 
     for name, module in kit._EXPORTS.items():
         assert getattr(kit, name) is getattr(importlib.import_module(f"kit.{module}"), name)
-    assert callable(kit.heal) and kit.heal.__module__ == "kit.healing.lora"
+    assert callable(kit.heal) and kit.heal.__module__ == "kit.healing.train"
 
 
 def test_an_empty_folder_is_not_a_checkpoint(tmp_path):

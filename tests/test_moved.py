@@ -20,7 +20,7 @@ NEW_HOME = re.compile(r'_moved_module\("kit\.(\w+)", "(kit\.[\w.]+)"\)')
 def _moved() -> dict[str, str]:
     """{old module path: new module path}, as each stub in kit/_moved/ (and the healing package) says."""
     found = dict(NEW_HOME.search((ROOT / "kit" / "_moved" / f"{stub}.py").read_text()).groups() for stub in STUBS)
-    return {f"kit.{old}": new for old, new in found.items()} | {"kit.healing": "kit.healing.lora"}
+    return {f"kit.{old}": [new] for old, new in found.items()} | {"kit.healing": ["kit.healing.lora", "kit.healing.train"]}
 
 
 MOVED = _moved()
@@ -30,22 +30,27 @@ PRUNE_MOVED = {"CRITERIA": "kit.choose.criteria", "Criterion": "kit.choose.crite
 
 def test_every_stub_names_its_old_path_and_an_existing_module():
     assert len(STUBS) == 32 and set(MOVED) == {f"kit.{stub}" for stub in STUBS} | {"kit.healing"}
-    for new in MOVED.values():
-        importlib.import_module(new)
+    for homes in MOVED.values():
+        for new in homes:
+            importlib.import_module(new)
 
 
 @pytest.mark.parametrize("old", sorted(MOVED))
 def test_every_name_of_an_old_module_path_is_the_same_object_and_warns(old):
-    new = importlib.import_module(MOVED[old])
     module = importlib.import_module(old)
-    names = [name for name in vars(new) if not name.startswith("_") and not name.endswith("_metrics")]
-    assert names
-    for name in names:
+    homes = [importlib.import_module(new) for new in MOVED[old]]
+    served = {}  # name -> the home that serves it: the first that has it
+    for new in homes:
+        for name in vars(new):
+            if not name.startswith("_") and not name.endswith("_metrics"):
+                served.setdefault(name, new)
+    assert served
+    for name, new in served.items():
         with pytest.warns(DeprecationWarning, match=rf"{re.escape(old)}\.{name} is deprecated .* use {re.escape(new.__name__)}\.{name}"):
             assert getattr(module, name) is getattr(new, name)
-    short = old.removeprefix("kit.")
-    with pytest.warns(DeprecationWarning, match=re.escape(f"use {new.__name__}.{names[0]}")):
-        assert getattr(getattr(kit, short), names[0]) is getattr(new, names[0])  # kit.<old module>.<name>
+    short, (name, new) = old.removeprefix("kit."), next(iter(served.items()))
+    with pytest.warns(DeprecationWarning, match=re.escape(f"use {new.__name__}.{name}")):
+        assert getattr(getattr(kit, short), name) is getattr(new, name)  # kit.<old module>.<name>
     with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
         module.no_such_name
 

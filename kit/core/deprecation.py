@@ -26,15 +26,16 @@ def moved(module: str, homes: dict):
     return __getattr__
 
 
-def moved_module(old: str, new: str):
-    """The `__getattr__` of an old module path whose whole content moved to the module `new`: every
-    name of `new` is served under `old`, with a warning (kit/_moved/ holds one such stub per old path)."""
+def moved_module(old: str, *new: str):
+    """The `__getattr__` of an old module path whose content moved to the module `new` (or, split, to
+    several: the first that has the name): each of their names is served under `old`, with a warning
+    (kit/_moved/ holds one such stub per old path)."""
 
     def __getattr__(name):
-        home = import_module(new)
-        if name.startswith("__") or not hasattr(home, name):
-            raise AttributeError(f"module {old!r} has no attribute {name!r} (it moved to {new})")
-        warn(f"{old}.{name}", f"{new}.{name}")
-        return getattr(home, name)
+        for home in map(import_module, new):
+            if not name.startswith("__") and hasattr(home, name):
+                warn(f"{old}.{name}", f"{home.__name__}.{name}")
+                return getattr(home, name)
+        raise AttributeError(f"module {old!r} has no attribute {name!r} (it moved to {' and '.join(new)})")
 
     return __getattr__

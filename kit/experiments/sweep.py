@@ -214,7 +214,7 @@ def _healed_metrics(heal, model, tokenizer, block, evals) -> dict[str, Estimate]
 def healer(texts: list[str], config, *, output_root, val_texts=None) -> Callable:
     """A `heal` function for sweep(): kit.heal with `config` on `texts`, adapters under output_root/n{n}.
     The loaded model is never copied for a 4-bit heal; with config.quantize=None the pruned model is."""
-    from ..healing.lora import heal as heal_model
+    from ..healing.train import heal as heal_model
 
     def run(pruned, tokenizer, block: Block):
         output_dir = Path(output_root) / f"n{block.n}"
