@@ -9,7 +9,7 @@ setup:  ## create .venv, install the kit with its dev extra, register the kernel
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (kit)"
-	$(PY) -m kit.assets fetch
+	$(PY) -m kit.loaders.assets fetch
 	@# Debian's Chromium for the JupyterLab browser test (Playwright drives it; it never downloads a browser)
 	@if command -v chromium >/dev/null; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -24,7 +24,7 @@ lab:  ## JupyterLab on the notebooks
 	$(VENV)/bin/jupyter lab notebooks
 
 reports:  ## notebooks 01-05 headless on the embedded model -> reports/ (HTML, figures, artifacts)
-	$(PY) -m kit.reports --out reports
+	$(PY) -m kit.experiments.reports --out reports
 
 bench:  ## benchmarks: ratios measured in one run
 	TQDM_DISABLE=1 $(PY) -m bench

@@ -12,9 +12,10 @@ from peft import LoraConfig, get_peft_model
 
 import kit
 from bench.measure import interleaved, ratios, spread
-from kit import layers
+from kit.core import layers
+from kit.core.block import heuristic_block
 from kit.evaluate import cost
-from kit.prune import drop_layers, heuristic_block
+from kit.prune import drop_layers
 
 MODEL = "smollm2-135m"
 SETTINGS = dict(prompt_tokens=64, new_tokens=17, batch_size=1, repeats=2, threads=1)

@@ -32,7 +32,7 @@ REPEATS = 3
 
 def _timed(fn):
     """fn()'s result, its wall-clock seconds, and the CPU seconds of each rank."""
-    from kit import distributed
+    from kit.core import distributed
 
     distributed.barrier()
     start, cpu = time.perf_counter(), time.process_time()
@@ -47,8 +47,9 @@ def _timed(fn):
 def worker(out: Path):
     """The work in this process (and its share under torchrun); rank 0 writes times and results."""
     import kit
-    from kit import data, distributed
+    from kit.core import distributed
     from kit.evaluate import mmlu
+    from kit.loaders import data
 
     torch.set_num_threads(1)
     distributed.init()

@@ -16,8 +16,8 @@ from transformers import PrinterCallback, Trainer, TrainingArguments, default_da
 
 import kit
 from bench.measure import interleaved, ratios, spread, wall_seconds
-from kit.healing import heal, pack
-from kit.progress import silenced
+from kit.core.progress import silenced
+from kit.healing.train import heal, pack
 
 MODEL = "smollm2-135m"
 CONFIG = kit.HealConfig(rank=8, steps=3, batch_size=2, seq_len=128, save_every=3, log_every=1)
@@ -55,7 +55,7 @@ def healed(texts, output_dir: Path):
 
 
 def main():
-    texts = kit.data.load_texts("corpus", "train", N_TEXTS)
+    texts = kit.loaders.data.load_texts("corpus", "train", N_TEXTS)
     tokens = CONFIG.steps * CONFIG.global_batch * CONFIG.seq_len
     with tempfile.TemporaryDirectory() as tmp:
         runs = {"peft + Trainer": baseline, "kit.heal": healed}  # each run into a fresh folder

@@ -14,12 +14,13 @@ import torch.nn.functional as F
 
 import kit
 from bench.measure import in_fresh_process, page_in, peak_growth_mib
-from kit import evaluate, scoring
-from kit.data import mmlu_questions
-from kit.healing import lora_model
-from kit.merge import merge_adapter
-from kit.mmlu import mmlu_prompt
-from kit.text import encode
+from kit import evaluate
+from kit.core.text import encode
+from kit.evaluate import scoring
+from kit.evaluate.mmlu_task import mmlu_prompt
+from kit.healing.lora import lora_model
+from kit.healing.merge import merge_adapter
+from kit.loaders.data import mmlu_questions
 
 MODEL = "smollm2-135m"
 
@@ -44,14 +45,14 @@ def copied_prefix_forward(model, rows, keep, prefix_cache, prefix_len):
 
 
 def validation_loss(model, tokenizer, folder):
-    texts = kit.data.corpus("validation")[:16]
+    texts = kit.loaders.data.corpus("validation")[:16]
     kit_step = lambda: round(evaluate.validation_loss(model, tokenizer, texts, max_length=512, batch_size=16).loss, 5)  # noqa: E731
     return kit_step, lambda: round(full_logits_loss(model, tokenizer, texts, 512), 5)
 
 
 def mmlu_batch(model, tokenizer, folder):
     questions = mmlu_questions("high_school_geography", per_subject=16)
-    shots = kit.data.mmlu_fewshot_pool("high_school_geography")
+    shots = kit.loaders.data.mmlu_fewshot_pool("high_school_geography")
     requests = [scoring.encode_request(tokenizer, mmlu_prompt(q, shots), f" {c}") for q in questions for c in "ABCD"]
     scores = lambda: round(sum(scoring.loglikelihoods(model, requests, batch_size=16)), 3)  # noqa: E731
     return scores, lambda: (setattr(scoring, "_forward", copied_prefix_forward), scores())[1]
@@ -62,9 +63,9 @@ def pruned_model(model, tokenizer, folder):
 
     def view():
         with kit.dropped(model, block):
-            return kit.layers.num_layers(model)
+            return kit.core.layers.num_layers(model)
 
-    return view, lambda: kit.layers.num_layers(kit.drop_layers(model, block))
+    return view, lambda: kit.core.layers.num_layers(kit.drop_layers(model, block))
 
 
 def merge(model, tokenizer, folder):

@@ -11,8 +11,8 @@ import numpy as np
 
 import kit
 from bench.measure import interleaved, ratios, spread, wall_seconds
-from kit.data import mmlu_questions
 from kit.evaluate import mmlu
+from kit.loaders.data import mmlu_questions
 
 MODEL = "smollm2-135m"
 SUBJECTS, PER_SUBJECT, SHOTS, BATCH_SIZE, REPEATS = ("anatomy",), 10, 5, 8, 3

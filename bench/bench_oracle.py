@@ -14,8 +14,9 @@ import torch
 
 import kit
 from bench.measure import in_fresh_process, interleaved, peak_growth_mib, ratios, spread
+from kit.core.block import Block
 from kit.evaluate import validation_loss
-from kit.prune import Block, drop_layers
+from kit.prune import drop_layers
 
 MODEL = "smollm2-135m"
 NS = (14, 21, 28)  # blocks of three lengths: 30 blocks of the 30-layer model
@@ -26,8 +27,8 @@ MEMORY_BATCHES = (1, 4)
 def time_ratio():
     torch.set_num_threads(1)
     model, tokenizer = kit.load_model(MODEL)
-    texts = kit.data.load_texts("corpus", "validation", TEXTS)
-    L = kit.layers.num_layers(model)
+    texts = kit.loaders.data.load_texts("corpus", "validation", TEXTS)
+    L = kit.core.layers.num_layers(model)
     blocks = [Block(start, n) for n in NS for start in range(L - n + 1)]
 
     def naive():
@@ -49,7 +50,7 @@ def _peak_growth(batches: int) -> float:
     """MiB the peak resident size grows while the oracle runs over `batches` batches (fresh process, after a warm-up)."""
     torch.set_num_threads(1)
     model, tokenizer = kit.load_model(MODEL)
-    texts = kit.data.load_texts("corpus", "validation", batches * BATCH_SIZE)
+    texts = kit.loaders.data.load_texts("corpus", "validation", batches * BATCH_SIZE)
 
     def run(batch):
         kit.ablation_losses(model, tokenizer, batch, ns=(28,), max_length=LENGTH, batch_size=BATCH_SIZE)

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 import kit
 from bench.measure import in_fresh_process, interleaved, peak_growth_mib, ratios, spread
-from kit import similarity
-from kit.text import encode
+from kit.core.text import encode
+from kit.scan import similarity
 
 MODEL = "smollm2-135m"
 TIME_TEXTS, TIME_LENGTH, BATCH_SIZE, REPEATS = 24, 128, 8, 3
@@ -59,7 +59,7 @@ def _mean_only_scan(model, tokenizer, texts, metric):
 def time_ratios():
     torch.set_num_threads(1)
     model, tokenizer = kit.load_model(MODEL)
-    texts = kit.data.load_texts("corpus", "train", TIME_TEXTS)
+    texts = kit.loaders.data.load_texts("corpus", "train", TIME_TEXTS)
     runs = {
         "forward": lambda: _forward(model, tokenizer, texts, TIME_LENGTH),
         "decoder stack": lambda: _forward(model.base_model, tokenizer, texts, TIME_LENGTH),
@@ -91,7 +91,7 @@ def _peak_growth(job: str, n_texts: int) -> float:
     in this fresh process, after a warm-up batch."""
     torch.set_num_threads(1)
     model, tokenizer = kit.load_model(MODEL)
-    texts = kit.data.load_texts("mmlu", n=n_texts)
+    texts = kit.loaders.data.load_texts("mmlu", n=n_texts)
 
     def run(batch):
         if job == "scan":

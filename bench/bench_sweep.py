@@ -8,8 +8,11 @@ time one cost."""
 
 import kit
 from bench.measure import interleaved, ratios, spread, wall_seconds
-from kit import data, metrics, sweep
-from kit.prune import drop_layers, heuristic_block
+from kit.core.block import heuristic_block
+from kit.evaluate import metrics
+from kit.experiments import sweep
+from kit.loaders import data
+from kit.prune import drop_layers
 
 MODEL = "smollm2-135m"
 NS, REPEATS = (0, 10, 20), 3

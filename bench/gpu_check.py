@@ -116,17 +116,17 @@ def check_pipeline(device, quantize: str | None) -> list[str]:
         pruned = kit.drop_layers(base, kit.Block(2, 2), inplace=True)
         kit.save_pruned(pruned, tokenizer, tmp / "pruned")
         reloaded, _ = kit.load_model(str(tmp / "pruned"), device=device, dtype=torch.float32)
-        ids = torch.tensor([tokenizer(kit.data.corpus("train")[0])["input_ids"][:64]], device=device)
+        ids = torch.tensor([tokenizer(kit.loaders.data.corpus("train")[0])["input_ids"][:64]], device=device)
         with torch.no_grad():
             same = torch.allclose(pruned(input_ids=ids).logits, reloaded(input_ids=ids).logits, atol=1e-5)
         config = kit.HealConfig(rank=8, lr=3e-3, steps=12, batch_size=4, seq_len=64, quantize=quantize,
                                 log_every=1, eval_every=6, save_every=12)  # fmt: skip
-        result = kit.heal(tmp / "pruned", tokenizer, kit.data.corpus("train")[:40], config, output_dir=tmp / "healed",
-                          val_texts=kit.data.corpus("validation")[:4])  # fmt: skip
+        result = kit.heal(tmp / "pruned", tokenizer, kit.loaders.data.corpus("train")[:40], config, output_dir=tmp / "healed",
+                          val_texts=kit.loaders.data.corpus("validation")[:4])  # fmt: skip
         quantized = getattr(result.model.get_base_model(), "is_loaded_in_4bit", False)
         validation = [e["loss"] for e in result.history["validation"]]
         merged = kit.merge_adapter(tmp / "pruned", result.adapter_path, tmp / "merged")
-        merged_layers = kit.layers.num_layers(kit.load_model(str(merged), device=device)[0])
+        merged_layers = kit.core.layers.num_layers(kit.load_model(str(merged), device=device)[0])
     print(f"  drop + save + reload: logits equal {same}; heal ({'QLoRA, 4-bit base' if quantized else 'LoRA'}): "
           f"validation loss {validation[0]:.3f} -> {validation[-1]:.3f}; merged model has {merged_layers} layers")  # fmt: skip
     if not same:
@@ -173,7 +173,7 @@ def fitted_shape(total_bytes: int, itemsize: int) -> dict:
 def long_texts(tokenizer, n: int, length: int) -> list[str]:
     """n texts of at least `length` tokens each, from the offline corpus read round and round (so
     that any n exists, whatever the corpus's size on this Python)."""
-    from kit.data import corpus
+    from kit.loaders.data import corpus
 
     chunks, texts = itertools.cycle(corpus("train")), []
     for _ in range(n):
@@ -207,8 +207,8 @@ def figures(device, dtype, shape: dict, *, texts: int, questions: int, heal_step
 
     def forward():
         with torch.no_grad():
-            for batch in kit.text.batched(scan_texts, 4):
-                model(**kit.text.encode(tokenizer, batch, max_length=length, device=device), logits_to_keep=1)
+            for batch in kit.core.text.batched(scan_texts, 4):
+                model(**kit.core.text.encode(tokenizer, batch, max_length=length, device=device), logits_to_keep=1)
 
     scan = lambda: kit.angular_distances(model, tokenizer, scan_texts, batch_size=4, max_length=length)  # noqa: E731
     forward()  # warm-up
@@ -235,7 +235,7 @@ def figures(device, dtype, shape: dict, *, texts: int, questions: int, heal_step
     heal_config = kit.HealConfig(rank=8, steps=heal_steps, batch_size=4, grad_accum=4, seq_len=length, quantize=None,
                                  save_every=heal_steps, log_every=1)  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        heal = lambda: kit.heal(model, tokenizer, kit.data.corpus("train"), heal_config, output_dir=tmp, callbacks=[steps])  # noqa: E731
+        heal = lambda: kit.heal(model, tokenizer, kit.loaders.data.corpus("train"), heal_config, output_dir=tmp, callbacks=[steps])  # noqa: E731
         _, _, heal_peak = timed(heal, device)
     per_step = (steps.times[-1] - steps.times[0]) / (len(steps.times) - 1)
     heal_tps = heal_config.global_batch * length / per_step
@@ -298,7 +298,7 @@ def main(argv=None) -> int:
         return 2
     import torch
 
-    from kit import device as policy
+    from kit.core import device as policy
     from kit.testing import TINY_ARCHITECTURES
 
     if unknown := set(args.archs or ()) - set(TINY_ARCHITECTURES):

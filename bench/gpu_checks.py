@@ -41,8 +41,8 @@ def answer_strings(tokenizer) -> tuple[str, ...]:
 
 def mmlu_style(model, tokenizer, questions, fewshot, answers) -> np.ndarray:
     """(questions, 4) log p(answer | 2-shot MMLU prompt), batched with the shared-prefix cache."""
-    from kit.mmlu import fewshot_examples, mmlu_prompt
-    from kit.scoring import choice_loglikelihoods
+    from kit.evaluate.mmlu_task import fewshot_examples, mmlu_prompt
+    from kit.evaluate.scoring import choice_loglikelihoods
 
     prompts = [mmlu_prompt(q, fewshot_examples(fewshot, q.subject, 2)) for q in questions]
     return choice_loglikelihoods(model, tokenizer, prompts, [answers] * len(prompts), what="MMLU-style", batch_size=4)
@@ -63,11 +63,11 @@ class Reference:
         self.loss = validation_loss(model, self.tokenizer, texts, max_length=128).loss
         self.loglik = mmlu_style(model, self.tokenizer, questions, fewshot, self.answers)
         self.pruned = []
-        for start in range(kit.layers.num_layers(model)):
+        for start in range(kit.core.layers.num_layers(model)):
             with kit.prune.dropped(model, kit.Block(start, 1)):
                 self.pruned.append(validation_loss(model, self.tokenizer, texts, max_length=128).loss)
-        self.prompt = kit.cost.prompt_ids(self.tokenizer, 32)
-        self.greedy = kit.cost.generate(model, self.prompt, 8)[0]
+        self.prompt = kit.evaluate.inference_cost.prompt_ids(self.tokenizer, 32)
+        self.greedy = kit.evaluate.inference_cost.generate(model, self.prompt, 8)[0]
 
     def model(self):
         """A fresh copy of the reference model (same seed), in fp32 on the CPU."""
@@ -111,7 +111,7 @@ class Reference:
 def mmlu_questions(n: int, subjects: int = 4):
     """MMLU-shaped questions from the offline corpus (no asset): 5 shots per subject, then n questions,
     cycling through the corpus so that any n exists."""
-    from kit.data import MMLUQuestion, corpus
+    from kit.loaders.data import MMLUQuestion, corpus
 
     words = " ".join(corpus("train")).split()
     word = lambda k: words[k % len(words)]  # noqa: E731
@@ -129,7 +129,7 @@ def reference_of(arch: str) -> Reference:
     """The CPU fp32 reference of `arch` on 8 validation texts and 20 questions, computed once per run."""
     import kit
 
-    return Reference(arch, kit.data.corpus("validation")[:8], *mmlu_questions(20))
+    return Reference(arch, kit.loaders.data.corpus("validation")[:8], *mmlu_questions(20))
 
 
 def check_correctness(device, precisions: dict, archs, perturb=None) -> list[str]:
@@ -157,7 +157,7 @@ def check_cost(device, perturb=None) -> list[str]:
     if perturb is not None:
         perturb(model)
     result = cost(model, reference.tokenizer, prompt_tokens=32, new_tokens=8, repeats=2)
-    tokens = kit.cost.generate(model, reference.prompt.to(device), 8)[0].cpu()
+    tokens = kit.evaluate.inference_cost.generate(model, reference.prompt.to(device), 8)[0].cpu()
     same = torch.equal(tokens, reference.greedy)
     peak_ok = result.peak_memory_bytes is not None and result.peak_memory_bytes >= result.weight_bytes
     speeds_ok = all(np.isfinite(v) and v > 0 for v in (result.prefill_tokens_per_s, result.decode_tokens_per_s))
@@ -179,7 +179,7 @@ def check_device_map(device, perturb=None) -> list[str]:
             perturb(model)
         model.save_pretrained(Path(tmp) / "base")
         reference.tokenizer.save_pretrained(Path(tmp) / "base")
-        layer_bytes = sum(p.numel() * 4 for p in kit.layers.decoder_layers(model)[0].parameters())
+        layer_bytes = sum(p.numel() * 4 for p in kit.core.layers.decoder_layers(model)[0].parameters())
         first = device.index or 0 if device.type == "cuda" else "cpu"
         later = "cpu" if device.type == "cuda" else "disk"
         max_memory = {first: int(2.5 * layer_bytes + sum(p.numel() * 4 for p in model.get_input_embeddings().parameters()))}
@@ -200,7 +200,7 @@ def measure(archs, precisions: dict) -> dict[tuple[str, str], float]:
     against fp32: what TOLERANCE is set from."""
     import kit
 
-    texts = kit.data.corpus("validation")[:8]
+    texts = kit.loaders.data.corpus("validation")[:8]
     questions, pool = mmlu_questions(20)
     worst = {}
     for arch in archs:

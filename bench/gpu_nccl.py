@@ -17,13 +17,13 @@ TOLERANCE = 1e-5  # the fp32 tolerances of bench.gpu_checks: two processes only 
 def worker(out: Path) -> dict:
     """This process's share of the work (all of it without a launcher); rank 0 writes the results."""
     import kit
-    from kit import distributed
+    from kit.core import distributed
     from kit.evaluate import validation_loss
 
     distributed.init()  # NCCL on cuda:$LOCAL_RANK under torchrun with GPUs
     model, tokenizer = kit.tiny_model("llama", num_layers=4)
-    model.to(kit.device.default_device())
-    texts = kit.data.corpus("validation")[:8]
+    model.to(kit.core.device.default_device())
+    texts = kit.loaders.data.corpus("validation")[:8]
     result = dict(
         world_size=distributed.world_size(),
         backend=torch.distributed.get_backend() if distributed.active() else None,

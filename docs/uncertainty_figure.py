@@ -12,7 +12,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 import kit  # noqa: E402
-from kit import data, metrics, plots, sweep  # noqa: E402
+from kit.evaluate import metrics  # noqa: E402
+from kit.experiments import plots, sweep  # noqa: E402
+from kit.loaders import data  # noqa: E402
 
 SCAN_TEXTS, VAL_TEXTS, MAX_LENGTH, STEP = 64, 8, 128, 3
 

@@ -5,8 +5,8 @@
     accelerate launch --num_processes 8 -m kit heal --model runs/70b/pruned --out runs/70b --rank 8 --lr 3e-5
 
 Under a launcher the texts, questions and healing batches are split over the processes
-(kit.distributed) and every process gets the one-process result; without one it is one process.
-The settings are the fields of kit.config.ScanConfig / HealConfig as options (--n-texts, --grad-accum,
+(kit.core.distributed) and every process gets the one-process result; without one it is one process.
+The settings are the fields of kit.core.config.ScanConfig / HealConfig as options (--n-texts, --grad-accum,
 ...); the artifacts are the notebooks' (distances.safetensors, sweep-{strategy}.csv, healed/adapter,
 heal_history.json, manifest.json in the run folder --out), written by rank 0 alone.
 """
@@ -16,9 +16,13 @@ import dataclasses
 import typing
 from pathlib import Path
 
-from . import artifacts, data, distributed, metrics, models, prune, sweep
-from .config import HealConfig, ScanConfig
-from .device import provenance
+from .choose import criteria
+from .core import artifacts, distributed
+from .core.config import HealConfig, ScanConfig
+from .core.device import provenance
+from .evaluate import metrics
+from .experiments import sweep
+from .loaders import data, models
 
 
 def _parse(kind):
@@ -43,7 +47,7 @@ def _parse(kind):
 
 def _add_config(parser: argparse.ArgumentParser, config_class, skip=()):
     """One option per field of a settings dataclass, with its default."""
-    group = parser.add_argument_group(f"{config_class.__name__} (kit.config)")
+    group = parser.add_argument_group(f"{config_class.__name__} (kit.core.config)")
     for field in dataclasses.fields(config_class):
         if field.name in skip:
             continue
@@ -72,7 +76,7 @@ def _record(out: Path, step: str, config, model, **extra):
 
 
 def scan(args):
-    from .similarity import angular_distances
+    from .scan.similarity import angular_distances
 
     config = _config(ScanConfig, args, model_name=args.model)
     model, tokenizer = _load(args, args.quantize)
@@ -85,7 +89,7 @@ def scan(args):
 
 
 def run_sweep(args):
-    from .distances import Distances
+    from .scan.distances import Distances
 
     model, tokenizer = _load(args, args.quantize)
     subjects = data.mmlu_subjects()[: args.mmlu_subjects]
@@ -96,7 +100,7 @@ def run_sweep(args):
     ]  # fmt: skip
     if args.boolq is not None:
         evals.append(metrics.BoolQAccuracy(data.boolq_items(args.boolq, n=args.n_boolq), batch_size=args.batch_size))
-    needs_scan = args.strategy in prune.CRITERIA and prune.CRITERIA[args.strategy].needs == "distances"
+    needs_scan = args.strategy in criteria.CRITERIA and criteria.CRITERIA[args.strategy].needs == "distances"
     distances = Distances.load(artifacts.require(args.out / "distances.safetensors")) if needs_scan else None
     settings = {k: v for k, v in vars(args).items() if k not in ("command", "out", "func")}
     results = sweep.sweep(model, tokenizer, ns=args.ns, evals=evals, distances=distances, strategy=args.strategy,
@@ -108,7 +112,7 @@ def run_sweep(args):
 
 
 def heal(args):
-    from .healing import heal as heal_model
+    from .healing.train import heal as heal_model
 
     config = _config(HealConfig, args)
     model, tokenizer = _load(args, config.quantize)
@@ -142,7 +146,7 @@ def parser() -> argparse.ArgumentParser:
     _add_config(subs["scan"], ScanConfig, skip=("model_name",))
     sw = subs["sweep"]
     sw.add_argument("--ns", type=int, nargs="+", required=True, help="block sizes to remove (0: the unpruned model)")
-    sw.add_argument("--strategy", default="similarity", help=f"a criterion of kit.prune.CRITERIA, e.g. {', '.join(sweep.STRATEGIES)}")
+    sw.add_argument("--strategy", default="similarity", help=f"a criterion of kit.choose.criteria.CRITERIA, e.g. {', '.join(sweep.STRATEGIES)}")
     sw.add_argument("--mmlu-subjects", type=int, default=57, help="the first K subjects in alphabetical order")
     sw.add_argument("--per-subject", type=int, default=None, help="questions per subject (default: all)")
     sw.add_argument("--shots", type=int, default=5)

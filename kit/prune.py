@@ -1,128 +1,23 @@
-"""Blocks of consecutive layers, and removing them from a model: for a moment (sweeps), for
-good (drop_layers), as a plain HF checkpoint (save_pruned), or as a mergekit recipe."""
+"""Removing a block of consecutive layers from a model: for a moment (`dropped`, for sweeps), for
+good (`drop_layers`), as a plain HF checkpoint (`save_pruned`), or as a mergekit recipe. Which
+block to remove is kit.choose.criteria's job."""
 
 import copy
 import math
-from collections.abc import Callable, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import layers
-from .artifacts import read_json, save_checkpoint, write_json
-from .block import Block, heuristic_block
-from .similarity import METRICS
+from .core import layers
+from .core.artifacts import save_checkpoint
+from .core.block import Block
+from .core.deprecation import moved
 
 PRUNED_BLOCKS = "pruned_blocks"  # config attribute: removed layers as [[start, n], ...] in ORIGINAL indices
 _MISSING = object()
-
-
-# ------------------------------------------------------------------------------ choosing a block
-
-
-@dataclass(frozen=True)
-class Criterion:
-    """A rule that picks the block of n layers to remove, and the evidence it reads ("needs")."""
-
-    description: str
-    needs: str | None  # "distances" (a scan), "oracle" (kit.ablation_losses), "start" or None
-    pick: Callable[..., Block]  # (evidence, num_layers, n) -> Block
-
-
-def _argmin(metric: str | None) -> Callable[..., Block]:
-    def pick(distances, num_layers: int, n: int) -> Block:
-        scans = distances if isinstance(distances, Mapping) else {distances.meta.get("metric"): distances}
-        scan = next(iter(scans.values())) if metric is None and len(scans) == 1 else scans.get(metric)
-        if scan is None:
-            raise ValueError(f"criterion {metric or 'similarity'!r} needs a scan with metric={metric!r}; given: {sorted(map(str, scans))}")
-        return scan.best_block(n)
-
-    return pick
-
-
-CRITERIA: dict[str, Criterion] = {
-    **{
-        metric: Criterion(f"argmin over start of the scan's {metric} distance (kit.angular_distances)", "distances", _argmin(metric))
-        for metric in METRICS
-    },
-    "similarity": Criterion("argmin over start of the given scan, whatever its metric", "distances", _argmin(None)),
-    "heuristic": Criterion("the paper's heuristic: keep the final layer, drop the n before it", None,
-                           lambda _, num_layers, n: heuristic_block(num_layers, n)),
-    "loss": Criterion("argmin over start of the oracle's loss on calibration texts (Shortened LLaMA, SLEB)", "oracle",
-                      lambda oracle, num_layers, n: oracle.best_block(n)),
-    "manual": Criterion("the block starting at a given layer", "start", lambda start, num_layers, n: Block(start, n)),
-}  # fmt: skip
-
-
-def choose_block(criterion: str, num_layers: int, n: int, *, distances=None, oracle=None, start=None) -> Block:
-    """The block of n layers that `criterion` (a name in CRITERIA) removes from a model of `num_layers` layers.
-
-    Args:
-        distances: a scan (kit.Distances), or {metric: Distances}, for the scan criteria.
-        oracle: kit.ablation_losses on calibration texts, for "loss".
-        start: the first layer, for "manual".
-    """
-    if criterion not in CRITERIA:
-        raise ValueError(f"Unknown criterion {criterion!r}; choose one of: {', '.join(CRITERIA)}")
-    rule = CRITERIA[criterion]
-    evidence = {"distances": distances, "oracle": oracle, "start": start}.get(rule.needs)
-    if rule.needs and evidence is None:
-        hints = {"distances": "a scan (notebook 01_similarity)", "oracle": "kit.ablation_losses on calibration texts",
-                 "start": "the block's first layer"}  # fmt: skip
-        raise ValueError(f"criterion {criterion!r} needs the {rule.needs}: pass {rule.needs}=, {hints[rule.needs]}")
-    tables = distances.values() if isinstance(distances, Mapping) else [distances]
-    for name, table in (*(("distances", t) for t in tables), ("oracle", oracle)):
-        if table is not None and table.num_layers != num_layers:
-            raise ValueError(f"the {name} describe {table.num_layers} layers, the model has {num_layers}")
-    return rule.pick(evidence, num_layers, n).check(num_layers)
-
-
-SELECTION_FILE = "selection.json"  # in the run folder: written by notebook 02, read by notebooks 03 and 04
-
-
-@dataclass(frozen=True)
-class Selection:
-    """The block chosen for pruning, from which model and how: what `selection.json` holds.
-
-    source: "argmin" (the scan's smallest distance), "heuristic", another criterion's name, or
-    "manual" (chosen by hand in the block picker)."""
-
-    start: int
-    n: int
-    distance: float | None
-    source: str
-    model: str | None
-
-    @property
-    def block(self) -> Block:
-        return Block(self.start, self.n, self.distance)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict, *, origin: str = "the selection") -> "Selection":
-        names = [f.name for f in fields(cls)]
-        if not isinstance(data, dict) or set(data) != set(names):
-            keys = sorted(data) if isinstance(data, dict) else type(data).__name__
-            raise ValueError(f"{origin} is not a block selection: expected the keys {names}, found {keys}. "
-                             "Run notebooks/02_select_and_prune.ipynb again to rewrite it.")  # fmt: skip
-        return cls(**data)
-
-    def save(self, path: str | Path) -> Path:
-        """Write the selection as JSON to `path` (a run folder's SELECTION_FILE), atomically."""
-        return write_json(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path: str | Path) -> "Selection":
-        """The selection saved at `path`; a missing file names notebook 02, which writes it."""
-        return cls.from_dict(read_json(path, notebook="02_select_and_prune.ipynb"), origin=str(path))
-
-
-# ------------------------------------------------------------------------------ removing layers
 
 
 def _runs(indices) -> list[list[int]]:
@@ -383,11 +278,11 @@ def drop_layers(model: nn.Module, block: Block, *, inplace: bool = False) -> nn.
 def save_pruned(model: nn.Module, tokenizer, path: str | Path) -> Path:
     """Write `model` and `tokenizer` to `path` atomically as a plain HF checkpoint (safetensors):
     `AutoModelForCausalLM.from_pretrained(path)` loads it without the kit. A 4-bit model is refused:
-    its checkpoint could not be healed and merged; kit.merge.save_pruned_full_precision writes it."""
+    its checkpoint could not be healed and merged; kit.healing.merge.save_pruned_full_precision writes it."""
     if getattr(model, "is_loaded_in_4bit", False):
         raise ValueError(
             "the model is loaded 4-bit: its pruned checkpoint would be 4-bit, which merge_adapter refuses. Write it "
-            "from the full-precision weights instead: kit.merge.save_pruned_full_precision(model, tokenizer, path)."
+            "from the full-precision weights instead: kit.healing.merge.save_pruned_full_precision(model, tokenizer, path)."
         )
     return save_checkpoint(path, model, tokenizer)
 
@@ -407,3 +302,9 @@ def mergekit_config(model_name: str, block: Block, num_layers: int) -> str:
         "merge_method": "passthrough",
     }
     return yaml.safe_dump(config, sort_keys=False, default_flow_style=None)  # layer_range: [a, b]
+
+
+__getattr__ = moved(__name__, {
+    **dict.fromkeys(["CRITERIA", "Criterion", "choose_block", "Selection", "SELECTION_FILE"], "kit.choose.criteria"),
+    "heuristic_block": "kit.core.block",
+})  # choosing a block moved out of prune in 0.2

@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from . import layers
-from .data import corpus
-from .distances import Distances
+from .core import layers
+from .loaders.data import corpus
+from .scan.distances import Distances
 
 # One family of each kind beyond the dense ones, built from kit.families' tiny sizes (hidden size 32):
 # name -> (model type, config fields for a model of n layers).
@@ -121,7 +121,7 @@ def random_distances(num_layers: int = 7, seed: int = 0) -> Distances:
     return Distances(torch.tensor(matrix), {"model": "synthetic", "metric": "angular_last"})
 
 
-# The scan's metrics written out independently of kit.similarity: which tokens, and the distance of a cosine.
+# The scan's metrics written out independently of kit.scan.similarity: which tokens, and the distance of a cosine.
 REFERENCE_METRICS = {
     "angular_last": (True, lambda cos: np.arccos(cos) / np.pi),
     "angular_all": (False, lambda cos: np.arccos(cos) / np.pi),

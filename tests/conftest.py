@@ -20,8 +20,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import kit  # noqa: E402
-from kit.data import MMLUQuestion  # noqa: E402
-from kit.reports import NOTEBOOKS, execute  # noqa: E402
+from kit.experiments.reports import NOTEBOOKS, execute  # noqa: E402
+from kit.loaders.data import MMLUQuestion  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,7 +104,7 @@ def snapshot():
         weights = hashlib.sha256()
         for name, tensor in model.state_dict().items():
             weights.update(name.encode() + tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        return model.config.to_dict(), id(kit.layers.decoder_layers(model)), indices, weights.hexdigest()
+        return model.config.to_dict(), id(kit.core.layers.decoder_layers(model)), indices, weights.hexdigest()
 
     return take
 
@@ -202,6 +202,6 @@ def assert_redrawn(figure: Path, ax, tmp_path: Path) -> None:
     saved table (matplotlib's Agg rendering is deterministic): it drew what the artifacts hold."""
     import matplotlib.pyplot as plt
 
-    redrawn = kit.plots.save(ax, tmp_path / figure.name).read_bytes()
+    redrawn = kit.experiments.plots.save(ax, tmp_path / figure.name).read_bytes()
     plt.close("all")
     assert redrawn == figure.read_bytes(), f"{figure.name} is not the drawing of the run's artifacts"

@@ -14,9 +14,11 @@ import torch
 from transformers import TrainerCallback
 
 import kit
-from kit import data, distributed, metrics, sweep
-from kit.config import HealConfig
-from kit.evaluate import boolq, mmlu, validation_loss
+from kit.core import distributed
+from kit.core.config import HealConfig
+from kit.evaluate import boolq, metrics, mmlu, validation_loss
+from kit.experiments import sweep
+from kit.loaders import data
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 N_TEXTS, BATCH = 7, 2  # 4 batches of the scan: split 2 + 2 over two ranks, 4 + 3 texts (uneven)

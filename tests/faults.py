@@ -4,7 +4,7 @@ just before a given write point, or at a chosen moment.
 A write is any file-system change under the watched folder: what Python's audit events show (an open
 for writing, a rename or replace, a removal, a new folder) and the writers written in C, C++ or Rust
 that they do not show (`torch.save`, safetensors, the kit's atomic folder swap
-`kit.artifacts._exchange`). Its write point is its kind and path, less the numbers in the path (steps,
+`kit.core.artifacts._exchange`). Its write point is its kind and path, less the numbers in the path (steps,
 batches, process ids) and the random part of a temporary's name. A crash point is a write, not a
 moment: it stops a run at the same place whatever the machine's load.
 
@@ -22,7 +22,7 @@ import tempfile
 import textwrap
 from pathlib import Path
 
-PRELOAD = ["torch", "transformers", "peft", "kit.testing", "kit.similarity", "kit.healing", "kit.sweep", "kit.plots",
+PRELOAD = ["torch", "transformers", "peft", "kit.testing", "kit.scan.similarity", "kit.healing.train", "kit.experiments.sweep", "kit.experiments.plots",
            "IPython.core.interactiveshell", "papermill.iorw", "papermill.parameterize"]  # fmt: skip
 CRASH_BEFORE, WATCH, LOG, ROOT = "KIT_CRASH_BEFORE", "KIT_CRASH_WATCH", "KIT_CRASH_LOG", "KIT_CRASH_ROOT"
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
@@ -39,7 +39,7 @@ def arm() -> None:
     import safetensors.torch
     import torch
 
-    import kit.artifacts
+    import kit.core.artifacts
 
     watched = os.path.realpath(os.environ[WATCH]) + os.sep
     crash_before, root = os.environ[CRASH_BEFORE], int(os.environ[ROOT])
@@ -71,7 +71,7 @@ def arm() -> None:
 
     torch.save = crash_point(torch.save, lambda obj, f, *a, **k: f)
     safetensors.torch.serialize_file = crash_point(safetensors.torch.serialize_file, lambda tensors, filename, *a, **k: filename)
-    kit.artifacts._exchange = crash_point(kit.artifacts._exchange, lambda a, b: b)
+    kit.core.artifacts._exchange = crash_point(kit.core.artifacts._exchange, lambda a, b: b)
     sys.addaudithook(audit)
 
 

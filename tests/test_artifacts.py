@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kit import artifacts
-from kit.config import ScanConfig
+from kit.core import artifacts
+from kit.core.config import ScanConfig
 
 
 def test_atomic_path_leaves_nothing_on_failure(tmp_path):

@@ -3,7 +3,7 @@ import zipfile
 
 import pytest
 
-from kit import assets
+from kit.loaders import assets
 
 PAYLOAD = b"embedded asset payload\n"
 

@@ -14,10 +14,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import kit
-from kit import families, layers
-from kit.block import Block
-from kit.config import HealConfig
-from kit.healing import lora_model
+from kit import families
+from kit.core import layers
+from kit.core.block import Block
+from kit.core.config import HealConfig
+from kit.healing.lora import lora_model
 from kit.testing import reference_distances, tiny_tokenizer
 
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -9,10 +9,12 @@ import pandas as pd
 import pytest
 
 import kit
-from kit import data, metrics, sweep
 from kit.__main__ import main, parser
-from kit.artifacts import save_checkpoint
-from kit.config import HealConfig, ScanConfig
+from kit.core.artifacts import save_checkpoint
+from kit.core.config import HealConfig, ScanConfig
+from kit.evaluate import metrics
+from kit.experiments import sweep
+from kit.loaders import data
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,10 @@
-"""The settings dataclasses (kit.config): checks with messages that name the setting, digests that
+"""The settings dataclasses (kit.core.config): checks with messages that name the setting, digests that
 cover every field, the paper's healing recipes."""
 
 import pytest
 
 import kit
-from kit.config import PAPER_HEALING, PruneConfig
+from kit.core.config import PAPER_HEALING, PruneConfig
 
 
 def test_paper_recipe_per_model():

@@ -9,8 +9,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import kit
-from kit import cost
-from kit.prune import Block, drop_layers, dropped
+from kit.core.block import Block
+from kit.evaluate import inference_cost
+from kit.prune import drop_layers, dropped
 
 
 def _hand_parameters(arch: str, config) -> int:
@@ -32,19 +33,19 @@ def _hand_parameters(arch: str, config) -> int:
 def test_parameters_and_weight_bytes_by_hand(arch):
     model, _ = kit.tiny_model(arch)
     expected = _hand_parameters(arch, model.config)
-    assert cost.parameters(model) == expected
-    assert cost.weight_bytes(model) == 4 * expected
-    assert cost.weight_bytes(model.to(torch.bfloat16)) == 2 * expected
+    assert inference_cost.parameters(model) == expected
+    assert inference_cost.weight_bytes(model) == 4 * expected
+    assert inference_cost.weight_bytes(model.to(torch.bfloat16)) == 2 * expected
 
 
 def test_kv_bytes_by_hand():
     llama, _ = kit.tiny_model("llama")  # 6 full layers, 2 KV heads of 16 dims, float32: 2 * 2 * 16 * 4 bytes per layer
-    assert cost.kv_cache_bytes(llama, 100, batch_size=3) == 3 * 100 * 6 * 256
+    assert inference_cost.kv_cache_bytes(llama, 100, batch_size=3) == 3 * 100 * 6 * 256
     gemma, _ = kit.tiny_model("gemma3")  # 5 sliding layers (window 32: 31 cached tokens) and 1 full
-    assert cost.kv_cache_bytes(gemma, 100) == (5 * 31 + 100) * 256
-    assert cost.kv_cache_bytes(gemma, 20) == 6 * 20 * 256
+    assert inference_cost.kv_cache_bytes(gemma, 100) == (5 * 31 + 100) * 256
+    assert inference_cost.kv_cache_bytes(gemma, 20) == 6 * 20 * 256
     gpt2, _ = kit.tiny_model("gpt2")  # multi-head: 4 KV heads of 64 / 4 dims
-    assert cost.kv_cache_bytes(gpt2.to(torch.float16), 10) == 10 * 6 * 2 * 4 * 16 * 2
+    assert inference_cost.kv_cache_bytes(gpt2.to(torch.float16), 10) == 10 * 6 * 2 * 4 * 16 * 2
 
 
 def _cache_bytes(cache) -> int:
@@ -55,9 +56,9 @@ def _cache_bytes(cache) -> int:
 
 def test_kv_bytes_equal_the_real_cache(tiny):
     model, tokenizer = tiny
-    prompt = cost.prompt_ids(tokenizer, 36).expand(2, -1)
-    _, _, _, cache = cost.generate(model, prompt, 6)  # 41 tokens cached: past every tiny sliding window (32)
-    assert _cache_bytes(cache) == cost.kv_cache_bytes(model, 41, batch_size=2)
+    prompt = inference_cost.prompt_ids(tokenizer, 36).expand(2, -1)
+    _, _, _, cache = inference_cost.generate(model, prompt, 6)  # 41 tokens cached: past every tiny sliding window (32)
+    assert _cache_bytes(cache) == inference_cost.kv_cache_bytes(model, 41, batch_size=2)
 
 
 # MLA, sliding-window MoE, linear attention, hybrid Mamba, per-layer head sizes with a multimodal wrapper
@@ -66,31 +67,31 @@ def test_kv_bytes_count_only_what_each_kept_layer_caches(family):
     model = kit.families.tiny_family_model(family, sliding_window=8)
     prompt = torch.arange(5, 17).unsqueeze(0).expand(2, -1)
     for candidate in (model, drop_layers(model, Block(1, 1))):
-        _, _, _, cache = cost.generate(candidate, prompt, 3)  # 14 tokens cached: past the window of 8
-        assert _cache_bytes(cache) == cost.kv_cache_bytes(candidate, 14, batch_size=2) > 0
+        _, _, _, cache = inference_cost.generate(candidate, prompt, 3)  # 14 tokens cached: past the window of 8
+        assert _cache_bytes(cache) == inference_cost.kv_cache_bytes(candidate, 14, batch_size=2) > 0
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
 def test_pruned_models_cache_fewer_layers_exactly(arch):
     model, tokenizer = kit.tiny_model(arch)
     block = Block(3, 2)
-    kinds = cost.attention_types(model.config)
+    kinds = inference_cost.attention_types(model.config)
     removed = sum(min(50, 31) if kinds[i] == "sliding_attention" else 50 for i in block.layers) * 256
     pruned = drop_layers(model, block)
-    assert cost.kv_cache_bytes(model, 50) - cost.kv_cache_bytes(pruned, 50) == removed
+    assert inference_cost.kv_cache_bytes(model, 50) - inference_cost.kv_cache_bytes(pruned, 50) == removed
     with dropped(model, block):
-        assert cost.kv_cache_bytes(model, 50) == cost.kv_cache_bytes(pruned, 50)
-        _, _, _, cache = cost.generate(model, cost.prompt_ids(tokenizer, 45), 6)
-        assert _cache_bytes(cache) == cost.kv_cache_bytes(pruned, 50)
+        assert inference_cost.kv_cache_bytes(model, 50) == inference_cost.kv_cache_bytes(pruned, 50)
+        _, _, _, cache = inference_cost.generate(model, inference_cost.prompt_ids(tokenizer, 45), 6)
+        assert _cache_bytes(cache) == inference_cost.kv_cache_bytes(pruned, 50)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2"])
 def test_generation_feeds_one_token_per_step_and_matches_recomputation(arch):
     model, tokenizer = kit.tiny_model(arch)
-    prompt = cost.prompt_ids(tokenizer, 28).expand(2, -1)
+    prompt = inference_cost.prompt_ids(tokenizer, 28).expand(2, -1)
     lengths = []
     hook = model.get_input_embeddings().register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1]))
-    tokens, *_ = cost.generate(model, prompt, 8)
+    tokens, *_ = inference_cost.generate(model, prompt, 8)
     hook.remove()
     assert lengths == [28] + [1] * 7, "each decode step must feed only the new token and reuse the cache"
     ids = prompt
@@ -111,11 +112,11 @@ def _peak_resettable() -> bool:
 def test_cost_result():
     model, tokenizer = kit.tiny_model("qwen2")
     threads = torch.get_num_threads()
-    result = cost.cost(model, tokenizer, prompt_tokens=20, new_tokens=5, batch_size=2, repeats=3, threads=1)
+    result = inference_cost.cost(model, tokenizer, prompt_tokens=20, new_tokens=5, batch_size=2, repeats=3, threads=1)
     assert torch.get_num_threads() == threads and result.threads == 1
     assert (result.device, result.dtype, result.context, result.batch_size) == ("cpu", "float32", 24, 2)
     assert result.parameters == sum(p.numel() for p in model.parameters())
-    assert result.kv_bytes_per_token == cost.kv_cache_bytes(model, 24) / 24
+    assert result.kv_bytes_per_token == inference_cost.kv_cache_bytes(model, 24) / 24
     assert len(result.prefill_seconds) == len(result.decode_seconds) == 3
     assert result.time_to_first_token_s == statistics.median(result.prefill_seconds)
     assert result.prefill_tokens_per_s == pytest.approx(2 * 20 / statistics.median(result.prefill_seconds))
@@ -132,12 +133,12 @@ def test_cost_result():
 
 def test_unmerged_adapter_counts_and_generates():
     model, tokenizer = kit.tiny_model("llama")
-    base = cost.parameters(model)
-    config = LoraConfig(r=2, lora_alpha=2, target_modules=kit.layers.mlp_modules(model), task_type="CAUSAL_LM")
+    base = inference_cost.parameters(model)
+    config = LoraConfig(r=2, lora_alpha=2, target_modules=kit.core.layers.mlp_modules(model), task_type="CAUSAL_LM")
     adapted = get_peft_model(model, config)
     lora = sum(p.numel() for name, p in adapted.named_parameters() if "lora_" in name)
-    assert lora == 6 * 3 * 2 * (64 + 128) and cost.parameters(adapted) == base + lora
-    tokens, *_ = cost.generate(adapted, cost.prompt_ids(tokenizer, 10), 3)
+    assert lora == 6 * 3 * 2 * (64 + 128) and inference_cost.parameters(adapted) == base + lora
+    tokens, *_ = inference_cost.generate(adapted, inference_cost.prompt_ids(tokenizer, 10), 3)
     assert tokens.shape == (1, 3)
 
 
@@ -152,9 +153,9 @@ def test_bad_input():
         (dict(prompt_tokens=2040, new_tokens=9), "2049 exceeds the model's 2048 positions"),
     ]:
         with pytest.raises(ValueError, match=message):
-            cost.cost(model, tokenizer, **kwargs)
+            inference_cost.cost(model, tokenizer, **kwargs)
     with pytest.raises(ValueError, match="needs a causal LM with a generation head, got LlamaModel"):
-        cost.cost(model.model, tokenizer)
+        inference_cost.cost(model.model, tokenizer)
 
 
 def test_on_gpus_the_events_run_on_the_models_gpu_and_the_peaks_of_all_its_gpus_are_summed(monkeypatch):
@@ -185,12 +186,12 @@ def test_on_gpus_the_events_run_on_the_models_gpu_and_the_peaks_of_all_its_gpus_
     monkeypatch.setattr(torch.cuda, "device", on)
     monkeypatch.setattr(torch.cuda, "Event", Event)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
-    result, seconds = cost._timed(lambda: "done", torch.device("cuda", 1))
+    result, seconds = inference_cost._timed(lambda: "done", torch.device("cuda", 1))
     assert (result, seconds, recorded, current) == ("done", 1.0, [1, 1], [0])
 
     peaks, reset = {0: 5, 1: 7}, []
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: reset.append(device.index))
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: peaks[device.index])
     two = [torch.device("cuda", 0), torch.device("cuda", 1)]
-    assert cost._reset_peak(two[0], two) and reset == [0, 1]
-    assert cost._peak(two[0], two) == 12
+    assert inference_cost._reset_peak(two[0], two) and reset == [0, 1]
+    assert inference_cost._peak(two[0], two) == 12

@@ -7,8 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kit import curves, results, stats
-from kit.stats import Estimate
+from kit.core import stats
+from kit.core.stats import Estimate
+from kit.experiments import curves, results
 
 
 def _curve(accuracies, questions, seed=0, strategy="similarity"):

@@ -1,6 +1,7 @@
 import pytest
 
-from kit import data, text
+from kit.core import text
+from kit.loaders import data
 
 
 def test_mmlu_rows_and_skipped_headers():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kit
-from kit import device as policy
+from kit.core import device as policy
 
 
 @pytest.fixture
@@ -83,30 +83,30 @@ def test_asking_for_cuda_without_a_gpu_is_a_clear_error(monkeypatch):
 def test_quantize_auto_picks_4bit_only_when_the_weights_do_not_fit(gpu, monkeypatch, tmp_path):
     model, _ = kit.tiny_model("llama")
     model.save_pretrained(tmp_path)
-    size = kit.models.checkpoint_bytes(str(tmp_path), torch.float16)
+    size = kit.loaders.models.checkpoint_bytes(str(tmp_path), torch.float16)
     assert size == sum(p.numel() for p in model.parameters()) * 2
     cuda = torch.device("cuda", 0)
-    assert kit.models.resolve_quantize("auto", str(tmp_path), torch.device("cpu"), torch.float32) is None
+    assert kit.loaders.models.resolve_quantize("auto", str(tmp_path), torch.device("cpu"), torch.float32) is None
     gpu(native_bf16=True, memory_gb=size / 2**30)  # weights take all of the GPU
-    assert kit.models.resolve_quantize("auto", str(tmp_path), cuda, torch.float16) == "4bit"
+    assert kit.loaders.models.resolve_quantize("auto", str(tmp_path), cuda, torch.float16) == "4bit"
     gpu(native_bf16=True, memory_gb=2 * size / 2**30)
-    assert kit.models.resolve_quantize("auto", str(tmp_path), cuda, torch.float16) is None
-    assert kit.models.resolve_quantize(None, str(tmp_path), cuda, torch.float16) is None
+    assert kit.loaders.models.resolve_quantize("auto", str(tmp_path), cuda, torch.float16) is None
+    assert kit.loaders.models.resolve_quantize(None, str(tmp_path), cuda, torch.float16) is None
 
 
 def test_quantize_auto_counts_a_device_maps_gpus_and_stops_without_bitsandbytes(gpu, monkeypatch, tmp_path):
     kit.tiny_model("llama")[0].save_pretrained(tmp_path)
-    size, cuda = kit.models.checkpoint_bytes(str(tmp_path), torch.float16), torch.device("cuda", 0)
+    size, cuda = kit.loaders.models.checkpoint_bytes(str(tmp_path), torch.float16), torch.device("cuda", 0)
     gpu(native_bf16=True, memory_gb=0.7 * size / 2**30)  # one GPU holds 70% of the weights, two hold 140%
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert kit.models.resolve_quantize("auto", str(tmp_path), cuda, torch.float16) == "4bit"
-    assert kit.models.resolve_quantize("auto", str(tmp_path), cuda, torch.float16, device_map="auto") is None
-    assert kit.models.resolve_quantize("auto", str(tmp_path), cuda, torch.float16, device_map="auto",
+    assert kit.loaders.models.resolve_quantize("auto", str(tmp_path), cuda, torch.float16) == "4bit"
+    assert kit.loaders.models.resolve_quantize("auto", str(tmp_path), cuda, torch.float16, device_map="auto") is None
+    assert kit.loaders.models.resolve_quantize("auto", str(tmp_path), cuda, torch.float16, device_map="auto",
                                        max_memory={0: int(0.7 * size), "cpu": "10GiB"}) == "4bit"  # fmt: skip
-    real = kit.models.importlib.util.find_spec
-    monkeypatch.setattr(kit.models.importlib.util, "find_spec", lambda name: None if name == "bitsandbytes" else real(name))
+    real = kit.loaders.models.importlib.util.find_spec
+    monkeypatch.setattr(kit.loaders.models.importlib.util, "find_spec", lambda name: None if name == "bitsandbytes" else real(name))
     with pytest.raises(ValueError, match="bitsandbytes is not installed: install it"):
-        kit.models.resolve_quantize("auto", str(tmp_path), cuda, torch.float16)
+        kit.loaders.models.resolve_quantize("auto", str(tmp_path), cuda, torch.float16)
 
 
 def test_kit_device_pins_the_default_device(monkeypatch):
@@ -125,5 +125,5 @@ def test_loads_follow_the_policy_and_record_their_provenance(smollm):
 
 def test_the_old_name_of_checkpoint_bytes_still_works_with_a_warning(tmp_path):
     kit.tiny_model("llama")[0].save_pretrained(tmp_path)
-    with pytest.warns(DeprecationWarning, match="kit.models.weight_bytes is deprecated .* use kit.models.checkpoint_bytes"):
-        assert kit.models.weight_bytes(str(tmp_path), torch.float16) == kit.models.checkpoint_bytes(str(tmp_path), torch.float16)
+    with pytest.warns(DeprecationWarning, match="kit.loaders.models.weight_bytes is deprecated .* use kit.loaders.models.checkpoint_bytes"):
+        assert kit.loaders.models.weight_bytes(str(tmp_path), torch.float16) == kit.loaders.models.checkpoint_bytes(str(tmp_path), torch.float16)

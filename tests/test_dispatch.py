@@ -10,10 +10,12 @@ import pytest
 import torch
 
 import kit
-from kit import data, metrics, prune, sweep
-from kit.artifacts import save_checkpoint
-from kit.device import model_device
-from kit.evaluate import boolq, mmlu, validation_loss
+from kit import prune
+from kit.core.artifacts import save_checkpoint
+from kit.core.device import model_device
+from kit.evaluate import boolq, metrics, mmlu, validation_loss
+from kit.experiments import sweep
+from kit.loaders import data
 
 BLOCK = kit.Block(1, 2)
 
@@ -35,7 +37,7 @@ def test_the_model_is_really_offloaded(pair):
     _, dispatched, _ = pair
     assert dispatched.get_input_embeddings().weight.device.type == "meta"  # its weights wait on disk
     assert model_device(dispatched) == torch.device("cpu")  # where accelerate's hook runs them
-    assert {str(p.device) for p in kit.layers.decoder_layers(dispatched)[1].parameters()} == {"meta"}
+    assert {str(p.device) for p in kit.core.layers.decoder_layers(dispatched)[1].parameters()} == {"meta"}
 
 
 def test_scan_equals_the_undispatched_model(pair):
@@ -85,7 +87,7 @@ def test_sweep_equals_the_undispatched_model(pair):
     evals = [metrics.ValidationLoss(data.corpus("validation")[:4], max_length=32, batch_size=2)]
     plain, spread = (sweep.sweep(m, tokenizer, ns=[0, 2], evals=evals, strategy="heuristic") for m in (model, dispatched))
     np.testing.assert_allclose(spread["value"], plain["value"], rtol=1e-6)
-    assert kit.layers.num_layers(dispatched) == 4
+    assert kit.core.layers.num_layers(dispatched) == 4
 
 
 def test_embedded_model_with_a_third_of_its_layers_on_disk(tmp_path):
@@ -94,7 +96,7 @@ def test_embedded_model_with_a_third_of_its_layers_on_disk(tmp_path):
     device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu",
                   **{f"model.layers.{i}": "disk" if 10 <= i < 20 else "cpu" for i in range(30)}}  # fmt: skip
     dispatched, _ = kit.load_model("smollm2-135m", device_map=device_map, offload_folder=tmp_path)
-    assert {str(p.device) for p in kit.layers.decoder_layers(dispatched)[15].parameters()} == {"meta"}
+    assert {str(p.device) for p in kit.core.layers.decoder_layers(dispatched)[15].parameters()} == {"meta"}
     texts = data.corpus("validation")[:3]
     plain, spread = (kit.angular_distances(m, tokenizer, texts, batch_size=3, max_length=24) for m in (model, dispatched))
     torch.testing.assert_close(spread.matrix, plain.matrix, atol=1e-6, rtol=0)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kit.artifacts import MissingArtifactError
-from kit.distances import Distances
+from kit.core.artifacts import MissingArtifactError
+from kit.scan.distances import Distances
 from kit.testing import random_distances
 
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import kit
-from kit import distributed
 from kit.__main__ import main
-from kit.artifacts import save_checkpoint
+from kit.core import distributed
+from kit.core.artifacts import save_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import distributed_worker as worker  # noqa: E402
@@ -164,7 +164,7 @@ def test_resuming_under_another_number_of_processes_is_refused(launched):
                               cache_path=out / "scan.safetensors")  # fmt: skip
     config = worker.heal_config(world_size=2)  # the settings the two processes trained with
     with pytest.raises(ValueError, match="on 2 process.*this one runs on 1.*--num_processes 2"):
-        kit.heal(model, tokenizer, kit.data.corpus("train")[:8], config, output_dir=out / "heal", val_texts=texts[:2])
+        kit.heal(model, tokenizer, kit.loaders.data.corpus("train")[:8], config, output_dir=out / "heal", val_texts=texts[:2])
 
 
 def test_ranks_given_different_texts_stop_with_a_clear_error(tmp_path):
@@ -197,7 +197,7 @@ def test_cli_scan_under_torchrun_equals_one_process(tmp_path):
 
 
 def test_distributed_imports_nothing_from_the_kit():
-    tree = ast.parse((REPO / "kit" / "distributed.py").read_text())
+    tree = ast.parse((REPO / "kit" / "core" / "distributed.py").read_text())
     assert not [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and (n.level or (n.module or "").startswith("kit"))]
 
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import kit
-from kit.data import BoolQItem, MMLUQuestion, boolq_items, mmlu_questions
 from kit.evaluate import boolq, mmlu, validation_loss
-from kit.mmlu import fewshot_prefix, mmlu_prompt, result_from_loglikelihoods
-from kit.scoring import encode_request
+from kit.evaluate.mmlu_task import fewshot_prefix, mmlu_prompt, result_from_loglikelihoods
+from kit.evaluate.scoring import encode_request
+from kit.loaders.data import BoolQItem, MMLUQuestion, boolq_items, mmlu_questions
 from kit.testing import reference_loglikelihood
 
 BOOLQ_FIXTURE = Path(__file__).parent / "fixtures" / "boolq.jsonl"
@@ -56,7 +56,7 @@ def test_embedded_model_cached_equals_naive(smollm):
     assert fast.predictions == naive.predictions
     np.testing.assert_allclose(fast.loglikelihoods, naive.loglikelihoods, atol=1e-3)
     # SmolLM2 writes each of " A".." D" as one token: the score is the next-token log-probability
-    prompt = mmlu_prompt(questions[0], kit.data.mmlu_fewshot_pool("world_religions")[:2])
+    prompt = mmlu_prompt(questions[0], kit.loaders.data.mmlu_fewshot_pool("world_religions")[:2])
     ids = torch.tensor([tokenizer(prompt)["input_ids"]])
     letters = [tokenizer(f" {letter}", add_special_tokens=False)["input_ids"] for letter in "ABCD"]
     assert all(len(ids_) == 1 for ids_ in letters)
@@ -80,7 +80,7 @@ def test_accuracy_is_mean_over_questions_and_subject_accuracy_mean_over_subjects
     assert table.loc["astronomy", "n"] == 3 and table.loc["astronomy", "accuracy"] == pytest.approx(2 / 3)
     assert table.loc["high_school_biology", "accuracy"] == 1.0
     assert result.correct.tolist() == [True, True, False, True, True]
-    assert result.ci == kit.stats.wilson(4, 5)
+    assert result.ci == kit.core.stats.wilson(4, 5)
     # biology is always right; astronomy's 3 questions resample to 0 of 3 right with chance 1/27 > 2.5%
     assert result.subject_ci == pytest.approx(((0 + 1) / 2, (1 + 1) / 2))
 
@@ -123,7 +123,7 @@ def test_boolq_matches_independent_loglikelihoods(arch):
         assert prediction == (expected[1] > expected[0])
     correct = [p == item.answer for p, item in zip(result.predictions, items)]
     assert result.correct.tolist() == correct and result.accuracy == pytest.approx(np.mean(correct))
-    assert result.ci == kit.stats.wilson(sum(correct), len(items))
+    assert result.ci == kit.core.stats.wilson(sum(correct), len(items))
 
 
 def test_boolq_items_reads_local_jsonl(tmp_path):
@@ -146,8 +146,8 @@ def test_boolq_items_reads_local_jsonl(tmp_path):
 @pytest.mark.parametrize("arch", ["qwen2", "gpt2", "opt", "gemma2"])  # gemma2: final logit soft-capping
 def test_validation_loss_is_the_token_weighted_hf_loss(arch, monkeypatch):
     model, tokenizer = kit.tiny_model(arch)
-    monkeypatch.setattr(kit.loss, "_LOGIT_ELEMENTS", 7 * len(tokenizer))  # chunks of 7 tokens
-    texts = kit.data.corpus("validation")[:3] + ["A short text."]
+    monkeypatch.setattr(kit.evaluate.loss, "_LOGIT_ELEMENTS", 7 * len(tokenizer))  # chunks of 7 tokens
+    texts = kit.loaders.data.corpus("validation")[:3] + ["A short text."]
     result = validation_loss(model, tokenizer, texts, max_length=64, batch_size=3)
     sums, counts = [], []
     for text in texts:

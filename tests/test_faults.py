@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 import kit
 
-TINY = "model, tokenizer = kit.tiny_model('llama')\ntexts = kit.data.corpus('validation')[:12]\n"
+TINY = "model, tokenizer = kit.tiny_model('llama')\ntexts = kit.loaders.data.corpus('validation')[:12]\n"
 
 
 def _tensors(path: Path) -> bytes:
@@ -45,13 +45,13 @@ distances.save(out / "distances.safetensors")
 
 HEAL = TINY + """
 config = kit.HealConfig(rank=2, lr=1e-2, steps=3, batch_size=2, seq_len=32, quantize=None, save_every=1)
-kit.heal(model, tokenizer, kit.data.corpus("train")[:8], config, output_dir=out / "heal")
+kit.heal(model, tokenizer, kit.loaders.data.corpus("train")[:8], config, output_dir=out / "heal")
 """
 
 SWEEP = TINY + """
-evals = [kit.metrics.ValidationLoss(texts, max_length=48, batch_size=4)]
-table = kit.sweep.sweep(model, tokenizer, ns=range(3), evals=evals, strategy="heuristic", cache_path=out / "sweep.json")
-kit.artifacts.write_text(out / "sweep.csv", table.to_csv(index=False))
+evals = [kit.evaluate.metrics.ValidationLoss(texts, max_length=48, batch_size=4)]
+table = kit.experiments.sweep.sweep(model, tokenizer, ns=range(3), evals=evals, strategy="heuristic", cache_path=out / "sweep.json")
+kit.core.artifacts.write_text(out / "sweep.csv", table.to_csv(index=False))
 """
 
 SAVE_PRUNED = TINY + """
@@ -67,7 +67,7 @@ for _ in range(2):  # the second replaces the folder
 NOTEBOOK = """
 import faults
 parameters = dict(MODEL="{deep}", N_TEXTS=8, BATCH_SIZE=4, MAX_LENGTH=32, RUN="r", RUNS_ROOT=str(out / "runs"))
-faults.run_notebook(kit.reports.NOTEBOOKS_DIR / "01_similarity.ipynb", parameters)
+faults.run_notebook(kit.experiments.reports.NOTEBOOKS_DIR / "01_similarity.ipynb", parameters)
 """
 
 
@@ -110,7 +110,7 @@ def base(tmp_path_factory):
     folder = tmp_path_factory.mktemp("base")
     model, tokenizer = kit.tiny_model("llama")
     kit.save_pruned(model, tokenizer, folder / "model")
-    lora = LoraConfig(r=2, lora_alpha=2, target_modules=kit.layers.mlp_modules(model), init_lora_weights=False)
+    lora = LoraConfig(r=2, lora_alpha=2, target_modules=kit.core.layers.mlp_modules(model), init_lora_weights=False)
     get_peft_model(model, lora).save_pretrained(folder / "adapter")
     kit.save_pruned(*kit.tiny_model("llama", num_layers=8), folder / "deep")  # notebook 01 shows n = L // 8 >= 1
     return folder

@@ -16,7 +16,7 @@ CPU = torch.device("cpu")
 
 def perturb(model):
     """One weight matrix of the model under test scaled by 10: layer 1's MLP output projection (its last matrix)."""
-    weight = [p for p in kit.layers.decoder_layers(model)[1].parameters() if p.dim() == 2][-1]
+    weight = [p for p in kit.core.layers.decoder_layers(model)[1].parameters() if p.dim() == 2][-1]
     with torch.no_grad():
         weight.mul_(10)
 
@@ -93,7 +93,7 @@ def test_the_7b_shape_fits_the_gpu_and_texts_always_exist():
     with pytest.raises(ValueError, match="use --shape tiny"):
         gpu_check.fitted_shape(2**30, 2)
     tokenizer = kit.testing.tiny_tokenizer()
-    texts = gpu_check.long_texts(tokenizer, 2 * len(kit.data.corpus("train")), 16)  # more texts than corpus chunks
+    texts = gpu_check.long_texts(tokenizer, 2 * len(kit.loaders.data.corpus("train")), 16)  # more texts than corpus chunks
     assert all(len(tokenizer(t)["input_ids"]) >= 16 for t in texts)
 
 

@@ -13,16 +13,9 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 import kit
-from kit.healing import (
-    Blocks,
-    HealTrainer,
-    distillation_kl,
-    heal,
-    lora_model,
-    pack,
-    training_arguments,
-)
-from kit.models import load_model
+from kit.healing.lora import lora_model
+from kit.healing.train import Blocks, HealTrainer, distillation_kl, heal, pack, training_arguments
+from kit.loaders.models import load_model
 
 TINY = dict(rank=4, lr=3e-2, batch_size=16, seq_len=32, log_every=1, dropout=0.0)  # one text = one fixed batch
 
@@ -39,12 +32,12 @@ def base_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def texts():
-    return kit.data.corpus("train")[:1]
+    return kit.loaders.data.corpus("train")[:1]
 
 
 @pytest.fixture(scope="module")
 def val_texts():
-    return kit.data.corpus("validation")[:1]
+    return kit.loaders.data.corpus("validation")[:1]
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +66,7 @@ def lm_loss(model, ids):
 
 def test_pack_concatenates_texts_with_eos_and_drops_the_remainder():
     _, tokenizer = kit.tiny_model("llama")
-    texts = kit.data.corpus("train")[:4]
+    texts = kit.loaders.data.corpus("train")[:4]
     stream = []
     for text in texts:
         stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -90,19 +83,19 @@ def test_pack_concatenates_texts_with_eos_and_drops_the_remainder():
 
 def test_lora_targets_the_mlp_projections(tiny):
     model, _ = tiny
-    fused = kit.layers.mlp_parameters(model)  # MoE: fused routed experts, peft's target_parameters (no dropout)
+    fused = kit.core.layers.mlp_parameters(model)  # MoE: fused routed experts, peft's target_parameters (no dropout)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore" if fused else "error", "LoRA on the fused expert weights")
         peft_model = lora_model(model, kit.HealConfig(quantize=None))
     adapted = {name.removesuffix(".base_layer") for name, module in peft_model.named_modules() if hasattr(module, "lora_A")}
-    suffixes = tuple("." + name for name in kit.layers.mlp_modules(model))
+    suffixes = tuple("." + name for name in kit.core.layers.mlp_modules(model))
     owners = tuple("." + name.rpartition(".")[0] for name in fused)  # the module holding each fused weight
     expected = {name for name, _ in peft_model.named_modules() if name.endswith(suffixes + owners) and ".lora_" not in name}
     assert adapted == expected
-    if not fused and len({type(layer.mlp) for layer in kit.layers.decoder_layers(model) if hasattr(layer, "mlp")}) <= 1:
-        assert len(adapted) == kit.layers.num_layers(model) * len(suffixes)  # a dense model: every target in every layer
-    prefix = "base_model.model." + kit.layers.anatomy(model).layers + "."
-    assert {int(name.removeprefix(prefix).partition(".")[0]) for name in adapted} == set(range(kit.layers.num_layers(model)))
+    if not fused and len({type(layer.mlp) for layer in kit.core.layers.decoder_layers(model) if hasattr(layer, "mlp")}) <= 1:
+        assert len(adapted) == kit.core.layers.num_layers(model) * len(suffixes)  # a dense model: every target in every layer
+    prefix = "base_model.model." + kit.core.layers.anatomy(model).layers + "."
+    assert {int(name.removeprefix(prefix).partition(".")[0]) for name in adapted} == set(range(kit.core.layers.num_layers(model)))
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "gpt_oss"])  # shared and routed experts; fused routed experts only
@@ -114,7 +107,7 @@ def test_lora_on_moe_targets_shared_and_routed_experts_and_trains_them(family):
     with pytest.warns(UserWarning, match="lora_dropout=0"):  # peft's target_parameters take no dropout
         peft_model = lora_model(model, kit.HealConfig(quantize=None))
     adapted = {name.removeprefix("base_model.model.") for name, m in peft_model.named_modules() if hasattr(m, "lora_A")}
-    mlp = {f"model.layers.{i}.{name}" for i in range(4) for name in kit.layers.mlp_modules(model)}
+    mlp = {f"model.layers.{i}.{name}" for i in range(4) for name in kit.core.layers.mlp_modules(model)}
     experts = {f"model.layers.{i}.mlp.experts" for i in range(4)}
     assert {name.removesuffix(".base_layer") for name in adapted} == mlp | experts  # no router, no attention
     assert peft_model.peft_config["default"].target_parameters == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -137,7 +130,7 @@ def test_4bit_lora_gradients_match_an_fp32_twin_of_the_dequantized_weights(base_
     quantized, tokenizer = load_model(str(base_path), quantize="4bit")
     twin, _ = load_model(str(base_path), dtype=torch.float32)
     linear4bit = {name: m for name, m in quantized.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
-    assert len(linear4bit) == 7 * kit.layers.num_layers(twin)  # every linear layer of every block is NF4
+    assert len(linear4bit) == 7 * kit.core.layers.num_layers(twin)  # every linear layer of every block is NF4
     for name, module in linear4bit.items():
         twin.get_submodule(name).weight.data = bnb.functional.dequantize_4bit(
             module.weight.data, module.weight.quant_state
@@ -247,7 +240,7 @@ def test_healing_again_a_finished_run_trains_no_further_step(tmp_path):
     runs = []
     for _ in range(3):
         model, tokenizer = kit.tiny_model("llama")
-        result = heal(model, tokenizer, kit.data.corpus("train")[:8], config, output_dir=tmp_path, callbacks=[steps := Steps()])
+        result = heal(model, tokenizer, kit.loaders.data.corpus("train")[:8], config, output_dir=tmp_path, callbacks=[steps := Steps()])
         runs.append((steps.seen, result.history, load_file(result.adapter_path / "adapter_model.safetensors")))
     assert [seen for seen, _, _ in runs] == [[1, 2, 3, 4, 5, 6], [], []]
     assert runs[0][1] == runs[1][1] == runs[2][1]
@@ -306,7 +299,7 @@ def test_distillation_needs_teacher_and_weight_together(base_path, texts, tmp_pa
 
 def test_heal_curve_draws_the_history():
     history = {"train": [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5}], "validation": [{"step": 2, "loss": 2.7}]}
-    ax = kit.plots.heal_curve(history)
+    ax = kit.experiments.plots.heal_curve(history)
     lines = {line.get_label(): line.get_xydata().tolist() for line in ax.lines}
     assert lines == {"train": [[1, 3.0], [2, 2.5]], "validation": [[2, 2.7]]}
     plt.close(ax.figure)
@@ -320,7 +313,7 @@ def test_distillation_kl_in_chunks_equals_the_whole_and_its_gradient(monkeypatch
     student, teacher = torch.randn(3, 7, 13, requires_grad=True), torch.randn(3, 7, 13)
     whole = distillation_kl(student, teacher, 1.5)
     (grad_whole,) = torch.autograd.grad(whole.sum(), student)
-    monkeypatch.setattr(kit.healing, "_KL_TOKENS", 4)  # 21 positions in 6 chunks
+    monkeypatch.setattr(kit.healing.train, "_KL_TOKENS", 4)  # 21 positions in 6 chunks
     chunked = distillation_kl(student, teacher, 1.5)
     (grad_chunked,) = torch.autograd.grad(chunked.sum(), student)
     torch.testing.assert_close(chunked, whole)
@@ -332,14 +325,14 @@ def test_several_visible_gpus_without_a_launcher_keep_the_global_batch(tmp_path)
     args = training_arguments(config, tmp_path, evaluate=False)
     args._n_gpu = 4  # as the Trainer counts them on a 4-GPU machine started without torchrun / accelerate
     assert args.train_batch_size == 16  # what the Trainer would silently train with
-    assert kit.healing.single_gpu(args).train_batch_size * config.grad_accum == config.global_batch
+    assert kit.healing.train.single_gpu(args).train_batch_size * config.grad_accum == config.global_batch
 
 
 def test_healing_a_model_on_a_second_gpu_without_a_launcher_says_how(monkeypatch, tmp_path):
     # Mocked placement (no GPU here). On a GPU machine the Trainer would train on cuda:0: accelerate refuses
     # a 4-bit model on cuda:1, a full-precision one is moved there silently.
     model, tokenizer = kit.tiny_model("llama", num_layers=2)
-    monkeypatch.setattr(kit.healing, "model_device", lambda model: torch.device("cuda", 1))
+    monkeypatch.setattr(kit.healing.train, "model_device", lambda model: torch.device("cuda", 1))
     with pytest.raises(ValueError, match="run with CUDA_VISIBLE_DEVICES=1"):
         kit.heal(model, tokenizer, ["a text"], kit.HealConfig(steps=1, quantize=None), output_dir=tmp_path)
     assert not any(tmp_path.iterdir())  # stopped before anything was written
@@ -353,7 +346,7 @@ def test_a_pruned_4bit_model_is_written_from_its_full_precision_weights(tmp_path
     pruned = kit.drop_layers(quantized, kit.Block(2, 2), inplace=True)
     with pytest.raises(ValueError, match="save_pruned_full_precision"):
         kit.save_pruned(pruned, tokenizer, tmp_path / "refused")
-    kit.merge.save_pruned_full_precision(pruned, tokenizer, tmp_path / "pruned")
+    kit.healing.merge.save_pruned_full_precision(pruned, tokenizer, tmp_path / "pruned")
     written, _ = load_model(str(tmp_path / "pruned"), device="cpu", dtype=torch.float32)
     expected = kit.drop_layers(model, kit.Block(2, 2))
     assert "quantization_config" not in written.config.to_dict() and written.config.pruned_blocks == [[2, 2]]

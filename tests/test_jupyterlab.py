@@ -22,7 +22,7 @@ from papermill.iorw import load_notebook_node
 from papermill.parameterize import parameterize_notebook
 
 import kit
-from kit.artifacts import atomic_path, read_json
+from kit.core.artifacts import atomic_path, read_json
 
 sync_api = pytest.importorskip(
     "playwright.sync_api", reason="Playwright is missing: run `make setup`, or `pip install -c constraints.txt playwright`"
@@ -101,7 +101,7 @@ def lab(tmp_path_factory):
         server = subprocess.Popen(command, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         model, tokenizer = kit.load_model(MODEL)  # while the server starts
-        texts = kit.data.corpus("train")[:4]
+        texts = kit.loaders.data.corpus("train")[:4]
         distances = kit.angular_distances(model, tokenizer, texts, max_length=32, model_name=MODEL)
         distances.save(root / "runs" / "lab" / "distances.safetensors")
         url = f"http://127.0.0.1:{port}"

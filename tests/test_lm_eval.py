@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 import kit
-from kit.data import mmlu_questions
 from kit.evaluate import lm_eval_mmlu, mmlu
-from kit.mmlu import subject_header
+from kit.evaluate.mmlu_task import subject_header
+from kit.loaders.data import mmlu_questions
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""The streamed merge (kit.merge): the adapter folded into the base shard by shard equals the base plus
+"""The streamed merge (kit.healing.merge): the adapter folded into the base shard by shard equals the base plus
 alpha / r * B @ A and peft's own merge; an adapter for another base is refused with nothing written."""
 
 import json
@@ -9,9 +9,9 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 import kit
-from kit.healing import lora_model
-from kit.merge import merge_adapter
-from kit.models import load_model
+from kit.healing.lora import lora_model
+from kit.healing.merge import merge_adapter
+from kit.loaders.models import load_model
 
 
 def _trained_looking(model, rank: int = 4):
@@ -52,7 +52,7 @@ def test_merged_checkpoint_equals_base_plus_scaled_adapter_product(checkpoints, 
         adapted += a is not None
         expected = weight if a is None else weight + scale * adapter[f"base_model.model.{module}.lora_B.weight"] @ a
         torch.testing.assert_close(merged_state[name], expected, msg=name)
-    assert adapted == 3 * kit.layers.num_layers(base)  # gate, up and down projection of every layer
+    assert adapted == 3 * kit.core.layers.num_layers(base)  # gate, up and down projection of every layer
     ids = tokenizer(["The merged model computes what the adapter does."], return_tensors="pt").input_ids
     unmerged = PeftModel.from_pretrained(base, str(adapter_path)).eval()
     with torch.no_grad():

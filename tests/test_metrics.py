@@ -6,10 +6,13 @@ import dataclasses
 import pytest
 
 import kit
-from kit import data, evaluate, metrics, sweep
-from kit.data import BoolQItem
-from kit.recall import recall_items
-from kit.stats import Estimate
+from kit import evaluate
+from kit.core.stats import Estimate
+from kit.evaluate import metrics
+from kit.evaluate.recall_task import recall_items
+from kit.experiments import sweep
+from kit.loaders import data
+from kit.loaders.data import BoolQItem
 
 QUESTIONS = data.mmlu_questions(data.mmlu_subjects()[:2], per_subject=2)
 TEXTS = data.corpus("validation")[:3]
@@ -131,7 +134,7 @@ def test_a_plain_function_in_a_cached_sweep_is_warned_about(tmp_path):
 def test_the_old_builders_still_work_with_a_warning(old, new, args):
     data_field = next(iter(args)) if old != "cost_metrics" else None
     positional = [args.pop(data_field)] if data_field else []
-    with pytest.warns(DeprecationWarning, match=f"kit.metrics.{old} is deprecated .* use kit.metrics.{new}"):
+    with pytest.warns(DeprecationWarning, match=f"kit.evaluate.metrics.{old} is deprecated .* use kit.evaluate.metrics.{new}"):
         built = getattr(metrics, old)(*positional, **args)
     assert built == getattr(metrics, new)(*positional, **args)
 
@@ -144,5 +147,5 @@ def test_above_chance_reads_the_interval_against_the_chance_level():
 
 
 def test_the_old_chance_table_still_works_with_a_warning():
-    with pytest.warns(DeprecationWarning, match="kit.metrics.CHANCE is deprecated"):
+    with pytest.warns(DeprecationWarning, match="kit.evaluate.metrics.CHANCE is deprecated"):
         assert metrics.CHANCE == {"mmlu": 0.25, "mmlu_subjects": 0.25, "boolq": 0.5}

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import kit
-from kit import layers
+from kit.core import layers
 
 
 def test_tiny_forward_and_layer_access(tiny):
@@ -111,7 +111,7 @@ def test_embedded_model_in_4bit_on_cpu():
 
 
 def test_gguf_file_loads_through_its_cached_checkpoint(tmp_path, monkeypatch, smollm):
-    gguf = kit.assets.fetch_file(kit.assets.SMOLLM2_GGUF)
+    gguf = kit.loaders.assets.fetch_file(kit.loaders.assets.SMOLLM2_GGUF)
     monkeypatch.setenv("KIT_CACHE", str(tmp_path))
     model, tokenizer = kit.load_model(str(gguf))
     converted = list((tmp_path / "models").iterdir())
@@ -124,7 +124,7 @@ def test_gguf_file_loads_through_its_cached_checkpoint(tmp_path, monkeypatch, sm
 
 
 def test_cached_checkpoint_loads_without_the_kit():
-    path = kit.assets.model_dir("smollm2-135m")
+    path = kit.loaders.assets.model_dir("smollm2-135m")
     code = (
         "import sys; from transformers import AutoModelForCausalLM; "
         f"m = AutoModelForCausalLM.from_pretrained({str(path)!r}); "
@@ -137,11 +137,11 @@ def test_cached_checkpoint_loads_without_the_kit():
 def test_top_level_names_survive_submodule_imports():
     import importlib
 
-    import kit.healing  # noqa: F401  (binds the submodule on the package)
+    import kit.healing.train  # noqa: F401  (binds the submodule on the package)
 
     for name, module in kit._EXPORTS.items():
         assert getattr(kit, name) is getattr(importlib.import_module(f"kit.{module}"), name)
-    assert callable(kit.heal) and kit.heal.__module__ == "kit.healing"
+    assert callable(kit.heal) and kit.heal.__module__ == "kit.healing.train"
 
 
 def test_an_empty_folder_is_not_a_checkpoint(tmp_path):

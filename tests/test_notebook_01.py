@@ -4,8 +4,8 @@ import pandas as pd
 from conftest import SMOKE_PARAMETERS, assert_redrawn
 
 import kit
-from kit.artifacts import read_json
-from kit.similarity import Distances
+from kit.core.artifacts import read_json
+from kit.scan.distances import Distances
 
 
 def test_notebook_01_writes_the_scan_and_its_figures(notebook_run):
@@ -27,11 +27,11 @@ def test_notebook_01_writes_the_scan_and_its_figures(notebook_run):
 def test_notebook_01_figures_draw_the_saved_scan(notebook_run, tmp_path):
     run = notebook_run("01_similarity")
     distances = Distances.load(run / "distances.safetensors")
-    heatmap = kit.plots.distance_heatmap(distances, mark_noise=True)
+    heatmap = kit.experiments.plots.distance_heatmap(distances, mark_noise=True)
     assert [line.get_label() for line in heatmap.lines] == ["best start per n", "within noise of the best"]
     assert len(heatmap.lines[0].get_xdata()) == distances.num_layers - 1  # one best start per block size
     assert_redrawn(run / "heatmap.png", heatmap, tmp_path)
-    ns = kit.readings.distances_shown(distances.num_layers)
-    curves = kit.plots.distance_curves(distances, ns)
+    ns = kit.experiments.readings.distances_shown(distances.num_layers)
+    curves = kit.experiments.plots.distance_curves(distances, ns)
     assert [len(line.get_xdata()) for line in curves.lines] == [distances.num_layers - n + 1 for n in ns]  # every start
     assert_redrawn(run / "curves.png", curves, tmp_path)

@@ -7,8 +7,8 @@ from papermill.exceptions import PapermillExecutionError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import kit
-from kit.artifacts import read_json
-from kit.reports import execute
+from kit.core.artifacts import read_json
+from kit.experiments.reports import execute
 
 PARAMETERS = SMOKE_PARAMETERS["02_select_and_prune"]
 
@@ -36,7 +36,7 @@ def test_pruned_checkpoint_reproduces_the_reported_loss(run):
     tokenizer = AutoTokenizer.from_pretrained(run / "pruned")
     assert model.config.num_hidden_layers == num_layers - selection["n"]
     assert model.config.pruned_blocks == [[selection["start"], selection["n"]]]
-    texts = kit.data.corpus("validation")[: PARAMETERS["N_VAL_TEXTS"]]
+    texts = kit.loaders.data.corpus("validation")[: PARAMETERS["N_VAL_TEXTS"]]
     again = kit.evaluate.validation_loss(model, tokenizer, texts, max_length=PARAMETERS["MAX_LENGTH"])
     assert again.loss == pytest.approx(losses["pruned"]["loss"], rel=1e-4)
     assert again.tokens == losses["pruned"]["tokens"] == losses["original"]["tokens"]
@@ -58,13 +58,13 @@ def test_missing_scan_names_notebook_01(tmp_path):
 
 
 def test_figures_draw_the_selection_and_the_losses(run, tmp_path):
-    from kit.loss import LossResult
+    from kit.evaluate.loss import LossResult
 
     distances, selection = kit.Distances.load(run / "distances.safetensors"), kit.Selection.load(run / "selection.json")
-    picker = kit.widgets.BlockPicker(distances, n=PARAMETERS["N"], start=None, strategy="similarity")  # as the notebook builds it
+    picker = kit.experiments.widgets.BlockPicker(distances, n=PARAMETERS["N"], start=None, strategy="similarity")  # as the notebook builds it
     assert_redrawn(run / "selection.png", picker.plot(), tmp_path)
     losses, block = read_json(run / "losses.json"), selection.block
     bars = {"original": LossResult(**losses["original"]), f"pruned (-{block.n} layers)": LossResult(**losses["pruned"])}
-    ax = kit.plots.losses_bar(bars, title=f"layers {block.start}-{block.end - 1} removed")
+    ax = kit.experiments.plots.losses_bar(bars, title=f"layers {block.start}-{block.end - 1} removed")
     assert [p.get_height() for p in ax.patches] == [losses["original"]["normalized"], losses["pruned"]["normalized"]]
     assert_redrawn(run / "losses.png", ax, tmp_path)

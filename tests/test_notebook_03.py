@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import kit
-from kit.artifacts import read_json
-from kit.reports import execute
+from kit.core.artifacts import read_json
+from kit.experiments.reports import execute
 
 PARAMETERS = SMOKE_PARAMETERS["03_heal"]
 
@@ -32,7 +32,7 @@ def test_history_has_every_logged_step_and_validation(run):
 
 def test_heal_curve_draws_the_saved_history(run, tmp_path):
     history = read_json(run / "heal_history.json")
-    ax = kit.plots.heal_curve(history)
+    ax = kit.experiments.plots.heal_curve(history)
     assert [len(line.get_xdata()) for line in ax.lines] == [len(history["train"]), len(history["validation"])]
     assert_redrawn(run / "heal_curve.png", ax, tmp_path)
 
@@ -45,7 +45,7 @@ def test_merged_checkpoint_is_the_pruned_model_plus_the_adapter(run):
     changed = {name for name, w in merged.state_dict().items() if not torch.equal(w, pruned.state_dict()[name])}
     adapted = {name.removeprefix("base_model.model.").replace(".lora_A", "") for name in adapter if ".lora_A" in name}
     assert changed <= adapted and changed  # only MLP projections moved
-    targets = tuple("." + target for target in kit.layers.mlp_modules(merged))  # peft matches them as name suffixes
+    targets = tuple("." + target for target in kit.core.layers.mlp_modules(merged))  # peft matches them as name suffixes
     assert all(name.removesuffix(".weight").endswith(targets) for name in adapted)
 
 
@@ -55,7 +55,7 @@ def test_losses_of_original_pruned_and_healed(run):
     assert {name: loss["layers"] for name, loss in losses.items()} == {"original": total, "pruned": total - n, "healed": total - n}
     assert losses["pruned"]["val_loss"] > losses["original"]["val_loss"]
     model, tokenizer = kit.load_model(str(run / "healed_merged"))
-    texts = kit.data.corpus("validation")[: PARAMETERS["N_VAL_TEXTS"]]
+    texts = kit.loaders.data.corpus("validation")[: PARAMETERS["N_VAL_TEXTS"]]
     again = kit.evaluate.validation_loss(model, tokenizer, texts, max_length=PARAMETERS["SEQ_LEN"])
     assert again.loss == pytest.approx(losses["healed"]["val_loss"], rel=1e-4)
     assert again.normalized == pytest.approx(losses["healed"]["val_loss_norm"], rel=1e-4)

@@ -3,7 +3,7 @@ import pytest
 from conftest import SMOKE_PARAMETERS, assert_redrawn
 
 import kit
-from kit import sweep
+from kit.experiments import sweep
 
 SMOKE = SMOKE_PARAMETERS["04_compare"]
 
@@ -82,18 +82,18 @@ PANELS = ["recall", "mmlu", "val_loss_norm"]  # SWEEP_MMLU is True in the smoke 
 def test_figures_draw_the_saved_tables(run, tmp_path):
     table = pd.read_csv(run / "sweep.csv")
     unhealed = table[~table["healed"]]
-    axes = kit.plots.sweep_figure(unhealed, PANELS)
+    axes = kit.experiments.plots.sweep_figure(unhealed, PANELS)
     for metric, ax in zip(PANELS, axes[0]):
         drawn = {line.get_label(): len(line.get_xdata()) for line in ax.lines}
         rows = unhealed[unhealed["metric"] == metric].groupby("strategy").size().to_dict()
         assert {s: drawn[s] for s in rows} == rows  # one point per row of the table
     assert_redrawn(run / "sweep.png", axes[0, 0], tmp_path)
     twins = table[table["n"].isin(SMOKE["HEAL_NS"])]
-    axes = kit.plots.sweep_figure(twins, PANELS, hue="healed", rows="strategy")
+    axes = kit.experiments.plots.sweep_figure(twins, PANELS, hue="healed", rows="strategy")
     assert axes.shape == (2, 3) and {line.get_label() for line in axes[0, 0].lines} >= {"healed", "unhealed"}
     assert_redrawn(run / "sweep_healed.png", axes[0, 0], tmp_path)
     comparison = pd.read_csv(run / "comparison.csv", index_col="model")
-    axes = kit.plots.quality_cost_figure(table, PANELS, comparison=comparison)
+    axes = kit.experiments.plots.quality_cost_figure(table, PANELS, comparison=comparison)
     assert axes.shape == (3, 2)
     points = {c.get_label(): len(c.lines[0].get_xdata()) for c in axes[0, 0].containers}
     assert points == {"similarity": 3, "heuristic": 3, "similarity, healed": 1, "heuristic, healed": 1, **{m: 1 for m in comparison.index}}

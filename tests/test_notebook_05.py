@@ -7,9 +7,9 @@ import pytest
 from conftest import SMOKE_PARAMETERS, assert_redrawn
 
 import kit
-from kit.artifacts import read_json
-from kit.oracle import Ablation
-from kit.similarity import Distances
+from kit.choose.oracle import Ablation
+from kit.core.artifacts import read_json
+from kit.scan.distances import Distances
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +37,11 @@ def test_notebook_05_compares_every_criterion_on_held_out_texts(run):
 def test_notebook_05_figures_draw_the_saved_comparison(run, tmp_path):
     smoke = SMOKE_PARAMETERS["05_criteria"]
     table = pd.read_csv(run / "criteria.csv")
-    ax = kit.plots.regret_plot(table)
+    ax = kit.experiments.plots.regret_plot(table)
     drawn = {(float(x), float(y)) for line in ax.get_lines() for x, y in zip(line.get_xdata(), line.get_ydata())}
     assert drawn == set(zip(table["n"].astype(float), table["regret"])) and len(ax.get_lines()) >= table["criterion"].nunique()
     assert_redrawn(run / "regret.png", ax, tmp_path)
     scan, held_out = Distances.load(run / f"distances_{smoke['METRICS'][0]}.safetensors"), Ablation.load(run / "oracle_held_out.safetensors")
-    ax = kit.plots.distance_vs_loss(scan, held_out, ns=smoke["SCATTER_NS"])
+    ax = kit.experiments.plots.distance_vs_loss(scan, held_out, ns=smoke["SCATTER_NS"])
     assert [len(c.get_offsets()) for c in ax.collections] == [scan.num_layers - n + 1 for n in smoke["SCATTER_NS"]]  # every start
     assert_redrawn(run / "distance_vs_loss.png", ax, tmp_path)

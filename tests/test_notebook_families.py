@@ -10,9 +10,9 @@ from conftest import TINY_PARAMETERS, _chain
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import kit
-from kit.artifacts import read_json
+from kit.core.artifacts import read_json
+from kit.experiments.reports import NOTEBOOKS
 from kit.prune import _attention
-from kit.reports import NOTEBOOKS
 
 FAMILIES = ["qwen3_moe", "granitemoehybrid"]  # MoE; hybrid Mamba
 LAYERS = 8
@@ -58,11 +58,11 @@ def test_notebooks_run_on_the_family_and_their_artifacts_agree(family_run):
     pruned = AutoModelForCausalLM.from_pretrained(run / "pruned").eval()
     kept = [i for i in range(LAYERS) if not selection["start"] <= i < selection["start"] + n]
     assert pruned.config.model_type == original.config.model_type and pruned.config.pruned_blocks == [[selection["start"], n]]
-    assert kit.layers.num_layers(pruned) == pruned.config.num_hidden_layers == len(kept)
+    assert kit.core.layers.num_layers(pruned) == pruned.config.num_hidden_layers == len(kept)
     kinds = getattr(original.config, "layer_types", None)  # the hybrid's Mamba and attention layers
     assert getattr(pruned.config, "layer_types", None) == (kinds and [kinds[i] for i in kept])
     settings = PARAMETERS["02_select_and_prune"]
-    texts = kit.data.corpus("validation")[: settings["N_VAL_TEXTS"]]
+    texts = kit.loaders.data.corpus("validation")[: settings["N_VAL_TEXTS"]]
     tokenizer = AutoTokenizer.from_pretrained(run / "pruned")
     again = kit.evaluate.validation_loss(pruned, tokenizer, texts, max_length=settings["MAX_LENGTH"])
     assert again.loss == pytest.approx(read_json(run / "losses.json")["pruned"]["loss"], rel=1e-4)
@@ -70,8 +70,8 @@ def test_notebooks_run_on_the_family_and_their_artifacts_agree(family_run):
     # 03: healing moved the MLP weights (the routed experts' fused weights too) and nothing else
     merged = AutoModelForCausalLM.from_pretrained(run / "healed_merged")
     changed = {name for name, w in merged.state_dict().items() if not torch.equal(w, pruned.state_dict()[name])}
-    modules = tuple(f".{target}.weight" for target in kit.layers.mlp_modules(pruned))
-    fused = tuple(f".{target}" for target in kit.layers.mlp_parameters(pruned))  # routed experts' 3-d weights
+    modules = tuple(f".{target}.weight" for target in kit.core.layers.mlp_modules(pruned))
+    fused = tuple(f".{target}" for target in kit.core.layers.mlp_parameters(pruned))  # routed experts' 3-d weights
     assert fused and all(name.endswith(modules + fused) for name in changed)
     assert any(name.endswith(fused) for name in changed) and (not modules or any(name.endswith(modules) for name in changed))
     layers_of = {name: loss["layers"] for name, loss in read_json(run / "heal_losses.json").items()}
@@ -83,7 +83,7 @@ def test_notebooks_run_on_the_family_and_their_artifacts_agree(family_run):
     kv = table["kv_bytes_per_token"]
     assert kv["pruned"] * _kv_layers(original.config) == kv["original"] * _kv_layers(pruned.config)
     sweep = pd.read_csv(run / "sweep.csv")
-    assert set(sweep["strategy"]) == set(kit.sweep.STRATEGIES) and {"recall", "val_loss"} <= set(sweep["metric"])
+    assert set(sweep["strategy"]) == set(kit.experiments.sweep.STRATEGIES) and {"recall", "val_loss"} <= set(sweep["metric"])
 
     # 05: every criterion judged on held-out texts, at every block size asked for
     criteria = pd.read_csv(run / "criteria.csv")

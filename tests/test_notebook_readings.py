@@ -1,5 +1,5 @@
 """Each notebook's closing reading, run twice through papermill (the embedded model with smoke
-parameters, a tiny random model with other settings): it shows what kit.readings reads off the run's
+parameters, a tiny random model with other settings): it shows what kit.experiments.readings reads off the run's
 artifacts, every number it states is one of those artifacts' numbers, and the two runs read differently."""
 
 import json
@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from conftest import artifact_numbers, reading_numbers
 
-from kit import readings
-from kit.artifacts import read_json
-from kit.stats import paired_ratio_difference
+from kit.core.artifacts import read_json
+from kit.core.stats import paired_ratio_difference
+from kit.experiments import readings
 
 READ = ["01_similarity", "02_select_and_prune", "03_heal", "04_compare", "05_criteria"]
 

@@ -61,7 +61,7 @@ def test_every_notebook_opens_with_the_same_minimal_preamble():
     preambles = {_cells(name, "code")[1] for name in NOTEBOOKS}  # the cell after the parameters
     (preamble,) = preambles
     assert preamble.index("%pip install") < preamble.index("import kit")  # Colab installs the kit before importing it
-    assert "kit.artifacts.seed_everything(SEED)" in preamble and "run = kit.artifacts.run_dir(RUN, RUNS_ROOT)" in preamble
+    assert "kit.core.artifacts.seed_everything(SEED)" in preamble and "run = kit.core.artifacts.run_dir(RUN, RUNS_ROOT)" in preamble
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
@@ -70,7 +70,7 @@ def test_one_import_style_a_manifest_and_a_generated_reading(name):
     imports = [line for cell in code for line in cell.splitlines() if re.match(r"\s*(import|from)\s", line)]
     assert imports == ["import sys", "import kit"], f"{name}: `import kit` alone, names used as kit.module.name"
     assert sum(f'write_manifest(run, "{name}",' in cell for cell in code) == 1, f"{name}: one manifest step named {name}"
-    assert code[-1] == f'kit.readings.reading(run, "{name}")', f"{name}: the reading closes the notebook"
+    assert code[-1] == f'kit.experiments.readings.reading(run, "{name}")', f"{name}: the reading closes the notebook"
     assert _cells(name, "markdown")[-1].startswith("## Reading the result\n")
 
 
@@ -82,7 +82,7 @@ CITED = {
     "0", "1", "1.96", "95", "100",  # zero differences and regrets, a Spearman of 1, the 95% intervals (z = 1.96), shares
     "0.25",  # MMLU's chance level (four choices)
     "0.05", "16", "5000", "5,000", "2", "45", "55", "35", "25", "20",  # the paper: dropout, batch, steps, rank; collapse points (Figure 2)
-    "32", "1000", "5",  # the scan's resampling groups and resamples, the 5% share listed (kit.distances)
+    "32", "1000", "5",  # the scan's resampling groups and resamples, the 5% share listed (kit.scan.distances)
     "14,000", "57",  # questions and subjects of all of MMLU
 }
 NUMBER = re.compile(r"(?<![\w.,])\d+(?:[.,]\d+)*(?!\w)")
@@ -107,4 +107,4 @@ def hard_coded_numbers(name: str) -> list[str]:
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_no_result_typed_into_the_markdown(name):
-    assert hard_coded_numbers(name) == [], f"{name}: results belong in the generated reading (kit.readings)"
+    assert hard_coded_numbers(name) == [], f"{name}: results belong in the generated reading (kit.experiments.readings)"

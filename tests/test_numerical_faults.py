@@ -4,11 +4,11 @@ import pytest
 import torch
 
 import kit
-from kit import layers
-from kit.data import boolq_items, mmlu_questions
+from kit.core import layers
 from kit.evaluate import boolq, mmlu, validation_loss
+from kit.loaders.data import boolq_items, mmlu_questions
 
-TEXTS = kit.data.corpus("validation")[:2]
+TEXTS = kit.loaders.data.corpus("validation")[:2]
 ADVICE = "came out inf or NaN: the model's activations overflow in torch.float16. Load it in float32"
 
 

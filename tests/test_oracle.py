@@ -7,12 +7,13 @@ import pytest
 import torch
 
 import kit
-from kit.data import corpus
-from kit.distances import Distances
+from kit.choose.oracle import Ablation, ablation_losses, compare_criteria
+from kit.core.block import Block
+from kit.core.text import encode
 from kit.evaluate import validation_loss
-from kit.oracle import Ablation, ablation_losses, compare_criteria
-from kit.prune import Block, drop_layers
-from kit.text import encode
+from kit.loaders.data import corpus
+from kit.prune import drop_layers
+from kit.scan.distances import Distances
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Lists are mutable sequences.", "x = 1", "a b c d e f g h i j"]
 
@@ -44,16 +45,16 @@ def _rebuilt(model, block: Block):
     copy = deepcopy(model)
 
     def identity(module, args, kwargs, output):
-        hidden = kit.layers.layer_input(args, kwargs)
+        hidden = kit.core.layers.layer_input(args, kwargs)
         return type(output)([hidden, *output[1:]]) if isinstance(output, (tuple, list)) else hidden
 
     for i in block.layers:
-        kit.layers.decoder_layers(copy)[i].register_forward_hook(identity, with_kwargs=True)
+        kit.core.layers.decoder_layers(copy)[i].register_forward_hook(identity, with_kwargs=True)
     return copy
 
 
 def _assert_equals_rebuilt_models(model, tokenizer):
-    L = kit.layers.num_layers(model)
+    L = kit.core.layers.num_layers(model)
     oracle = ablation_losses(model, tokenizer, TEXTS, max_length=16, batch_size=3)
     assert oracle.loss.shape == oracle.kl.shape == (L + 1, L + 1)
     unpruned = validation_loss(model, tokenizer, TEXTS, max_length=16, batch_size=3)

@@ -1,4 +1,4 @@
-"""Progress bars (kit.progress): shown by every loop over data, all silenced by TQDM_DISABLE=1, the
+"""Progress bars (kit.core.progress): shown by every loop over data, all silenced by TQDM_DISABLE=1, the
 Trainer's bar and its printed log dicts too."""
 
 import pytest
@@ -8,7 +8,7 @@ import kit
 
 def _work(tmp_path):
     model, tokenizer = kit.tiny_model("llama")
-    texts = kit.data.corpus("validation")[:4]
+    texts = kit.loaders.data.corpus("validation")[:4]
     kit.evaluate.validation_loss(model, tokenizer, texts, max_length=16, batch_size=2)
     kit.angular_distances(model, tokenizer, texts, batch_size=2, max_length=16)
     config = kit.HealConfig(rank=2, steps=2, batch_size=2, seq_len=16, log_every=1, quantize=None)

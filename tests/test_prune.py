@@ -11,9 +11,11 @@ import yaml
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 import kit
-from kit import layers
-from kit.artifacts import MissingArtifactError
-from kit.prune import Block, Selection, dropped, heuristic_block
+from kit.choose.criteria import Selection
+from kit.core import layers
+from kit.core.artifacts import MissingArtifactError
+from kit.core.block import Block, heuristic_block
+from kit.prune import dropped
 
 BLOCK = Block(2, 2)  # in the middle of a 6-layer tiny model
 
@@ -179,11 +181,11 @@ def test_a_hybrid_keeps_an_attention_layer():
 
 def test_a_removal_the_config_cannot_express_is_refused_with_the_reason():
     model = kit.families.tiny_family_model("qwen2_moe", decoder_sparse_step=2)  # layers 1 and 3 MoE: a periodic rule
-    before = kit.layers.num_layers(model)
+    before = kit.core.layers.num_layers(model)
     with pytest.raises(ValueError, match=r"layers 1\.\.1 cannot be expressed.*rebuild layer 2 \(then layer 1\) differently"):
         kit.drop_layers(model, Block(1, 1), inplace=True)
-    assert kit.layers.num_layers(model) == before == model.config.num_hidden_layers  # untouched
-    assert kit.layers.num_layers(kit.drop_layers(model, Block(1, 2))) == 2  # the rule still holds for 0 and 3
+    assert kit.core.layers.num_layers(model) == before == model.config.num_hidden_layers  # untouched
+    assert kit.core.layers.num_layers(kit.drop_layers(model, Block(1, 2))) == 2  # the rule still holds for 0 and 3
 
 
 def test_pruning_twice_records_original_indices(long_prompt):
@@ -254,7 +256,7 @@ def test_mergekit_config_ranges(block, ranges):
 
 def _scan(metric: str, argmin: dict[int, int], L: int = 6):
     """A Distances whose argmin start for each n is `argmin[n]` (every other block 0.9)."""
-    from kit.similarity import Distances
+    from kit.scan.distances import Distances
 
     matrix = torch.full((L + 1, L + 1), 0.9)
     for n, start in argmin.items():
@@ -263,8 +265,8 @@ def _scan(metric: str, argmin: dict[int, int], L: int = 6):
 
 
 def test_every_criterion_picks_its_block():
-    from kit.oracle import Ablation
-    from kit.prune import CRITERIA, choose_block
+    from kit.choose.criteria import CRITERIA, choose_block
+    from kit.choose.oracle import Ablation
 
     scans = {"angular_last": _scan("angular_last", {2: 1}), "angular_all": _scan("angular_all", {2: 3}),
              "block_influence": _scan("block_influence", {2: 0})}  # fmt: skip
@@ -279,7 +281,7 @@ def test_every_criterion_picks_its_block():
 
 
 def test_criteria_bad_input():
-    from kit.prune import choose_block
+    from kit.choose.criteria import choose_block
 
     scan = _scan("angular_last", {2: 1})
     with pytest.raises(ValueError, match="Unknown criterion 'random'; choose one of: angular_last"):

@@ -9,8 +9,9 @@ from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
 import kit
-from kit import layers
-from kit.prune import Block, _attention
+from kit.core import layers
+from kit.core.block import Block
+from kit.prune import _attention
 
 SETTINGS = settings(max_examples=30, deadline=None, derandomize=True, database=None)
 

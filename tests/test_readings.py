@@ -1,4 +1,4 @@
-"""kit.readings: every verdict follows its rule on constructed artifacts, flipping when the data does,
+"""kit.experiments.readings: every verdict follows its rule on constructed artifacts, flipping when the data does,
 and every number a reading states is one of its artifacts' numbers."""
 
 import json
@@ -9,8 +9,9 @@ import pytest
 import torch
 from conftest import artifact_numbers, reading_numbers
 
-from kit import Distances, curves, readings, results
-from kit.stats import Estimate, wilson
+from kit import Distances
+from kit.core.stats import Estimate, wilson
+from kit.experiments import curves, readings, results
 
 L = 10
 

@@ -1,4 +1,4 @@
-"""kit.recall: generated items well formed and deterministic; log-likelihoods equal to an independent
+"""kit.evaluate.recall_task: generated items well formed and deterministic; log-likelihoods equal to an independent
 computation with HF's `labels=` loss, one item and one candidate at a time; the sweep metric with
 its chance level."""
 
@@ -14,11 +14,16 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import kit  # noqa: E402
-from kit import curves, metrics, plots, results, sweep  # noqa: E402
-from kit.evaluate import RecallResult, recall  # noqa: E402
-from kit.prune import drop_layers, heuristic_block  # noqa: E402
-from kit.recall import RecallItem, recall_items  # noqa: E402
-from kit.stats import wilson  # noqa: E402
+from kit.core.block import heuristic_block  # noqa: E402
+from kit.core.stats import wilson  # noqa: E402
+from kit.evaluate import (  # noqa: E402
+    RecallResult,
+    metrics,  # noqa: E402
+    recall,
+)
+from kit.evaluate.recall_task import RecallItem, recall_items  # noqa: E402
+from kit.experiments import curves, plots, results, sweep  # noqa: E402
+from kit.prune import drop_layers  # noqa: E402
 from kit.testing import reference_loglikelihood  # noqa: E402
 
 

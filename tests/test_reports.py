@@ -1,9 +1,9 @@
-"""kit.reports times each notebook: wall time, and CPU time that includes the kernel (a child process)."""
+"""kit.experiments.reports times each notebook: wall time, and CPU time that includes the kernel (a child process)."""
 
 import subprocess
 import sys
 
-from kit.reports import minutes, timed
+from kit.experiments.reports import minutes, timed
 
 
 def test_timed_counts_the_cpu_of_finished_children():

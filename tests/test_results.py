@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kit import curves, results, sweep
-from kit.stats import Estimate
+from kit.core.stats import Estimate
+from kit.experiments import curves, results, sweep
 
 
 def test_rows_are_one_per_metric_with_the_point_columns():
@@ -61,7 +61,7 @@ def test_wide_puts_each_interval_beside_its_value():
 @pytest.mark.parametrize("module, name", [(curves, "outcomes"), (curves, "encode_outcomes"), (curves, "chance_level"),
                                           (sweep, "table")])  # fmt: skip
 def test_old_homes_still_work_with_a_warning(module, name):
-    with pytest.warns(DeprecationWarning, match=f"{module.__name__}.{name} is deprecated .* use kit.results.{name}"):
+    with pytest.warns(DeprecationWarning, match=f"{module.__name__}.{name} is deprecated .* use kit.experiments.results.{name}"):
         assert getattr(module, name) is getattr(results, name)
     with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
         module.nothing

@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import save_file
 
 import kit
-from kit.distances import Distances
-from kit.similarity import METRICS
+from kit.scan.distances import Distances
+from kit.scan.similarity import METRICS
 from kit.testing import reference_distance_sums, reference_distances
 
 MAX_LENGTH = 48
@@ -17,7 +17,7 @@ MAX_LENGTH = 48
 @pytest.fixture(scope="module")
 def texts():
     """Texts of very different token counts, some truncated at MAX_LENGTH: batches need padding."""
-    chunks = kit.data.load_texts("corpus", "validation", 6)
+    chunks = kit.loaders.data.load_texts("corpus", "validation", 6)
     return [chunk[:chars] for chunk, chars in zip(chunks, (15, 300, 60, 40, 500, 120))]
 
 
@@ -46,7 +46,7 @@ def test_matches_brute_force_on_embedded_model(smollm, texts):
 
 
 def test_token_chunks_add_up(monkeypatch, texts):
-    monkeypatch.setattr(kit.similarity, "_TOKEN_CHUNK", 7)  # many chunks per batch, a ragged last one
+    monkeypatch.setattr(kit.scan.similarity, "_TOKEN_CHUNK", 7)  # many chunks per batch, a ragged last one
     assert_matches_brute_force(*kit.tiny_model("qwen3"), texts, batch_size=3)
 
 
@@ -155,7 +155,7 @@ def test_uncertainty_survives_save_and_load_and_older_files_still_load(tmp_path,
     for key in ("matrix", "stderr", "group_sums", "group_counts"):
         assert torch.equal(getattr(loaded, key), getattr(distances, key)), key
     assert loaded.meta["groups"] == 3 and np.array_equal(loaded.stability(2), distances.stability(2))
-    save_file({"matrix": distances.matrix}, tmp_path / "old.safetensors", metadata={"format": "kit.distances/1", "meta": "{}"})
+    save_file({"matrix": distances.matrix}, tmp_path / "old.safetensors", metadata={"format": "kit.scan.distances/1", "meta": "{}"})
     old = Distances.load(tmp_path / "old.safetensors")
     assert torch.equal(old.matrix, distances.matrix) and old.stderr is None and old.best_block(2).stderr is None
     with pytest.raises(ValueError, match="no group_sums.*rerun the scan"):
@@ -177,7 +177,7 @@ def test_too_few_texts_for_uncertainty(texts):
 def test_cosine_chunks_shrink_to_the_gpus_free_memory(monkeypatch):
     # Mocked free memory (no GPU here). On a T4 after a 7B fp16 load (about 2 GiB free) a chunk of 1,024
     # tokens x 33 positions x hidden 4,096 would need 2.6 GiB: out of memory.
-    from kit import similarity
+    from kit.scan import similarity
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2 * 2**30, 16 * 2**30))
     tokens = similarity._chunk_tokens(33, 4096, torch.device("cuda", 0))

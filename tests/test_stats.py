@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from kit import stats
-from kit.stats import Estimate, side
+from kit.core import stats
+from kit.core.stats import Estimate, side
 
 RUNS = 1000  # simulated samples per coverage check: a 95% interval should cover the truth in 93-97% of them
 
@@ -108,7 +108,7 @@ def test_side_places_an_interval_against_a_level():
 
 
 def test_above_chance_decides_unless_forced():
-    from kit.metrics import above_chance
+    from kit.evaluate.metrics import above_chance
 
     above, at = Estimate(0.5, 0.3, 0.7, chance=0.25), Estimate(0.3, 0.2, 0.4, chance=0.25)
     assert above_chance(above) and not above_chance(at)

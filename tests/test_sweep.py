@@ -11,8 +11,13 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import kit  # noqa: E402
-from kit import data, evaluate, layers, metrics, results, sweep  # noqa: E402
-from kit.prune import Block, drop_layers, heuristic_block  # noqa: E402
+from kit import evaluate  # noqa: E402
+from kit.core import layers  # noqa: E402
+from kit.core.block import Block, heuristic_block  # noqa: E402
+from kit.evaluate import metrics  # noqa: E402
+from kit.experiments import results, sweep  # noqa: E402
+from kit.loaders import data  # noqa: E402
+from kit.prune import drop_layers  # noqa: E402
 from kit.testing import random_distances  # noqa: E402
 
 TEXTS = data.corpus("validation")[:3]
@@ -69,7 +74,7 @@ def test_healer_leaves_the_swept_model_untouched(quantize, tmp_path):
     model, tokenizer = kit.tiny_model("llama")
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     config = kit.HealConfig(rank=2, lr=1e-2, steps=2, batch_size=2, seq_len=32, quantize=quantize, save_every=2)
-    heal = sweep.healer(kit.data.corpus("train")[:4], config, output_root=tmp_path)
+    heal = sweep.healer(kit.loaders.data.corpus("train")[:4], config, output_root=tmp_path)
     probe = lambda m, t: {"layers": float(layers.num_layers(m))}  # noqa: E731
     table = sweep.sweep(model, tokenizer, ns=[2], evals=[probe], strategy="heuristic", heal=heal, heal_ns=[2])
     assert table[["healed", "value"]].values.tolist() == [[False, 4.0], [True, 4.0]]
@@ -88,7 +93,7 @@ def test_healing_a_4bit_model_in_a_sweep_leaves_it_untouched(tmp_path):
     model, tokenizer = kit.load_model(str(tmp_path / "base"), device="cpu", dtype=torch.bfloat16, quantize="4bit")
     before = {k: v.dtype for k, v in model.state_dict().items()}
     config = kit.HealConfig(rank=2, lr=1e-2, steps=1, batch_size=2, seq_len=32, quantize="4bit", save_every=1)
-    heal = sweep.healer(kit.data.corpus("train")[:4], config, output_root=tmp_path / "healed")
+    heal = sweep.healer(kit.loaders.data.corpus("train")[:4], config, output_root=tmp_path / "healed")
     probe = lambda m, t: {"layers": float(layers.num_layers(m))}  # noqa: E731
     table = sweep.sweep(model, tokenizer, ns=[2], evals=[probe], strategy="heuristic", heal=heal, heal_ns=[2])
     assert table[["healed", "value"]].values.tolist() == [[False, 4.0], [True, 4.0]]
@@ -124,7 +129,7 @@ def test_mmlu_metrics_in_a_sweep(smollm):
         rows = table[table.n == n].set_index("metric")
         assert rows.loc["mmlu", "value"] == correct.mean()
         assert rows.loc["mmlu_subjects", "value"] == pytest.approx((correct[:2].mean() + correct[2:].mean()) / 2)
-        assert tuple(rows.loc["mmlu", ["ci_low", "ci_high"]]) == kit.stats.wilson(correct.sum(), len(correct))
+        assert tuple(rows.loc["mmlu", ["ci_low", "ci_high"]]) == kit.core.stats.wilson(correct.sum(), len(correct))
         assert tuple(rows.loc["mmlu_subjects", ["ci_low", "ci_high"]]) == direct.subject_ci
         assert rows["chance"].tolist() == [0.25, 0.25]
         assert results.outcomes(table[(table.n == n) & (table.metric == "mmlu")].iloc[0]).tolist() == correct.tolist()

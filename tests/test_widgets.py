@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
-from kit.distances import Distances
-from kit.prune import Block, Selection
-from kit.widgets import BlockPicker
+from kit.choose.criteria import Selection
+from kit.core.block import Block
+from kit.experiments.widgets import BlockPicker
+from kit.scan.distances import Distances
 
 L = 6
 
@@ -79,7 +80,7 @@ def test_static_figure_boxes_the_chosen_block(distances):
 def test_any_criterion_of_the_registry(distances):
     import numpy as np
 
-    from kit.oracle import Ablation
+    from kit.choose.oracle import Ablation
 
     loss = np.full((L + 1, L + 1), np.nan)
     loss[2, : L - 1] = [3.0, 2.5, 2.9, 2.0, 4.0]

@@ -1,0 +1,12 @@
+"""kit.reports moved to kit.experiments.reports in 0.2: this path warns on use and goes in kit 0.3."""
+
+import runpy as _runpy
+
+from kit.core.deprecation import moved_module as _moved_module
+from kit.core.deprecation import warn as _warn
+
+__getattr__ = _moved_module("kit.reports", "kit.experiments.reports")
+
+if __name__ == "__main__":
+    _warn("python -m kit.reports", "python -m kit.experiments.reports")
+    _runpy.run_module("kit.experiments.reports", run_name="__main__", alter_sys=True)

@@ -1,0 +1,263 @@
+"""The one place that knows architectures: where a causal LM keeps its decoder layers, its final
+norm and its MLP projections. They are found from the model's own structure and transformers'
+conventions (`get_decoder()`, which also reaches the text tower of a multimodal model, the config's
+`num_hidden_layers`, `get_output_embeddings()`); ANATOMIES names the families that break the
+convention. Everything else in the kit asks this module."""
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+
+@dataclass(frozen=True)
+class Anatomy:
+    """Dotted paths inside a causal-LM model (final_norm None: the model has none), and the LoRA
+    targets of its MLPs: module names, which peft matches as suffixes, and fused expert weights
+    (3-d parameters, peft's `target_parameters`)."""
+
+    layers: str
+    final_norm: str | None
+    mlp: tuple[str, ...]
+    mlp_parameters: tuple[str, ...] = ()
+
+
+ANATOMIES: dict[str, Anatomy] = {}  # model_type -> Anatomy, for families the generic search gets wrong
+
+FINAL_NORMS = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "norm_f", "final_norm")  # decoder children
+MLPS = ("mlp", "feed_forward", "ffn", "block_sparse_moe", "moe")  # a decoder layer's MLP children by name; also
+# any child whose class is an MLP or MoE block (MLP_CLASSES: Granite 4's shared_mlp, Nemotron-H's MLP and MoE mixers)
+MLP_CLASSES = ("mlp", "moe")  # endings of such class names, lower case
+ROUTERS = ("gate", "router", "shared_expert_gate", "wg")  # linear maps inside an MLP that are not projections
+LAYER_THRESHOLDS = ("max_window_layers", "first_k_dense_replace")  # config ints: "the layers below this index"
+DEPTH_ALIASES = ("num_blocks",)  # config ints repeating num_hidden_layers under another name (xLSTM)
+DEPTH_SCALED = ("scale_depth",)  # config numbers every layer reads as value / sqrt(num_hidden_layers) (MiniCPM3's
+# residual scale): rescaled by sqrt(new / old depth) when layers go, so each kept layer computes what it did
+LAYER_INDEX_LISTS = ("mlp_only_layers", "moe_layers", "attn_layer_indices")  # config lists of layer indices
+PER_LAYER_WEIGHTS = {"embed_tokens_per_layer": 1, "per_layer_model_projection": 0}  # decoder modules whose weight
+# packs one slice per layer along this dimension (Gemma 3n and 4's per-layer inputs)
+LAYER_INDEX_ATTRIBUTES = ("layer_idx", "layer_id", "layer_number")  # a module's own layer index (the KV cache's key)
+BUFFER_SEEDS = {"MiniMaxLightningAttention": ("num_hidden_layers",)}  # module class -> attributes read only to
+# compute persistent buffers (MiniMax's per-layer decay rates, from the layer's depth fraction), which a saved
+# checkpoint carries and a reload restores: a kept layer reloads the same though the depth changed
+
+_FOUND: "weakref.WeakKeyDictionary[nn.Module, Anatomy]" = weakref.WeakKeyDictionary()
+
+
+class UnsupportedArchitectureError(ValueError):
+    pass
+
+
+def _base(model: nn.Module) -> nn.Module:
+    """Unwrap a peft model to the causal LM underneath."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def text_config(config):
+    """The configuration of the text decoder: `config` itself, or a multimodal model's text config."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _unsupported(model_type, looked_for: str) -> UnsupportedArchitectureError:
+    return UnsupportedArchitectureError(
+        f"Architecture {model_type!r} is not supported: {looked_for}. If it is a decoder-only language model, "
+        "add its paths to kit/core/layers.py:ANATOMIES."
+    )
+
+
+def _mlp_targets(layer_list: nn.ModuleList) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Names of the linear projections inside every layer's MLP children (routers excluded; an expert's
+    index dropped, so one name covers all experts), else the layer's own linear children, and the
+    MLPs' 3-d fused expert weights."""
+    modules, parameters = {}, {}
+    for layer in layer_list:
+        children = [name for name, m in layer.named_children() if name in MLPS or type(m).__name__.lower().endswith(MLP_CLASSES)]
+        if not children:  # projections directly on the layer (OPT's fc1, fc2)
+            modules.update({name: None for name, m in layer.named_children() if isinstance(m, (nn.Linear, Conv1D))})
+        for child in children:
+            for name, module in getattr(layer, child).named_modules():
+                parts = name.split(".")
+                if isinstance(module, (nn.Linear, Conv1D)) and not set(parts) & set(ROUTERS):  # nor inside a router
+                    numeric = [i for i, part in enumerate(parts) if part.isdigit()]
+                    tail = parts[numeric[-1] + 1 :] if numeric else []  # after an expert's index; CTRL's ffn.0 has none
+                    modules[".".join(tail) if tail else f"{child}.{name}"] = None
+                for pname, parameter in module.named_parameters(recurse=False):
+                    if parameter.dim() == 3 and "expert" in f"{name}.{type(module).__name__}".lower():  # JetMoE's ParallelExperts
+                        parameters[".".join(filter(None, [child, name, pname]))] = None
+    return tuple(modules), tuple(parameters)
+
+
+def _find(base: nn.Module) -> Anatomy:
+    """The Anatomy of `base` from its structure: the decoder is `get_decoder()` (else `base_model`), its
+    layers the ModuleList of config.num_hidden_layers modules nearest to it, its final norm a child
+    named in FINAL_NORMS (or the one norm registered after the layers)."""
+    model_type = getattr(base.config, "model_type", None)
+    num = getattr(text_config(base.config), "num_hidden_layers", None)
+    if not isinstance(num, int):
+        raise _unsupported(model_type, "looked for config.num_hidden_layers (or the text config's) and found none")
+    candidates = (base.get_decoder() if hasattr(base, "get_decoder") else base, base.base_model)
+    for decoder in candidates:
+        lists = [(name, m) for name, m in decoder.named_modules() if isinstance(m, nn.ModuleList) and len(m) == num]
+        if lists:
+            break
+    else:
+        raise _unsupported(
+            model_type, f"looked for a ModuleList of {num} modules (config.num_hidden_layers) under get_decoder() "
+            f"({type(candidates[0]).__name__}) and base_model ({type(candidates[1]).__name__}) and found none"
+        )  # fmt: skip
+    prefix = next(name for name, module in base.named_modules() if module is decoder)
+    name, layer_list = min(lists, key=lambda item: item[0].count("."))
+    children = dict(decoder.named_children())
+    norm = next((n for n in FINAL_NORMS if n in children), None)
+    if norm is None and "." not in name:
+        after = list(children)[list(children).index(name) + 1 :]
+        norms = [n for n in after if "norm" in type(children[n]).__name__.lower()]
+        norm = norms[0] if len(norms) == 1 else None
+    if norm is None and hasattr(decoder, "final_layer_norm"):  # a norm attribute left None (OPT-350m)
+        norm = "final_layer_norm"
+    mlp, mlp_parameters = _mlp_targets(layer_list)
+    path = lambda child: ".".join(filter(None, [prefix, child]))  # noqa: E731
+    return Anatomy(path(name), path(norm) if norm else None, mlp, mlp_parameters)
+
+
+def anatomy(model: nn.Module) -> Anatomy:
+    """The Anatomy of `model` (a causal LM, possibly wrapped by peft): ANATOMIES[model_type], else found
+    from its structure (once per model object)."""
+    base = _base(model)
+    model_type = getattr(getattr(base, "config", None), "model_type", None)
+    if model_type in ANATOMIES:
+        return ANATOMIES[model_type]
+    if not isinstance(base, nn.Module) or getattr(base, "config", None) is None:
+        raise _unsupported(model_type, "looked for a transformers model with a config")
+    if base not in _FOUND:
+        _FOUND[base] = _find(base)
+    return _FOUND[base]
+
+
+def _resolve(model: nn.Module, path: str):
+    obj = _base(model)
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The ModuleList of decoder layers, in order."""
+    return _resolve(model, anatomy(model).layers)
+
+
+def weights_transposed(model: nn.Module) -> bool:
+    """Whether the model stores projection weights as (in, out), as GPT-2's Conv1D does (LoRA's fan_in_fan_out)."""
+    return any(isinstance(m, Conv1D) for m in _base(model).modules())
+
+
+def decoder(model: nn.Module) -> nn.Module:
+    """The module holding the decoder layers (the text tower's decoder of a multimodal model)."""
+    parent = anatomy(model).layers.rpartition(".")[0]
+    return _resolve(model, parent) if parent else _base(model)
+
+
+def set_decoder_layers(model: nn.Module, layers: nn.ModuleList) -> None:
+    """Replace the decoder layer list (the caller keeps config and indices consistent)."""
+    setattr(decoder(model), anatomy(model).layers.rpartition(".")[2], layers)
+
+
+def final_norm(model: nn.Module) -> nn.Module | None:
+    """The norm applied after the last layer (None for models without one, e.g. OPT-350m)."""
+    path = anatomy(model).final_norm
+    return None if path is None else _resolve(model, path)
+
+
+def num_layers(model: nn.Module) -> int:
+    return len(decoder_layers(model))
+
+
+def mlp_modules(model: nn.Module) -> list[str]:
+    """LoRA target names for the MLP projections (peft matches them as name suffixes): for MoE, the
+    shared and routed experts' projections that are modules of their own."""
+    return list(anatomy(model).mlp)
+
+
+def mlp_parameters(model: nn.Module) -> list[str]:
+    """LoRA targets for fused expert weights (3-d parameters such as `mlp.experts.gate_up_proj`), for
+    peft's `target_parameters`; empty for dense models."""
+    return list(anatomy(model).mlp_parameters)
+
+
+def body(model: nn.Module) -> nn.Module:
+    """The transformer under the LM head: its output is the residual stream after the final norm."""
+    return _base(model).base_model
+
+
+def readout(model: nn.Module, residual: torch.Tensor) -> torch.Tensor:
+    """The residual stream after the last layer -> the LM head's input: the final norm, then the
+    output projection of models that have one (OPT-350m's project_out)."""
+    norm = final_norm(model)
+    hidden = norm(residual) if norm is not None else residual
+    project = getattr(decoder(model), "project_out", None)
+    return project(hidden) if project is not None else hidden
+
+
+def lm_head(model: nn.Module) -> nn.Module:
+    """The output projection from hidden states to the vocabulary."""
+    return _base(model).get_output_embeddings()
+
+
+def logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head on final hidden states, with the architecture's final soft-capping if any (Gemma 2)."""
+    out = lm_head(model)(hidden)
+    cap = getattr(text_config(model.config), "final_logit_softcapping", None)
+    return out if cap is None else torch.tanh(out / cap) * cap
+class EndOfLayers(Exception):
+    """Raised by a LayerTap after the last decoder layer: the final norm and LM head are skipped."""
+
+
+def layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states a decoder layer was called with (positionally or as `hidden_states`)."""
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+
+def layer_output(output) -> torch.Tensor:
+    """The hidden states a decoder layer returned (alone, or first of a tuple)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class LayerTap:
+    """Forward hooks on every decoder layer, as a context manager: `on_input(args, kwargs)` before
+    each layer, `on_output(hidden)` after the last one, which then stops the pass. `run(**inputs)`
+    does one such pass. Subclasses say what to keep."""
+
+    def __init__(self, model: nn.Module):
+        self.model, self.layers, self.handles = model, decoder_layers(model), []
+
+    def __enter__(self):
+        for layer in self.layers:
+            self.handles.append(layer.register_forward_pre_hook(self._before, with_kwargs=True))
+        self.handles.append(self.layers[-1].register_forward_hook(self._after))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+    def _before(self, module, args, kwargs):
+        self.on_input(args, kwargs)
+
+    def _after(self, module, args, output):
+        self.on_output(layer_output(output))
+        raise EndOfLayers
+
+    def run(self, **inputs) -> None:
+        try:
+            self.model(**inputs)
+        except EndOfLayers:
+            pass
+
+    def on_input(self, args: tuple, kwargs: dict) -> None:
+        raise NotImplementedError
+
+    def on_output(self, hidden: torch.Tensor) -> None:
+        raise NotImplementedError

@@ -1,0 +1,8 @@
+"""Sweeps and reading them: running the evaluations over block sizes, strategies and checkpoints
+(`sweep`), the result table they write (`results`), and what reads it or a run folder without
+evaluating anything (`curves`, `plots`, `readings`), the block picker (`widgets`), and the notebooks
+run headless (`reports`)."""
+
+from ..core.lazy import lazy as _lazy
+
+__getattr__, __dir__ = _lazy(__name__, ["curves", "plots", "readings", "reports", "results", "sweep", "widgets"])

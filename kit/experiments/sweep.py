@@ -1,0 +1,235 @@
+"""Pruning sweeps: evaluate one loaded model with every block size n removed, the way the
+paper's Figures 2, 3, 5 and 6 do, without reloading or copying the model."""
+
+import copy
+import hashlib
+import json
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..choose.criteria import choose_block
+from ..core import artifacts, distributed, layers
+from ..core.block import Block
+from ..core.deprecation import moved
+from ..core.device import provenance
+from ..core.progress import progress
+from ..core.stats import Estimate
+from ..evaluate import inference_cost
+from ..evaluate.metrics import Evaluation, evaluate_all
+from ..prune import dropped
+from . import results
+
+STRATEGIES = ("similarity", "heuristic")
+
+
+def _load(name, **load_kwargs):
+    """A checkpoint with kit.load_model; a (base, adapter) pair gets its LoRA adapter unmerged."""
+    from ..loaders.models import load_model
+
+    if not isinstance(name, tuple):
+        return load_model(str(name), **load_kwargs)
+    from peft import PeftModel
+
+    from ..healing.lora import native_targets
+
+    base, adapter = name
+    model, tokenizer = load_model(str(base), **load_kwargs)
+    with native_targets():
+        return PeftModel.from_pretrained(model, str(adapter)).eval(), tokenizer
+
+
+def compare(checkpoints: dict, evals: Sequence[Evaluation], **load_kwargs) -> pd.DataFrame:
+    """One row per labelled checkpoint (loaded one at a time with kit.load_model): layers,
+    parameters and every metric of `evals`, e.g. {"original": "smollm2-135m", "pruned": "runs/x/pruned",
+    "healed (adapter)": ("runs/x/pruned", "runs/x/healed/adapter")}; a (base, adapter) pair is
+    evaluated with the adapter unmerged. kit.evaluate.metrics.InferenceCost() among `evals` puts the inference cost beside the quality.
+    A metric with a 95% interval has its bounds beside it (columns "{metric}_ci_low", "{metric}_ci_high")."""
+    rows = []
+    for label, name in checkpoints.items():
+        model, tokenizer = _load(name, **load_kwargs)
+        rows.append({"model": label, "layers": layers.num_layers(model), "parameters": inference_cost.parameters(model),
+                     **results.wide(evaluate_all(model, tokenizer, evals))})
+        del model
+    return pd.DataFrame(rows).set_index("model")
+
+
+class _Cache:
+    """The finished points of a sweep in one JSON file, rewritten atomically after each point,
+    with the settings that produced them: a rerun with the same settings skips them. Under
+    torch.distributed rank 0 reads and writes the file, and every rank skips the points it read."""
+
+    def __init__(self, path, settings: dict):
+        self.path, self.settings = path, settings
+        self.points = distributed.on_main(self._read)
+
+    def _read(self) -> dict:
+        path, settings = self.path, self.settings
+        if path is None or not Path(path).exists():
+            return {}
+        try:
+            cached = json.loads(Path(path).read_text())
+            old, points = cached["settings"], cached["points"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{path} is not a sweep cache ({error}); delete it or pass another cache_path") from None
+        if changed := _changes(old, settings):
+            raise ValueError(f"{path} holds a sweep made with other settings ({'; '.join(changed)}); "
+                             "delete it or pass another cache_path")  # fmt: skip
+        return {(p["n"], p["healed"]): p["rows"] for p in points}
+
+    def run(self, n: int, healed: bool, rows: Callable[[], list[dict]]) -> list[dict]:
+        """The rows of point (n, healed): cached, or computed by rows() and recorded."""
+        if (n, healed) not in self.points:
+            if self.path is None:
+                return rows()
+            self.points[(n, healed)] = json.loads(json.dumps(rows()))  # exactly what a resumed run reads back
+            points = [{"n": n, "healed": h, "rows": r} for (n, h), r in self.points.items()]
+            if distributed.is_main():
+                artifacts.write_text(self.path, json.dumps({"settings": self.settings, "points": points}, indent=1) + "\n")
+        return self.points[(n, healed)]
+
+
+def _changes(old, new, where: str = "") -> list[str]:
+    """Every setting that differs, named by its path, e.g. ["evals.mmlu.shots: 5 -> 1"]."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [change for key in {**old, **new} for change in _changes(old.get(key), new.get(key), f"{where}.{key}".lstrip("."))]
+    return [] if old == new else [f"{where}: {old!r} -> {new!r}"]
+
+
+def _digest(array) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
+
+
+def _evaluations(evals) -> dict[str, dict]:
+    """Each evaluation's settings by name: every parameter and the identity of its data."""
+    recorded = {}
+    for i, e in enumerate(evals):
+        if isinstance(e, Evaluation):
+            name, settings = e.name, e.settings()
+        else:  # a plain function, by position: its parameters cannot be seen (None)
+            name, settings = f"{i}: {getattr(e, '__qualname__', type(e).__name__)}", None
+        if name in recorded:
+            raise ValueError(f"two evaluations named {name!r}: evaluate each kind once per sweep")
+        recorded[name] = settings
+    return recorded
+
+
+def _settings(model, ns, evals, distances, oracle, strategy, heal_ns, settings) -> dict:
+    """What a cached sweep must share with a rerun to be resumed."""
+    return dict(
+        model=getattr(model, "name_or_path", None) or "unknown", num_layers=layers.num_layers(model),
+        placement=provenance(model), ns=[int(n) for n in ns], strategy=strategy,
+        distances=_digest(distances.matrix.numpy()) if distances is not None else None,
+        oracle=_digest(np.asarray(oracle.loss)) if oracle is not None else None,
+        evals=_evaluations(evals), heal_ns=sorted(int(n) for n in heal_ns), settings=settings,
+    )  # fmt: skip
+
+
+def sweep(
+    model, tokenizer, *, ns: Sequence[int], evals: Sequence[Evaluation], distances=None,
+    strategy: str = "similarity", heal: Callable | None = None, heal_ns: Sequence[int] = (), oracle=None,
+    cache_path: str | Path | None = None, settings: dict | None = None,
+) -> pd.DataFrame:  # fmt: skip
+    """Evaluate `model` with n layers removed for every n in `ns` (0 = the unpruned model).
+
+    strategy: a criterion of kit.choose.criteria.CRITERIA; "loss" reads `oracle` (kit.ablation_losses on calibration texts).
+    Each pruned model is a view of the loaded one (kit.prune.dropped), restored afterwards.
+    heal(pruned_model, tokenizer, block) -> healed model is applied to every n in `heal_ns` (it gets
+    the pruned view and must not modify it: see healer), and those rows carry healed=True.
+    cache_path: a JSON file recording each finished (n, healed) point; a rerun with the same settings
+    (the evaluations' parameters and data included) skips those points and returns the same table; one
+    with other settings is refused, naming them. settings: whatever else changes the results (e.g. a
+    HealConfig digest), JSON-able; recorded there and compared on resume.
+    Returns one row per (n, metric): strategy, n, fraction (n / L), start, distance, healed, metric,
+    value, its 95% interval ci_low, ci_high (NaN where a metric has none), chance (an accuracy's
+    chance level, else NaN) and, for accuracies over questions, the outcomes of every question
+    (kit.experiments.results.outcomes reads them; kit.experiments.curves reads the whole table). Columns: kit.experiments.results.COLUMNS.
+    """
+    num = layers.num_layers(model)
+    blocks = {n: choose_block(strategy, num, n, distances=distances, oracle=oracle) for n in ns if n != 0}
+    if missing := set(heal_ns) - set(blocks):
+        raise ValueError(f"heal_ns {sorted(missing)} must be non-zero block sizes that are also in ns")
+    if heal_ns and heal is None:
+        raise ValueError("heal_ns needs a heal function, e.g. kit.experiments.sweep.healer(...)")
+    recorded = _settings(model, ns, evals, distances, oracle, strategy, heal_ns, settings)
+    distributed.require_same("the sweep", {**recorded, "placement": None})  # each evaluation checks its own inputs
+    if cache_path is not None and (plain := [name for name, seen in recorded["evals"].items() if seen is None]):
+        warnings.warn(f"evaluations {plain} are plain functions: a resumed sweep cannot see their parameters and may return "
+                      "stale rows; make each a kit.evaluate.metrics.Evaluation (a frozen dataclass)", FutureWarning, stacklevel=2)  # fmt: skip
+    cache = _Cache(cache_path, recorded)
+    rows = []
+    for n in progress(ns, desc=f"sweep ({strategy})", unit="n", show=distributed.is_main()):
+        block = blocks.get(n)
+        columns = dict(
+            strategy=strategy, n=n, fraction=n / num,
+            start=block.start if block else None, distance=block.distance if block else None,
+        )  # fmt: skip
+        unhealed = lambda: results.rows(evaluate_all(model, tokenizer, evals), **columns, healed=False)  # noqa: E731
+        if block is None:
+            rows += cache.run(n, False, unhealed)
+            continue
+        with dropped(model, block):
+            rows += cache.run(n, False, unhealed)
+            if n in heal_ns:
+                rows += cache.run(n, True, lambda: results.rows(_healed_metrics(heal, model, tokenizer, block, evals), **columns, healed=True))
+    return pd.DataFrame(rows)
+
+
+def sweeps(
+    model, tokenizer, *, ns: Sequence[int], evals: Sequence[Evaluation], folder, distances=None,
+    strategies: Sequence[str] = STRATEGIES, heal_texts: list[str] | None = None, heal_config=None,
+    heal_ns: Sequence[int] = (), settings: dict | None = None,
+) -> pd.DataFrame:  # fmt: skip
+    """sweep() once per strategy on the same model, the tables concatenated (a notebook's whole sweep);
+    n = 0, the unpruned model whatever the strategy, is evaluated once and shared.
+
+    folder: the run folder: each strategy's finished points are cached in folder/sweep-{strategy}.json,
+    and for every n in heal_ns its block is healed with kit.heal (heal_config on heal_texts) into
+    folder/sweep_healed/{strategy}/n{n}, evaluated beside its unhealed twin (rows with healed=True).
+    settings: what else changes the results (see sweep); the HealConfig's digest is added to it.
+    """
+    if heal_ns and (heal_texts is None or heal_config is None):
+        raise ValueError("healing block sizes (heal_ns) needs heal_texts and heal_config (a kit.HealConfig)")
+    settings = {**(settings or {}), "heal": heal_config.digest() if heal_ns else None}
+    folder = Path(folder)
+    tables: list[pd.DataFrame] = []
+    for strategy in strategies:
+        shared = tables[0][tables[0]["n"] == 0].assign(strategy=strategy) if tables and 0 in ns else None
+        heal = healer(heal_texts, heal_config, output_root=folder / "sweep_healed" / strategy) if heal_ns else None
+        table = sweep(model, tokenizer, ns=[n for n in ns if shared is None or n != 0], evals=evals, distances=distances,
+                      strategy=strategy, heal=heal, heal_ns=heal_ns, cache_path=folder / f"sweep-{strategy}.json",
+                      settings=settings)  # fmt: skip
+        tables.append(table if shared is None else pd.concat([shared, table], ignore_index=True))
+    return pd.concat(tables, ignore_index=True)
+
+
+def _healed_metrics(heal, model, tokenizer, block, evals) -> dict[str, Estimate]:
+    healed = heal(model, tokenizer, block)  # from the pruned view; heal must leave it untouched
+    return evaluate_all(healed, tokenizer, evals)
+
+
+def healer(texts: list[str], config, *, output_root, val_texts=None) -> Callable:
+    """A `heal` function for sweep(): kit.heal with `config` on `texts`, adapters under output_root/n{n}.
+    The loaded model is never copied for a 4-bit heal; with config.quantize=None the pruned model is."""
+    from ..healing.train import heal as heal_model
+
+    def run(pruned, tokenizer, block: Block):
+        output_dir = Path(output_root) / f"n{block.n}"
+        # never the loaded model itself: later points are measured on it. A 4-bit heal of a full-precision
+        # model re-loads the pruned weights quantized anyway; a 4-bit model is copied through a checkpoint
+        # (peft would cast its norms and inject LoRA in place); a full-precision one is deep-copied
+        if getattr(pruned, "is_loaded_in_4bit", False):
+            from ..healing.lora import reloaded
+
+            base = reloaded(pruned, tokenizer, "4bit", output_dir)
+        else:
+            base = pruned if config.quantize else copy.deepcopy(pruned)
+        return heal_model(base, tokenizer, texts, config, output_dir=output_dir, val_texts=val_texts).model
+
+    return run
+
+
+__getattr__ = moved(__name__, {"table": results})
