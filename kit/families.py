@@ -15,7 +15,8 @@ TINY_SIZES = dict(
     n_inner=64, ffn_dim=64, d_model=32, rotary_dim=4, pad_token_id=0, bos_token_id=0, eos_token_id=0,
     # MoE: routed and shared experts
     num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-    shared_expert_intermediate_size=32, shared_intermediate_size=32, n_shared_experts=1, n_group=1, topk_group=1, moe_topk=2,
+    shared_expert_intermediate_size=32, shared_intermediate_size=32, shared_experts_intermediate_size=32,
+    moe_shared_expert_intermediate_size=32, n_shared_experts=1, n_group=1, topk_group=1, moe_topk=2,
     # MLA (DeepSeek): compressed queries and keys, a rope part and a no-rope part per head
     q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8,
     # Mamba and linear-attention layers
@@ -26,6 +27,8 @@ TINY_SIZES = dict(
     index_n_heads=4, index_head_dim=8, index_topk=4,
     # per-layer input embeddings (Gemma 3n and 4) and a wider global head
     vocab_size_per_layer_input=512, hidden_size_per_layer_input=8, global_head_dim=16,
+    # BLT's hashed byte n-gram embeddings (500,002 rows by default: 96M parameters)
+    encoder_hash_byte_group_vocab=512,
 )  # fmt: skip
 HEAD_DIM = 8  # where the config has head_dim and no MLA rope split
 
@@ -42,6 +45,10 @@ TINY_OVERRIDES: dict[str, dict] = {
     "gemma3n_text": dict(num_kv_shared_layers=0),
     "gemma3n": dict(text_config=dict(num_kv_shared_layers=0)),
     "zaya": dict(num_experts_per_tok=1),
+    # its sliding-window layers (2 and 3 of 4) have attention shapes of their own: small ones (default: 76M parameters)
+    "dots3_note_text": dict(per_layer_config={str(i): dict(
+        num_attention_heads=2, num_key_value_heads=2, q_lora_rank=8, kv_lora_rank=8, head_dim=8, qk_nope_head_dim=4,
+        v_head_dim=4, qk_rope_head_dim=4) for i in (2, 3)}),
     "dory": dict(n_input_layers=1, n_recurrent_layers=2, n_output_layers=1),  # 4 layers, the middle two looped
     # its cache rounds the key and value widths up to multiples of 64, its layers do not: widths of 64 agree
     "xlstm": dict(qk_dim_factor=2.0, v_dim_factor=2.0),

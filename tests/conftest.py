@@ -14,6 +14,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 # Tests compare against CPU fp32 references, on a GPU machine too; `make gpu-check` covers the GPU paths.
 os.environ["KIT_DEVICE"] = "cpu"
+# One thread per process (kernels inherit it): the tests' models are tiny, and two threads that spin-wait for
+# each other run ten times slower whenever another process takes a core (tests/test_oracle.py and
+# tests/test_prune.py: 204 CPU s on two threads beside another job, 20 on one). A value set by the user stands.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402

@@ -38,15 +38,6 @@ def _cases():
         yield pytest.param(model_type, marks=marks, id=model_type)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (no pool overhead per matmul)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @torch.no_grad()
 def _bypassed(model, block: Block, ids) -> torch.Tensor:
     """Logits of `model` with the layers of `block` returning their input unchanged (forward hooks)."""
