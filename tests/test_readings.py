@@ -73,7 +73,7 @@ def write_compare_run(run, *, mmlu_right=12, similarity=None, heuristic=None, si
         "val_loss_norm_ci_low": [0.29, 0.39, 0.32], "val_loss_norm_ci_high": [0.31, 0.41, 0.34],
     })  # fmt: skip
     comparison.to_csv(run / "comparison.csv", index=False)
-    (run / "selection.json").write_text(json.dumps({"model": "my-model", "start": 3, "n": 4, "distance": 0.2, "source": "argmin"}))
+    (run / "selection.json").write_text(json.dumps({"model": "my-model", "start": 3, "n": 4, "distance": 0.2, "source": "similarity"}))
     return run
 
 
@@ -166,7 +166,7 @@ def _loss(loss, stderr, changes=np.zeros(20)):
 
 def test_prune_reading_calls_a_rise_only_when_the_paired_interval_excludes_0(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"02_select_and_prune": {"layers": 30, "parameters": 1.345e8}}))
-    block = {"model": "m", "start": 13, "n": 6, "distance": 0.148, "source": "argmin"}
+    block = {"model": "m", "start": 13, "n": 6, "distance": 0.148, "source": "similarity"}
 
     def read(changes):
         losses = {"original": _loss(3.0, 0.05), "pruned": _loss(3.0, 0.05, np.asarray(changes, float)), "block": block}
@@ -174,7 +174,7 @@ def test_prune_reading_calls_a_rise_only_when_the_paired_interval_excludes_0(tmp
         return readings.reading(tmp_path, "02_select_and_prune").markdown
 
     text = read([0.2] * 20)  # every text 0.2 worse: the paired interval is 0.2 to 0.2, though the stderrs overlap
-    assert "**Removed layers 13 to 18** (n = 6, chosen by argmin; distance 0.148)." in text
+    assert "**Removed layers 13 to 18** (n = 6, chosen by similarity; distance 0.148)." in text
     assert "**The validation loss rises**: 3.000 ± 0.050 to 3.200 ± 0.050 nats per token (± one standard error over " \
            "texts), a change of 0.200 (95% interval 0.200 to 0.200); 0.300 to 0.320 divided" in text  # fmt: skip
     assert "**The validation loss does not change beyond the noise**" in read([0.2, -0.2] * 10)  # half better, half worse
@@ -188,7 +188,7 @@ def test_prune_reading_calls_a_rise_only_when_the_paired_interval_excludes_0(tmp
 
 def test_heal_reading_states_the_share_restored_when_the_interval_is_below(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"03_heal": {"config": {"steps": 20, "quantize": "4bit"}}}))
-    (tmp_path / "selection.json").write_text(json.dumps({"model": "m", "start": 13, "n": 6, "distance": 0.1, "source": "argmin"}))
+    (tmp_path / "selection.json").write_text(json.dumps({"model": "m", "start": 13, "n": 6, "distance": 0.1, "source": "similarity"}))
     (tmp_path / "heal_history.json").write_text(json.dumps({"validation": [{"step": 0, "loss": 4.368}, {"step": 20, "loss": 3.751}]}))
 
     def read(healed, half):
