@@ -33,7 +33,7 @@ def main():
 
     runs = {
         "single": lambda: metrics.evaluate_all(model, tokenizer, evals),
-        "sweep": lambda: sweep.sweep(model, tokenizer, ns=NS, evals=evals, strategy="heuristic"),
+        "sweep": lambda: sweep.sweep(model, tokenizer, ns=NS, evals=evals, criterion="heuristic"),
         "reload": reload_and_copy,
     }
     seconds = interleaved(runs, REPEATS, measure=wall_seconds)

@@ -1,6 +1,6 @@
 """docs/uncertainty.png: the README's figure of the kit's intervals, on the embedded model (a few
 minutes on 2 CPU cores): block distances with 95% bands over calibration texts (left), and the
-normalised validation loss of both strategies with 95% bands over validation texts (right).
+normalised validation loss of both criteria with 95% bands over validation texts (right).
 
 Run from the repository root: python docs/uncertainty_figure.py"""
 
@@ -23,8 +23,8 @@ distances = kit.angular_distances(model, tokenizer, data.load_texts("corpus", "t
                                   model_name="smollm2-135m")  # fmt: skip
 evals = [metrics.loss_metrics(data.corpus("validation")[:VAL_TEXTS], max_length=MAX_LENGTH)]
 ns = list(range(0, distances.num_layers, STEP))
-results = pd.concat([sweep.sweep(model, tokenizer, ns=ns, evals=evals, distances=distances, strategy=s) for s in sweep.STRATEGIES])
-print(results[results.metric == "val_loss_norm"][["strategy", "n", "value", "ci_low", "ci_high"]].round(3).to_string(index=False))
+results = pd.concat([sweep.sweep(model, tokenizer, ns=ns, evals=evals, distances=distances, criterion=c) for c in sweep.PAPER_CRITERIA])
+print(results[results.metric == "val_loss_norm"][["criterion", "n", "value", "ci_low", "ci_high"]].round(3).to_string(index=False))
 
 fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
 plots.distance_curves(distances, ns=[1, 3, 7, 15], ax=left)

@@ -7,7 +7,7 @@
 Under a launcher the texts, questions and healing batches are split over the processes
 (kit.core.distributed) and every process gets the one-process result; without one it is one process.
 The settings are the fields of kit.core.config.ScanConfig / HealConfig as options (--n-texts, --grad-accum,
-...); the artifacts are the notebooks' (distances.safetensors, sweep-{strategy}.csv, healed/adapter,
+...); the artifacts are the notebooks' (distances.safetensors, sweep-{criterion}.csv, healed/adapter,
 heal_history.json, manifest.json in the run folder --out), written by rank 0 alone.
 """
 
@@ -19,6 +19,7 @@ from pathlib import Path
 from .choose import criteria
 from .core import artifacts, distributed
 from .core.config import HealConfig, ScanConfig
+from .core.deprecation import warn
 from .core.device import provenance
 from .evaluate import metrics
 from .experiments import sweep
@@ -100,14 +101,14 @@ def run_sweep(args):
     ]  # fmt: skip
     if args.boolq is not None:
         evals.append(metrics.BoolQAccuracy(data.boolq_items(args.boolq, n=args.n_boolq), batch_size=args.batch_size))
-    needs_scan = args.strategy in criteria.CRITERIA and criteria.CRITERIA[args.strategy].needs == "distances"
+    needs_scan = args.criterion in criteria.CRITERIA and criteria.CRITERIA[args.criterion].needs == "distances"
     distances = Distances.load(artifacts.require(args.out / "distances.safetensors")) if needs_scan else None
     settings = {k: v for k, v in vars(args).items() if k not in ("command", "out", "func")}
-    results = sweep.sweep(model, tokenizer, ns=args.ns, evals=evals, distances=distances, strategy=args.strategy,
-                          cache_path=args.out / f"sweep-{args.strategy}.json", settings=settings)  # fmt: skip
+    results = sweep.sweep(model, tokenizer, ns=args.ns, evals=evals, distances=distances, criterion=args.criterion,
+                          cache_path=args.out / f"sweep-{args.criterion}.json", settings=settings)  # fmt: skip
     if distributed.is_main():
-        artifacts.write_text(args.out / f"sweep-{args.strategy}.csv", results.to_csv(index=False))
-    _record(args.out, f"sweep-{args.strategy}", settings, model)
+        artifacts.write_text(args.out / f"sweep-{args.criterion}.csv", results.to_csv(index=False))
+    _record(args.out, f"sweep-{args.criterion}", settings, model)
     return results
 
 
@@ -125,11 +126,19 @@ def heal(args):
     return result
 
 
+class _Strategy(argparse.Action):
+    """--strategy, kit 0.1's name of --criterion: the same, with a DeprecationWarning."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        warn("--strategy", "--criterion", stacklevel=2)
+        setattr(namespace, self.dest, value)
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="python -m kit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = top.add_subparsers(dest="command", required=True)
     helps = {"scan": "layer-similarity scan -> OUT/distances.safetensors",
-             "sweep": "MMLU / loss (/ BoolQ) with n layers removed, for each n -> OUT/sweep-STRATEGY.csv",
+             "sweep": "MMLU / loss (/ BoolQ) with n layers removed, for each n -> OUT/sweep-CRITERION.csv",
              "heal": "LoRA / QLoRA healing -> OUT/healed/adapter, OUT/heal_history.json"}  # fmt: skip
     subs = {}
     for name, func in (("scan", scan), ("sweep", run_sweep), ("heal", heal)):
@@ -146,7 +155,8 @@ def parser() -> argparse.ArgumentParser:
     _add_config(subs["scan"], ScanConfig, skip=("model_name",))
     sw = subs["sweep"]
     sw.add_argument("--ns", type=int, nargs="+", required=True, help="block sizes to remove (0: the unpruned model)")
-    sw.add_argument("--strategy", default="similarity", help=f"a criterion of kit.choose.criteria.CRITERIA, e.g. {', '.join(sweep.STRATEGIES)}")
+    sw.add_argument("--criterion", default="similarity", help=f"a name in kit.choose.criteria.CRITERIA, e.g. {', '.join(sweep.PAPER_CRITERIA)}")
+    sw.add_argument("--strategy", dest="criterion", action=_Strategy, help=argparse.SUPPRESS)  # kit 0.1's name, deprecated
     sw.add_argument("--mmlu-subjects", type=int, default=57, help="the first K subjects in alphabetical order")
     sw.add_argument("--per-subject", type=int, default=None, help="questions per subject (default: all)")
     sw.add_argument("--shots", type=int, default=5)

@@ -51,8 +51,8 @@ def test_config_warmup_is_capped_and_bad_values_are_refused():
 
 
 def test_prune_config_checks_its_settings_and_names_each_in_its_digest():
-    config = PruneConfig(n=6, strategy="heuristic")
-    assert config.to_dict() == {"n": 6, "start": None, "strategy": "heuristic", "n_val_texts": 32, "max_length": 256, "batch_size": 8}
+    config = PruneConfig(n=6, criterion="heuristic")
+    assert config.to_dict() == {"n": 6, "start": None, "criterion": "heuristic", "n_val_texts": 32, "max_length": 256, "batch_size": 8}
     assert len({config.digest(), config.replace(n=7).digest(), config.replace(start=3).digest(), config.replace(n_val_texts=8).digest()}) == 4
     with pytest.raises(ValueError, match="n must be >= 1, got 0"):
         PruneConfig(n=0)

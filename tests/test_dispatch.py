@@ -85,7 +85,7 @@ def test_dropped_and_drop_layers_keep_the_device_map_in_step(pair):
 def test_sweep_equals_the_undispatched_model(pair):
     model, dispatched, tokenizer = pair
     evals = [metrics.ValidationLoss(data.corpus("validation")[:4], max_length=32, batch_size=2)]
-    plain, spread = (sweep.sweep(m, tokenizer, ns=[0, 2], evals=evals, strategy="heuristic") for m in (model, dispatched))
+    plain, spread = (sweep.sweep(m, tokenizer, ns=[0, 2], evals=evals, criterion="heuristic") for m in (model, dispatched))
     np.testing.assert_allclose(spread["value"], plain["value"], rtol=1e-6)
     assert kit.core.layers.num_layers(dispatched) == 4
 

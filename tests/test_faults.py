@@ -50,7 +50,7 @@ kit.heal(model, tokenizer, kit.loaders.data.corpus("train")[:8], config, output_
 
 SWEEP = TINY + """
 evals = [kit.evaluate.metrics.ValidationLoss(texts, max_length=48, batch_size=4)]
-table = kit.experiments.sweep.sweep(model, tokenizer, ns=range(3), evals=evals, strategy="heuristic", cache_path=out / "sweep.json")
+table = kit.experiments.sweep.sweep(model, tokenizer, ns=range(3), evals=evals, criterion="heuristic", cache_path=out / "sweep.json")
 kit.core.artifacts.write_text(out / "sweep.csv", table.to_csv(index=False))
 """
 

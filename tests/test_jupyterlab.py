@@ -157,16 +157,16 @@ def test_block_picker_in_jupyterlab(lab, page):
     expect(n_slider).to_contain_text("n (layers)")
     best = distances.best_block(N)
     expect(start_slider.locator(".widget-readout")).to_have_text(str(best.start))
-    _expect_row(picker, "chosen (argmin)", best, distances)
+    _expect_row(picker, "chosen (similarity)", best, distances)
     figure = picker.locator("img")
     expect(figure).to_be_visible()
 
     before = figure.get_attribute("src")
-    n_slider.locator(".noUi-handle").press("ArrowRight")  # n + 1: start follows the new argmin
+    n_slider.locator(".noUi-handle").press("ArrowRight")  # n + 1: start follows the new best block
     best = distances.best_block(N + 1)
     expect(n_slider.locator(".widget-readout")).to_have_text(str(N + 1))
     expect(start_slider.locator(".widget-readout")).to_have_text(str(best.start))
-    _expect_row(picker, "chosen (argmin)", best, distances)
+    _expect_row(picker, "chosen (similarity)", best, distances)
     expect(figure).not_to_have_attribute("src", before)
 
     before = figure.get_attribute("src")

@@ -74,7 +74,7 @@ def cached_sweeps(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sweeps")
 
     def resume(evaluation):
-        return sweep.sweep(model, tokenizer, ns=[0], evals=[evaluation], strategy="heuristic",
+        return sweep.sweep(model, tokenizer, ns=[0], evals=[evaluation], criterion="heuristic",
                            cache_path=folder / f"{evaluation.name}.json")  # fmt: skip
 
     first = {name: resume(e) for name, e in EXAMPLES.items()}
@@ -119,9 +119,9 @@ def test_a_plain_function_in_a_cached_sweep_is_warned_about(tmp_path):
     model, tokenizer = kit.tiny_model("llama", num_layers=2)
     probe = lambda m, t: {"layers": 2.0}  # noqa: E731
     with pytest.warns(FutureWarning, match=r"evaluations \['0: .*<lambda>', '1: .*<lambda>'\] are plain functions: a resumed"):
-        sweep.sweep(model, tokenizer, ns=[0], evals=[probe, lambda m, t: {}], strategy="heuristic", cache_path=tmp_path / "s.json")
+        sweep.sweep(model, tokenizer, ns=[0], evals=[probe, lambda m, t: {}], criterion="heuristic", cache_path=tmp_path / "s.json")
     with pytest.raises(ValueError, match="two evaluations named 'loss'"):
-        sweep.sweep(model, tokenizer, ns=[0], evals=[EXAMPLES["loss"]] * 2, strategy="heuristic")
+        sweep.sweep(model, tokenizer, ns=[0], evals=[EXAMPLES["loss"]] * 2, criterion="heuristic")
 
 
 @pytest.mark.parametrize("old, new, args", [

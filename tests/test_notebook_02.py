@@ -18,12 +18,12 @@ def run(notebook_run):
     return notebook_run("02_select_and_prune")
 
 
-def test_selection_is_the_argmin_of_the_scan(run):
+def test_selection_is_the_scans_best_block(run):
     distances = kit.Distances.load(run / "distances.safetensors")
     best = distances.best_block(PARAMETERS["N"])
     selection = read_json(run / "selection.json")
     assert selection == {
-        "start": best.start, "n": best.n, "distance": pytest.approx(best.distance), "source": "argmin",
+        "start": best.start, "n": best.n, "distance": pytest.approx(best.distance), "source": "similarity",
         "model": distances.meta["model"],
     }  # fmt: skip
     assert kit.Selection.load(run / "selection.json").block == kit.Block(best.start, best.n, pytest.approx(best.distance))
@@ -61,7 +61,7 @@ def test_figures_draw_the_selection_and_the_losses(run, tmp_path):
     from kit.evaluate.loss import LossResult
 
     distances, selection = kit.Distances.load(run / "distances.safetensors"), kit.Selection.load(run / "selection.json")
-    picker = kit.experiments.widgets.BlockPicker(distances, n=PARAMETERS["N"], start=None, strategy="similarity")  # as the notebook builds it
+    picker = kit.experiments.widgets.BlockPicker(distances, n=PARAMETERS["N"], start=None, criterion="similarity")  # as the notebook builds it
     assert_redrawn(run / "selection.png", picker.plot(), tmp_path)
     losses, block = read_json(run / "losses.json"), selection.block
     bars = {"original": LossResult(**losses["original"]), f"pruned (-{block.n} layers)": LossResult(**losses["pruned"])}

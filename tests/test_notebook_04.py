@@ -16,50 +16,50 @@ def run(notebook_run):
     return notebook_run("04_compare")
 
 
-def test_sweep_covers_both_strategies_and_every_metric(run):
+def test_sweep_covers_both_criteria_and_every_metric(run):
     table = pd.read_csv(run / "sweep.csv")
-    assert set(table["strategy"]) == set(sweep.STRATEGIES)
+    assert set(table["criterion"]) == set(sweep.PAPER_CRITERIA)
     assert sorted(set(table["n"])) == [0, 10, 20]
     assert set(table["metric"]) == {"recall", "mmlu", "mmlu_subjects", "val_loss", "val_loss_norm", "boolq"} | COST
     assert table["fraction"].max() == pytest.approx(20 / 30)
-    unpruned = table[table["n"] == 0].pivot(index="strategy", columns="metric", values="value")
-    assert (unpruned.nunique() == 1).all(), "n = 0 is the same model for both strategies: evaluated once, shared"
+    unpruned = table[table["n"] == 0].pivot(index="criterion", columns="metric", values="value")
+    assert (unpruned.nunique() == 1).all(), "n = 0 is the same model for both criteria: evaluated once, shared"
     intervals = table.dropna(subset=["ci_low"])
     assert {"recall", "mmlu", "val_loss"} <= set(intervals["metric"])
     assert (intervals["ci_low"] <= intervals["value"]).all() and (intervals["value"] <= intervals["ci_high"]).all()
     recall = table[table["metric"] == "recall"]
     assert recall["outcomes"].str.len().eq(SMOKE["RECALL_ITEMS"]).all()
-    assert {p.name for p in run.glob("sweep-*.json")} == {f"sweep-{s}.json" for s in sweep.STRATEGIES}
-    kv = table[table["metric"] == "kv_bytes_per_token"].set_index(["strategy", "n", "healed"])["value"]
+    assert {p.name for p in run.glob("sweep-*.json")} == {f"sweep-{s}.json" for s in sweep.PAPER_CRITERIA}
+    kv = table[table["metric"] == "kv_bytes_per_token"].set_index(["criterion", "n", "healed"])["value"]
     assert (kv.xs((20, False), level=("n", "healed")) == kv.xs((0, False), level=("n", "healed")) * 10 / 30).all()
 
 
-def test_paired_comparison_of_the_strategies(run):
+def test_paired_comparison_of_the_criteria(run):
     paired = pd.read_csv(run / "paired.csv").query("metric == 'recall'").reset_index(drop=True)
     assert paired["n"].tolist() == [0, 10, 20]
     assert paired.loc[0, ["difference", "ci_low", "ci_high"]].tolist() == [0, 0, 0]  # n = 0: the same model
     assert (paired["ci_low"] <= paired["difference"]).all() and (paired["difference"] <= paired["ci_high"]).all()
     losses = pd.read_csv(run / "paired.csv").query("metric == 'val_loss_norm'").set_index("n")  # on the same texts
-    swept = pd.read_csv(run / "sweep.csv").query("metric == 'val_loss_norm' and not healed").pivot(index="n", columns="strategy", values="value")
+    swept = pd.read_csv(run / "sweep.csv").query("metric == 'val_loss_norm' and not healed").pivot(index="n", columns="criterion", values="value")
     assert losses["difference"].to_numpy() == pytest.approx((swept["similarity"] - swept["heuristic"]).loc[losses.index].to_numpy(), abs=1e-12)
     assert losses.loc[0, ["difference", "ci_low", "ci_high"]].tolist() == [0, 0, 0]
     collapse = pd.read_csv(run / "collapse.csv")
-    assert collapse["strategy"].tolist() == list(sweep.STRATEGIES) * 2 and collapse["metric"].tolist() == ["recall"] * 2 + ["mmlu"] * 2
+    assert collapse["criterion"].tolist() == list(sweep.PAPER_CRITERIA) * 2 and collapse["metric"].tolist() == ["recall"] * 2 + ["mmlu"] * 2
 
 
-def test_each_strategy_heals_its_blocks_beside_their_unhealed_twins(run):
+def test_each_criterion_heals_its_blocks_beside_their_unhealed_twins(run):
     table = pd.read_csv(run / "sweep.csv")
     healed = table[table["healed"]]
-    assert set(healed["n"]) == {10} and set(healed["strategy"]) == set(sweep.STRATEGIES)
-    for strategy in sweep.STRATEGIES:
-        loss = table.query("metric == 'val_loss' and n == 10 and strategy == @strategy").set_index("healed")["value"]
+    assert set(healed["n"]) == {10} and set(healed["criterion"]) == set(sweep.PAPER_CRITERIA)
+    for criterion in sweep.PAPER_CRITERIA:
+        loss = table.query("metric == 'val_loss' and n == 10 and criterion == @criterion").set_index("healed")["value"]
         assert loss[True] != loss[False]
-        assert (run / "sweep_healed" / strategy / "n10" / "adapter").is_dir()
+        assert (run / "sweep_healed" / criterion / "n10" / "adapter").is_dir()
     gains = pd.read_csv(run / "healing_gains.csv")
-    assert gains["strategy"].tolist() == list(sweep.STRATEGIES) * 3 and set(gains["n"]) == {10}  # recall, mmlu, loss
-    assert gains["metric"].tolist() == [m for m in ("recall", "mmlu", "val_loss_norm") for _ in sweep.STRATEGIES]
+    assert gains["criterion"].tolist() == list(sweep.PAPER_CRITERIA) * 3 and set(gains["n"]) == {10}  # recall, mmlu, loss
+    assert gains["metric"].tolist() == [m for m in ("recall", "mmlu", "val_loss_norm") for _ in sweep.PAPER_CRITERIA]
     for _, gain in gains[gains["metric"] == "val_loss_norm"].iterrows():  # paired over the same texts
-        loss = table.query("metric == 'val_loss_norm' and n == 10 and strategy == @gain.strategy").set_index("healed")["value"]
+        loss = table.query("metric == 'val_loss_norm' and n == 10 and criterion == @gain.criterion").set_index("healed")["value"]
         assert gain["difference"] == pytest.approx(loss[True] - loss[False], abs=1e-12)
         assert gain["ci_low"] <= gain["difference"] <= gain["ci_high"]
 
@@ -85,11 +85,11 @@ def test_figures_draw_the_saved_tables(run, tmp_path):
     axes = kit.experiments.plots.sweep_figure(unhealed, PANELS)
     for metric, ax in zip(PANELS, axes[0]):
         drawn = {line.get_label(): len(line.get_xdata()) for line in ax.lines}
-        rows = unhealed[unhealed["metric"] == metric].groupby("strategy").size().to_dict()
+        rows = unhealed[unhealed["metric"] == metric].groupby("criterion").size().to_dict()
         assert {s: drawn[s] for s in rows} == rows  # one point per row of the table
     assert_redrawn(run / "sweep.png", axes[0, 0], tmp_path)
     twins = table[table["n"].isin(SMOKE["HEAL_NS"])]
-    axes = kit.experiments.plots.sweep_figure(twins, PANELS, hue="healed", rows="strategy")
+    axes = kit.experiments.plots.sweep_figure(twins, PANELS, hue="healed", rows="criterion")
     assert axes.shape == (2, 3) and {line.get_label() for line in axes[0, 0].lines} >= {"healed", "unhealed"}
     assert_redrawn(run / "sweep_healed.png", axes[0, 0], tmp_path)
     comparison = pd.read_csv(run / "comparison.csv", index_col="model")

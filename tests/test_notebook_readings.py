@@ -38,7 +38,7 @@ def derived(run, name: str) -> list[float]:
         return [(p - h) / (p - o), selection["start"] + selection["n"] - 1]
     if name == "04_compare":
         comparison, results = pd.read_csv(run / "comparison.csv"), pd.read_csv(run / "sweep.csv")
-        loss = results[results["metric"] == "val_loss_norm"].set_index(["strategy", "n", "healed"])["value"]
+        loss = results[results["metric"] == "val_loss_norm"].set_index(["criterion", "n", "healed"])["value"]
         shares = [(loss[s, n, False] - loss[s, n, True]) / (loss[s, n, False] - loss[s, 0, False]) for s, n, h in loss.index if h]
         return [*(comparison["weight_bytes"] / comparison["weight_bytes"].iloc[0]), *shares]
     if name == "05_criteria":

@@ -80,7 +80,7 @@ def _cost_rows():
     import pandas as pd
 
     return pd.DataFrame([
-        dict(strategy=s, n=n, healed=h, metric=m, value=v)
+        dict(criterion=s, n=n, healed=h, metric=m, value=v)
         for s, bonus in (("similarity", 0.0), ("heuristic", 1.0))
         for n in (0, 2, 4)
         for h in ((False, True) if n == 2 and s == "similarity" else (False,))
@@ -89,7 +89,7 @@ def _cost_rows():
     ])  # fmt: skip
 
 
-def test_quality_cost_draws_each_strategy_in_order_of_n_against_an_exact_cost():
+def test_quality_cost_draws_each_criterion_in_order_of_n_against_an_exact_cost():
     import matplotlib
     import pandas as pd
 
@@ -153,7 +153,7 @@ def _sweep_rows(points: dict[str, int], metric="recall"):
     import pandas as pd
 
     return pd.DataFrame([
-        dict(strategy=s, n=n, fraction=n / 10, healed=False, metric=metric, value=0.5 - n / 20, ci_low=0.4 - n / 20,
+        dict(criterion=s, n=n, fraction=n / 10, healed=False, metric=metric, value=0.5 - n / 20, ci_low=0.4 - n / 20,
              ci_high=0.7 - n / 20)
         for s, count in points.items() for n in range(count)
     ])  # fmt: skip
@@ -180,7 +180,7 @@ def test_sweep_plot_joins_three_or_more_points_and_never_one_or_two():
     plt.close("all")
 
 
-def test_sweep_figure_has_a_panel_per_metric_and_a_row_per_strategy():
+def test_sweep_figure_has_a_panel_per_metric_and_a_row_per_criterion():
     import pandas as pd
 
     table = pd.concat([_sweep_rows({"similarity": 3, "heuristic": 3}), _sweep_rows({"similarity": 3, "heuristic": 3}, "loss")])
@@ -190,8 +190,8 @@ def test_sweep_figure_has_a_panel_per_metric_and_a_row_per_strategy():
     assert [line.get_label() for line in axes[0, 0].lines] == ["similarity", "heuristic", "chance"]
     assert "chance" not in [line.get_label() for line in axes[0, 1].lines]
     healed = table.assign(healed=table["n"] % 2 == 1)
-    axes = kit.experiments.plots.sweep_figure(healed, ["recall", "loss"], hue="healed", rows="strategy")
-    assert axes.shape == (2, 2) and axes[1, 0].get_title() == "strategy = heuristic"
+    axes = kit.experiments.plots.sweep_figure(healed, ["recall", "loss"], hue="healed", rows="criterion")
+    assert axes.shape == (2, 2) and axes[1, 0].get_title() == "criterion = heuristic"
     drawn = {line.get_label(): list(line.get_ydata()) for line in axes[1, 0].lines if not line.get_label().startswith("_")}
     assert drawn == {"unhealed": [0.5, 0.4], "healed": [0.45], "chance": [0.25, 0.25]}  # n = 0, 2 unhealed; n = 1 healed
     plt.close("all")
@@ -210,10 +210,10 @@ def test_losses_bar_draws_each_normalised_loss_with_its_interval():
     plt.close("all")
 
 
-def test_one_colour_and_marker_per_strategy_and_criterion_in_every_figure():
+def test_one_colour_and_marker_per_criterion_and_checkpoint_in_every_figure():
     import pandas as pd
 
-    assert kit.experiments.plots.style("similarity") == kit.experiments.plots.style("angular_last")  # the strategy chooses by the paper's metric
+    assert kit.experiments.plots.style("similarity") == kit.experiments.plots.style("angular_last")  # the similarity criterion chooses by the paper's metric
     named = [name for name in kit.experiments.plots.STYLES if name != "angular_last"]
     assert len({kit.experiments.plots.STYLES[name] for name in named}) == len(named)  # otherwise all distinct
     assert kit.experiments.plots.style(True) == kit.experiments.plots.style("healed") and kit.experiments.plots.style(np.bool_(False)) == kit.experiments.plots.style("unhealed")

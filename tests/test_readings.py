@@ -20,28 +20,28 @@ def outcomes(right: int, total: int = 40) -> str:
     return "R" * right + "W" * (total - right)
 
 
-def accuracy_rows(strategy: str, rights: dict[int, int], *, metric="recall", chance=1 / 6, healed=False) -> list[dict]:
+def accuracy_rows(criterion: str, rights: dict[int, int], *, metric="recall", chance=1 / 6, healed=False) -> list[dict]:
     rows = []
     for n, right in rights.items():
         value = right / 40
         low, high = wilson(right, 40)
-        rows.append({"n": n, "fraction": n / L, "strategy": strategy, "healed": healed, "metric": metric, "value": value,
+        rows.append({"n": n, "fraction": n / L, "criterion": criterion, "healed": healed, "metric": metric, "value": value,
                      "ci_low": low, "ci_high": high, "chance": chance, "outcomes": outcomes(right)})  # fmt: skip
     return rows
 
 
-SPREAD = np.array([0.03, -0.03, 0.0, 0.0] * 5)  # per-text deviations, opposite for the two strategies
+SPREAD = np.array([0.03, -0.03, 0.0, 0.0] * 5)  # per-text deviations, opposite for the two criteria
 
 
 def per_text(loss: float, sign: int, *, tokens: int = 10) -> str:
     """20 texts of `tokens` tokens whose token-weighted mean loss is `loss` (paired differences between
-    the strategies spread by 2 x SPREAD around the difference of the means: +-0.017 for the mean of 20)."""
+    the criteria spread by 2 x SPREAD around the difference of the means: +-0.017 for the mean of 20)."""
     return results.encode_per_text(np.stack([(loss + sign * SPREAD) * tokens, np.full(20, tokens)], 1))
 
 
-def loss_rows(strategy: str, losses: dict[int, float], *, half=0.01, healed=False) -> list[dict]:
-    sign = (1 if strategy == "similarity" else -1) * (-1 if healed else 1)
-    return [{"n": n, "fraction": n / L, "strategy": strategy, "healed": healed, "metric": "val_loss_norm", "value": v,
+def loss_rows(criterion: str, losses: dict[int, float], *, half=0.01, healed=False) -> list[dict]:
+    sign = (1 if criterion == "similarity" else -1) * (-1 if healed else 1)
+    return [{"n": n, "fraction": n / L, "criterion": criterion, "healed": healed, "metric": "val_loss_norm", "value": v,
              "ci_low": v - half, "ci_high": v + half, "chance": np.nan, "outcomes": None, "per_text": per_text(v, sign)}
             for n, v in losses.items()]  # fmt: skip
 
@@ -61,7 +61,7 @@ def write_compare_run(run, *, mmlu_right=12, similarity=None, heuristic=None, si
     unhealed = swept[~swept["healed"]]
     swept.to_csv(run / "sweep.csv", index=False)
     curves.by_metric(curves.collapse_points, unhealed, ["recall"]).to_csv(run / "collapse.csv", index=False)
-    curves.by_metric(curves.paired_comparison, unhealed, ["recall", "val_loss_norm"], "strategy", "similarity", "heuristic").to_csv(run / "paired.csv", index=False)
+    curves.by_metric(curves.paired_comparison, unhealed, ["recall", "val_loss_norm"], "criterion", "similarity", "heuristic").to_csv(run / "paired.csv", index=False)
     curves.by_metric(curves.healing_gains, swept, ["recall", "val_loss_norm"]).to_csv(run / "healing_gains.csv", index=False)
     low, high = wilson(mmlu_right, 40)
     unpruned = results.table({"mmlu": Estimate(mmlu_right / 40, low, high, np.arange(40) < mmlu_right, 0.25)}, n=0)
@@ -73,7 +73,7 @@ def write_compare_run(run, *, mmlu_right=12, similarity=None, heuristic=None, si
         "val_loss_norm_ci_low": [0.29, 0.39, 0.32], "val_loss_norm_ci_high": [0.31, 0.41, 0.34],
     })  # fmt: skip
     comparison.to_csv(run / "comparison.csv", index=False)
-    (run / "selection.json").write_text(json.dumps({"model": "my-model", "start": 3, "n": 4, "distance": 0.2, "source": "argmin"}))
+    (run / "selection.json").write_text(json.dumps({"model": "my-model", "start": 3, "n": 4, "distance": 0.2, "source": "similarity"}))
     return run
 
 
@@ -88,7 +88,7 @@ def test_mmlu_verdict_follows_its_interval_against_chance(tmp_path):
 
 def test_collapse_verdicts_name_where_the_curve_reaches_chance(tmp_path):
     text = readings.reading(write_compare_run(tmp_path), "04_compare").markdown
-    collapse = pd.read_csv(tmp_path / "collapse.csv").set_index("strategy")
+    collapse = pd.read_csv(tmp_path / "collapse.csv").set_index("criterion")
     assert collapse.loc["similarity", "collapse"] == pytest.approx(0.6) and collapse.loc["heuristic", "collapse"] == pytest.approx(0.4)
     assert "similarity blocks: holds until 40% of the layers and collapses at 60% (n = 6); collapse point 60%" in text
     assert "heuristic blocks: holds until 20% of the layers and collapses at 40% (n = 4)" in text
@@ -100,7 +100,7 @@ def test_collapse_verdicts_name_where_the_curve_reaches_chance(tmp_path):
     assert "similarity blocks: already at chance before any layer is removed; collapse point 0%" in dead
 
 
-def test_strategy_loss_verdict_follows_the_paired_interval_over_the_same_texts(tmp_path):
+def test_criterion_loss_verdict_follows_the_paired_interval_over_the_same_texts(tmp_path):
     text = readings.reading(write_compare_run(tmp_path), "04_compare").markdown
     assert "**The similarity blocks cost less loss than the heuristic's at every block size swept**" in text
     mixed = readings.reading(write_compare_run(tmp_path, sim_loss={0: 0.3, 2: 0.505, 4: 0.4, 6: 1.0, 8: 0.6}), "04_compare").markdown
@@ -166,7 +166,7 @@ def _loss(loss, stderr, changes=np.zeros(20)):
 
 def test_prune_reading_calls_a_rise_only_when_the_paired_interval_excludes_0(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"02_select_and_prune": {"layers": 30, "parameters": 1.345e8}}))
-    block = {"model": "m", "start": 13, "n": 6, "distance": 0.148, "source": "argmin"}
+    block = {"model": "m", "start": 13, "n": 6, "distance": 0.148, "source": "similarity"}
 
     def read(changes):
         losses = {"original": _loss(3.0, 0.05), "pruned": _loss(3.0, 0.05, np.asarray(changes, float)), "block": block}
@@ -174,7 +174,7 @@ def test_prune_reading_calls_a_rise_only_when_the_paired_interval_excludes_0(tmp
         return readings.reading(tmp_path, "02_select_and_prune").markdown
 
     text = read([0.2] * 20)  # every text 0.2 worse: the paired interval is 0.2 to 0.2, though the stderrs overlap
-    assert "**Removed layers 13 to 18** (n = 6, chosen by argmin; distance 0.148)." in text
+    assert "**Removed layers 13 to 18** (n = 6, chosen by similarity; distance 0.148)." in text
     assert "**The validation loss rises**: 3.000 ± 0.050 to 3.200 ± 0.050 nats per token (± one standard error over " \
            "texts), a change of 0.200 (95% interval 0.200 to 0.200); 0.300 to 0.320 divided" in text  # fmt: skip
     assert "**The validation loss does not change beyond the noise**" in read([0.2, -0.2] * 10)  # half better, half worse
@@ -188,7 +188,7 @@ def test_prune_reading_calls_a_rise_only_when_the_paired_interval_excludes_0(tmp
 
 def test_heal_reading_states_the_share_restored_when_the_interval_is_below(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"03_heal": {"config": {"steps": 20, "quantize": "4bit"}}}))
-    (tmp_path / "selection.json").write_text(json.dumps({"model": "m", "start": 13, "n": 6, "distance": 0.1, "source": "argmin"}))
+    (tmp_path / "selection.json").write_text(json.dumps({"model": "m", "start": 13, "n": 6, "distance": 0.1, "source": "similarity"}))
     (tmp_path / "heal_history.json").write_text(json.dumps({"validation": [{"step": 0, "loss": 4.368}, {"step": 20, "loss": 3.751}]}))
 
     def read(healed, half):

@@ -90,7 +90,7 @@ def test_recall_errors_say_what_to_do():
 def test_recall_metrics_in_a_sweep_carry_their_chance():
     model, tokenizer = kit.tiny_model("llama")
     items = recall_items(12, facts=4)
-    table = sweep.sweep(model, tokenizer, ns=[0, 2, 4], evals=[metrics.RecallAccuracy(items)], strategy="heuristic")
+    table = sweep.sweep(model, tokenizer, ns=[0, 2, 4], evals=[metrics.RecallAccuracy(items)], criterion="heuristic")
     for n, row in table.set_index("n").iterrows():
         direct = recall(drop_layers(model, heuristic_block(6, n)) if n else model, tokenizer, items)
         assert (row.metric, row.value, (row.ci_low, row.ci_high), row.chance) == ("recall", direct.accuracy, direct.ci, 0.25)

@@ -16,7 +16,7 @@ def test_rows_are_one_per_metric_with_the_point_columns():
     assert table["metric"].tolist() == ["mmlu", "parameters"] and table["n"].tolist() == [0, 0]
     assert table.loc[0, ["value", "ci_low", "ci_high", "chance", "outcomes"]].tolist() == [0.5, 0.2, 0.8, 0.25, "RW"]
     assert pd.isna(table.loc[1, "outcomes"]) and pd.isna(table.loc[1, "per_text"]) and math.isnan(table.loc[1, "chance"])
-    point = dict(strategy="similarity", n=np.int64(4), fraction=0.5, start=2, distance=np.float32(0.25), healed=False)
+    point = dict(criterion="similarity", n=np.int64(4), fraction=0.5, start=2, distance=np.float32(0.25), healed=False)
     row = results.rows({"recall": Estimate(1.0)}, **point)[0]
     assert tuple(row) == results.COLUMNS and type(row["n"]) is int and type(row["distance"]) is float  # JSON-able
 

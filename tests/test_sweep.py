@@ -23,16 +23,16 @@ from kit.testing import random_distances  # noqa: E402
 TEXTS = data.corpus("validation")[:3]
 
 
-@pytest.mark.parametrize("strategy", sweep.STRATEGIES)
-def test_sweep_equals_evaluating_each_pruned_copy(strategy, snapshot):
+@pytest.mark.parametrize("criterion", sweep.PAPER_CRITERIA)
+def test_sweep_equals_evaluating_each_pruned_copy(criterion, snapshot):
     model, tokenizer = kit.tiny_model("qwen2")
     distances = random_distances(6)
     before = snapshot(model)
     evals = [metrics.ValidationLoss(TEXTS, max_length=64)]
-    table = sweep.sweep(model, tokenizer, ns=[0, 1, 3], evals=evals, distances=distances, strategy=strategy)
+    table = sweep.sweep(model, tokenizer, ns=[0, 1, 3], evals=evals, distances=distances, criterion=criterion)
 
     assert list(table.columns) == [
-        "strategy", "n", "fraction", "start", "distance", "healed", "metric", "value", "ci_low", "ci_high", "chance",
+        "criterion", "n", "fraction", "start", "distance", "healed", "metric", "value", "ci_low", "ci_high", "chance",
         "outcomes", "per_text",
     ]  # fmt: skip
     assert set(table["metric"]) == {"val_loss", "val_loss_norm"} and len(table) == 6
@@ -42,7 +42,7 @@ def test_sweep_equals_evaluating_each_pruned_copy(strategy, snapshot):
         if n == 0:
             reference = model
         else:
-            block = distances.best_block(n) if strategy == "similarity" else heuristic_block(6, n)
+            block = distances.best_block(n) if criterion == "similarity" else heuristic_block(6, n)
             assert row.start == block.start
             reference = drop_layers(model, block)
         expected = evaluate.validation_loss(reference, tokenizer, TEXTS, max_length=64)
@@ -63,7 +63,7 @@ def test_sweep_heals_chosen_sizes_from_the_pruned_view():
         return pruned
 
     probe = lambda m, t: {"layers": float(layers.num_layers(m))}  # noqa: E731
-    table = sweep.sweep(model, tokenizer, ns=[0, 2], evals=[probe], strategy="heuristic", heal=heal, heal_ns=[2])
+    table = sweep.sweep(model, tokenizer, ns=[0, 2], evals=[probe], criterion="heuristic", heal=heal, heal_ns=[2])
     assert seen == [(4, Block(3, 2))]
     assert table[["n", "healed", "value"]].values.tolist() == [[0, False, 6.0], [2, False, 4.0], [2, True, 4.0]]
     assert layers.num_layers(model) == 6
@@ -76,7 +76,7 @@ def test_healer_leaves_the_swept_model_untouched(quantize, tmp_path):
     config = kit.HealConfig(rank=2, lr=1e-2, steps=2, batch_size=2, seq_len=32, quantize=quantize, save_every=2)
     heal = sweep.healer(kit.loaders.data.corpus("train")[:4], config, output_root=tmp_path)
     probe = lambda m, t: {"layers": float(layers.num_layers(m))}  # noqa: E731
-    table = sweep.sweep(model, tokenizer, ns=[2], evals=[probe], strategy="heuristic", heal=heal, heal_ns=[2])
+    table = sweep.sweep(model, tokenizer, ns=[2], evals=[probe], criterion="heuristic", heal=heal, heal_ns=[2])
     assert table[["healed", "value"]].values.tolist() == [[False, 4.0], [True, 4.0]]
     assert (tmp_path / "n2" / "adapter" / "adapter_model.safetensors").exists()
     assert model.state_dict().keys() == weights.keys() and layers.num_layers(model) == 6
@@ -95,7 +95,7 @@ def test_healing_a_4bit_model_in_a_sweep_leaves_it_untouched(tmp_path):
     config = kit.HealConfig(rank=2, lr=1e-2, steps=1, batch_size=2, seq_len=32, quantize="4bit", save_every=1)
     heal = sweep.healer(kit.loaders.data.corpus("train")[:4], config, output_root=tmp_path / "healed")
     probe = lambda m, t: {"layers": float(layers.num_layers(m))}  # noqa: E731
-    table = sweep.sweep(model, tokenizer, ns=[2], evals=[probe], strategy="heuristic", heal=heal, heal_ns=[2])
+    table = sweep.sweep(model, tokenizer, ns=[2], evals=[probe], criterion="heuristic", heal=heal, heal_ns=[2])
     assert table[["healed", "value"]].values.tolist() == [[False, 4.0], [True, 4.0]]
     assert not any("lora" in name for name, _ in model.named_modules()) and not hasattr(model, "peft_config")
     assert {k: v.dtype for k, v in model.state_dict().items()} == before  # bf16 norms stay bf16
@@ -111,7 +111,7 @@ def test_sweep_restores_the_model_after_an_error():
         return {}
 
     with pytest.raises(RuntimeError, match="evaluation failed"):
-        sweep.sweep(model, tokenizer, ns=[0, 2], evals=[broken], strategy="heuristic")
+        sweep.sweep(model, tokenizer, ns=[0, 2], evals=[broken], criterion="heuristic")
     assert layers.num_layers(model) == 6 and model.config.layer_types == layer_types
 
 
@@ -120,7 +120,7 @@ def test_mmlu_metrics_in_a_sweep(smollm):
     # splits " B".." D" in two), so no pruning could change their row. SmolLM2 changes its answers.
     model, tokenizer = smollm
     questions = data.mmlu_questions(["anatomy", "world_religions"], per_subject=2)
-    table = sweep.sweep(model, tokenizer, ns=[0, 8], evals=[metrics.MMLUAccuracy(questions, shots=0)], strategy="heuristic")
+    table = sweep.sweep(model, tokenizer, ns=[0, 8], evals=[metrics.MMLUAccuracy(questions, shots=0)], criterion="heuristic")
     predictions = {}
     for n, reference in ((0, model), (8, drop_layers(model, heuristic_block(30, 8)))):
         direct = evaluate.mmlu(reference, tokenizer, questions, shots=0)
@@ -141,15 +141,15 @@ def test_mmlu_metrics_in_a_sweep(smollm):
 def test_sweep_bad_input():
     model, tokenizer = kit.tiny_model("llama")
     with pytest.raises(ValueError, match="needs the distances"):
-        sweep.sweep(model, tokenizer, ns=[1], evals=[], strategy="similarity")
+        sweep.sweep(model, tokenizer, ns=[1], evals=[], criterion="similarity")
     with pytest.raises(ValueError, match="similarity, heuristic"):
-        sweep.sweep(model, tokenizer, ns=[1], evals=[], strategy="random")
+        sweep.sweep(model, tokenizer, ns=[1], evals=[], criterion="random")
     with pytest.raises(ValueError, match="the model has 6"):
         sweep.sweep(model, tokenizer, ns=[1], evals=[], distances=random_distances(4))
     with pytest.raises(ValueError, match="also in ns"):
-        sweep.sweep(model, tokenizer, ns=[1], evals=[], strategy="heuristic", heal=lambda *a: a[0], heal_ns=[2])
+        sweep.sweep(model, tokenizer, ns=[1], evals=[], criterion="heuristic", heal=lambda *a: a[0], heal_ns=[2])
     with pytest.raises(ValueError, match="choose 1 <= n <= 5"):
-        sweep.sweep(model, tokenizer, ns=[6], evals=[], strategy="heuristic")
+        sweep.sweep(model, tokenizer, ns=[6], evals=[], criterion="heuristic")
 
 
 def test_compare_loads_each_checkpoint(tmp_path):
@@ -173,7 +173,7 @@ COST = metrics.InferenceCost(prompt_tokens=8, new_tokens=3, repeats=1, threads=1
 
 def test_cost_metrics_in_a_sweep():
     model, tokenizer = kit.tiny_model("llama")
-    table = sweep.sweep(model, tokenizer, ns=[0, 2], evals=[COST], strategy="heuristic")
+    table = sweep.sweep(model, tokenizer, ns=[0, 2], evals=[COST], criterion="heuristic")
     values = table.pivot(index="n", columns="metric", values="value")
     assert values.loc[2, "kv_bytes_per_token"] == values.loc[0, "kv_bytes_per_token"] * 4 / 6
     per_layer = sum(p.numel() for p in model.model.layers[0].parameters())
@@ -248,17 +248,17 @@ def test_a_sweep_cache_of_other_settings_is_refused(tmp_path):
         sweep.sweep(model, tokenizer, ns=[0, 2], evals=[probe], distances=random_distances(6), cache_path=cache, settings={"shots": 0})
     with pytest.raises(ValueError, match=r"distances: '\w+' -> '\w+'"):
         sweep.sweep(model, tokenizer, ns=[0, 2], evals=[probe], distances=random_distances(6, seed=1), cache_path=cache, settings={"shots": 5})
-    with pytest.raises(ValueError, match="strategy: 'similarity' -> 'heuristic'"):
-        sweep.sweep(model, tokenizer, ns=[0, 2], evals=[probe], strategy="heuristic", cache_path=cache, settings={"shots": 5})
+    with pytest.raises(ValueError, match="criterion: 'similarity' -> 'heuristic'"):
+        sweep.sweep(model, tokenizer, ns=[0, 2], evals=[probe], criterion="heuristic", cache_path=cache, settings={"shots": 5})
     with pytest.raises(ValueError, match="num_layers: 6 -> 4"):
-        sweep.sweep(drop_layers(model, Block(0, 2)), tokenizer, ns=[0, 2], evals=[probe], strategy="similarity",
+        sweep.sweep(drop_layers(model, Block(0, 2)), tokenizer, ns=[0, 2], evals=[probe], criterion="similarity",
                     distances=random_distances(4), cache_path=cache, settings={"shots": 5})  # fmt: skip
     cache.write_text("{not json")
     with pytest.raises(ValueError, match="is not a sweep cache"):
         sweep.sweep(model, tokenizer, ns=[0, 2], evals=[probe], distances=random_distances(6), cache_path=cache)
 
 
-def test_sweeps_concatenates_each_strategy_and_evaluates_n0_once(tmp_path):
+def test_sweeps_concatenates_each_criterion_and_evaluates_n0_once(tmp_path):
     model, tokenizer = kit.tiny_model("llama")
     distances = random_distances(layers.num_layers(model))
     calls = []
@@ -268,26 +268,26 @@ def test_sweeps_concatenates_each_strategy_and_evaluates_n0_once(tmp_path):
         return {"loss": evaluate.validation_loss(m, t, TEXTS, max_length=32).loss}
 
     table = sweep.sweeps(model, tokenizer, ns=[0, 2], evals=[probe], distances=distances, folder=tmp_path)
-    assert calls == [6, 4, 4]  # n = 0 once, then n = 2 for each strategy
-    for strategy in sweep.STRATEGIES:
-        alone = sweep.sweep(model, tokenizer, ns=[0, 2], evals=[probe], distances=distances, strategy=strategy)
-        mine = table[table["strategy"] == strategy].reset_index(drop=True)
+    assert calls == [6, 4, 4]  # n = 0 once, then n = 2 for each criterion
+    for criterion in sweep.PAPER_CRITERIA:
+        alone = sweep.sweep(model, tokenizer, ns=[0, 2], evals=[probe], distances=distances, criterion=criterion)
+        mine = table[table["criterion"] == criterion].reset_index(drop=True)
         numeric = lambda t: t.assign(distance=pd.to_numeric(t["distance"]))  # noqa: E731  (heuristic blocks: None)
         pd.testing.assert_frame_equal(numeric(mine), numeric(alone), check_exact=False, rtol=1e-6)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f"sweep-{s}.json" for s in sorted(sweep.STRATEGIES)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"sweep-{s}.json" for s in sorted(sweep.PAPER_CRITERIA)]
     with pytest.raises(ValueError, match="heal_texts and heal_config"):
         sweep.sweeps(model, tokenizer, ns=[0, 2], evals=[probe], distances=distances, folder=tmp_path, heal_ns=[2])
 
 
-def test_sweeps_heal_each_strategys_blocks_into_their_own_folders(tmp_path):
+def test_sweeps_heal_the_blocks_of_each_criterion_into_their_own_folders(tmp_path):
     model, tokenizer = kit.tiny_model("llama")
     config = kit.HealConfig(rank=2, lr=1e-2, steps=1, batch_size=2, seq_len=32, quantize=None, save_every=1)
     probe = lambda m, t: {"layers": float(layers.num_layers(m))}  # noqa: E731
     table = sweep.sweeps(model, tokenizer, ns=[0, 2], evals=[probe], distances=random_distances(6), folder=tmp_path,
                          heal_ns=[2], heal_config=config, heal_texts=data.corpus("train")[:4])  # fmt: skip
-    assert table[["strategy", "n", "healed"]].values.tolist() == [
-        [s, n, h] for s in sweep.STRATEGIES for n, h in ((0, False), (2, False), (2, True))
+    assert table[["criterion", "n", "healed"]].values.tolist() == [
+        [s, n, h] for s in sweep.PAPER_CRITERIA for n, h in ((0, False), (2, False), (2, True))
     ]
-    for strategy in sweep.STRATEGIES:
-        assert (tmp_path / "sweep_healed" / strategy / "n2" / "adapter" / "adapter_model.safetensors").exists()
+    for criterion in sweep.PAPER_CRITERIA:
+        assert (tmp_path / "sweep_healed" / criterion / "n2" / "adapter" / "adapter_model.safetensors").exists()
     assert json.loads((tmp_path / "sweep-similarity.json").read_text())["settings"]["settings"]["heal"] == config.digest()

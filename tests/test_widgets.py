@@ -15,7 +15,7 @@ L = 6
 
 @pytest.fixture
 def distances():
-    """A hand-made symmetric 7 x 7 matrix whose argmin start differs per n and from the heuristic."""
+    """A hand-made symmetric 7 x 7 matrix whose best start differs per n and from the heuristic."""
     matrix = torch.full((L + 1, L + 1), 0.9)
     matrix.fill_diagonal_(0.0)
     for (i, j), value in {(1, 2): 0.1, (2, 4): 0.2, (0, 3): 0.3, (3, 5): 0.5, (4, 6): 0.6}.items():
@@ -23,18 +23,18 @@ def distances():
     return Distances(matrix, {"model": "synthetic", "metric": "angular_last"})
 
 
-def test_default_is_the_argmin(distances):
+def test_default_is_the_similarity_block(distances):
     picker = BlockPicker(distances, n=2)
     assert picker.block == Block(2, 2, pytest.approx(0.2)) == distances.best_block(2)
-    assert picker.source == "argmin"
-    assert picker.selection() == Selection(2, 2, pytest.approx(0.2), "argmin", "synthetic")
+    assert picker.source == "similarity"
+    assert picker.selection() == Selection(2, 2, pytest.approx(0.2), "similarity", "synthetic")
     assert "layers 2&ndash;3" in picker._info.value and bytes(picker._image.value).startswith(b"\x89PNG")
 
 
-def test_changing_n_moves_start_to_the_new_argmin(distances):
+def test_changing_n_moves_start_to_the_new_best_block(distances):
     picker = BlockPicker(distances, n=2)
     picker._n.value = 3
-    assert picker.block == Block(0, 3, pytest.approx(0.3)) and picker.source == "argmin"
+    assert picker.block == Block(0, 3, pytest.approx(0.3)) and picker.source == "similarity"
     assert picker._start.max == L - 3
     picker._n.value = 1
     assert picker.block == Block(1, 1, pytest.approx(0.1))
@@ -46,11 +46,11 @@ def test_block_follows_a_manual_change(distances):
     assert picker.block == Block(4, 2, pytest.approx(0.6)) and picker.source == "manual"
     assert picker.selection().source == "manual"
     picker._start.value = 2
-    assert picker.source == "argmin"
+    assert picker.source == "similarity"
 
 
-def test_heuristic_strategy_keeps_the_final_layer(distances):
-    picker = BlockPicker(distances, n=2, strategy="heuristic")
+def test_heuristic_criterion_keeps_the_final_layer(distances):
+    picker = BlockPicker(distances, n=2, criterion="heuristic")
     assert picker.block == Block(3, 2, pytest.approx(0.5)) and picker.source == "heuristic"
     picker._n.value = 3
     assert picker.block == Block(2, 3, pytest.approx(0.9)) and picker.source == "heuristic"
@@ -63,7 +63,7 @@ def test_explicit_start_and_bad_input(distances):
     with pytest.raises(ValueError, match="choose 1 <= n <= 5"):
         BlockPicker(distances, n=6)
     with pytest.raises(ValueError, match="similarity, heuristic"):
-        BlockPicker(distances, n=2, strategy="random")
+        BlockPicker(distances, n=2, criterion="random")
 
 
 def test_static_figure_boxes_the_chosen_block(distances):
@@ -84,10 +84,10 @@ def test_any_criterion_of_the_registry(distances):
 
     loss = np.full((L + 1, L + 1), np.nan)
     loss[2, : L - 1] = [3.0, 2.5, 2.9, 2.0, 4.0]
-    picker = BlockPicker(distances, n=2, strategy="loss", oracle=Ablation(loss, loss))
+    picker = BlockPicker(distances, n=2, criterion="loss", oracle=Ablation(loss, loss))
     assert picker.block == Block(3, 2, pytest.approx(0.5)) and picker.source == "loss"
     with pytest.raises(ValueError, match="'loss' needs the oracle"):
-        BlockPicker(distances, n=2, strategy="loss")
+        BlockPicker(distances, n=2, criterion="loss")
 
 
 def test_selection_round_trips_through_its_file(distances, tmp_path):

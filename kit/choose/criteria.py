@@ -75,8 +75,8 @@ SELECTION_FILE = "selection.json"  # in the run folder: written by notebook 02, 
 class Selection:
     """The block chosen for pruning, from which model and how: what `selection.json` holds.
 
-    source: "argmin" (the scan's smallest distance), "heuristic", another criterion's name, or
-    "manual" (chosen by hand in the block picker)."""
+    source: the name of the criterion that chose it ("similarity": the scan's smallest distance, "heuristic", ...)
+    or "manual" (chosen by hand in the block picker); "argmin", kit 0.1's name for "similarity", reads as "similarity"."""
 
     start: int
     n: int
@@ -98,7 +98,7 @@ class Selection:
             keys = sorted(data) if isinstance(data, dict) else type(data).__name__
             raise ValueError(f"{origin} is not a block selection: expected the keys {names}, found {keys}. "
                              "Run notebooks/02_select_and_prune.ipynb again to rewrite it.")  # fmt: skip
-        return cls(**data)
+        return cls(**{**data, "source": {"argmin": "similarity"}.get(data["source"], data["source"])})
 
     def save(self, path: str | Path) -> Path:
         """Write the selection as JSON to `path` (a run folder's SELECTION_FILE), atomically."""

@@ -35,5 +35,5 @@ class Block:
 
 
 def heuristic_block(num_layers: int, n: int) -> Block:
-    """The paper's simple strategy: keep the final layer, drop the n layers before it."""
+    """The paper's heuristic criterion: keep the final layer, drop the n layers before it."""
     return Block(num_layers - 1 - n, n).check(num_layers)

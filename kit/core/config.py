@@ -6,12 +6,15 @@ takes a `ScanConfig` and reads its metric, batch_size, max_length, model_name an
 split and n_texts say where the texts come from, and the caller loads them
 (`kit.loaders.data.load_texts(config.source, config.split, config.n_texts)`, as notebook 01 and `python -m kit scan`
 do), so that the numeric code never reaches the loaders. `PruneConfig` is notebook 02's record of its
-choices (written to its manifest); no function takes it whole: `kit.choose.criteria.choose_block(config.strategy,
+choices (written to its manifest); no function takes it whole: `kit.choose.criteria.choose_block(config.criterion,
 num_layers, config.n, start=config.start)` takes its fields."""
 
 import hashlib
 import json
 from dataclasses import asdict, dataclass, fields, replace
+from functools import wraps
+
+from .deprecation import warn
 
 
 class _Settings:
@@ -59,8 +62,8 @@ class PruneConfig(_Settings):
     """Settings of a pruning step (notebook 02): the block to remove and the loss measured before and after."""
 
     n: int = 6  # block size: consecutive layers removed
-    start: int | None = None  # first layer of the block; None: the block `strategy` picks for n
-    strategy: str = "similarity"  # a criterion of kit.choose.criteria.CRITERIA: similarity (argmin of the scan) | heuristic | ...
+    start: int | None = None  # first layer of the block; None: the block `criterion` picks for n
+    criterion: str = "similarity"  # a name in kit.choose.criteria.CRITERIA: similarity (the scan's smallest distance) | heuristic | ...
     n_val_texts: int = 32  # validation texts for the loss comparison
     max_length: int = 256  # tokens per validation text
     batch_size: int = 8  # texts per forward pass
@@ -68,7 +71,29 @@ class PruneConfig(_Settings):
     def __post_init__(self):
         self._require_positive("n", "n_val_texts", "max_length", "batch_size")
         if self.start is not None and self.start < 0:
-            raise ValueError(f"start must be >= 0 or None (the strategy's block), got {self.start}")
+            raise ValueError(f"start must be >= 0 or None (the criterion's block), got {self.start}")
+
+    @property
+    def strategy(self) -> str:
+        """Deprecated: `criterion`, by its name in kit 0.1."""
+        warn("kit.core.config.PruneConfig.strategy", "criterion")
+        return self.criterion
+
+
+def _taking_strategy(init):
+    """PruneConfig(strategy=...), as kit 0.1 spelled it and its manifests record it: criterion=, with a warning."""
+
+    @wraps(init)
+    def __init__(self, *args, strategy: str | None = None, **kwargs):
+        if strategy is not None:
+            warn("kit.core.config.PruneConfig(strategy=)", "criterion=")
+            kwargs["criterion"] = strategy
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+PruneConfig.__init__ = _taking_strategy(PruneConfig.__init__)
 
 
 # The paper's Appendix A: per-model LoRA rank and peak learning rate (its Qwen-7B/14B are Qwen 1, a

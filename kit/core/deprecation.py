@@ -6,9 +6,9 @@ from importlib import import_module
 REMOVED_IN = "kit 0.3"  # the release that drops the old names
 
 
-def warn(old: str, new: str) -> None:
-    """A DeprecationWarning pointing at the caller's line: `old` is now `new`."""
-    warnings.warn(f"{old} is deprecated and will be removed in {REMOVED_IN}: use {new}", DeprecationWarning, stacklevel=3)
+def warn(old: str, new: str, stacklevel: int = 3) -> None:
+    """A DeprecationWarning pointing at the caller's line (its caller's: stacklevel=4): `old` is now `new`."""
+    warnings.warn(f"{old} is deprecated and will be removed in {REMOVED_IN}: use {new}", DeprecationWarning, stacklevel=stacklevel)
 
 
 def moved(module: str, homes: dict):

@@ -1,4 +1,4 @@
-"""Sweeps and reading them: running the evaluations over block sizes, strategies and checkpoints
+"""Sweeps and reading them: running the evaluations over block sizes, criteria and checkpoints
 (`sweep`), the result table they write (`results`), and what reads it or a run folder without
 evaluating anything (`curves`, `plots`, `readings`), the block picker (`widgets`), and the notebooks
 run headless (`reports`)."""

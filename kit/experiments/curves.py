@@ -33,10 +33,11 @@ def paired_comparison(results: pd.DataFrame, by: str, a, b, *, metric: str = "mm
     same questions (accuracies) or texts (losses), with a paired bootstrap 95% interval (questions or
     texts resampled together for both).
 
-    E.g. paired_comparison(results, "strategy", "similarity", "heuristic") or
+    E.g. paired_comparison(results, "criterion", "similarity", "heuristic") or
     paired_comparison(healed, "healed", True, False). Returns one row per n: n, fraction,
     "{by}={a}", "{by}={b}", difference, ci_low, ci_high.
     """
+    by = _results.column(by)
     rows = results[results["metric"] == metric]
     table = []
     for n, group in rows.groupby("n", sort=True):
@@ -60,7 +61,7 @@ def collapse_point(results: pd.DataFrame, metric: str = "mmlu", chance: float | 
     longer distinguishable from chance (its Wilson 95% interval reaches `chance`), with a 95% interval
     from resampling the questions (percentile bootstrap, the same questions at every n).
 
-    results: one sweep curve (one strategy, healed or not). chance: default kit.experiments.results.chance_level(results, metric).
+    results: one sweep curve (one criterion, healed or not). chance: default kit.experiments.results.chance_level(results, metric).
     Returns (fraction, (low, high)); inf where accuracy stays above chance at every fraction swept.
     """
     rows = results[results["metric"] == metric].sort_values("n")
@@ -70,7 +71,7 @@ def collapse_point(results: pd.DataFrame, metric: str = "mmlu", chance: float | 
     if chance is None:
         raise ValueError(f"no chance level known for {metric!r} (its rows carry none): pass chance=")
     if rows["n"].duplicated().any():
-        raise ValueError("results hold several curves: select one, e.g. results[results.strategy == 'similarity']")
+        raise ValueError("results hold several curves: select one, e.g. results[results.criterion == 'similarity']")
     right = np.stack([_results.outcomes(row) for _, row in rows.iterrows()])  # [points, questions]
     fractions = np.append(rows["fraction"].to_numpy(float), math.inf)
 
@@ -86,22 +87,22 @@ def collapse_point(results: pd.DataFrame, metric: str = "mmlu", chance: float | 
 
 
 def collapse_points(results: pd.DataFrame, metric: str = "mmlu", chance: float | None = None, **kwargs) -> pd.DataFrame:
-    """collapse_point of each strategy's unhealed curve in a sweeps() table: one row per strategy
+    """collapse_point of each criterion's unhealed curve in a sweeps() table: one row per criterion
     with the fraction dropped where `metric` reaches chance and its 95% interval (inf: beyond the sweep)."""
     unhealed = results[~results["healed"].astype(bool)]
     rows = []
-    for strategy, curve in unhealed.groupby("strategy", sort=False):
+    for criterion, curve in unhealed.groupby("criterion", sort=False):
         fraction, (low, high) = collapse_point(curve, metric, chance, **kwargs)
-        rows.append({"strategy": strategy, "metric": metric, "collapse": fraction, "ci_low": low, "ci_high": high})
+        rows.append({"criterion": criterion, "metric": metric, "collapse": fraction, "ci_low": low, "ci_high": high})
     return pd.DataFrame(rows)
 
 
 def healing_gains(results: pd.DataFrame, metric: str = "mmlu", **kwargs) -> pd.DataFrame:
-    """For each strategy with healed rows, healed minus unhealed `metric` on the same questions at
-    every healed n, with its paired bootstrap 95% interval (paired_comparison), plus a strategy column."""
+    """For each criterion with healed rows, healed minus unhealed `metric` on the same questions at
+    every healed n, with its paired bootstrap 95% interval (paired_comparison), plus a criterion column."""
     tables = [
-        paired_comparison(curve, "healed", True, False, metric=metric, **kwargs).assign(strategy=strategy)
-        for strategy, curve in results.groupby("strategy", sort=False)
+        paired_comparison(curve, "healed", True, False, metric=metric, **kwargs).assign(criterion=criterion)
+        for criterion, curve in results.groupby("criterion", sort=False)
         if curve["healed"].astype(bool).any()
     ]
     if not tables:

@@ -12,10 +12,10 @@ from matplotlib.patches import Rectangle
 from ..core.artifacts import atomic_path
 from ..core.stats import Z95
 from .curves import LABELS
-from .results import chance_level
+from .results import chance_level, column
 
-# One colour and marker per strategy, criterion and checkpoint across every figure of the kit. The similarity
-# strategy chooses by the paper's metric (angular_last), so the two share a style.
+# One colour and marker per criterion and checkpoint across every figure of the kit. The similarity
+# criterion chooses by the paper's metric (angular_last), so the two share a style.
 STYLES = {
     "similarity": ("#1f77b4", "o"), "angular_last": ("#1f77b4", "o"), "heuristic": ("#ff7f0e", "s"),
     "angular_all": ("#2ca02c", "^"), "block_influence": ("#9467bd", "D"), "loss": ("#d62728", "v"),
@@ -30,7 +30,7 @@ AXIS_LABELS = {
 
 
 def style(name) -> dict:
-    """The colour and marker of a strategy, criterion or checkpoint (healed True / False: "healed" /
+    """The colour and marker of a criterion or checkpoint (healed True / False: "healed" /
     "unhealed"), the same in every figure; other names get grey circles."""
     name = {True: "healed", False: "unhealed"}.get(name, name) if isinstance(name, (bool, np.bool_)) else name
     color, marker = STYLES.get(str(name), ("#7f7f7f", "o"))
@@ -119,17 +119,17 @@ def distance_curves(distances, ns, ax=None):
 MIN_CURVE_POINTS = 3  # fewer points are drawn as markers with error bars, never joined into a curve
 
 
-def sweep_plot(results, metric: str, *, hue: str = "strategy", chance: float | None = None, ax=None):
+def sweep_plot(results, metric: str, *, hue: str = "criterion", chance: float | None = None, ax=None):
     """The paper's Figures 2, 3, 5 and 6: `metric` against the fraction of layers dropped, with
     each curve's 95% interval (columns ci_low, ci_high, where present).
 
     A group of at least MIN_CURVE_POINTS points is a line with markers and a band for its interval;
     one or two points are markers with error bars only, so they never pose as a curve.
     results: the DataFrame of kit.experiments.sweep.sweep (several concatenated); hue: the column compared,
-    "strategy" (similarity vs heuristic) or "healed"; chance: the chance line drawn, by default
+    "criterion" (similarity vs heuristic) or "healed"; chance: the chance line drawn, by default
     the metric's own (kit.experiments.results.chance_level: MMLU 0.25, recall 1 / facts; none for losses).
     """
-    ax = _axes(ax)
+    ax, hue = _axes(ax), column(hue)
     rows = results[results["metric"] == metric]
     if rows.empty:
         raise ValueError(f"no rows for metric {metric!r}; metrics present: {sorted(results['metric'].unique())}")
@@ -153,11 +153,12 @@ def sweep_plot(results, metric: str, *, hue: str = "strategy", chance: float | N
     return ax
 
 
-def sweep_figure(results, metrics, *, hue: str = "strategy", rows: str | None = None, panel_size=(6.5, 4.5)):
+def sweep_figure(results, metrics, *, hue: str = "criterion", rows: str | None = None, panel_size=(6.5, 4.5)):
     """One sweep_plot panel per metric side by side (e.g. recall and loss against the fraction
-    dropped), each with its metric's chance line; rows="strategy" gives each strategy its own row of
+    dropped), each with its metric's chance line; rows="criterion" gives each criterion its own row of
     panels (e.g. with hue="healed"). Returns the Axes as an array [rows, metrics]; kit.experiments.plots.save
     on any of them writes the figure."""
+    hue, rows = column(hue), rows and column(rows)
     levels = list(dict.fromkeys(results[rows])) if rows else [None]
     axes = _panels(len(levels), len(metrics), panel_size)
     for level, row in zip(levels, axes):
@@ -204,7 +205,7 @@ def quality_cost(results, metric: str, *, comparison=None, cost: str = "weight_b
     (max - min) / median, either side).
 
     results: kit.experiments.sweep.sweep rows with kit.evaluate.metrics.InferenceCost() among the evaluations; one line per
-    strategy joining the block sizes in order of n, healed rows on their own dashed line.
+    criterion joining the block sizes in order of n, healed rows on their own dashed line.
     comparison: kit.experiments.sweep.compare's table; each checkpoint (original, pruned, healed...) a star.
     """
     if cost not in EXACT_COSTS and cost not in SPEEDS:
@@ -216,7 +217,7 @@ def quality_cost(results, metric: str, *, comparison=None, cost: str = "weight_b
             "Cost needs kit.evaluate.metrics.InferenceCost() among the sweep's evaluations."
         )
     ax = _axes(ax)
-    table = results.pivot_table(index=["strategy", "healed", "n"], columns="metric", values="value").reset_index()
+    table = results.pivot_table(index=["criterion", "healed", "n"], columns="metric", values="value").reset_index()
     unpruned = table.loc[table["n"] == 0, cost].iloc[0] if (table["n"] == 0).any() else None
     if cost in EXACT_COSTS and unpruned is None:
         raise ValueError("an exact cost is drawn relative to the unpruned model: the sweep needs n = 0")
@@ -226,8 +227,8 @@ def quality_cost(results, metric: str, *, comparison=None, cost: str = "weight_b
         xerr = None if cost in EXACT_COSTS else rows[cost] * rows[SPEEDS[cost]] / 2
         return ax.errorbar(x, rows[metric], xerr=xerr, label=name, capsize=3, **{**style(name.split(",")[0]), **kwargs})
 
-    for (strategy, healed), rows in table.groupby(["strategy", "healed"], sort=False):
-        draw(rows.sort_values("n"), f"{strategy}, healed" if healed else strategy, ls="--" if healed else "-",
+    for (criterion, healed), rows in table.groupby(["criterion", "healed"], sort=False):
+        draw(rows.sort_values("n"), f"{criterion}, healed" if healed else criterion, ls="--" if healed else "-",
              mfc="white" if healed else None)  # fmt: skip
     if comparison is not None:
         if absent := sorted(needed - set(comparison.columns)):

@@ -16,6 +16,7 @@ from ..core.artifacts import read_json
 from ..core.stats import Z95, Estimate, paired_ratio_difference, side
 from ..scan.distances import Distances
 from .curves import LABELS
+from .results import read_csv
 
 
 @dataclass(frozen=True)
@@ -190,7 +191,7 @@ def _mmlu(row) -> str:
 
 
 def _collapse(row, curve) -> str:
-    """One strategy's collapse point of one metric (collapse.csv), in words decided by where it lies in the sweep."""
+    """One criterion's collapse point of one metric (collapse.csv), in words decided by where it lies in the sweep."""
     fractions = sorted(curve["fraction"].unique())
     swept = [f for f in fractions if f > 0]
     c = row["collapse"]
@@ -204,13 +205,13 @@ def _collapse(row, curve) -> str:
         words = f"collapses at the first block size swept, {pct(c)}{at}"
     else:
         words = f"holds until {pct(max(f for f in fractions if f < c))} of the layers and collapses at {pct(c)}{at}"
-    return f"  - {row['strategy']} blocks: {words}; collapse point {pct(c)} ({interval(row['ci_low'], row['ci_high'], pct)})."
+    return f"  - {row['criterion']} blocks: {words}; collapse point {pct(c)} ({interval(row['ci_low'], row['ci_high'], pct)})."
 
 
 LOSS_PHRASES = {"below": "cost less loss than the heuristic's", "above": "cost more", "contains": "cannot be told apart"}
 
 
-def _strategy_loss(paired: pd.DataFrame) -> list[str]:
+def _criterion_loss(paired: pd.DataFrame) -> list[str]:
     paired = paired[paired["n"] > 0]
     verdicts = {r["n"]: side(r["ci_low"], r["ci_high"], 0) for _, r in paired.iterrows()}
     at = {v: [n for n, w in verdicts.items() if w == v] for v in LOSS_PHRASES}
@@ -225,7 +226,7 @@ def _strategy_loss(paired: pd.DataFrame) -> list[str]:
              f"| n | layers dropped | {LABELS['val_loss_norm']}, similarity | heuristic | similarity minus heuristic (95% interval) |",
              "| --- | --- | --- | --- | --- |"]  # fmt: skip
     for _, r in paired.iterrows():
-        lines.append(f"| {r['n']:g} | {pct(r['fraction'])} | {num(r['strategy=similarity'])} | {num(r['strategy=heuristic'])} "
+        lines.append(f"| {r['n']:g} | {pct(r['fraction'])} | {num(r['criterion=similarity'])} | {num(r['criterion=heuristic'])} "
                      f"| {r['difference']:+.3f} ({num(r['ci_low'])} to {num(r['ci_high'])}) |")  # fmt: skip
     return lines + [""]
 
@@ -248,20 +249,20 @@ def _paired(paired: pd.DataFrame) -> list[str]:
 
 
 def _healing(results: pd.DataFrame, gains: pd.DataFrame) -> list[str]:
-    loss = results[results["metric"] == "val_loss_norm"].set_index(["strategy", "n", "healed"])
-    loss_gains = gains[gains["metric"] == "val_loss_norm"].set_index(["strategy", "n"])
-    lines = ["| strategy | n | loss unhealed | loss healed (paired 95% interval of the change) | share of the added loss restored "
+    loss = results[results["metric"] == "val_loss_norm"].set_index(["criterion", "n", "healed"])
+    loss_gains = gains[gains["metric"] == "val_loss_norm"].set_index(["criterion", "n"])
+    lines = ["| criterion | n | loss unhealed | loss healed (paired 95% interval of the change) | share of the added loss restored "
              "| accuracy gain (paired 95% interval) |", "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     lowered = detectable = 0
     twins = gains[gains["metric"] == gains.loc[gains["metric"] != "val_loss_norm", "metric"].iloc[0]]
     for _, g in twins.iterrows():
-        before, after = loss.loc[(g["strategy"], g["n"], False), "value"], loss.loc[(g["strategy"], g["n"], True), "value"]
-        change = loss_gains.loc[(g["strategy"], g["n"])]
-        unpruned = loss.loc[(g["strategy"], 0, False), "value"] if (g["strategy"], 0, False) in loss.index else math.nan
+        before, after = loss.loc[(g["criterion"], g["n"], False), "value"], loss.loc[(g["criterion"], g["n"], True), "value"]
+        change = loss_gains.loc[(g["criterion"], g["n"])]
+        unpruned = loss.loc[(g["criterion"], 0, False), "value"] if (g["criterion"], 0, False) in loss.index else math.nan
         share = _restored(unpruned, before, after)
         lowered += side(change["ci_low"], change["ci_high"], 0) == "below"
         detectable += side(g["ci_low"], g["ci_high"], 0) != "contains"
-        lines.append(f"| {g['strategy']} | {g['n']:g} | {num(before)} | {num(after)} ({change['difference']:+.3f}: "
+        lines.append(f"| {g['criterion']} | {g['n']:g} | {num(before)} | {num(after)} ({change['difference']:+.3f}: "
                      f"{num(change['ci_low'])} to {num(change['ci_high'])}) | {pct(share) if math.isfinite(share) else 'none added'} "
                      f"| {g['difference']:+.3f} ({num(g['ci_low'])} to {num(g['ci_high'])}) |")  # fmt: skip
     paper = ("as the paper finds, healing restores the loss more than question answering" if lowered > detectable
@@ -286,23 +287,23 @@ def _checkpoints(comparison: pd.DataFrame, metrics) -> list[str]:
 
 
 def _compare(run: Path) -> list[str]:
-    results, comparison = pd.read_csv(run / "sweep.csv"), pd.read_csv(run / "comparison.csv", index_col="model")
+    results, comparison = read_csv(run / "sweep.csv"), pd.read_csv(run / "comparison.csv", index_col="model")
     unhealed = results[~results["healed"].astype(bool)]
-    original, collapse = comparison.loc["original"], pd.read_csv(run / "collapse.csv")
+    original, collapse = comparison.loc["original"], read_csv(run / "collapse.csv")
     unpruned = pd.read_csv(run / "unpruned.csv").set_index("metric")
     ns = sorted(unhealed["n"].unique())
     lines = [header(read_json(run / "selection.json")["model"], original["layers"], original["parameters"])
-             + f" Block sizes swept for both strategies: n = {listing(ns)}.", "", _mmlu(unpruned.loc["mmlu"])]  # fmt: skip
+             + f" Block sizes swept for both criteria: n = {listing(ns)}.", "", _mmlu(unpruned.loc["mmlu"])]  # fmt: skip
     for metric, rows in collapse.groupby("metric", sort=False):
         lines.append(f"- **Where {LABELS[metric]} collapses** (rule: the collapse point is the smallest fraction of layers "
                      f"dropped at which the accuracy's 95% interval reaches chance):")  # fmt: skip
-        lines += [_collapse(row, unhealed[(unhealed["metric"] == metric) & (unhealed["strategy"] == row["strategy"])])
+        lines += [_collapse(row, unhealed[(unhealed["metric"] == metric) & (unhealed["criterion"] == row["criterion"])])
                   for _, row in rows.iterrows()]  # fmt: skip
-    paired = pd.read_csv(run / "paired.csv")
+    paired = read_csv(run / "paired.csv")
     losses = paired["metric"] == "val_loss_norm"
-    lines += _strategy_loss(paired[losses]) + _paired(paired[~losses])
+    lines += _criterion_loss(paired[losses]) + _paired(paired[~losses])
     if (run / "healing_gains.csv").exists():
-        lines += _healing(results, pd.read_csv(run / "healing_gains.csv"))
+        lines += _healing(results, read_csv(run / "healing_gains.csv"))
     quality = [m for m in ("recall", "mmlu", "boolq", "val_loss_norm") if m in comparison.columns]
     return lines + [""] + _checkpoints(comparison, quality)
 

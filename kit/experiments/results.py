@@ -8,11 +8,38 @@ import math
 import numpy as np
 import pandas as pd
 
+from ..core.deprecation import warn
 from ..core.stats import Estimate
 
-POINT = ("strategy", "n", "fraction", "start", "distance", "healed")  # where a sweep evaluated: the block removed
+POINT = ("criterion", "n", "fraction", "start", "distance", "healed")  # where a sweep evaluated: the block removed
 METRIC = ("metric", "value", "ci_low", "ci_high", "chance", "outcomes", "per_text")  # what it measured there
 COLUMNS = POINT + METRIC  # a sweep row: one per (point, metric)
+RENAMED = {"strategy": "criterion"}  # kit 0.1's names of columns: read back under today's
+
+
+def _today(name: str) -> str:
+    """A column's name today, also inside paired_comparison's "strategy=similarity"."""
+    old, equals, value = name.partition("=")
+    return RENAMED.get(old, old) + equals + value
+
+
+def renamed(table):
+    """A result table (a DataFrame, or rows as dicts, as a sweep cache holds them) under today's column names."""
+    if isinstance(table, pd.DataFrame):
+        return table.rename(columns=_today)
+    return [{_today(key): value for key, value in row.items()} for row in table]
+
+
+def read_csv(path, **kwargs) -> pd.DataFrame:
+    """A result table saved as CSV (sweep.csv, collapse.csv, paired.csv, ...), kit 0.1's column names renamed."""
+    return renamed(pd.read_csv(path, **kwargs))
+
+
+def column(name: str) -> str:
+    """A column a caller names (hue=, by=, ...): kit 0.1's names still work, with a DeprecationWarning."""
+    if name in RENAMED:
+        warn(f"the column {name!r}", repr(RENAMED[name]), stacklevel=4)
+    return RENAMED.get(name, name)
 
 
 def encode_outcomes(outcomes) -> str | None:
@@ -45,7 +72,7 @@ def _plain(value):
 
 def rows(metrics: dict[str, Estimate], **point) -> list[dict]:
     """Metrics (kit.evaluate.metrics.evaluate_all) as result rows, one per metric, each with the `point` columns
-    (e.g. strategy="similarity", n=4, ...): plain Python values, JSON-able as they are."""
+    (e.g. criterion="similarity", n=4, ...): plain Python values, JSON-able as they are."""
     point = {k: _plain(v) for k, v in point.items()}
     return [
         {**point, "metric": name, "value": _plain(e.value), "ci_low": _plain(e.low), "ci_high": _plain(e.high),

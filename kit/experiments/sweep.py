@@ -14,7 +14,7 @@ import pandas as pd
 from ..choose.criteria import choose_block
 from ..core import artifacts, distributed, layers
 from ..core.block import Block
-from ..core.deprecation import moved
+from ..core.deprecation import moved, warn
 from ..core.device import provenance
 from ..core.progress import progress
 from ..core.stats import Estimate
@@ -23,7 +23,7 @@ from ..evaluate.metrics import Evaluation, evaluate_all
 from ..prune import dropped
 from . import results
 
-STRATEGIES = ("similarity", "heuristic")
+PAPER_CRITERIA = ("similarity", "heuristic")  # the paper's two criteria, the ones sweeps() compares by default
 
 
 def _load(name, **load_kwargs):
@@ -75,10 +75,10 @@ class _Cache:
             old, points = cached["settings"], cached["points"]
         except (ValueError, KeyError, TypeError) as error:
             raise ValueError(f"{path} is not a sweep cache ({error}); delete it or pass another cache_path") from None
-        if changed := _changes(old, settings):
+        if changed := _changes(_renamed_settings(old), settings):
             raise ValueError(f"{path} holds a sweep made with other settings ({'; '.join(changed)}); "
                              "delete it or pass another cache_path")  # fmt: skip
-        return {(p["n"], p["healed"]): p["rows"] for p in points}
+        return {(p["n"], p["healed"]): results.renamed(p["rows"]) for p in points}
 
     def run(self, n: int, healed: bool, rows: Callable[[], list[dict]]) -> list[dict]:
         """The rows of point (n, healed): cached, or computed by rows() and recorded."""
@@ -90,6 +90,13 @@ class _Cache:
             if distributed.is_main():
                 artifacts.write_text(self.path, json.dumps({"settings": self.settings, "points": points}, indent=1) + "\n")
         return self.points[(n, healed)]
+
+
+def _renamed_settings(settings):
+    """Settings an older cache recorded, under today's names ("strategy" is "criterion", also among the CLI's options)."""
+    if not isinstance(settings, dict):
+        return settings
+    return {results.RENAMED.get(key, key): _renamed_settings(value) for key, value in settings.items()}
 
 
 def _changes(old, new, where: str = "") -> list[str]:
@@ -117,11 +124,11 @@ def _evaluations(evals) -> dict[str, dict]:
     return recorded
 
 
-def _settings(model, ns, evals, distances, oracle, strategy, heal_ns, settings) -> dict:
+def _settings(model, ns, evals, distances, oracle, criterion, heal_ns, settings) -> dict:
     """What a cached sweep must share with a rerun to be resumed."""
     return dict(
         model=getattr(model, "name_or_path", None) or "unknown", num_layers=layers.num_layers(model),
-        placement=provenance(model), ns=[int(n) for n in ns], strategy=strategy,
+        placement=provenance(model), ns=[int(n) for n in ns], criterion=criterion,
         distances=_digest(distances.matrix.numpy()) if distances is not None else None,
         oracle=_digest(np.asarray(oracle.loss)) if oracle is not None else None,
         evals=_evaluations(evals), heal_ns=sorted(int(n) for n in heal_ns), settings=settings,
@@ -130,41 +137,44 @@ def _settings(model, ns, evals, distances, oracle, strategy, heal_ns, settings) 
 
 def sweep(
     model, tokenizer, *, ns: Sequence[int], evals: Sequence[Evaluation], distances=None,
-    strategy: str = "similarity", heal: Callable | None = None, heal_ns: Sequence[int] = (), oracle=None,
-    cache_path: str | Path | None = None, settings: dict | None = None,
+    criterion: str = "similarity", heal: Callable | None = None, heal_ns: Sequence[int] = (), oracle=None,
+    cache_path: str | Path | None = None, settings: dict | None = None, strategy: str | None = None,
 ) -> pd.DataFrame:  # fmt: skip
     """Evaluate `model` with n layers removed for every n in `ns` (0 = the unpruned model).
 
-    strategy: a criterion of kit.choose.criteria.CRITERIA; "loss" reads `oracle` (kit.ablation_losses on calibration texts).
+    criterion: a name in kit.choose.criteria.CRITERIA; "loss" reads `oracle` (kit.ablation_losses on calibration texts).
     Each pruned model is a view of the loaded one (kit.prune.dropped), restored afterwards.
     heal(pruned_model, tokenizer, block) -> healed model is applied to every n in `heal_ns` (it gets
     the pruned view and must not modify it: see healer), and those rows carry healed=True.
     cache_path: a JSON file recording each finished (n, healed) point; a rerun with the same settings
     (the evaluations' parameters and data included) skips those points and returns the same table; one
     with other settings is refused, naming them. settings: whatever else changes the results (e.g. a
-    HealConfig digest), JSON-able; recorded there and compared on resume.
-    Returns one row per (n, metric): strategy, n, fraction (n / L), start, distance, healed, metric,
+    HealConfig digest), JSON-able; recorded there and compared on resume. (strategy=: deprecated, use criterion=.)
+    Returns one row per (n, metric): criterion, n, fraction (n / L), start, distance, healed, metric,
     value, its 95% interval ci_low, ci_high (NaN where a metric has none), chance (an accuracy's
     chance level, else NaN) and, for accuracies over questions, the outcomes of every question
     (kit.experiments.results.outcomes reads them; kit.experiments.curves reads the whole table). Columns: kit.experiments.results.COLUMNS.
     """
+    if strategy is not None:
+        warn("kit.experiments.sweep.sweep(strategy=)", "criterion=")
+        criterion = strategy
     num = layers.num_layers(model)
-    blocks = {n: choose_block(strategy, num, n, distances=distances, oracle=oracle) for n in ns if n != 0}
+    blocks = {n: choose_block(criterion, num, n, distances=distances, oracle=oracle) for n in ns if n != 0}
     if missing := set(heal_ns) - set(blocks):
         raise ValueError(f"heal_ns {sorted(missing)} must be non-zero block sizes that are also in ns")
     if heal_ns and heal is None:
         raise ValueError("heal_ns needs a heal function, e.g. kit.experiments.sweep.healer(...)")
-    recorded = _settings(model, ns, evals, distances, oracle, strategy, heal_ns, settings)
+    recorded = _settings(model, ns, evals, distances, oracle, criterion, heal_ns, settings)
     distributed.require_same("the sweep", {**recorded, "placement": None})  # each evaluation checks its own inputs
     if cache_path is not None and (plain := [name for name, seen in recorded["evals"].items() if seen is None]):
         warnings.warn(f"evaluations {plain} are plain functions: a resumed sweep cannot see their parameters and may return "
                       "stale rows; make each a kit.evaluate.metrics.Evaluation (a frozen dataclass)", FutureWarning, stacklevel=2)  # fmt: skip
     cache = _Cache(cache_path, recorded)
     rows = []
-    for n in progress(ns, desc=f"sweep ({strategy})", unit="n", show=distributed.is_main()):
+    for n in progress(ns, desc=f"sweep ({criterion})", unit="n", show=distributed.is_main()):
         block = blocks.get(n)
         columns = dict(
-            strategy=strategy, n=n, fraction=n / num,
+            criterion=criterion, n=n, fraction=n / num,
             start=block.start if block else None, distance=block.distance if block else None,
         )  # fmt: skip
         unhealed = lambda: results.rows(evaluate_all(model, tokenizer, evals), **columns, healed=False)  # noqa: E731
@@ -180,27 +190,31 @@ def sweep(
 
 def sweeps(
     model, tokenizer, *, ns: Sequence[int], evals: Sequence[Evaluation], folder, distances=None,
-    strategies: Sequence[str] = STRATEGIES, heal_texts: list[str] | None = None, heal_config=None,
-    heal_ns: Sequence[int] = (), settings: dict | None = None,
+    criteria: Sequence[str] = PAPER_CRITERIA, heal_texts: list[str] | None = None, heal_config=None,
+    heal_ns: Sequence[int] = (), settings: dict | None = None, strategies: Sequence[str] | None = None,
 ) -> pd.DataFrame:  # fmt: skip
-    """sweep() once per strategy on the same model, the tables concatenated (a notebook's whole sweep);
-    n = 0, the unpruned model whatever the strategy, is evaluated once and shared.
+    """sweep() once per criterion on the same model, the tables concatenated (a notebook's whole sweep);
+    n = 0, the unpruned model whatever the criterion, is evaluated once and shared.
 
-    folder: the run folder: each strategy's finished points are cached in folder/sweep-{strategy}.json,
+    folder: the run folder: each criterion's finished points are cached in folder/sweep-{criterion}.json,
     and for every n in heal_ns its block is healed with kit.heal (heal_config on heal_texts) into
-    folder/sweep_healed/{strategy}/n{n}, evaluated beside its unhealed twin (rows with healed=True).
+    folder/sweep_healed/{criterion}/n{n}, evaluated beside its unhealed twin (rows with healed=True).
     settings: what else changes the results (see sweep); the HealConfig's digest is added to it.
+    (strategies=: deprecated, use criteria=.)
     """
+    if strategies is not None:
+        warn("kit.experiments.sweep.sweeps(strategies=)", "criteria=")
+        criteria = strategies
     if heal_ns and (heal_texts is None or heal_config is None):
         raise ValueError("healing block sizes (heal_ns) needs heal_texts and heal_config (a kit.HealConfig)")
     settings = {**(settings or {}), "heal": heal_config.digest() if heal_ns else None}
     folder = Path(folder)
     tables: list[pd.DataFrame] = []
-    for strategy in strategies:
-        shared = tables[0][tables[0]["n"] == 0].assign(strategy=strategy) if tables and 0 in ns else None
-        heal = healer(heal_texts, heal_config, output_root=folder / "sweep_healed" / strategy) if heal_ns else None
+    for criterion in criteria:
+        shared = tables[0][tables[0]["n"] == 0].assign(criterion=criterion) if tables and 0 in ns else None
+        heal = healer(heal_texts, heal_config, output_root=folder / "sweep_healed" / criterion) if heal_ns else None
         table = sweep(model, tokenizer, ns=[n for n in ns if shared is None or n != 0], evals=evals, distances=distances,
-                      strategy=strategy, heal=heal, heal_ns=heal_ns, cache_path=folder / f"sweep-{strategy}.json",
+                      criterion=criterion, heal=heal, heal_ns=heal_ns, cache_path=folder / f"sweep-{criterion}.json",
                       settings=settings)  # fmt: skip
         tables.append(table if shared is None else pd.concat([shared, table], ignore_index=True))
     return pd.concat(tables, ignore_index=True)
@@ -232,4 +246,11 @@ def healer(texts: list[str], config, *, output_root, val_texts=None) -> Callable
     return run
 
 
-__getattr__ = moved(__name__, {"table": results})
+_old_homes = moved(__name__, {"table": results})
+
+
+def __getattr__(name):
+    if name == "STRATEGIES":  # renamed in 0.2
+        warn(f"{__name__}.STRATEGIES", f"{__name__}.PAPER_CRITERIA")
+        return PAPER_CRITERIA
+    return _old_homes(name)

@@ -10,27 +10,31 @@ from matplotlib.figure import Figure
 
 from ..choose.criteria import CRITERIA, Selection, choose_block
 from ..core.block import Block, heuristic_block
+from ..core.deprecation import warn
 from .plots import distance_heatmap
-
-SOURCES = {"similarity": "argmin"}  # how selection.json names a strategy's block (default: the criterion's name)
 
 
 class BlockPicker:
     """Choose the block to prune from a scan's `Distances`.
 
-    n: the block size to begin with; start: its first layer (None: the strategy's block).
-    strategy: a criterion of kit.choose.criteria.CRITERIA: "similarity" follows `distances.best_block(n)`
+    n: the block size to begin with; start: its first layer (None: the criterion's block).
+    criterion: a name in kit.choose.criteria.CRITERIA: "similarity" follows `distances.best_block(n)`
     (the argmin), "heuristic" the paper's heuristic block (keep the final layer, drop the n before
     it), "loss" the argmin of `oracle` (kit.ablation_losses). Changing n moves start to the
-    strategy's block for the new n; moving start elsewhere by hand makes the choice "manual".
+    criterion's block for the new n; moving start elsewhere by hand makes the choice "manual".
     Display the picker as the last expression of a cell; `.block` and `.selection()` read it.
+    (strategy=: deprecated, use criterion=.)
     """
 
-    def __init__(self, distances, n: int, start: int | None = None, *, strategy: str = "similarity", oracle=None):
+    def __init__(self, distances, n: int, start: int | None = None, *, criterion: str = "similarity", oracle=None,
+                 strategy: str | None = None):  # fmt: skip
+        if strategy is not None:
+            warn("kit.experiments.widgets.BlockPicker(strategy=)", "criterion=")
+            criterion = strategy
         choices = [name for name in CRITERIA if name != "manual"]
-        if strategy not in choices:
-            raise ValueError(f"strategy must be one of {', '.join(choices)}, not {strategy!r}")
-        self.distances, self.strategy, self.oracle = distances, strategy, oracle
+        if criterion not in choices:
+            raise ValueError(f"criterion must be one of {', '.join(choices)}, not {criterion!r}")
+        self.distances, self.criterion, self.oracle = distances, criterion, oracle
         L = distances.num_layers
         default = self._default(n)  # checks n
         start = default.start if start is None else Block(start, n).check(L).start
@@ -46,7 +50,7 @@ class BlockPicker:
         self._refresh()
 
     def _default(self, n: int) -> Block:
-        block = choose_block(self.strategy, self.distances.num_layers, n, distances=self.distances, oracle=self.oracle)
+        block = choose_block(self.criterion, self.distances.num_layers, n, distances=self.distances, oracle=self.oracle)
         return self._scored(block)
 
     def _scored(self, block: Block) -> Block:
@@ -58,9 +62,15 @@ class BlockPicker:
         return self._scored(Block(self._start.value, self._n.value))
 
     @property
+    def strategy(self) -> str:
+        """Deprecated: `criterion`, by its name in kit 0.1."""
+        warn("kit.experiments.widgets.BlockPicker.strategy", "criterion")
+        return self.criterion
+
+    @property
     def source(self) -> str:
-        """How the block was chosen: "argmin", "heuristic", another criterion, or "manual" (start moved by hand)."""
-        return SOURCES.get(self.strategy, self.strategy) if self._start.value == self._default(self._n.value).start else "manual"
+        """How the block was chosen: the criterion's name, or "manual" (start moved by hand)."""
+        return self.criterion if self._start.value == self._default(self._n.value).start else "manual"
 
     def selection(self) -> Selection:
         """The choice, as notebook 02 saves it in selection.json (Selection.save)."""
@@ -81,7 +91,7 @@ class BlockPicker:
         best, heuristic = self.distances.best_block(n), self._scored(heuristic_block(self.distances.num_layers, n))
         rows = [
             (f"chosen ({self.source})", block),
-            ("argmin", best),
+            ("similarity (smallest distance)", best),
             ("heuristic (keep the final layer)", heuristic),
         ]
         cells = "".join(
