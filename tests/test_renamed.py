@@ -5,6 +5,7 @@ sweep caches) reads back under the new names."""
 
 import json
 import re
+import warnings
 
 import pandas as pd
 import pytest
@@ -165,3 +166,12 @@ def test_a_sweep_cache_that_says_strategy_resumes(tiny, tmp_path):
     with pytest.raises(ValueError, match="criterion: 'heuristic' -> 'similarity'"):
         sweep.sweep(*tiny, ns=[0, 2], evals=[counted], criterion="similarity", distances=random_distances(6), cache_path=cache,
                     settings={**settings, "criterion": "similarity"})  # fmt: skip
+
+
+def test_notebook_02_takes_strategy_as_its_old_name_of_criterion():
+    """Notebook 02 passes both parameters to PruneConfig: STRATEGY left at None is silent, set it wins and warns."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert PruneConfig(criterion="heuristic", strategy=None).criterion == "heuristic"
+    with pytest.warns(DeprecationWarning, match="criterion="):
+        assert PruneConfig(criterion="similarity", strategy="heuristic").criterion == "heuristic"
