@@ -27,6 +27,8 @@ TINY_SIZES = dict(
     index_n_heads=4, index_head_dim=8, index_topk=4,
     # per-layer input embeddings (Gemma 3n and 4) and a wider global head
     vocab_size_per_layer_input=512, hidden_size_per_layer_input=8, global_head_dim=16,
+    # sliding-window layers with heads of their own (Inkling)
+    swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=8,
     # BLT's hashed byte n-gram embeddings (500,002 rows by default: 96M parameters)
     encoder_hash_byte_group_vocab=512,
 )  # fmt: skip

@@ -202,12 +202,6 @@ def _check_expressible(model: nn.Module, block: Block, kept: nn.ModuleList, edit
             )
 
 
-def _attention(kind) -> bool:
-    """Whether a layer_types entry is an attention layer (full, sliding, chunked), not a recurrent one
-    (Mamba, linear attention: "linear_attention", "mamba", ...)."""
-    return isinstance(kind, str) and "attention" in kind and not kind.startswith("linear")
-
-
 def _check_attention_kept(model: nn.Module, block: Block) -> None:
     """Refuse removing the last attention layers of a hybrid: transformers' caches of hybrid models
     count positions on their attention layers, so a model of recurrent layers only cannot generate."""
@@ -215,11 +209,11 @@ def _check_attention_kept(model: nn.Module, block: Block) -> None:
     if not isinstance(kinds, (list, tuple)) or len(kinds) != layers.num_layers(model):
         return
     kept = [kind for i, kind in enumerate(kinds) if i not in block.layers]
-    if any(map(_attention, kinds)) and not any(map(_attention, kept)):
-        attention = [i for i, kind in enumerate(kinds) if _attention(kind)]
+    if any(map(layers.caches_keys, kinds)) and not any(map(layers.caches_keys, kept)):
+        attention = [i for i, kind in enumerate(kinds) if layers.caches_keys(kind)]
         raise ValueError(
             f"Removing layers {block.start}..{block.end - 1} leaves no attention layer (layers {attention} are the "
-            f"attention layers of this hybrid; the others are {sorted(set(kinds) - set(filter(_attention, kinds)))}): "
+            f"attention layers of this hybrid; the others are {sorted(set(kinds) - set(filter(layers.caches_keys, kinds)))}): "
             "transformers' cache of a hybrid counts positions on its attention layers, so the pruned model could not "
             "generate. Keep at least one of them."
         )

@@ -61,8 +61,9 @@ def test_kv_bytes_equal_the_real_cache(tiny):
     assert _cache_bytes(cache) == inference_cost.kv_cache_bytes(model, 41, batch_size=2)
 
 
-# MLA, sliding-window MoE, linear attention, hybrid Mamba, per-layer head sizes with a multimodal wrapper
-@pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss", "qwen3_next", "granitemoehybrid", "gemma4"])
+# MLA, sliding-window MoE, linear attention, hybrid Mamba, per-layer head sizes with a multimodal wrapper, and
+# "hybrid" layers that keep keys and values beside a recurrent state (Falcon-H1; Inkling with sliding windows)
+@pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss", "qwen3_next", "granitemoehybrid", "gemma4", "falcon_h1", "inkling_text"])
 def test_kv_bytes_count_only_what_each_kept_layer_caches(family):
     model = kit.families.tiny_family_model(family, sliding_window=8)
     prompt = torch.arange(5, 17).unsqueeze(0).expand(2, -1)
@@ -195,3 +196,14 @@ def test_on_gpus_the_events_run_on_the_models_gpu_and_the_peaks_of_all_its_gpus_
     two = [torch.device("cuda", 0), torch.device("cuda", 1)]
     assert inference_cost._reset_peak(two[0], two) and reset == [0, 1]
     assert inference_cost._peak(two[0], two) == 12
+
+
+@pytest.mark.parametrize(
+    "kind, caches",
+    [("full_attention", True), ("sliding_attention", True), ("chunked_attention", True), ("indexed_attention", True),
+     ("hybrid", True), ("hybrid_sliding", True), ("attention", True), ("linear_attention", False), ("conv", False),
+     ("dummy", False), ("mamba", False), ("moe", False), ("mlp", False), (None, False)],
+)  # fmt: skip
+def test_which_layer_kinds_cache_keys_and_values(kind, caches):
+    """One predicate for the cost's KV bytes and pruning's "keep an attention layer" rule."""
+    assert kit.core.layers.caches_keys(kind) is caches

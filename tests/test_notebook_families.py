@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import kit
 from kit.core.artifacts import read_json
+from kit.core.layers import caches_keys
 from kit.experiments.reports import NOTEBOOKS
-from kit.prune import _attention
 
 FAMILIES = ["granitemoehybrid"]  # MoE and hybrid Mamba
 LAYERS = 8
@@ -43,7 +43,7 @@ def family_run(request, tmp_path_factory):
 def _kv_layers(config) -> int:
     """Layers that cache keys and values: the attention layers of a hybrid, every layer otherwise."""
     kinds = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
-    return sum(map(_attention, kinds))
+    return sum(map(caches_keys, kinds))
 
 
 def test_notebooks_run_on_the_family_and_their_artifacts_agree(family_run):

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, DynamicLayer
 from transformers.pytorch_utils import Conv1D
 
 
@@ -204,6 +205,19 @@ def readout(model: nn.Module, residual: torch.Tensor) -> torch.Tensor:
 def lm_head(model: nn.Module) -> nn.Module:
     """The output projection from hidden states to the vocabulary."""
     return _base(model).get_output_embeddings()
+
+
+def caches_keys(kind) -> bool:
+    """Whether a layer of this kind (a `layer_types` entry) keeps keys and values per token, as transformers'
+    DynamicCache builds it: full, sliding, chunked and indexed attention do, and so do "hybrid" layers
+    (attention beside a recurrent state, Falcon-H1, Zamba); recurrent layers (Mamba, linear attention, conv)
+    and layers without a cache ("dummy", "moe", "mlp") do not. A kind transformers does not map counts as
+    attention when its name says so ("attention", not "linear_attention")."""
+    if not isinstance(kind, str):
+        return False
+    if kind in DYNAMIC_LAYER_TYPE_MAPPING:
+        return issubclass(DYNAMIC_LAYER_TYPE_MAPPING[kind], DynamicLayer)
+    return "attention" in kind and not kind.startswith("linear")
 
 
 def logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

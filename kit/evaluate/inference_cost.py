@@ -11,12 +11,7 @@ from pathlib import Path
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import (
-    DYNAMIC_LAYER_TYPE_MAPPING,
-    DynamicLayer,
-    DynamicSlidingWindowLayer,
-    get_layer_types_and_kwargs,
-)
+from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
 
 from ..core import layers
 from ..core.device import model_device
@@ -79,20 +74,23 @@ def attention_types(config) -> list[str]:
 def _cached_tokens(kind: str, kwargs: dict, tokens: int) -> int:
     """Tokens a layer's cache holds keys and values for: a sliding window keeps `sliding_window - 1`,
     a recurrent (Mamba, linear-attention, conv) or shared-KV layer none."""
-    layer = DYNAMIC_LAYER_TYPE_MAPPING.get(kind, DynamicLayer)
-    if issubclass(layer, DynamicSlidingWindowLayer):
-        return min(tokens, kwargs["sliding_window"] - 1)
-    return tokens if issubclass(layer, DynamicLayer) else 0
+    if not layers.caches_keys(kind):
+        return 0
+    window = issubclass(DYNAMIC_LAYER_TYPE_MAPPING.get(kind, object), DynamicSlidingWindowLayer)
+    return min(tokens, kwargs["sliding_window"] - 1) if window else tokens
 
 
-def _values_per_token(config) -> int:
-    """Key plus value entries one attention layer caches per token: 2 x kv_heads x head_dim, or for
-    multi-head latent attention (DeepSeek) the compressed latent and the rope key it shares over heads."""
+def _values_per_token(config, kind: str) -> int:
+    """Key plus value entries one attention layer caches per token: 2 x kv_heads x head_dim (a sliding-window
+    layer's own, swa_*, where the config has them: Inkling), or for multi-head latent attention (DeepSeek)
+    the compressed latent and the rope key it shares over heads."""
     heads = config.num_attention_heads
     if getattr(config, "kv_lora_rank", None) and getattr(config, "qk_rope_head_dim", None):
         return config.kv_lora_rank + config.qk_rope_head_dim
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    return 2 * kv_heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)
+    swa = "sliding" in kind and getattr(config, "swa_num_key_value_heads", None) is not None
+    kv_heads = config.swa_num_key_value_heads if swa else getattr(config, "num_key_value_heads", None) or heads
+    head_dim = config.swa_head_dim if swa else getattr(config, "head_dim", None) or config.hidden_size // heads
+    return 2 * kv_heads * head_dim
 
 
 def kv_cache_bytes(model, tokens: int, batch_size: int = 1) -> int:
@@ -106,7 +104,7 @@ def kv_cache_bytes(model, tokens: int, batch_size: int = 1) -> int:
     size = torch.empty((), dtype=model.dtype).element_size()
     kinds, kwargs = get_layer_types_and_kwargs(config)
     per_layer = config.per_layer_config
-    cached = sum(_cached_tokens(kind, kw, tokens) * _values_per_token(per_layer[i]) for i, (kind, kw) in enumerate(zip(kinds, kwargs)))
+    cached = sum(_cached_tokens(kind, kw, tokens) * _values_per_token(per_layer[i], kind) for i, (kind, kw) in enumerate(zip(kinds, kwargs)))
     return batch_size * cached * size
 
 
