@@ -8,7 +8,8 @@ Under a launcher the texts, questions and healing batches are split over the pro
 (kit.core.distributed) and every process gets the one-process result; without one it is one process.
 The settings are the fields of kit.core.config.ScanConfig / HealConfig as options (--n-texts, --grad-accum,
 ...); the artifacts are the notebooks' (distances.safetensors, sweep-{criterion}.csv, healed/adapter,
-heal_history.json, manifest.json in the run folder --out), written by rank 0 alone.
+heal_history.json, manifest.json in the run folder --out; a sublayer scan, --sublayers, writes its layer scan as
+distances.safetensors and itself as sublayer_distances.safetensors), written by rank 0 alone.
 """
 
 import argparse
@@ -84,7 +85,9 @@ def scan(args):
     texts = data.load_texts(config.source, config.split, config.n_texts)
     distances = angular_distances(model, tokenizer, texts, config, cache_path=args.out / f"scan-{config.digest()}.safetensors")
     if distributed.is_main():
-        distances.save(args.out / "distances.safetensors")
+        distances.layers().save(args.out / "distances.safetensors")  # of a sublayer scan, its layer scan: what sweeps read
+        if config.sublayers:
+            distances.save(args.out / "sublayer_distances.safetensors")
     _record(args.out, "scan", config, model, n_texts=len(texts))
     return distances
 
@@ -137,7 +140,7 @@ class _Strategy(argparse.Action):
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="python -m kit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = top.add_subparsers(dest="command", required=True)
-    helps = {"scan": "layer-similarity scan -> OUT/distances.safetensors",
+    helps = {"scan": "layer-similarity scan -> OUT/distances.safetensors (--sublayers: also OUT/sublayer_distances.safetensors)",
              "sweep": "MMLU / loss (/ BoolQ) with n layers removed, for each n -> OUT/sweep-CRITERION.csv",
              "heal": "LoRA / QLoRA healing -> OUT/healed/adapter, OUT/heal_history.json"}  # fmt: skip
     subs = {}

@@ -1,6 +1,6 @@
 """Test fixtures: tiny random causal LMs of every tested architecture, with a small tokenizer trained
 in-process on the offline corpus (no download), for tests, benchmarks and the GPU check; random
-distance matrices; and a brute-force reference for the scan."""
+distance matrices; and brute-force references for the scan (of layers and of sublayers)."""
 
 from functools import lru_cache
 
@@ -173,13 +173,7 @@ def reference_distance_sums(model, tokenizer, texts: list[str], max_length: int)
                 norm.forward = lambda hidden, *args, **kwargs: hidden
             elif torch.equal(states[-1], states[-2]) and len(states) == layers.num_layers(model) + 1:
                 states = [model.get_input_embeddings()(ids["input_ids"]), *states[:-1]]
-            x = np.stack([h[0].double().cpu().numpy() for h in states])
-            x = x / np.linalg.norm(x, axis=-1, keepdims=True)  # [L+1, tokens, hidden]
-            for metric, (last_only, distance) in REFERENCE_METRICS.items():
-                tokens = x[:, -1:] if last_only else x
-                cos = np.clip(np.einsum("ith,jth->tij", tokens, tokens), -1, 1)
-                sums[metric].append(distance(cos).sum(0))
-                counts[metric].append(tokens.shape[1])
+            _add_metric_sums(states, sums, counts)
     finally:
         if norm is not None:
             del norm.forward
@@ -187,10 +181,79 @@ def reference_distance_sums(model, tokenizer, texts: list[str], max_length: int)
     return {metric: (np.stack(sums[metric]), np.array(counts[metric], float)) for metric in REFERENCE_METRICS}
 
 
-def reference_distances(model, tokenizer, texts: list[str], max_length: int) -> dict[str, np.ndarray]:
-    """{metric: mean distance matrix} of reference_distance_sums, with a zero diagonal."""
-    matrices = {}
-    for metric, (sums, counts) in reference_distance_sums(model, tokenizer, texts, max_length).items():
+def _add_metric_sums(states: list[torch.Tensor], sums: dict, counts: dict) -> None:
+    """One text's states [1, tokens, hidden] at each position: appends, per metric, the sum over its tokens
+    of the distance between every pair of positions, and its token count."""
+    x = np.stack([h[0].double().cpu().numpy() for h in states])
+    x = x / np.linalg.norm(x, axis=-1, keepdims=True)  # [positions, tokens, hidden]
+    for metric, (last_only, distance) in REFERENCE_METRICS.items():
+        tokens = x[:, -1:] if last_only else x
+        cos = np.clip(np.einsum("ith,jth->tij", tokens, tokens), -1, 1)
+        sums[metric].append(distance(cos).sum(0))
+        counts[metric].append(tokens.shape[1])
+
+
+# Where each tiny family's MLP branch ends (the modules whose outputs it adds to the residual stream),
+# written out by hand for the sublayer reference: the layer's `mlp` child unless named here.
+MLP_BRANCH_ENDS = {
+    "gemma2": ("post_feedforward_layernorm",), "gemma3": ("post_feedforward_layernorm",),
+    "olmo2": ("post_feedforward_layernorm",), "opt": ("fc2",), "granitemoehybrid": ("block_sparse_moe", "shared_mlp"),
+}  # fmt: skip
+
+
+@torch.no_grad()
+def reference_sublayer_sums(model, tokenizer, texts: list[str], max_length: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Brute-force reference for a sublayer scan (kit.angular_distances(..., sublayers=True)): like
+    reference_distance_sums, over the 2L + 1 positions x_0, m_0, x_1, ..., x_L, one unpadded text at a
+    time. x_i is layer i's input (a forward pre-hook), x_L the last layer's output; the middle m_i is
+    layer i run again on its own inputs with its MLP branch's ends (MLP_BRANCH_ENDS) returning zeros,
+    i.e. x_i plus its attention branch alone (a parallel-residual layer's too)."""
+    decoder, ends = layers.decoder_layers(model), MLP_BRANCH_ENDS.get(model.config.model_type, ("mlp",))
+    states, rerunning = [], []
+
+    def zero(module, args, out):
+        return (torch.zeros_like(out[0]), *out[1:]) if isinstance(out, tuple) else torch.zeros_like(out)
+
+    def keep_input(module, args, kwargs):
+        if not rerunning:
+            states.append(layers.layer_input(args, kwargs))
+
+    def keep_middle(module, args, kwargs, out):
+        if rerunning:
+            return
+        rerunning.append(1)
+        zeroing = [getattr(module, name).register_forward_hook(zero) for name in ends]
+        try:
+            states.append(layers.layer_output(module(*args, **kwargs)))
+        finally:
+            rerunning.clear()
+            for handle in zeroing:
+                handle.remove()
+        if module is decoder[-1]:
+            states.append(layers.layer_output(out))
+
+    handles = [layer.register_forward_pre_hook(keep_input, with_kwargs=True) for layer in decoder]
+    handles += [layer.register_forward_hook(keep_middle, with_kwargs=True) for layer in decoder]
+    sums = {metric: [] for metric in REFERENCE_METRICS}
+    counts = {metric: [] for metric in REFERENCE_METRICS}
+    try:
+        for text in texts:
+            states.clear()
+            model(**tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt"), use_cache=False)
+            if len(states) != 2 * len(decoder) + 1:
+                raise RuntimeError(f"captured {len(states)} positions for {len(decoder)} layers, expected {2 * len(decoder) + 1}")
+            _add_metric_sums(states, sums, counts)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {metric: (np.stack(sums[metric]), np.array(counts[metric], float)) for metric in REFERENCE_METRICS}
+
+
+def reference_distances(model, tokenizer, texts: list[str], max_length: int, *, sublayers: bool = False) -> dict[str, np.ndarray]:
+    """{metric: mean distance matrix} of reference_distance_sums (of reference_sublayer_sums with
+    `sublayers`), with a zero diagonal."""
+    matrices, reference = {}, reference_sublayer_sums if sublayers else reference_distance_sums
+    for metric, (sums, counts) in reference(model, tokenizer, texts, max_length).items():
         matrices[metric] = sums.sum(0) / counts.sum()
         np.fill_diagonal(matrices[metric], 0)
     return matrices

@@ -61,6 +61,7 @@ def work(out: Path, disagree: bool = False, interrupt: bool = False) -> dict:
     model, tokenizer, texts, questions, items = inputs(disagree)
     scan = kit.angular_distances(model, tokenizer, texts, batch_size=BATCH, max_length=32, groups=3,
                                  cache_path=out / "scan.safetensors")  # fmt: skip
+    sublayer_scan = kit.angular_distances(model, tokenizer, texts, batch_size=BATCH, max_length=32, groups=3, sublayers=True)
     answers = mmlu(model, tokenizer, questions, shots=1, batch_size=3)
     yes_no = boolq(model, tokenizer, items, batch_size=2)
     loss = validation_loss(model, tokenizer, texts[:5], max_length=32, batch_size=BATCH)
@@ -79,7 +80,8 @@ def work(out: Path, disagree: bool = False, interrupt: bool = False) -> dict:
     healed = kit.heal(model, tokenizer, heal_texts, config, output_dir=out / "heal", val_texts=texts[:2])
     adapter = {name: p.detach().clone() for name, p in healed.model.named_parameters() if "lora_" in name}
     return dict(
-        scan={k: getattr(scan, k) for k in ("matrix", "stderr", "group_sums", "group_counts")},
+        **{name: {k: getattr(d, k) for k in ("matrix", "stderr", "group_sums", "group_counts")}
+           for name, d in (("scan", scan), ("sublayer_scan", sublayer_scan))},  # fmt: skip
         mmlu=dict(predictions=answers.predictions, loglikelihoods=answers.loglikelihoods, accuracy=answers.accuracy),
         boolq=dict(predictions=yes_no.predictions, loglikelihoods=yes_no.loglikelihoods),
         loss=dict(loss=loss.loss, stderr=loss.stderr, tokens=loss.tokens),

@@ -35,6 +35,15 @@ def test_options_are_the_config_fields():
         parser().parse_args(["scan", "--model", "m", "--out", "o", "--n-texts", "many"])
 
 
+def test_a_sublayer_scan_writes_its_layer_scan_where_sweeps_read_one(checkpoint, tmp_path):
+    settings = dict(batch_size=2, max_length=32)
+    distances = main(["scan", "--model", str(checkpoint), "--out", str(tmp_path), "--n-texts", "4", "--sublayers",
+                      *(f"--{k.replace('_', '-')}={v}" for k, v in settings.items())])  # fmt: skip
+    assert kit.Distances.load(tmp_path / "sublayer_distances.safetensors").matrix.equal(distances.matrix)
+    plain = kit.angular_distances(*kit.load_model(str(checkpoint)), data.load_texts("corpus", "train", 4), **settings)
+    assert distances.positions == "sublayers" and kit.Distances.load(tmp_path / "distances.safetensors").matrix.equal(plain.matrix)
+
+
 def test_scan_sweep_and_heal_write_the_notebooks_artifacts(checkpoint, tmp_path):
     common = ["--model", str(checkpoint), "--out", str(tmp_path)]
     distances = main(["scan", *common, "--n-texts", "4", "--batch-size", "2", "--max-length", "32"])

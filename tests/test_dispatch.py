@@ -1,6 +1,6 @@
 """Models spread over devices by accelerate: with part of the layers (and the embeddings, the final
 norm, the LM head) offloaded to disk or to the CPU, accelerate hooks them exactly as it hooks layers on
-other GPUs. The scan, every evaluation, dropped / drop_layers and the sweep give the undispatched
+other GPUs. The scan (of layers and of sublayers), every evaluation, dropped / drop_layers and the sweep give the undispatched
 model's results, and pruning keeps accelerate's device map in step with the layers."""
 
 from pathlib import Path
@@ -43,8 +43,9 @@ def test_the_model_is_really_offloaded(pair):
 def test_scan_equals_the_undispatched_model(pair):
     model, dispatched, tokenizer = pair
     texts = data.corpus("validation")[:5]
-    for metric in ("angular_last", "angular_all"):
-        plain, spread = (kit.angular_distances(m, tokenizer, texts, batch_size=2, max_length=32, metric=metric) for m in (model, dispatched))
+    for metric, sublayers in (("angular_last", False), ("angular_all", False), ("angular_all", True)):
+        plain, spread = (kit.angular_distances(m, tokenizer, texts, batch_size=2, max_length=32, metric=metric, sublayers=sublayers)
+                         for m in (model, dispatched))  # fmt: skip
         torch.testing.assert_close(spread.matrix, plain.matrix, atol=1e-6, rtol=0)
         torch.testing.assert_close(spread.group_sums, plain.group_sums, atol=1e-9, rtol=1e-9)
 

@@ -131,3 +131,38 @@ def test_choices_tabulate_the_best_and_the_heuristic_block_with_their_stability(
         assert row.heuristic_stderr == pytest.approx(float(distances.stderr[start, start + n]))
         shares = distances.stability(n, resamples=500, seed=2)
         assert row.stability == {s: round(float(v), 3) for s, v in enumerate(shares) if v >= 0.05}
+
+
+def test_a_sublayer_scan_gives_its_layers_and_sublayers_and_refuses_blocks(tmp_path):
+    rng = np.random.default_rng(7)
+    L, m = 4, 5  # positions x_0, m_0, x_1, ..., m_3, x_4
+    counts = rng.integers(5, 40, m).astype(float)
+    per_text = rng.random((m, 2 * L + 1, 2 * L + 1)) * counts[:, None, None]
+    per_text = (per_text + per_text.transpose(0, 2, 1)) / 2
+    distances = synthetic_scan(per_text, counts)
+    distances.stderr = torch.tensor(rng.random((2 * L + 1, 2 * L + 1)), dtype=torch.float32)
+    distances.meta.update(positions="sublayers", middles=["input of post_attention_layernorm"] * L)
+    whole = distances.layers()
+    layer_scan = synthetic_scan(per_text[:, ::2, ::2], counts)  # what a layer scan of these texts holds
+    assert whole.num_layers == distances.num_layers == L and whole.meta == {"model": "synthetic", "positions": "layers"}
+    for key in ("matrix", "group_sums", "group_counts"):
+        assert torch.equal(getattr(whole, key), getattr(layer_scan, key)), key
+    assert torch.equal(whole.stderr, distances.stderr[::2, ::2]) and np.array_equal(whole.stability(2), layer_scan.stability(2))
+    assert layer_scan.layers() is layer_scan
+    table, matrix, stderr = distances.sublayers(), distances.matrix.numpy(), distances.stderr.numpy()
+    assert table.index.name == "layer" and table.index.tolist() == list(range(L))
+    for i in range(L):
+        assert table.loc[i].tolist() == [matrix[2 * i, 2 * i + 1], stderr[2 * i, 2 * i + 1], matrix[2 * i + 1, 2 * i + 2],
+                                         stderr[2 * i + 1, 2 * i + 2]]  # fmt: skip
+    for blocks in (lambda d: d.best_block(2), lambda d: d.by_block(), lambda d: d.stability(2), lambda d: d.choices([1])):
+        with pytest.raises(ValueError, match="a sublayer scan.*distances.layers\\(\\).best_block\\(n\\).*distances.sublayers\\(\\)"):
+            blocks(distances)
+    loaded = Distances.load(distances.save(tmp_path / "sublayers.safetensors"))
+    assert loaded.meta == distances.meta and loaded.sublayers().equals(table)
+    with pytest.raises(ValueError, match="a layer scan, without the layers' middles: rescan with sublayers=True"):
+        whole.sublayers()
+    assert Distances(torch.zeros(3, 3), {"positions": "sublayers"}).sublayers()["mlp_stderr"].isna().all()  # a bare matrix
+    with pytest.raises(ValueError, match="2L \\+ 1 positions, an odd number; the matrix has 4"):
+        Distances(torch.zeros(4, 4), {"positions": "sublayers"})
+    with pytest.raises(ValueError, match="meta\\['positions'\\] must be 'layers' or 'sublayers', got 'heads'"):
+        Distances(torch.zeros(3, 3), {"positions": "heads"})

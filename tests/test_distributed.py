@@ -81,12 +81,13 @@ def test_the_work_is_split_unevenly():
 
 def test_scan_equals_one_process(launched):
     _, ranks, alone = launched
-    for got in ranks:
-        torch.testing.assert_close(got["scan"]["matrix"], alone["scan"]["matrix"], atol=1e-6, rtol=0)
-        torch.testing.assert_close(got["scan"]["stderr"], alone["scan"]["stderr"], atol=1e-6, rtol=0)
+    for got, scan in ((got, scan) for got in ranks for scan in ("scan", "sublayer_scan")):
+        torch.testing.assert_close(got[scan]["matrix"], alone[scan]["matrix"], atol=1e-6, rtol=0)
+        torch.testing.assert_close(got[scan]["stderr"], alone[scan]["stderr"], atol=1e-6, rtol=0)
         # the groups Distances.stability resamples: dealt by the texts' global index, as in one process
-        torch.testing.assert_close(got["scan"]["group_sums"], alone["scan"]["group_sums"], atol=1e-9, rtol=1e-9)
-        assert torch.equal(got["scan"]["group_counts"], alone["scan"]["group_counts"])
+        torch.testing.assert_close(got[scan]["group_sums"], alone[scan]["group_sums"], atol=1e-9, rtol=1e-9)
+        assert torch.equal(got[scan]["group_counts"], alone[scan]["group_counts"])
+    assert alone["sublayer_scan"]["matrix"].shape == (9, 9)  # 4 layers and their middles
 
 
 def test_mmlu_and_boolq_predictions_equal_one_process(launched):

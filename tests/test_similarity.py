@@ -1,5 +1,10 @@
 """The similarity scan against an independent brute-force computation, padding and batching
-invariance, resume, and the uncertainty it measures (the Distances container: test_distances.py)."""
+invariance, resume, the uncertainty it measures (the Distances container: test_distances.py), and the
+sublayer scan: each layer's middle, between its attention and MLP sublayers, against its own
+brute-force computation on every tiny architecture, how each family's middle is found, the layers
+it refuses."""
+
+from functools import partial
 
 import numpy as np
 import pytest
@@ -7,6 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 import kit
+from kit import families
+from kit.core import layers
 from kit.scan.distances import Distances
 from kit.scan.similarity import METRICS
 from kit.testing import reference_distance_sums, reference_distances
@@ -67,23 +74,28 @@ def test_4bit_model_matches_brute_force(tmp_path, texts):
     np.testing.assert_allclose(distances.matrix.numpy(), brute_force(model, tokenizer, texts)["angular_last"], atol=2e-5)
 
 
-# Every architecture on every token (its positions and masks under padding); finding the last token is the
-# kit's own arithmetic on the mask, checked on one rotary and one absolute-position model.
+# Every architecture on every token (its positions and masks under padding), of layers and of sublayers;
+# finding the last token is the kit's own arithmetic on the mask, checked on one rotary and one
+# absolute-position model.
+@pytest.mark.parametrize("sublayers", [False, True], ids=["layers", "sublayers"])
 @pytest.mark.parametrize(
     "arch, metric", [(arch, "angular_all") for arch in kit.TINY_ARCHITECTURES] + [("llama", "angular_last"), ("gpt2", "angular_last")]
 )
-def test_padding_side_and_batch_size_do_not_matter(arch, metric, texts):
+def test_padding_side_and_batch_size_do_not_matter(arch, metric, sublayers, texts):
     model, tokenizer = kit.tiny_model(arch)
     tokenizer.padding_side = "right"
-    right_1 = scan(model, tokenizer, texts, batch_size=1, metric=metric).matrix
+    right_1 = scan(model, tokenizer, texts, batch_size=1, metric=metric, sublayers=sublayers).matrix
     tokenizer.padding_side = "left"
-    left_8 = scan(model, tokenizer, texts, batch_size=8, metric=metric).matrix
+    left_8 = scan(model, tokenizer, texts, batch_size=8, metric=metric, sublayers=sublayers).matrix
     torch.testing.assert_close(left_8, right_1, atol=1e-5, rtol=0)
+    assert len(right_1) == 6 * (2 if sublayers else 1) + 1
 
 
-def test_resume_after_interruption_gives_the_same_matrix(tmp_path, texts):
+@pytest.mark.parametrize("sublayers", [False, True], ids=["layers", "sublayers"])
+def test_resume_after_interruption_gives_the_same_matrix(tmp_path, texts, sublayers):
     model, tokenizer = kit.tiny_model("llama")
-    expected = scan(model, tokenizer, texts, batch_size=2, metric="angular_all").matrix
+    run = partial(scan, sublayers=sublayers)
+    expected = run(model, tokenizer, texts, batch_size=2, metric="angular_all").matrix
     forwards = []
 
     def interrupt_third_batch(module, args):
@@ -94,16 +106,16 @@ def test_resume_after_interruption_gives_the_same_matrix(tmp_path, texts):
     handle = model.register_forward_pre_hook(interrupt_third_batch)
     cache = tmp_path / "scan.safetensors"
     with pytest.raises(KeyboardInterrupt):
-        scan(model, tokenizer, texts, batch_size=2, metric="angular_all", cache_path=cache)
-    resumed = scan(model, tokenizer, texts, batch_size=2, metric="angular_all", cache_path=cache)
+        run(model, tokenizer, texts, batch_size=2, metric="angular_all", cache_path=cache)
+    resumed = run(model, tokenizer, texts, batch_size=2, metric="angular_all", cache_path=cache)
     handle.remove()
     assert len(forwards) == 4  # batches 1, 2, the interrupted 3, then only 3 again
     assert torch.equal(resumed.matrix, expected)
-    assert resumed.meta["tokens"] == scan(model, tokenizer, texts, batch_size=2, metric="angular_all").meta["tokens"]
+    assert resumed.meta["tokens"] == run(model, tokenizer, texts, batch_size=2, metric="angular_all").meta["tokens"]
     with pytest.raises(ValueError, match="other settings.*batch_size: 2 -> 3.*Delete it"):
-        scan(model, tokenizer, texts, batch_size=3, metric="angular_all", cache_path=cache)
+        run(model, tokenizer, texts, batch_size=3, metric="angular_all", cache_path=cache)
     with pytest.raises(ValueError, match="other settings \\(dtype: 'float32' -> 'bfloat16'\\)"):
-        scan(model.to(torch.bfloat16), tokenizer, texts, batch_size=2, metric="angular_all", cache_path=cache)
+        run(model.to(torch.bfloat16), tokenizer, texts, batch_size=2, metric="angular_all", cache_path=cache)
 
 
 def test_scan_result_is_a_distance_matrix(texts):
@@ -183,3 +195,69 @@ def test_cosine_chunks_shrink_to_the_gpus_free_memory(monkeypatch):
     tokens = similarity._chunk_tokens(33, 4096, torch.device("cuda", 0))
     assert 1 <= tokens < similarity._TOKEN_CHUNK and tokens * (33 * 4096 * 20 + 2 * 33**2 * 8) <= 2 * 2**30 / 4
     assert similarity._chunk_tokens(33, 4096, torch.device("cpu")) == similarity._TOKEN_CHUNK
+
+
+# ------------------------------------------------------------------------------ sublayers
+
+# Where each tiny family's middle is read: the input of the norm before its MLP (Llama's and most others'
+# post_attention_layernorm), the MLP's own input where no norm precedes it (OLMo 2 normalises after each
+# branch instead), or, with a parallel residual, the layer's output less its MLP's.
+PARALLEL = "output - mlp (parallel residual)"
+MIDDLES = {
+    "gemma2": "input of pre_feedforward_layernorm", "gemma3": "input of pre_feedforward_layernorm",
+    "gemma3_vl": "input of pre_feedforward_layernorm", "olmo2": "input of mlp", "gpt2": "input of ln_2",
+    "opt": "input of final_layer_norm", "phi": PARALLEL, "gpt_neox": PARALLEL,
+}  # fmt: skip
+
+
+def test_sublayer_scan_matches_brute_force_and_its_layers_the_layer_scan(tiny, texts):
+    model, tokenizer = tiny
+    arch = model.name_or_path.removeprefix("tiny-")
+    expected = reference_distances(model, tokenizer, texts, MAX_LENGTH, sublayers=True)
+    assert set(expected) == set(METRICS)
+    for metric in METRICS:
+        distances = scan(model, tokenizer, texts, batch_size=4, metric=metric, sublayers=True)
+        np.testing.assert_allclose(distances.matrix.numpy(), expected[metric], atol=2e-5, err_msg=metric)
+        assert distances.matrix.shape == (13, 13) and distances.num_layers == 6 and distances.positions == "sublayers"
+        assert distances.meta["middles"] == [MIDDLES.get(arch, "input of post_attention_layernorm")] * 6
+        whole, plain = distances.layers(), scan(model, tokenizer, texts, batch_size=4, metric=metric)
+        for key in ("matrix", "stderr", "group_sums", "group_counts"):
+            assert torch.equal(getattr(whole, key), getattr(plain, key)), (metric, key)
+        assert whole.positions == "layers" and whole.best_block(2) == plain.best_block(2)
+        table = distances.sublayers()
+        i = np.arange(6)
+        np.testing.assert_array_equal(table["attention"], distances.matrix.numpy()[2 * i, 2 * i + 1])
+        np.testing.assert_array_equal(table["mlp_stderr"], distances.stderr.numpy()[2 * i + 1, 2 * i + 2])
+        assert (table[["attention", "mlp"]] > 0).all().all()  # the middle is neither the layer's input nor its output
+
+
+def test_the_middle_follows_the_residual_not_the_family(texts):
+    """GPT-NeoX with a sequential residual is read like Llama; a post-norm OPT layer and layers with no MLP
+    (Mamba, Nemotron-H's one-mixer blocks) are refused, saying what to do instead."""
+    neox = families.tiny_family_model("gpt_neox", use_parallel_residual=False)
+    assert [str(m) for m in layers.middles(neox)] == ["input of post_attention_layernorm"] * neox.config.num_hidden_layers
+    _, tokenizer = kit.tiny_model("gpt_neox")  # the same vocabulary size (512)
+    np.testing.assert_allclose(
+        scan(neox, tokenizer, texts, sublayers=True).matrix.numpy(),
+        reference_distances(neox, tokenizer, texts, MAX_LENGTH, sublayers=True)["angular_last"], atol=2e-5,
+    )  # fmt: skip
+    refusals = [
+        ("opt", {"do_layer_norm_before": False}, "layer 0 \\(OPTDecoderLayer\\) returns a child's output: a post-norm layer"),
+        ("mamba", {}, "layer 0 \\(MambaBlock\\) has no MLP child \\(children: norm, mixer\\)"),
+        ("nemotron_h", {}, "layer 0 \\(NemotronHBlock\\) has no MLP child"),
+    ]  # fmt: skip
+    for model_type, fields, message in refusals:
+        with pytest.raises(layers.UnsupportedArchitectureError, match=f"{message}.*scan its whole layers \\(sublayers=False\\)"):
+            layers.middles(families.tiny_family_model(model_type, **fields))
+
+
+def test_a_sublayer_scan_does_not_resume_a_layer_scans_cache(tmp_path, texts):
+    model, tokenizer = kit.tiny_model("llama")
+    cache = tmp_path / "scan.safetensors"
+    scan(model, tokenizer, texts, batch_size=2, cache_path=cache)
+    with pytest.raises(ValueError, match="other settings \\(positions: 7 -> 13; sublayers: None -> True\\)"):
+        scan(model, tokenizer, texts, batch_size=2, cache_path=cache, sublayers=True)
+    cache.unlink()
+    scan(model, tokenizer, texts, batch_size=2, cache_path=cache, sublayers=True)
+    with pytest.raises(ValueError, match="other settings \\(positions: 13 -> 7\\)"):
+        scan(model, tokenizer, texts, batch_size=2, cache_path=cache)

@@ -2,7 +2,7 @@
 caches and manifests.
 
 What takes them: `kit.heal` takes a `HealConfig`. `kit.angular_distances(model, tokenizer, texts, config)`
-takes a `ScanConfig` and reads its metric, batch_size, max_length, model_name and groups; its source,
+takes a `ScanConfig` and reads its metric, batch_size, max_length, model_name, groups and sublayers; its source,
 split and n_texts say where the texts come from, and the caller loads them
 (`kit.loaders.data.load_texts(config.source, config.split, config.n_texts)`, as notebook 01 and `python -m kit scan`
 do), so that the numeric code never reaches the loaders. `PruneConfig` is notebook 02's record of its
@@ -52,6 +52,7 @@ class ScanConfig(_Settings):
     max_length: int = 512  # tokens per text, longer texts are truncated
     metric: str = "angular_last"  # angular_last (paper) | angular_all | block_influence
     groups: int | None = None  # round-robin groups of texts for Distances.stability (None: min(32, texts))
+    sublayers: bool = False  # also each layer's middle (after attention, before the MLP): 2L + 1 positions
 
     def __post_init__(self):
         self._require_positive("n_texts", "batch_size", "max_length")

@@ -1,16 +1,20 @@
 """The one place that knows architectures: where a causal LM keeps its decoder layers, its final
-norm and its MLP projections. They are found from the model's own structure and transformers'
-conventions (`get_decoder()`, which also reaches the text tower of a multimodal model, the config's
-`num_hidden_layers`, `get_output_embeddings()`); ANATOMIES names the families that break the
-convention. Everything else in the kit asks this module."""
+norm, its MLP projections and each layer's middle (between its attention and MLP sublayers). They
+are found from the model's own structure and transformers' conventions (`get_decoder()`, which also
+reaches the text tower of a multimodal model, the config's `num_hidden_layers`, `get_output_embeddings()`;
+the middle from what each layer's children read in one forward pass); ANATOMIES names the families that
+break the convention. Everything else in the kit asks this module."""
 
 import weakref
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
 from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, DynamicLayer
 from transformers.pytorch_utils import Conv1D
+
+from .device import model_device
 
 
 @dataclass(frozen=True)
@@ -69,13 +73,18 @@ def _unsupported(model_type, looked_for: str) -> UnsupportedArchitectureError:
     )
 
 
+def _mlp_children(layer: nn.Module) -> list[str]:
+    """Names of a decoder layer's MLP (or MoE) children: named in MLPS, or of a class ending in MLP_CLASSES."""
+    return [name for name, m in layer.named_children() if name in MLPS or type(m).__name__.lower().endswith(MLP_CLASSES)]
+
+
 def _mlp_targets(layer_list: nn.ModuleList) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Names of the linear projections inside every layer's MLP children (routers excluded; an expert's
     index dropped, so one name covers all experts), else the layer's own linear children, and the
     MLPs' 3-d fused expert weights."""
     modules, parameters = {}, {}
     for layer in layer_list:
-        children = [name for name, m in layer.named_children() if name in MLPS or type(m).__name__.lower().endswith(MLP_CLASSES)]
+        children = _mlp_children(layer)
         if not children:  # projections directly on the layer (OPT's fc1, fc2)
             modules.update({name: None for name, m in layer.named_children() if isinstance(m, (nn.Linear, Conv1D))})
         for child in children:
@@ -275,3 +284,120 @@ class LayerTap:
 
     def on_output(self, hidden: torch.Tensor) -> None:
         raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Middle:
+    """Where a decoder layer's middle is read: the residual stream after its attention (or mixer) branch,
+    before its MLP branch. `reads`: the child of the layer whose input it is (a sequential layer).
+    A parallel-residual layer (Phi, GPT-NeoX), which adds both branches to its input, never forms
+    that sum: its middle is its input plus the attention branch (attention first), taken as its output
+    less the outputs of its MLP children `subtracts`."""
+
+    reads: str | None = None
+    subtracts: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        return f"input of {self.reads}" if self.reads else f"output - {' - '.join(self.subtracts)} (parallel residual)"
+
+
+_MIDDLES: "weakref.WeakKeyDictionary[nn.Module, Middle]" = weakref.WeakKeyDictionary()
+
+
+def middles(model: nn.Module) -> list[Middle]:
+    """Each decoder layer's Middle, found from one forward pass of four tokens (once per layer object).
+
+    A sequential layer's middle is a hidden-sized tensor that a child of the layer reads and that is
+    neither the layer's input nor a child's output (the residual add's sum): the last such tensor read
+    up to the first call of an MLP child (kit.core.layers.MLPS), i.e. by the norm before the MLP (Llama's
+    post_attention_layernorm, Gemma 2's pre_feedforward_layernorm, GPT-2's ln_2) or by the MLP itself
+    (OLMo 2); what the layer adds after its MLP (Gemma 4's per-layer input) counts to its MLP sublayer.
+    A layer whose children read no such tensor has a parallel residual, which is checked: its output
+    must be its input plus one child's output plus its MLP children's outputs. Raises
+    UnsupportedArchitectureError for a layer with no MLP child (pure Mamba stacks), one whose output is
+    a child's (post-norm layers such as OPT-350m's, or whose children add the residual themselves), or,
+    with no MLP child to order them, several candidates."""
+    layer_list = decoder_layers(model)
+    if not all(layer in _MIDDLES for layer in layer_list):
+        base = _base(model)
+        ids = torch.tensor([[1, 2, 3, 4]], device=model_device(base))
+        was_training = base.training
+        base.eval()
+        try:
+            with torch.no_grad(), _MiddleProbe(model) as probe:
+                probe.run(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+        finally:
+            base.train(was_training)
+    return [_MIDDLES[layer] for layer in layer_list]
+
+
+def _hidden_argument(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The tensor a module was called with: `hidden_states=`, else its first positional argument."""
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    return hidden if isinstance(hidden, torch.Tensor) else None
+
+
+class _MiddleProbe(LayerTap):
+    """Records, inside each decoder layer, what each child read and returned (the tensor itself, kept alive so
+    that no later tensor takes its storage, and a copy that in-place additions cannot change), and decides the
+    layer's Middle."""
+
+    def __enter__(self):
+        for layer in self.layers:  # before LayerTap's hooks: the last layer's ends the pass
+            for name, child in layer.named_children():
+                self.handles.append(child.register_forward_hook(partial(self._record, name), with_kwargs=True))
+            self.handles.append(layer.register_forward_hook(self._decide))
+        return super().__enter__()
+
+    def _record(self, name, module, args, kwargs, output):
+        returned = layer_output(output)
+        returned = returned if isinstance(returned, torch.Tensor) else None
+        self.calls.append((name, _hidden_argument(args, kwargs), None if returned is None else returned.detach().clone(), returned))
+
+    def on_input(self, args, kwargs):
+        self.input, self.calls = layer_input(args, kwargs), []
+
+    def on_output(self, hidden):
+        pass
+
+    def _decide(self, layer, args, output):
+        x, out, mlps = self.input, layer_output(output), _mlp_children(layer)
+        where = f"layer {next(i for i, m in enumerate(self.layers) if m is layer)} ({type(layer).__name__})"
+        whole = "scan its whole layers (sublayers=False)"
+        produced = {_storage(x)} | {_storage(returned) for *_, returned in self.calls if returned is not None}
+        if _storage(out) in produced:
+            raise UnsupportedArchitectureError(
+                f"{where} returns a child's output: a post-norm layer, or one whose children add the residual "
+                f"themselves, has no residual stream between its sublayers to read: {whole}"
+            )
+        first_mlp = next((k for k, (name, *_) in enumerate(self.calls) if name in mlps), len(self.calls) - 1)
+        hidden_sized = lambda t: t is not None and t.shape[-1] == x.shape[-1] and t.numel() == x.numel()  # noqa: E731
+        reads = [(name, read) for name, read, *_ in self.calls[: first_mlp + 1]]  # up to the first MLP child's call
+        candidates = [name for name, read in reads if hidden_sized(read) and _storage(read) not in produced]
+        if candidates and (mlps or len(candidates) == 1):
+            _MIDDLES[layer] = Middle(reads=candidates[-1])
+            return
+        if candidates:
+            raise UnsupportedArchitectureError(
+                f"{where}: its children {', '.join(candidates)} each read a sum made inside the layer, and it has no MLP "
+                f"child to tell which is the residual stream between its attention and MLP sublayers: {whole}"
+            )
+        if not mlps:
+            raise UnsupportedArchitectureError(
+                f"{where} has no MLP child (children: {', '.join(n for n, _ in layer.named_children())}), so no "
+                f"attention and MLP sublayers: {whole}"
+            )
+        attention = out.float() - x.float() - sum(o.float() for name, _, o, _ in self.calls if name in mlps)
+        tolerance = 4 * torch.finfo(out.dtype).eps * out.abs().max().float()
+        close = lambda o: o is not None and o.shape == out.shape and (attention - o.float()).abs().max() <= tolerance  # noqa: E731
+        if not any(close(o) for name, _, o, _ in self.calls if name not in mlps):
+            raise UnsupportedArchitectureError(
+                f"{where}: no child reads the residual stream between its attention and MLP sublayers, yet its output "
+                f"is not its input plus one child's output plus its MLP's ({', '.join(mlps)}): {whole}"
+            )
+        _MIDDLES[layer] = Middle(subtracts=tuple(mlps))
+
+
+def _storage(tensor) -> int | None:
+    """Where a tensor's data lives: a view (a reshape, a slice) lives where what it views does."""
+    return tensor.untyped_storage().data_ptr() if isinstance(tensor, torch.Tensor) else None

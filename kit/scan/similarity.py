@@ -3,7 +3,10 @@ residual-stream positions 0..L, which scores every block of consecutive layers a
 
 Position i < L is the input of decoder layer i; position L is the output of the last layer,
 before the final norm. Block (start, n) removes layers start..start+n-1 and is scored by
-`matrix[start, start + n]` (Gromov et al. 2024, eq. 4)."""
+`matrix[start, start + n]` (Gromov et al. 2024, eq. 4). A sublayer scan also keeps each layer's
+middle (kit.core.layers.Middle: the residual stream after its attention branch, before its MLP
+branch), 2L + 1 positions x_0, m_0, x_1, ..., m_{L-1}, x_L, which score each attention and MLP
+sublayer too (Distances.sublayers)."""
 
 import glob
 import hashlib
@@ -34,29 +37,53 @@ GROUPS = 32  # texts are dealt round-robin into this many groups (at most one pe
 
 
 class _Residuals(layers.LayerTap):
-    """Keeps the residual stream at positions 0..L for the selected tokens (float32, on one device),
-    then stops the forward pass."""
+    """Keeps the residual stream at positions 0..L (with `middles`, each layer's middle too: 2L + 1
+    positions) for the selected tokens (float32, on one device), then stops the forward pass."""
 
-    def __init__(self, model, device):
+    def __init__(self, model, device, middles: list[layers.Middle] | None = None):
         super().__init__(model)
-        self.device, self.select, self.states = device, None, []
+        self.device, self.middles, self.select, self.states = device, middles, None, []
+        self.shape, self.pending = None, None  # the layer's input shape; a parallel layer's MLP outputs
+
+    def __enter__(self):
+        for layer, middle in zip(self.layers, self.middles or []):
+            if middle.reads:
+                keep = lambda module, args, kwargs: self._keep(layers.layer_input(args, kwargs).reshape(self.shape))  # noqa: E731
+                self.handles.append(getattr(layer, middle.reads).register_forward_pre_hook(keep, with_kwargs=True))
+            for name in middle.subtracts:
+                self.handles.append(getattr(layer, name).register_forward_hook(self._subtract))
+        return super().__enter__()
+
+    def _selected(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden[self.select.to(hidden.device)].to(self.device, torch.float32)
+
+    def _subtract(self, module, args, output):
+        mlp = self._selected(layers.layer_output(output).reshape(self.shape))
+        self.pending = mlp if self.pending is None else self.pending + mlp
 
     def _keep(self, hidden: torch.Tensor):
-        self.states.append(hidden[self.select.to(hidden.device)].to(self.device, torch.float32))
+        state = self._selected(hidden)
+        if self.pending is not None:  # a parallel layer's middle: its output (this state) less its MLP's
+            self.states.append(state - self.pending)
+            self.pending = None
+        self.states.append(state)
 
     def on_input(self, args, kwargs):
-        self._keep(layers.layer_input(args, kwargs))
+        hidden = layers.layer_input(args, kwargs)
+        self.shape = hidden.shape
+        self._keep(hidden)
 
     def on_output(self, hidden):
         self._keep(hidden)
 
     def __call__(self, enc, select: torch.Tensor) -> list[torch.Tensor]:
-        """States at positions 0..L of the `select`ed tokens ([batch, seq] bool): L+1 x [tokens, hidden]."""
+        """States at every position of the `select`ed tokens ([batch, seq] bool): positions x [tokens, hidden]."""
         self.select, self.states = select, []
         positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # same under left and right padding
         self.run(**enc, position_ids=positions, use_cache=False)
-        if len(self.states) != len(self.layers) + 1:
-            raise RuntimeError(f"captured {len(self.states)} residual positions, expected {len(self.layers) + 1}")
+        expected = len(self.layers) * (2 if self.middles else 1) + 1
+        if len(self.states) != expected:
+            raise RuntimeError(f"captured {len(self.states)} residual positions, expected {expected}")
         return self.states
 
 
@@ -194,7 +221,8 @@ def angular_distances(
         config: the scan's settings (ScanConfig): metric (one of METRICS; "angular_last" is the
             paper's; all-token metrics are means over every non-pad token), batch_size, max_length,
             model_name (recorded in meta["model"]; default model.name_or_path), groups (texts are
-            dealt round-robin into this many groups, resampled by Distances.stability).
+            dealt round-robin into this many groups, resampled by Distances.stability), sublayers
+            (also each layer's middle: 2L + 1 positions, meta["positions"] "sublayers").
         cache_path: progress is saved there after every batch; a rerun resumes from it.
         **settings: ScanConfig fields overriding `config`, e.g. metric="angular_all".
     """
@@ -208,13 +236,16 @@ def angular_distances(
     if not 1 <= groups <= len(texts):
         raise ValueError(f"groups must be between 1 and the number of texts ({len(texts)}), got {groups}")
     name = model_name or getattr(model, "name_or_path", None) or "unknown"
-    size = layers.num_layers(model) + 1
+    middles = layers.middles(model) if config.sublayers else None
+    size = layers.num_layers(model) * (2 if middles else 1) + 1
     placement = provenance(model)
     settings = dict(
         model=name, positions=size, metric=metric, batch_size=batch_size, max_length=max_length,
         padding_side=tokenizer.padding_side, groups=groups, device=placement["device"], gpu=placement["gpu"],
         dtype=placement["dtype"], quantization=placement["quantization"],
     )  # fmt: skip
+    if middles:  # only then: a layer scan's cache keeps the fingerprint it had before sublayer scans
+        settings["sublayers"] = True
     distributed.require_same("the similarity scan", {**settings, "device": None, "texts": distributed.digest(texts)})
     if empty := too_short(tokenizer, texts, max_length=max_length, min_tokens=1):
         raise ValueError(f"texts {empty} have no tokens; remove empty texts")
@@ -229,7 +260,7 @@ def angular_distances(
     was_training = model.training
     model.eval()
     try:
-        with _Residuals(model, device) as residuals:
+        with _Residuals(model, device, middles) as residuals:
             for index in progress(range(done, len(starts)), initial=done, total=len(starts), desc=f"similarity scan ({metric})",
                                   unit="batch", show=distributed.is_main()):  # fmt: skip
                 batch = texts[starts[index] : starts[index] + batch_size]
@@ -247,6 +278,9 @@ def angular_distances(
     sums.tensors = {key: distributed.all_sum(value) for key, value in sums.tensors.items()}
     meta = dict(
         model=name, n_texts=len(texts), tokens=int(sums.tensors["group_counts"].sum()), max_length=max_length,
-        metric=metric, groups=groups, num_layers=size - 1, placement=placement, versions=artifacts.versions(),
+        metric=metric, groups=groups, num_layers=layers.num_layers(model), placement=placement, versions=artifacts.versions(),
+        positions="sublayers" if middles else "layers",
     )  # fmt: skip
+    if middles:
+        meta["middles"] = [str(middle) for middle in middles]
     return sums.distances(len(texts), meta)
