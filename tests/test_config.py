@@ -1,10 +1,14 @@
 """The settings dataclasses (kit.core.config): checks with messages that name the setting, digests that
 cover every field, the paper's healing recipes."""
 
+import dataclasses
+import hashlib
+import json
+
 import pytest
 
 import kit
-from kit.core.config import PAPER_HEALING, PruneConfig
+from kit.core.config import PAPER_HEALING, PruneConfig, ScanConfig
 
 
 def test_paper_recipe_per_model():
@@ -58,3 +62,11 @@ def test_prune_config_checks_its_settings_and_names_each_in_its_digest():
         PruneConfig(n=0)
     with pytest.raises(ValueError, match="start must be >= 0 or None"):
         PruneConfig(start=-1)
+
+
+def test_a_setting_added_later_leaves_older_digests_alone_until_it_is_set():
+    """Notebook 01 names its scan cache scan-{digest}: a scan begun before `sublayers` existed still resumes."""
+    config = ScanConfig(n_texts=64, metric="angular_all")
+    before = {k: v for k, v in dataclasses.asdict(config).items() if k != "sublayers"}  # the fields of kit 0.1
+    assert config.digest() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:12]
+    assert config.replace(sublayers=True).digest() != config.digest()

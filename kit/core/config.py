@@ -18,13 +18,17 @@ from .deprecation import warn
 
 
 class _Settings:
+    ADDED: tuple[str, ...] = ()  # settings added after the first release: left out of the digest at their default
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     def digest(self) -> str:
-        """A short stable hash of the settings, for manifests and cache keys."""
-        text = json.dumps(self.to_dict(), sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
+        """A short stable hash of the settings, for manifests and cache keys: a setting added later (ADDED)
+        counts only when set, so caches named by an older digest (notebook 01's scan-{digest}) still resume."""
+        defaults = {f.name: f.default for f in fields(self)}
+        settings = {k: v for k, v in self.to_dict().items() if not (k in self.ADDED and v == defaults[k])}
+        return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     def replace(self, **changes):
         unknown = set(changes) - {f.name for f in fields(self)}
@@ -53,6 +57,8 @@ class ScanConfig(_Settings):
     metric: str = "angular_last"  # angular_last (paper) | angular_all | block_influence
     groups: int | None = None  # round-robin groups of texts for Distances.stability (None: min(32, texts))
     sublayers: bool = False  # also each layer's middle (after attention, before the MLP): 2L + 1 positions
+
+    ADDED = ("sublayers",)
 
     def __post_init__(self):
         self._require_positive("n_texts", "batch_size", "max_length")
