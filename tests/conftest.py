@@ -134,13 +134,16 @@ def notebook_run(tmp_path_factory):
     return _chain(tmp_path_factory.mktemp("runs"), SMOKE_PARAMETERS)
 
 
-# A second run of every notebook, on a tiny random model (8 layers) with other settings and seeds: other
-# outcomes (recall at chance, MMLU not swept by default, no healed blocks in the sweep) for a few seconds of
-# work per notebook.
+# A second run of every notebook, on a tiny random model with other settings and seeds: other outcomes (recall
+# at chance, MMLU not swept by default, no healed blocks in the sweep) for a few seconds of work per notebook.
+# The model is a tiny Granite 4 (granitemoehybrid), both an MoE and a hybrid: Mamba 2 and attention layers
+# alternate, and every layer's MLP routes over fused experts beside a shared MLP (tests/test_notebook_families.py
+# checks its artifacts). Two healing steps: the first one's learning rate is 0 in warmup.
+TINY_ARCHITECTURE, TINY_LAYERS = "granitemoehybrid", 8
 TINY_PARAMETERS = {
     "01_similarity": {"N_TEXTS": 4, "BATCH_SIZE": 4, "MAX_LENGTH": 32, "SEED": 1},
     "02_select_and_prune": {"N": 2, "N_VAL_TEXTS": 2, "MAX_LENGTH": 32, "BATCH_SIZE": 2, "SEED": 1},
-    "03_heal": {"STEPS": 1, "BATCH_SIZE": 2, "SEQ_LEN": 16, "RANK": 2, "N_TRAIN_TEXTS": 2, "N_VAL_TEXTS": 2, "EVAL_EVERY": 1,
+    "03_heal": {"STEPS": 2, "BATCH_SIZE": 2, "SEQ_LEN": 16, "RANK": 2, "N_TRAIN_TEXTS": 2, "N_VAL_TEXTS": 2, "EVAL_EVERY": 2,
                 "QUANTIZE": None, "SEED": 1},
     "04_compare": {"RECALL_ITEMS": 6, "RECALL_FACTS": 2, "MMLU_SUBJECTS": 1, "MMLU_PER_SUBJECT": 3, "SHOTS": 1, "N_VAL_TEXTS": 2,
                    "MAX_LENGTH": 32, "SWEEP_STEP": 3, "HEAL_NS": [], "COST_PROMPT_TOKENS": 4, "COST_NEW_TOKENS": 2, "COST_REPEATS": 1, "SEED": 1},
@@ -150,13 +153,20 @@ TINY_PARAMETERS = {
 
 
 @pytest.fixture(scope="session")
-def tiny_notebook_run(tmp_path_factory):
-    """Like notebook_run, on a tiny random llama saved as a local checkpoint, with TINY_PARAMETERS."""
-    folder = tmp_path_factory.mktemp("tiny") / "tiny-llama"
-    model, tokenizer = kit.tiny_model("llama", num_layers=8)
+def tiny_model_folder(tmp_path_factory) -> Path:
+    """The tiny model of the second run (TINY_ARCHITECTURE, TINY_LAYERS layers), saved as a local checkpoint."""
+    folder = tmp_path_factory.mktemp("tiny") / f"tiny-{TINY_ARCHITECTURE}"
+    model, tokenizer = kit.tiny_model(TINY_ARCHITECTURE, num_layers=TINY_LAYERS)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    parameters = {name: {**TINY_PARAMETERS[name], **({"MODEL": str(folder)} if name in ("01_similarity", "05_criteria") else {})} for name in NOTEBOOKS}
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_notebook_run(tmp_path_factory, tiny_model_folder):
+    """Like notebook_run, on the tiny model passed as MODEL, with TINY_PARAMETERS."""
+    model = {"MODEL": str(tiny_model_folder)}
+    parameters = {name: {**TINY_PARAMETERS[name], **(model if name in ("01_similarity", "05_criteria") else {})} for name in NOTEBOOKS}
     return _chain(tmp_path_factory.mktemp("runs"), parameters)
 
 

@@ -1,14 +1,14 @@
-"""Notebooks 01-05 on a tiny Granite 4 (granitemoehybrid), a model that is both an MoE and a hybrid: Mamba 2
-and attention layers alternate, and every layer's MLP routes over fused experts beside a shared MLP. It is
-saved as a local checkpoint and passed as MODEL, with the tiny run's settings (conftest.TINY_PARAMETERS, some
-smaller): every notebook runs through papermill, and its artifacts agree with the model and with one another.
-One model of both kinds rather than one of each keeps `make test`'s time (a chain is five kernel starts
-and five notebooks); the exactness tests cover the pure MoE (qwen3_moe) and every kit.TINY_ARCHITECTURES family."""
+"""Notebooks 01-05 on a tiny model that is both an MoE and a hybrid (conftest.TINY_ARCHITECTURE, Granite 4:
+Mamba 2 and attention layers alternate, every layer's MLP routes over fused experts beside a shared MLP), the
+second run of every notebook (conftest.tiny_notebook_run): every notebook runs through papermill, and its
+artifacts agree with the model and with one another. The exactness tests cover the pure MoE (qwen3_moe) and
+every other kit.TINY_ARCHITECTURES family."""
 
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY_PARAMETERS, _chain
+from conftest import TINY_LAYERS as LAYERS
+from conftest import TINY_PARAMETERS as PARAMETERS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import kit
@@ -16,28 +16,11 @@ from kit.core.artifacts import read_json
 from kit.core.layers import caches_keys
 from kit.experiments.reports import NOTEBOOKS
 
-FAMILIES = ["granitemoehybrid"]  # MoE and hybrid Mamba
-LAYERS = 8
-# The tiny run's settings, smaller still where only the running matters; two healing steps (the first one's
-# learning rate is 0 in warmup: one step would leave the weights as they were), validated before and after.
-PARAMETERS = {
-    **TINY_PARAMETERS,
-    "03_heal": {**TINY_PARAMETERS["03_heal"], "STEPS": 2, "EVAL_EVERY": 2, "SEQ_LEN": 64},
-    "04_compare": {**TINY_PARAMETERS["04_compare"], "SWEEP_STEP": 6, "RECALL_ITEMS": 4},
-    "05_criteria": {**TINY_PARAMETERS["05_criteria"], "NS": [2], "SCATTER_NS": [2]},
-}
 
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def family_run(request, tmp_path_factory):
-    """(model folder, run folder) of notebooks 01-05 on a tiny model of the family."""
-    folder = tmp_path_factory.mktemp("family") / f"tiny-{request.param}"
-    model, tokenizer = kit.tiny_model(request.param, num_layers=LAYERS)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    parameters = {name: {**PARAMETERS[name], **({"MODEL": str(folder)} if name in ("01_similarity", "05_criteria") else {})}
-                  for name in NOTEBOOKS}  # fmt: skip
-    return folder, _chain(tmp_path_factory.mktemp("runs"), parameters)("05_criteria")
+@pytest.fixture(scope="module")
+def family_run(tiny_model_folder, tiny_notebook_run):
+    """(model folder, run folder) of notebooks 01-05 on the tiny MoE-and-hybrid model."""
+    return tiny_model_folder, tiny_notebook_run("05_criteria")
 
 
 def _kv_layers(config) -> int:
@@ -52,7 +35,7 @@ def test_notebooks_run_on_the_family_and_their_artifacts_agree(family_run):
     manifest = read_json(run / "manifest.json")
     assert set(NOTEBOOKS) <= set(manifest) and manifest["01_similarity"]["layers"] == LAYERS
 
-    # 01: the scan of every residual position; 02: its argmin block, dropped in a checkpoint of the same family
+    # 01: the scan of every residual position; 02: its similarity block, dropped in a checkpoint of the same family
     distances = kit.Distances.load(run / "distances.safetensors")
     assert distances.matrix.shape == (LAYERS + 1, LAYERS + 1) and distances.meta["model"] == str(folder)
     selection, n = read_json(run / "selection.json"), PARAMETERS["02_select_and_prune"]["N"]

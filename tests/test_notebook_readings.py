@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import artifact_numbers, reading_numbers
+from conftest import TINY_ARCHITECTURE, artifact_numbers, reading_numbers
 
 from kit.core.artifacts import read_json
 from kit.core.stats import paired_ratio_difference
@@ -62,7 +62,7 @@ def test_reading_states_the_numbers_of_its_run(name, notebook_run, tiny_notebook
         assert numbers and not unexplained, f"{name}: {sorted(unexplained)} are in no artifact of {run}"
         texts.append(text)
     assert texts[0] != texts[1]
-    assert "smollm2-135m" in texts[0].splitlines()[0] and "tiny-llama" in texts[1].splitlines()[0]
+    assert "smollm2-135m" in texts[0].splitlines()[0] and f"tiny-{TINY_ARCHITECTURE}" in texts[1].splitlines()[0]
 
 
 def test_mmlu_is_swept_by_default_only_above_chance(notebook_run, tiny_notebook_run):
