@@ -179,7 +179,9 @@ def _difference(kept: nn.Module, twin: nn.Module) -> str | None:
 
 def _check_expressible(model: nn.Module, block: Block, kept: nn.ModuleList, edits) -> None:
     """Refuse `block` when the edited config would rebuild any kept layer differently: build the model
-    the saved checkpoint reloads into (on the meta device, no memory) and compare it layer by layer."""
+    the saved checkpoint reloads into (on the meta device, no memory) and compare it layer by layer.
+    The edited config is rebuilt from its dict, as config.json reloads, so the rules its class applies on
+    creation (Gemma 4 makes its last layer full attention) apply too."""
     base = layers._base(model)
     if hasattr(base, "peft_config"):
         return  # adapters sit inside the layers; a pruned checkpoint is saved after merging them
@@ -188,6 +190,11 @@ def _check_expressible(model: nn.Module, block: Block, kept: nn.ModuleList, edit
     for obj, name, value in edits:
         if id(obj) in twins:
             setattr(twins[id(obj)], name, value)
+    refused = f"Removing layers {block.start}..{block.end - 1} cannot be expressed in the {config.model_type!r} config"
+    try:
+        config = type(config).from_dict(config.to_dict())
+    except Exception as err:  # the config class's own validation, whatever it raises
+        raise ValueError(f"{refused}: a saved checkpoint's config would not load: {err}") from err
     with torch.device("meta"):
         twin = type(base)(config)
     original = [i for i in range(len(kept) + block.n) if i not in block.layers]
@@ -195,8 +202,7 @@ def _check_expressible(model: nn.Module, block: Block, kept: nn.ModuleList, edit
         difference = _difference(layer, rebuilt)
         if difference:
             raise ValueError(
-                f"Removing layers {block.start}..{block.end - 1} cannot be expressed in the "
-                f"{config.model_type!r} config: a saved checkpoint would rebuild layer {original[index]} (then "
+                f"{refused}: a saved checkpoint would rebuild layer {original[index]} (then "
                 f"layer {index}) differently: {difference}. A per-layer rule of the config (such as every k-th "
                 "layer being MoE) no longer holds for the layers that stay; choose another block."
             )

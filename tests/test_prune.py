@@ -186,6 +186,9 @@ def test_a_removal_the_config_cannot_express_is_refused_with_the_reason():
         kit.drop_layers(model, Block(1, 1), inplace=True)
     assert kit.core.layers.num_layers(model) == before == model.config.num_hidden_layers  # untouched
     assert kit.core.layers.num_layers(kit.drop_layers(model, Block(1, 2))) == 2  # the rule still holds for 0 and 3
+    model = kit.families.tiny_family_model("gemma4_text")  # sliding attention, then full; the config's class makes
+    with pytest.raises(ValueError, match=r"layers 3\.\.3 cannot be expressed"):  # its last layer full on creation,
+        kit.drop_layers(model, Block(3, 1))  # so a reload would turn layer 2 into full attention
 
 
 def test_pruning_twice_records_original_indices(long_prompt):
