@@ -16,6 +16,7 @@ _EXPORTS = {
     "tiny_model": "testing",
     "TINY_ARCHITECTURES": "testing",
     "Block": "core.block",
+    "Layers": "core.block",
     "heuristic_block": "core.block",
     "drop_layers": "prune",
     "save_pruned": "prune",

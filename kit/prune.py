@@ -1,6 +1,6 @@
-"""Removing a block of consecutive layers from a model: for a moment (`dropped`, for sweeps), for
-good (`drop_layers`), as a plain HF checkpoint (`save_pruned`), or as a mergekit recipe. Which
-block to remove is kit.choose.criteria's job."""
+"""Removing whole decoder layers from a model, a block of consecutive layers or any set of them: for a
+moment (`dropped`, for sweeps), for good (`drop_layers`), as a plain HF checkpoint (`save_pruned`), or as
+a mergekit recipe. Which layers to remove is kit.choose.criteria's job."""
 
 import copy
 import math
@@ -13,22 +13,11 @@ from torch import nn
 
 from .core import layers
 from .core.artifacts import save_checkpoint
-from .core.block import Block
+from .core.block import Block, Layers, Removal, as_layers
 from .core.deprecation import moved
 
 PRUNED_BLOCKS = "pruned_blocks"  # config attribute: removed layers as [[start, n], ...] in ORIGINAL indices
 _MISSING = object()
-
-
-def _runs(indices) -> list[list[int]]:
-    """Sorted indices as maximal runs [[start, n], ...]."""
-    runs: list[list[int]] = []
-    for i in sorted(indices):
-        if runs and runs[-1][0] + runs[-1][1] == i:
-            runs[-1][1] += 1
-        else:
-            runs.append([i, 1])
-    return runs
 
 
 def pruned_before(config) -> set[int]:
@@ -62,21 +51,21 @@ def _depth_scaled(value: float, num: int, new: int) -> float:
     return min(candidates, key=lambda v: abs(v / root - scale))
 
 
-def _config_edits(config, block: Block, num: int) -> list[tuple[object, str, object]]:
+def _config_edits(config, removed: Block | Layers, num: int) -> list[tuple[object, str, object]]:
     """The text config's per-layer facts for the layers that stay: num_hidden_layers (aliases such as
     GPT-2's n_layer follow through attribute_map; copies such as xLSTM's num_blocks are set), every
     number read as value / sqrt(num_hidden_layers) (layers.DEPTH_SCALED) rescaled, every
     list or pattern string with one entry per layer indexed, transformers' per-layer overrides
     (per_layer_config) and every list of layer indices (layers.LAYER_INDEX_LISTS) renumbered, every
     threshold (layers.LAYER_THRESHOLDS) moved."""
-    kept = [i for i in range(num) if i not in block.layers]
+    kept = [i for i in range(num) if i not in removed.layers]
     new_index = {old: new for new, old in enumerate(kept)}
-    edits: list[tuple[object, str, object]] = [(config, "num_hidden_layers", num - block.n)]
-    edits += [(config, name, num - block.n) for name in layers.DEPTH_ALIASES if vars(config).get(name) == num]
+    edits: list[tuple[object, str, object]] = [(config, "num_hidden_layers", len(kept))]
+    edits += [(config, name, len(kept)) for name in layers.DEPTH_ALIASES if vars(config).get(name) == num]
     for name in layers.DEPTH_SCALED:
         value = vars(config).get(name)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            edits.append((config, name, _depth_scaled(value, num, num - block.n)))
+            edits.append((config, name, _depth_scaled(value, num, len(kept))))
     for name, value in list(vars(config).items()):
         if name in layers.LAYER_INDEX_LISTS and isinstance(value, (list, tuple)):
             edits.append((config, name, type(value)(new_index[i] for i in value if i in new_index)))
@@ -85,7 +74,7 @@ def _config_edits(config, block: Block, num: int) -> list[tuple[object, str, obj
         elif isinstance(value, str) and len(value) == num and ("pattern" in name or "layer" in name):
             edits.append((config, name, "".join(value[i] for i in kept)))
         elif name in layers.LAYER_THRESHOLDS and isinstance(value, int):
-            edits.append((config, name, value - sum(i < value for i in block.layers)))
+            edits.append((config, name, value - sum(i < value for i in removed.layers)))
     spec = vars(config).get("_heterogeneity_spec")  # transformers' per-layer overrides (per_layer_config)
     if spec is not None:
         overrides = {new_index[i]: o for i, o in spec.per_layer_overrides.items() if i in new_index}
@@ -108,8 +97,8 @@ def _per_layer_weight_edits(decoder: nn.Module, num: int, kept: list[int]) -> li
     return edits
 
 
-def _removal(model: nn.Module, block: Block) -> tuple[nn.ModuleList, list[tuple[object, str, object]]]:
-    """What removing `block` means: the new layer list, and every (object, attribute, value) to set.
+def _removal(model: nn.Module, removed: Block | Layers) -> tuple[nn.ModuleList, list[tuple[object, str, object]]]:
+    """What removing the layers `removed` means: the new layer list, and every (object, attribute, value) to set.
 
     This is the one place that knows the bookkeeping: the per-layer facts of the text config
     (_config_edits), config.pruned_blocks, the layer index of every module inside the kept layers
@@ -118,14 +107,15 @@ def _removal(model: nn.Module, block: Block) -> tuple[nn.ModuleList, list[tuple[
     """
     old = layers.decoder_layers(model)
     num = len(old)
-    block.check(num)
+    removed.check(num)
     config = model.config
-    kept = [i for i in range(num) if i not in block.layers]
+    kept = [i for i in range(num) if i not in removed.layers]
     before = pruned_before(config)
     original = [i for i in range(num + len(before)) if i not in before]  # original index of each layer
 
-    edits = _config_edits(layers.text_config(config), block, num)
-    edits.append((config, PRUNED_BLOCKS, _runs(before | {original[i] for i in block.layers})))
+    edits = _config_edits(layers.text_config(config), removed, num)
+    runs = Layers(before | {original[i] for i in removed.layers}).blocks
+    edits.append((config, PRUNED_BLOCKS, [[run.start, run.n] for run in runs]))
     for new_index, old_index in enumerate(kept):
         for module in old[old_index].modules():
             for name in layers.LAYER_INDEX_ATTRIBUTES:
@@ -177,9 +167,11 @@ def _difference(kept: nn.Module, twin: nn.Module) -> str | None:
     return None
 
 
-def _check_expressible(model: nn.Module, block: Block, kept: nn.ModuleList, edits) -> None:
-    """Refuse `block` when the edited config would rebuild any kept layer differently: build the model
-    the saved checkpoint reloads into (on the meta device, no memory) and compare it layer by layer."""
+def _check_expressible(model: nn.Module, removed: Block | Layers, kept: nn.ModuleList, edits) -> None:
+    """Refuse removing `removed` when the edited config would rebuild any kept layer differently: build the
+    model the saved checkpoint reloads into (on the meta device, no memory) and compare it layer by layer.
+    The edited config is rebuilt from its dict, as config.json reloads, so the rules its class applies on
+    creation (Gemma 4 makes its last layer full attention) apply too."""
     base = layers._base(model)
     if hasattr(base, "peft_config"):
         return  # adapters sit inside the layers; a pruned checkpoint is saved after merging them
@@ -188,31 +180,35 @@ def _check_expressible(model: nn.Module, block: Block, kept: nn.ModuleList, edit
     for obj, name, value in edits:
         if id(obj) in twins:
             setattr(twins[id(obj)], name, value)
+    refused = f"Removing {removed.label} cannot be expressed in the {config.model_type!r} config"
+    try:
+        config = type(config).from_dict(config.to_dict())
+    except Exception as err:  # the config class's own validation, whatever it raises
+        raise ValueError(f"{refused}: a saved checkpoint's config would not load: {err}") from err
     with torch.device("meta"):
         twin = type(base)(config)
-    original = [i for i in range(len(kept) + block.n) if i not in block.layers]
+    original = [i for i in range(len(kept) + len(removed.layers)) if i not in removed.layers]
     for index, (layer, rebuilt) in enumerate(zip(kept, layers.decoder_layers(twin), strict=True)):
         difference = _difference(layer, rebuilt)
         if difference:
             raise ValueError(
-                f"Removing layers {block.start}..{block.end - 1} cannot be expressed in the "
-                f"{config.model_type!r} config: a saved checkpoint would rebuild layer {original[index]} (then "
+                f"{refused}: a saved checkpoint would rebuild layer {original[index]} (then "
                 f"layer {index}) differently: {difference}. A per-layer rule of the config (such as every k-th "
-                "layer being MoE) no longer holds for the layers that stay; choose another block."
+                "layer being MoE) no longer holds for the layers that stay; choose other layers."
             )
 
 
-def _check_attention_kept(model: nn.Module, block: Block) -> None:
+def _check_attention_kept(model: nn.Module, removed: Block | Layers) -> None:
     """Refuse removing the last attention layers of a hybrid: transformers' caches of hybrid models
     count positions on their attention layers, so a model of recurrent layers only cannot generate."""
     kinds = getattr(layers.text_config(model.config), "layer_types", None)
     if not isinstance(kinds, (list, tuple)) or len(kinds) != layers.num_layers(model):
         return
-    kept = [kind for i, kind in enumerate(kinds) if i not in block.layers]
+    kept = [kind for i, kind in enumerate(kinds) if i not in removed.layers]
     if any(map(layers.caches_keys, kinds)) and not any(map(layers.caches_keys, kept)):
         attention = [i for i, kind in enumerate(kinds) if layers.caches_keys(kind)]
         raise ValueError(
-            f"Removing layers {block.start}..{block.end - 1} leaves no attention layer (layers {attention} are the "
+            f"Removing {removed.label} leaves no attention layer (layers {attention} are the "
             f"attention layers of this hybrid; the others are {sorted(set(kinds) - set(filter(layers.caches_keys, kinds)))}): "
             "transformers' cache of a hybrid counts positions on its attention layers, so the pruned model could not "
             "generate. Keep at least one of them."
@@ -220,18 +216,22 @@ def _check_attention_kept(model: nn.Module, block: Block) -> None:
 
 
 @contextmanager
-def dropped(model: nn.Module, block: Block):
-    """Remove `block` from `model` for the duration of a `with` block, without copying anything (but
-    the per-layer slices of Gemma 3n/4's per-layer input weights).
+def dropped(model: nn.Module, block: Removal):
+    """Remove the layers `block` names from `model` for the duration of a `with` block, without copying
+    anything (but the per-layer slices of Gemma 3n/4's per-layer input weights).
 
     Swaps in a ModuleList of the kept layers (the same module objects) and updates the config and
     the layer indices as `drop_layers` does; on exit, even on an exception, everything is restored
     exactly. Meant for sweeps that evaluate many blocks on one loaded model. The kept modules compute
-    what they computed before, so a block whose removal the config cannot express (drop_layers
-    refuses it) is still measured here.
+    what they computed before, so layers whose removal the config cannot express (drop_layers
+    refuses them) are still measured here.
+
+    Args:
+        model: the causal LM (possibly dispatched by accelerate).
+        block: the layers to remove: a Block, Layers, or any iterable of layer indices such as {0, 2}.
     """
     original = layers.decoder_layers(model)
-    kept, edits = _removal(model, block)
+    kept, edits = _removal(model, as_layers(block))
     saved = [(obj, name, getattr(obj, name, _MISSING)) for obj, name, _ in edits]
     try:
         for obj, name, value in edits:
@@ -247,22 +247,28 @@ def dropped(model: nn.Module, block: Block):
                 setattr(obj, name, value)
 
 
-def drop_layers(model: nn.Module, block: Block, *, inplace: bool = False) -> nn.Module:
-    """`model` without layers block.start .. block.end-1, ready for generation and saving.
+def drop_layers(model: nn.Module, block: Removal, *, inplace: bool = False) -> nn.Module:
+    """`model` without the layers `block` names, ready for generation and saving.
 
-    Without `inplace` a deep copy is pruned (the original is untouched; memory is needed for both).
-    A block whose removal the config cannot express (a saved checkpoint would rebuild a kept layer
-    differently), or that would leave a hybrid without attention layers, is refused with the reason,
-    before anything changes. The config records the removed
-    layers as `pruned_blocks = [[start, n], ...]` in the indices of the ORIGINAL model, merged into
-    runs, so pruning twice still says which original layers are gone.
+    Layers whose removal the config cannot express (a saved checkpoint would rebuild a kept layer
+    differently), or that would leave a hybrid without attention layers, are refused with the reason,
+    before anything changes. The config records the removed layers as `pruned_blocks = [[start, n], ...]`
+    in the indices of the ORIGINAL model, as maximal runs of consecutive layers, so pruning twice, or
+    removing a set, still says which original layers are gone (one block is `[[start, n]]`).
+
+    Args:
+        model: the causal LM (possibly dispatched by accelerate, or pruned before).
+        block: the layers to remove: a Block (start, n), Layers, or any iterable of layer indices such as
+            {0, 2}; at least one, not all, each named once.
+        inplace: prune `model` itself; without it a deep copy is pruned and the original stays untouched
+            (memory is needed for both).
     """
-    block.check(layers.num_layers(model))
-    _check_attention_kept(model, block)
+    removed = as_layers(block).check(layers.num_layers(model))
+    _check_attention_kept(model, removed)
     if not inplace:
         model = copy.deepcopy(model)
-    kept, edits = _removal(model, block)
-    _check_expressible(model, block, kept, edits)
+    kept, edits = _removal(model, removed)
+    _check_expressible(model, removed, kept, edits)
     for obj, name, value in edits:
         setattr(obj, name, value)
     layers.set_decoder_layers(model, kept)
@@ -281,18 +287,24 @@ def save_pruned(model: nn.Module, tokenizer, path: str | Path) -> Path:
     return save_checkpoint(path, model, tokenizer)
 
 
-def mergekit_config(model_name: str, block: Block, num_layers: int) -> str:
-    """A mergekit passthrough YAML that rebuilds the pruned model from the original weights.
+def mergekit_config(model_name: str, block: Removal, num_layers: int) -> str:
+    """A mergekit passthrough YAML that rebuilds the pruned model from the original weights: one slice per
+    run of consecutive kept layers.
 
     mergekit's `layer_range: [a, b]` takes layers a .. b-1: the upper bound is EXCLUSIVE. A block
     at the start or the end of the model leaves one slice, a block in the middle two.
+
+    Args:
+        model_name: the original model, as mergekit names it (a Hub id or a folder).
+        block: the layers to remove: a Block, Layers, or any iterable of layer indices.
+        num_layers: the original model's number of layers.
     """
     import yaml
 
-    block.check(num_layers)
-    ranges = [(a, b) for a, b in ((0, block.start), (block.end, num_layers)) if b > a]
+    removed = as_layers(block).check(num_layers)
+    kept = Layers(i for i in range(num_layers) if i not in removed.layers).blocks
     config = {
-        "slices": [{"sources": [{"model": model_name, "layer_range": [a, b]}]} for a, b in ranges],
+        "slices": [{"sources": [{"model": model_name, "layer_range": [run.start, run.end]}]} for run in kept],
         "merge_method": "passthrough",
     }
     return yaml.safe_dump(config, sort_keys=False, default_flow_style=None)  # layer_range: [a, b]

@@ -1,7 +1,10 @@
 """Test fixtures: tiny random causal LMs of every tested architecture, with a small tokenizer trained
 in-process on the offline corpus (no download), for tests, benchmarks and the GPU check; random
-distance matrices; and brute-force references for the scan (of layers and of sublayers)."""
+distance matrices; brute-force references for the scan (of layers and of sublayers); and the reference
+of pruning (layers bypassed by hooks)."""
 
+from collections.abc import Iterable
+from contextlib import contextmanager
 from functools import lru_cache
 
 import numpy as np
@@ -257,6 +260,29 @@ def reference_distances(model, tokenizer, texts: list[str], max_length: int, *, 
         matrices[metric] = sums.sum(0) / counts.sum()
         np.fill_diagonal(matrices[metric], 0)
     return matrices
+
+
+@contextmanager
+def bypassed(model, indices: Iterable[int]):
+    """`model` with the decoder layers `indices` returning their input unchanged (forward hooks), inside a
+    `with` block: what removing those layers must compute, without removing anything.
+
+    Args:
+        model: the causal LM; its hooks are removed on exit.
+        indices: the layers to bypass.
+    """
+
+    def identity(module, args, kwargs, output):
+        hidden = layers.layer_input(args, kwargs)
+        return type(output)([hidden, *output[1:]]) if isinstance(output, (tuple, list)) else hidden
+
+    decoder = layers.decoder_layers(model)
+    handles = [decoder[i].register_forward_hook(identity, with_kwargs=True) for i in indices]
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def reference_loglikelihood(model, tokenizer, context: str, continuation: str) -> float:

@@ -15,11 +15,10 @@ from transformers import AutoModelForCausalLM
 
 import kit
 from kit import families
-from kit.core import layers
 from kit.core.block import Block
 from kit.core.config import HealConfig
 from kit.healing.lora import lora_model
-from kit.testing import reference_distances, tiny_tokenizer
+from kit.testing import bypassed, reference_distances, tiny_tokenizer
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 TEXTS = ["The quick brown fox jumps over", "A tiny model of every family, built offline"]
@@ -36,23 +35,6 @@ def _cases():
         reason = families.NO_TINY_MODEL.get(model_type) or families.CANNOT_PASS.get(model_type)
         marks = [pytest.mark.skip(reason=why)] if why else [pytest.mark.xfail(reason=reason, strict=True)] if reason else []
         yield pytest.param(model_type, marks=marks, id=model_type)
-
-
-@torch.no_grad()
-def _bypassed(model, block: Block, ids) -> torch.Tensor:
-    """Logits of `model` with the layers of `block` returning their input unchanged (forward hooks)."""
-
-    def identity(module, args, kwargs, output):
-        hidden = layers.layer_input(args, kwargs)
-        return type(output)([hidden, *output[1:]]) if isinstance(output, (tuple, list)) else hidden
-
-    decoder = layers.decoder_layers(model)
-    handles = [decoder[i].register_forward_hook(identity, with_kwargs=True) for i in block.layers]
-    try:
-        return model(ids, use_cache=False).logits
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _drop(model):
@@ -76,7 +58,9 @@ def test_family(model_type, tmp_path):
     block, pruned = _drop(model)
     with torch.no_grad():
         logits = pruned(IDS, use_cache=False).logits
-    torch.testing.assert_close(logits, _bypassed(model, block, IDS), atol=1e-5, rtol=1e-4)
+        with bypassed(model, block.layers):
+            expected = model(IDS, use_cache=False).logits
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-4)
 
     kit.save_pruned(pruned, tokenizer, tmp_path / "pruned")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", dtype=torch.float32).eval()

@@ -64,22 +64,23 @@ def test_evaluations_equal_the_undispatched_model(pair):
     assert spread.loss == pytest.approx(plain.loss, rel=1e-6) and spread.tokens == plain.tokens
 
 
-def test_dropped_and_drop_layers_keep_the_device_map_in_step(pair):
+@pytest.mark.parametrize("removal, kept", [(BLOCK, ["cpu", "cpu"]), (kit.Layers({0, 2}), ["disk", "cpu"])], ids=["block", "set"])
+def test_dropped_and_drop_layers_keep_the_device_map_in_step(pair, removal, kept):
     model, dispatched, tokenizer = pair
     texts = data.corpus("validation")[:4]
     before = dict(dispatched.hf_device_map)
-    with prune.dropped(model, BLOCK), prune.dropped(dispatched, BLOCK):
-        assert dispatched.hf_device_map == {"model.embed_tokens": "disk", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
-                                            "model.layers.1": "cpu", "model.norm": "disk", "lm_head": "disk"}  # fmt: skip
+    with prune.dropped(model, removal), prune.dropped(dispatched, removal):
+        assert dispatched.hf_device_map == {"model.embed_tokens": "disk", "model.rotary_emb": "cpu", "model.norm": "disk",
+                                            "lm_head": "disk", **{f"model.layers.{i}": d for i, d in enumerate(kept)}}  # fmt: skip
         loss = validation_loss(model, tokenizer, texts, max_length=32).loss
         assert validation_loss(dispatched, tokenizer, texts, max_length=32).loss == pytest.approx(loss, rel=1e-6)
     assert dispatched.hf_device_map == before
-    pruned = prune.drop_layers(dispatched, BLOCK)
-    assert pruned.hf_device_map["model.layers.1"] == "cpu" and "model.layers.2" not in pruned.hf_device_map
+    pruned = prune.drop_layers(dispatched, removal)
+    assert [pruned.hf_device_map[f"model.layers.{i}"] for i in range(2)] == kept and "model.layers.2" not in pruned.hf_device_map
     assert validation_loss(pruned, tokenizer, texts, max_length=32).loss == pytest.approx(loss, rel=1e-6)
     prompt = tokenizer(texts[0], return_tensors="pt")["input_ids"][:, :8]
     greedy = dict(max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    expected = prune.drop_layers(model, BLOCK).generate(prompt, **greedy)  # the KV cache indexed by the renumbered layers
+    expected = prune.drop_layers(model, removal).generate(prompt, **greedy)  # the KV cache indexed by the renumbered layers
     assert torch.equal(pruned.generate(prompt, **greedy), expected)
 
 

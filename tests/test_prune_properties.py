@@ -1,5 +1,6 @@
-"""Property-based tests of the pruning bookkeeping: random layer counts and sequences of blocks
-(pruning up to three times) on every tiny architecture, against a brute-force list of kept layers."""
+"""Property-based tests of the pruning bookkeeping: random layer counts and sequences of blocks and sets
+of layers (pruning up to three times) on every tiny architecture, against a brute-force list of kept
+layers and the original model with the removed layers bypassed."""
 
 import functools
 
@@ -10,7 +11,8 @@ from transformers import AutoModelForCausalLM
 
 import kit
 from kit.core import layers
-from kit.core.block import Block
+from kit.core.block import Block, Layers
+from kit.testing import bypassed
 
 SETTINGS = settings(max_examples=30, deadline=None, derandomize=True, database=None)
 
@@ -22,27 +24,31 @@ def _original(arch: str, num_layers: int):
 
 @st.composite
 def prunings(draw):
-    """(architecture, layer count, blocks applied one after the other, each valid on what is left)."""
+    """(architecture, layer count, removals applied one after the other: each a Block or Layers (any set),
+    valid on what is left)."""
     arch = draw(st.sampled_from(kit.TINY_ARCHITECTURES))
     num_layers = draw(st.integers(3, 8))
-    blocks, left = [], num_layers
+    removals, left = [], num_layers
     for _ in range(draw(st.integers(1, 3))):
         if left < 2:
             break
-        n = draw(st.integers(1, left - 1))
-        blocks.append(Block(draw(st.integers(0, left - n)), n))
-        left -= n
-    return arch, num_layers, blocks
+        if draw(st.booleans()):
+            n = draw(st.integers(1, left - 1))
+            removals.append(Block(draw(st.integers(0, left - n)), n))
+        else:
+            removals.append(Layers(draw(st.sets(st.integers(0, left - 1), min_size=1, max_size=left - 1))))
+        left -= len(removals[-1].layers)
+    return arch, num_layers, removals
 
 
-def _prune(arch, num_layers, blocks):
+def _prune(arch, num_layers, removals):
     model, tokenizer = _original(arch, num_layers)
     kept, pruned = list(range(num_layers)), model
     kinds = getattr(layers.text_config(model.config), "layer_types", None)
-    for block in blocks:
-        del kept[block.start : block.end]
+    for removal in removals:
+        kept = [k for i, k in enumerate(kept) if i not in removal.layers]
         try:
-            pruned = kit.drop_layers(pruned, block)
+            pruned = kit.drop_layers(pruned, removal)
         except ValueError as err:  # a hybrid keeps an attention layer: the refusal is right, the case is void
             assert "leaves no attention layer" in str(err) and not any(layers.caches_keys(kinds[i]) for i in kept), err
             assume(False)
@@ -66,7 +72,7 @@ def test_as_runs_is_the_specification():
 @SETTINGS
 @given(prunings())
 def test_bookkeeping_names_the_original_layers(case):
-    arch, num_layers, blocks = case
+    arch, num_layers, _ = case
     model, _, pruned, kept = _prune(*case)
     assert layers.num_layers(pruned) == layers.text_config(pruned.config).num_hidden_layers == len(kept)
     assert _as_runs(set(range(num_layers)) - set(kept), pruned.config.pruned_blocks)
@@ -82,11 +88,15 @@ def test_bookkeeping_names_the_original_layers(case):
 
 @SETTINGS
 @given(prunings())
-def test_saved_pruned_model_reloads_to_the_same_logits(tmp_path_factory, long_prompt, case):
-    _, tokenizer, pruned, kept = _prune(*case)
+def test_pruned_model_equals_the_layers_bypassed_and_reloads(tmp_path_factory, long_prompt, case):
+    model, tokenizer, pruned, kept = _prune(*case)
     ids = long_prompt(tokenizer)
+    with torch.no_grad():
+        with bypassed(model, set(range(case[1])) - set(kept)):
+            expected = model(ids).logits
+        assert torch.equal(pruned(ids).logits, expected)
     path = kit.save_pruned(pruned, tokenizer, tmp_path_factory.mktemp("pruned") / "model")
     reloaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     assert layers.num_layers(reloaded) == len(kept) and reloaded.config.pruned_blocks == pruned.config.pruned_blocks
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(ids).logits, pruned(ids).logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(reloaded(ids).logits, expected, atol=1e-5, rtol=0)

@@ -1,5 +1,9 @@
-"""A block of consecutive decoder layers: what the method removes. Imports nothing else from the kit."""
+"""What the method removes: a block of consecutive decoder layers, or any set of whole layers. Imports
+nothing else from the kit."""
 
+import operator
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -22,6 +26,11 @@ class Block:
     def layers(self) -> range:
         return range(self.start, self.end)
 
+    @property
+    def label(self) -> str:
+        """The layers in words, for messages: "layers 2..4"."""
+        return f"layers {self.start}..{self.end - 1}"
+
     def check(self, num_layers: int) -> "Block":
         """This block, or a ValueError giving the valid range for a model of `num_layers` layers."""
         if not 0 < self.n < num_layers:
@@ -32,6 +41,67 @@ class Block:
                 f"for {num_layers} layers."
             )
         return self
+
+
+@dataclass(frozen=True)
+class Layers:
+    """Any set of whole decoder layers, by index, consecutive or not: `Layers({0, 2, 5})`. The indices are
+    kept sorted (`layers`); naming one twice is a ValueError. A Block is the contiguous case.
+
+    Args:
+        indices: the layer indices, any iterable of integers.
+    """
+
+    indices: tuple[int, ...]
+
+    def __post_init__(self):
+        given = [operator.index(i) for i in self.indices]
+        twice = sorted(i for i, count in Counter(given).items() if count > 1)
+        if twice:
+            raise ValueError(f"Layers {twice} are named more than once in {given}: name each layer once.")
+        object.__setattr__(self, "indices", tuple(sorted(given)))
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return self.indices
+
+    @property
+    def blocks(self) -> list[Block]:
+        """The indices as maximal runs of consecutive layers, in order: Layers({0, 2, 3}) -> Block(0, 1), Block(2, 2)."""
+        runs: list[Block] = []
+        for i in self.indices:
+            if runs and runs[-1].end == i:
+                runs[-1] = Block(runs[-1].start, runs[-1].n + 1)
+            else:
+                runs.append(Block(i, 1))
+        return runs
+
+    @property
+    def label(self) -> str:
+        """The layers in words, for messages, run by run: "layers 0, 2..3"."""
+        runs = [f"{b.start}..{b.end - 1}" if b.n > 1 else str(b.start) for b in self.blocks]
+        return f"layer{'s' if len(self.indices) > 1 else ''} {', '.join(runs)}"
+
+    def check(self, num_layers: int) -> "Layers":
+        """These layers, or a ValueError saying what a model of `num_layers` layers allows: at least one
+        layer, every index in 0 .. num_layers-1, and not all of them."""
+        if not self.indices:
+            raise ValueError(f"No layers to remove: name at least one of the layers 0 <= i <= {num_layers - 1}.")
+        outside = [i for i in self.indices if not 0 <= i < num_layers]
+        if outside:
+            raise ValueError(f"Layer indices {outside} are out of range: choose 0 <= i <= {num_layers - 1} for {num_layers} layers.")
+        if len(self.indices) == num_layers:
+            raise ValueError(f"Removing all {num_layers} layers leaves no model: remove at most {num_layers - 1}.")
+        return self
+
+
+Removal = Block | Layers | Iterable[int]  # the layers to remove: a Block, Layers, or any iterable of layer indices
+
+
+def as_layers(selection: Removal) -> Block | Layers:
+    """The layers `selection` names: a Block or Layers as it is, any other iterable of layer indices (a set,
+    a list) as Layers."""
+    return selection if isinstance(selection, (Block, Layers)) else Layers(selection)
 
 
 def heuristic_block(num_layers: int, n: int) -> Block:
