@@ -20,7 +20,7 @@ LABELS = {  # each metric in words, with its unit: the figures' axes and the rea
 }  # fmt: skip
 
 
-def _paired(row_a, row_b, **bootstrap):
+def paired(row_a, row_b, **bootstrap):
     """a minus b on the same questions (accuracies) or the same texts (losses), with its paired interval."""
     if isinstance(row_a.get("per_text"), str):
         return paired_ratio_difference(_results.per_text(row_a), _results.per_text(row_b), **bootstrap)
@@ -47,7 +47,7 @@ def paired_comparison(results: pd.DataFrame, by: str, a, b, *, metric: str = "mm
         if any(side.empty for side in pair):
             continue
         (row_a, row_b) = (side.iloc[0] for side in pair)
-        difference = _paired(row_a, row_b, resamples=resamples, seed=seed)
+        difference = paired(row_a, row_b, resamples=resamples, seed=seed)
         table.append({"n": n, "fraction": row_a["fraction"], f"{by}={a}": row_a["value"], f"{by}={b}": row_b["value"],
                       "difference": difference.value, "ci_low": difference.low, "ci_high": difference.high})  # fmt: skip
     if not table:
@@ -114,6 +114,54 @@ def by_metric(function, results: pd.DataFrame, metrics, *args, **kwargs) -> pd.D
     """function(results, *args, metric=m, **kwargs) for each metric m, one table with a metric column,
     e.g. by_metric(collapse_points, results, ["recall", "mmlu"])."""
     return pd.concat([function(results, *args, metric=m, **kwargs).assign(metric=m) for m in metrics], ignore_index=True)
+
+
+LOWER_IS_BETTER = ("val_loss", "val_loss_norm")  # metrics where less is better; accuracies are better higher
+
+
+def _decode_time_saved(wide: pd.DataFrame) -> pd.Series:
+    """1 - (unpruned decode speed / this one's): the fraction of the unpruned model's decode time per token saved."""
+    unpruned = wide.loc[wide["budget"] == 0, "decode_tokens_per_s"].iloc[0]
+    return 1 - unpruned / wide["decode_tokens_per_s"]
+
+
+def budget_table(table: pd.DataFrame) -> pd.DataFrame:
+    """A budget sweep's rows (kit.experiments.budget.budget_sweep) one per point: budget, unit, criterion, n,
+    removed, fraction, then each metric's value (and "{metric}_ci_low" / "_ci_high" where it has an interval),
+    and decode_time_saved where decode speed was measured (InferenceCost among the evaluations)."""
+    point = ["budget", "unit", "criterion", "n", "removed", "fraction"]
+    wide = table.set_index([*point, "metric"])[["value", "ci_low", "ci_high"]].unstack("metric")
+    wide.columns = [metric if kind == "value" else f"{metric}_{kind}" for kind, metric in wide.columns]
+    wide = wide.dropna(axis=1, how="all").reset_index()
+    if "decode_tokens_per_s" in wide:
+        wide["decode_time_saved"] = _decode_time_saved(wide)
+    return wide
+
+
+def best_by_budget(table: pd.DataFrame, metric: str = "val_loss", *, reference=("block", "similarity"), resamples: int = 2000,
+                   seed: int = 0) -> pd.DataFrame:  # fmt: skip
+    """For each budget of a budget sweep, the choice with the best `metric` (lowest loss, highest accuracy), and
+    its paired difference to the `reference` choice (unit, criterion; default the paper's block) on the same
+    texts or questions, with its paired bootstrap 95% interval.
+
+    Returns one row per budget: budget, unit, criterion, removed, fraction, value, ci_low, ci_high, reference
+    (the reference's value; NaN where it has no point at this budget), difference, diff_low, diff_high.
+    """
+    rows = table[(table["metric"] == metric) & (table["budget"] > 0)]
+    if rows.empty:
+        raise ValueError(f"no rows for metric {metric!r} at a budget; metrics present: {sorted(table['metric'].unique())}")
+    best = []
+    for budget, group in rows.groupby("budget", sort=True):
+        winner = group.loc[group["value"].idxmin() if metric in LOWER_IS_BETTER else group["value"].idxmax()]
+        ref = group[(group["unit"] == reference[0]) & (group["criterion"] == reference[1])]
+        difference = paired(winner, ref.iloc[0], resamples=resamples, seed=seed) if len(ref) else None
+        best.append({
+            **{k: winner[k] for k in ("budget", "unit", "criterion", "removed", "fraction", "value", "ci_low", "ci_high")},
+            "reference": ref["value"].iloc[0] if len(ref) else math.nan,
+            **{k: getattr(difference, v) if difference else math.nan
+               for k, v in (("difference", "value"), ("diff_low", "low"), ("diff_high", "high"))},
+        })  # fmt: skip
+    return pd.DataFrame(best)
 
 
 __getattr__ = moved(__name__, {name: _results for name in ("encode_outcomes", "outcomes", "chance_level")})

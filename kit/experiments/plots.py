@@ -6,12 +6,13 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import seaborn as sns
 from matplotlib.patches import Rectangle
 
 from ..core.artifacts import atomic_path
 from ..core.stats import Z95
-from .curves import LABELS
+from .curves import LABELS, budget_table
 from .results import chance_level, column
 
 # One colour and marker per criterion and checkpoint across every figure of the kit. The similarity
@@ -254,6 +255,46 @@ def quality_cost_figure(results, metrics, *, comparison=None, costs=("weight_byt
     for metric, row in zip(metrics, axes):
         for cost, ax in zip(costs, row):
             quality_cost(results, metric, comparison=comparison, cost=cost, ax=ax)
+    axes[0, 0].figure.tight_layout()
+    return axes
+
+
+UNIT_COLORS = {"block": "#1f77b4", "layers": "#2ca02c", "attention": "#d62728", "mlp": "#9467bd"}  # budget figures
+BUDGET_AXES = {"fraction": "fraction of the parameters removed", "decode_time_saved": "fraction of decode time per token saved"}
+
+
+def budget_plot(table, metric: str = "val_loss", *, cost: str = "fraction", ax=None):
+    """`metric` against what was removed: the fraction of the parameters ("fraction") or of the measured decode
+    time per token ("decode_time_saved"), one line per unit and criterion over the budgets, with 95% intervals;
+    the unpruned model is a black star at 0.
+
+    table: kit.experiments.budget.budget_sweep's rows (with InferenceCost among the evaluations for decode time).
+    """
+    wide = budget_table(table)
+    if metric not in wide or cost not in wide:
+        raise ValueError(f"the budget sweep has no {sorted({metric, cost} - set(wide))}: evaluate {metric!r} (and "
+                         "kit.evaluate.metrics.InferenceCost for decode time) in budget_sweep")  # fmt: skip
+    ax, dashes = _axes(ax), {}
+    for (unit, criterion), rows in wide[wide["budget"] > 0].groupby(["unit", "criterion"], sort=False):
+        rows = rows.sort_values("budget")
+        y = rows[metric].to_numpy(float)
+        low, high = (rows.get(f"{metric}_ci_{side}", pd.Series(y, index=rows.index)).to_numpy(float) for side in ("low", "high"))
+        ls = dashes.setdefault(criterion, ["-", "--", ":", "-."][len(dashes) % 4])
+        ax.errorbar(rows[cost], y, yerr=np.abs([y - low, high - y]), label=f"{unit} / {criterion}", color=UNIT_COLORS.get(unit),
+                    ls=ls, marker="o", capsize=3)  # fmt: skip
+    unpruned = wide[wide["budget"] == 0]
+    ax.plot(unpruned[cost], unpruned[metric], "k*", ms=12, label="unpruned")
+    ax.set(xlabel=BUDGET_AXES.get(cost, label(cost)), ylabel=label(metric))
+    ax.legend(fontsize="small")
+    return ax
+
+
+def budget_figure(table, metrics=("val_loss",), *, costs=("fraction", "decode_time_saved"), panel_size=(6.5, 4.5)):
+    """budget_plot panels: one row per metric, one column per cost. Returns the Axes [metrics, costs]."""
+    axes = _panels(len(metrics), len(costs), panel_size)
+    for metric, row in zip(metrics, axes):
+        for cost, ax in zip(costs, row):
+            budget_plot(table, metric, cost=cost, ax=ax)
     axes[0, 0].figure.tight_layout()
     return axes
 
