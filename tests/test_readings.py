@@ -241,3 +241,36 @@ def test_scan_verdicts_follow_where_the_best_blocks_lie_and_the_noise(tmp_path):
     assert "farther than the best block by more than the noise at 0 of 5 sizes" in noisy
     unsettled = write_scan_run(tmp_path, deep=False, stderr=0.001, noise=0.1)  # groups disagree by more than the slope
     assert "**The choice is settled at 5 of 5 sizes**" not in unsettled and ": elsewhere n = " in unsettled
+
+
+def write_budget_run(run, *, attention_shift=0.2):
+    """The artifacts notebook 06 writes: a budget sweep of the block and attention sublayers at two budgets
+    (held-out losses per text), the kit's best_by_budget of it, and the step's manifest."""
+    tokens = np.full(20, 10)
+    per = {"none": 3.0, "block": 3.5, "attention": 3.0 + attention_shift, "block2": 4.0, "attention2": 4.3}
+    rows = []
+    for (budget, unit, criterion), key in {(0.0, "none", "none"): "none", (0.1, "block", "similarity"): "block",
+                                           (0.1, "attention", "greedy"): "attention", (0.2, "block", "similarity"): "block2",
+                                           (0.2, "attention", "greedy"): "attention2"}.items():  # fmt: skip
+        sign = 1 if unit == "block" else -1
+        texts = np.stack([(per[key] + sign * SPREAD) * tokens, tokens], 1)
+        rows.append(dict(budget=budget, unit=unit, criterion=criterion, n=0 if unit == "none" else 2, removed="" if unit == "none" else
+                         f"{unit} 1..2", fraction=budget * 0.9, metric="val_loss", value=per[key], ci_low=per[key] - 0.05,
+                         ci_high=per[key] + 0.05, chance=np.nan, outcomes=None, per_text=results.encode_per_text(texts)))  # fmt: skip
+    table = pd.DataFrame(rows)
+    table.to_csv(run / "budget.csv", index=False)
+    curves.best_by_budget(table).to_csv(run / "budget_best.csv", index=False)
+    (run / "manifest.json").write_text(json.dumps({"06_granularity": {"model": "m", "layers": 10, "parameters": 2e6}}))
+    return run
+
+
+def test_granularity_reading_names_the_winner_at_each_budget_and_its_paired_difference(tmp_path):
+    text = readings.reading(write_budget_run(tmp_path), "06_granularity").markdown
+    assert "**Lowest held-out loss by granularity: 10%: attention; 20%: block**" in text
+    assert "At 10%: `attention / greedy` removes attention 1..2 (9% of the parameters), held-out loss 3.200" in text
+    assert "detectably lower than the paper's block (3.500): paired difference -0.300" in text
+    assert "At 20%: `block / similarity`" in text and "it is the paper's block itself" in text
+    assert "| 10% | 3.500 | 3.200 |" in text
+    assert reading_numbers(text) and set(reading_numbers(text)) <= artifact_numbers(tmp_path, [1, 2])  # + the layers removed
+    close = readings.reading(write_budget_run(tmp_path, attention_shift=0.49), "06_granularity").markdown
+    assert "not distinguishable from the paper's block (3.500): paired difference -0.010" in close

@@ -328,10 +328,48 @@ def _criteria(run: Path) -> list[str]:
     return lines
 
 
+# -- 06: what to remove, on one budget -------------------------------------------------------------
+
+
+def _versus_block(row) -> str:
+    """The winner's paired difference of held-out loss to the paper's block, and its verdict."""
+    if row["unit"] == "block" and row["criterion"] == "similarity":
+        return "it is the paper's block itself"
+    if math.isnan(row["difference"]):
+        return "the paper's block has no point at this budget (one layer is over it)"
+    verdict = {"below": "detectably lower than", "above": "detectably higher than"}.get(side(row["diff_low"], row["diff_high"], 0),
+                                                                                         "not distinguishable from")  # fmt: skip
+    return (f"{verdict} the paper's block ({num(row['reference'])}): paired difference {num(row['difference'])}, "
+            f"{interval(row['diff_low'], row['diff_high'])}")  # fmt: skip
+
+
+def _granularity(run: Path) -> list[str]:
+    table, best, step = read_csv(run / "budget.csv"), read_csv(run / "budget_best.csv"), _manifest(run, "06_granularity")
+    loss = table[(table["metric"] == "val_loss") & (table["budget"] > 0)]
+    unpruned = table[(table["metric"] == "val_loss") & (table["budget"] == 0)]["value"].iloc[0]
+    lines = [header(step["model"], step["layers"], step["parameters"])
+             + f" Budgets: {', '.join(pct(b) for b in sorted(loss['budget'].unique()))} of the parameters; held-out loss unpruned "
+             f"{num(unpruned)} nats per token.", ""]  # fmt: skip
+    winners = {r["budget"]: r["unit"] for _, r in best.iterrows()}
+    lines.append("- **Lowest held-out loss by granularity: " + "; ".join(f"{pct(b)}: {u}" for b, u in winners.items()) + "** "
+                 "(rule: the choice of lowest held-out loss at each budget; its unit is the granularity).")  # fmt: skip
+    for _, r in best.iterrows():
+        lines.append(f"- At {pct(r['budget'])}: `{r['unit']} / {r['criterion']}` removes {r['removed']} ({pct(r['fraction'])} of the "
+                     f"parameters), held-out loss {num(r['value'])} ({interval(r['ci_low'], r['ci_high'])}); {_versus_block(r)} "
+                     "(rule: the paired bootstrap 95% interval over the same texts excludes 0).")  # fmt: skip
+    choices = list(dict.fromkeys(loss["unit"] + " / " + loss["criterion"]))
+    lines += ["", "| budget | " + " | ".join(choices) + " |", "| --- |" + " --- |" * len(choices)]
+    for budget, rows in loss.groupby("budget"):
+        cells = dict(zip(rows["unit"] + " / " + rows["criterion"], rows["value"]))
+        lines.append(f"| {pct(budget)} | " + " | ".join(num(cells[c]) if c in cells else "over budget" for c in choices) + " |")
+    return lines
+
+
 READERS = {
     "01_similarity": _similarity,
     "02_select_and_prune": _select_and_prune,
     "03_heal": _heal,
     "04_compare": _compare,
     "05_criteria": _criteria,
+    "06_granularity": _granularity,
 }
