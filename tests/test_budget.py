@@ -150,3 +150,10 @@ def test_budget_figure_draws_every_choice(tmp_path):
     assert plots.save(axes[0, 0], tmp_path / "budget.png").stat().st_size > 0
     with pytest.raises(ValueError, match="evaluate 'recall'"):
         plots.budget_plot(table, "recall")
+
+
+def test_most_units_counts_the_smallest_units_that_fit():
+    model, _ = kit.tiny_model("llama", num_layers=6)
+    share = _layer_parameters(model) / parameters(model)
+    singles = [Layers([i]) for i in range(6)]
+    assert [budget.most_units(model, singles, b * share) for b in (0.5, 1.01, 3.5, 6.01)] == [0, 1, 3, 6]

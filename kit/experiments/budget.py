@@ -67,6 +67,14 @@ def fit(model, choice: Choice, budget: float) -> tuple[int, object, float] | Non
     return fitted
 
 
+def most_units(model, singles: Sequence, budget: float) -> int:
+    """How many of the units `singles` (each a removal of one unit, e.g. kit.Layers([i]) for every layer i) at
+    most fit `budget` (a fraction of `model`'s parameters): the number of the smallest ones that do. What a
+    greedy criterion must order to serve every budget up to this one."""
+    total, sizes = parameters(model), sorted(removed_parameters(model, single) for single in singles)
+    return sum(1 for cumulative in itertools.accumulate(sizes) if cumulative <= budget * total)
+
+
 def budget_sweep(model, tokenizer, *, choices: Sequence[Choice], budgets: Sequence[float], evals: Sequence[Evaluation]) -> pd.DataFrame:
     """Evaluate `model` unpruned and, for every budget and choice, without the most units that fit (fit).
 
