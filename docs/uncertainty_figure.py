@@ -21,7 +21,7 @@ SCAN_TEXTS, VAL_TEXTS, MAX_LENGTH, STEP = 64, 8, 128, 3
 model, tokenizer = kit.load_model("smollm2-135m")
 distances = kit.angular_distances(model, tokenizer, data.load_texts("corpus", "train", SCAN_TEXTS), max_length=MAX_LENGTH,
                                   model_name="smollm2-135m")  # fmt: skip
-evals = [metrics.loss_metrics(data.corpus("validation")[:VAL_TEXTS], max_length=MAX_LENGTH)]
+evals = [metrics.ValidationLoss(data.corpus("validation")[:VAL_TEXTS], max_length=MAX_LENGTH)]
 ns = list(range(0, distances.num_layers, STEP))
 results = pd.concat([sweep.sweep(model, tokenizer, ns=ns, evals=evals, distances=distances, criterion=c) for c in sweep.PAPER_CRITERIA])
 print(results[results.metric == "val_loss_norm"][["criterion", "n", "value", "ci_low", "ci_high"]].round(3).to_string(index=False))
