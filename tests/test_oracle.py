@@ -1,5 +1,6 @@
 """The ablation oracle against rebuilt models, its artifact, and its errors."""
 
+from contextlib import nullcontext
 from copy import deepcopy
 
 import numpy as np
@@ -14,6 +15,7 @@ from kit.evaluate import validation_loss
 from kit.loaders.data import corpus
 from kit.prune import drop_layers
 from kit.scan.distances import Distances
+from kit.testing import bypassed
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Lists are mutable sequences.", "x = 1", "a b c d e f g h i j"]
 
@@ -36,21 +38,13 @@ def test_equals_validation_loss_of_the_rebuilt_model(arch):
 
 
 def _rebuilt(model, block: Block):
-    """`model` without `block`: drop_layers, or where it refuses the block (the last attention layers
-    of a hybrid, which could not generate) a copy whose layers in `block` return their input (hooks)."""
+    """A context manager giving `model` without `block`: drop_layers, or where it refuses the block (the last
+    attention layers of a hybrid, which could not generate) a copy whose layers in `block` are bypassed."""
     try:
-        return drop_layers(model, block)
+        return nullcontext(drop_layers(model, block))
     except ValueError as err:
         assert "leaves no attention layer" in str(err)
-    copy = deepcopy(model)
-
-    def identity(module, args, kwargs, output):
-        hidden = kit.core.layers.layer_input(args, kwargs)
-        return type(output)([hidden, *output[1:]]) if isinstance(output, (tuple, list)) else hidden
-
-    for i in block.layers:
-        kit.core.layers.decoder_layers(copy)[i].register_forward_hook(identity, with_kwargs=True)
-    return copy
+    return bypassed(deepcopy(model), block.layers)
 
 
 def _assert_equals_rebuilt_models(model, tokenizer):
@@ -65,11 +59,11 @@ def _assert_equals_rebuilt_models(model, tokenizer):
             if start + n > L:
                 assert np.isnan(oracle.loss[n, start]) and np.isnan(oracle.kl[n, start])
                 continue
-            pruned = _rebuilt(model, Block(start, n))
-            expected = validation_loss(pruned, tokenizer, TEXTS, max_length=16, batch_size=3).loss
-            assert oracle.loss[n, start] == pytest.approx(expected, rel=1e-5), (n, start)
-            if n == 2:  # KL brute-forced on one row (two full forwards per block)
-                assert oracle.kl[n, start] == pytest.approx(_brute_kl(model, pruned, tokenizer, TEXTS, 16, 3), rel=1e-4, abs=1e-7)
+            with _rebuilt(model, Block(start, n)) as pruned:
+                expected = validation_loss(pruned, tokenizer, TEXTS, max_length=16, batch_size=3).loss
+                assert oracle.loss[n, start] == pytest.approx(expected, rel=1e-5), (n, start)
+                if n == 2:  # KL brute-forced on one row (two full forwards per block)
+                    assert oracle.kl[n, start] == pytest.approx(_brute_kl(model, pruned, tokenizer, TEXTS, 16, 3), rel=1e-4, abs=1e-7)
     assert np.isnan(oracle.loss[L]).all()
     assert oracle.best_block(2) == Block(int(np.nanargmin(oracle.loss[2])), 2)
 

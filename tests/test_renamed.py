@@ -175,3 +175,35 @@ def test_notebook_02_takes_strategy_as_its_old_name_of_criterion():
         assert PruneConfig(criterion="heuristic", strategy=None).criterion == "heuristic"
     with pytest.warns(DeprecationWarning, match="criterion="):
         assert PruneConfig(criterion="similarity", strategy="heuristic").criterion == "heuristic"
+
+
+def test_an_old_keyword_beside_its_new_one_set_is_refused_and_each_warning_points_at_the_caller():
+    with pytest.raises(TypeError, match=r"PruneConfig\(\) got both strategy= and criterion=: .* pass only criterion="):
+        PruneConfig(criterion="heuristic", strategy="similarity")
+    with pytest.raises(TypeError, match=r"sweeps\(\) got both strategies= and criteria="):
+        sweep.sweeps(None, None, ns=[0], evals=[], folder="unused", criteria=["heuristic"], strategies=["similarity"])
+    with pytest.raises(TypeError, match="pass only criterion="):
+        PruneConfig(4, None, "heuristic", strategy="similarity")  # the new one given by position
+    with renamed("kit.core.config.PruneConfig(strategy=)", "criterion=") as caught:
+        assert PruneConfig(4, None, "similarity", strategy="heuristic") == PruneConfig(n=4, criterion="heuristic")
+    with renamed("kit.core.config.PruneConfig.strategy", "criterion") as read:
+        PruneConfig().strategy
+    assert {w.filename for w in [*caught, *read]} == {__file__}
+    with pytest.raises(AttributeError, match="read-only name of criterion: set criterion"):
+        BlockPicker(random_distances(6), n=2).strategy = "heuristic"
+
+
+def test_a_prune_config_made_with_strategy_is_a_plain_dataclass():
+    """Only criterion is a field: replace, asdict, the digest and the signature know nothing of the old name."""
+    import dataclasses
+    import inspect
+
+    with renamed("kit.core.config.PruneConfig(strategy=)", "criterion="):
+        old = PruneConfig(n=4, strategy="heuristic")
+    new = PruneConfig(n=4, criterion="heuristic")
+    assert [f.name for f in dataclasses.fields(PruneConfig)] == ["n", "start", "criterion", "n_val_texts", "max_length", "batch_size"]
+    assert dataclasses.asdict(old) == dataclasses.asdict(new) and old.digest() == new.digest() and hash(old) == hash(new)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dataclasses.replace(old, n=5) == old.replace(n=5) == PruneConfig(n=5, criterion="heuristic")
+    assert "strategy" not in inspect.signature(PruneConfig).parameters

@@ -12,9 +12,8 @@ num_layers, config.n, start=config.start)` takes its fields."""
 import hashlib
 import json
 from dataclasses import asdict, dataclass, fields, replace
-from functools import wraps
 
-from .deprecation import warn
+from .deprecation import renamed_arguments, renamed_attribute
 
 
 class _Settings:
@@ -64,9 +63,11 @@ class ScanConfig(_Settings):
         self._require_positive("n_texts", "batch_size", "max_length")
 
 
+@renamed_arguments(strategy="criterion")  # kit 0.1's name, as its manifests record it
 @dataclass(frozen=True)
 class PruneConfig(_Settings):
-    """Settings of a pruning step (notebook 02): the block to remove and the loss measured before and after."""
+    """Settings of a pruning step (notebook 02): the block to remove and the loss measured before and after.
+    (strategy=, .strategy: deprecated, use criterion.)"""
 
     n: int = 6  # block size: consecutive layers removed
     start: int | None = None  # first layer of the block; None: the block `criterion` picks for n
@@ -80,27 +81,7 @@ class PruneConfig(_Settings):
         if self.start is not None and self.start < 0:
             raise ValueError(f"start must be >= 0 or None (the criterion's block), got {self.start}")
 
-    @property
-    def strategy(self) -> str:
-        """Deprecated: `criterion`, by its name in kit 0.1."""
-        warn("kit.core.config.PruneConfig.strategy", "criterion")
-        return self.criterion
-
-
-def _taking_strategy(init):
-    """PruneConfig(strategy=...), as kit 0.1 spelled it and its manifests record it: criterion=, with a warning."""
-
-    @wraps(init)
-    def __init__(self, *args, strategy: str | None = None, **kwargs):
-        if strategy is not None:
-            warn("kit.core.config.PruneConfig(strategy=)", "criterion=")
-            kwargs["criterion"] = strategy
-        init(self, *args, **kwargs)
-
-    return __init__
-
-
-PruneConfig.__init__ = _taking_strategy(PruneConfig.__init__)
+    strategy = renamed_attribute("criterion")  # kit 0.1's name
 
 
 # The paper's Appendix A: per-model LoRA rank and peak learning rate (its Qwen-7B/14B are Qwen 1, a

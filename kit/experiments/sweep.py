@@ -14,7 +14,7 @@ import pandas as pd
 from ..choose.criteria import choose_block
 from ..core import artifacts, distributed, layers
 from ..core.block import Block
-from ..core.deprecation import moved, warn
+from ..core.deprecation import moved, renamed_arguments
 from ..core.device import provenance
 from ..core.progress import progress
 from ..core.stats import Estimate
@@ -135,10 +135,11 @@ def _settings(model, ns, evals, distances, oracle, criterion, heal_ns, settings)
     )  # fmt: skip
 
 
+@renamed_arguments(strategy="criterion")  # kit 0.1's name
 def sweep(
     model, tokenizer, *, ns: Sequence[int], evals: Sequence[Evaluation], distances=None,
     criterion: str = "similarity", heal: Callable | None = None, heal_ns: Sequence[int] = (), oracle=None,
-    cache_path: str | Path | None = None, settings: dict | None = None, strategy: str | None = None,
+    cache_path: str | Path | None = None, settings: dict | None = None,
 ) -> pd.DataFrame:  # fmt: skip
     """Evaluate `model` with n layers removed for every n in `ns` (0 = the unpruned model).
 
@@ -155,9 +156,6 @@ def sweep(
     chance level, else NaN) and, for accuracies over questions, the outcomes of every question
     (kit.experiments.results.outcomes reads them; kit.experiments.curves reads the whole table). Columns: kit.experiments.results.COLUMNS.
     """
-    if strategy is not None:
-        warn("kit.experiments.sweep.sweep(strategy=)", "criterion=")
-        criterion = strategy
     num = layers.num_layers(model)
     blocks = {n: choose_block(criterion, num, n, distances=distances, oracle=oracle) for n in ns if n != 0}
     if missing := set(heal_ns) - set(blocks):
@@ -188,10 +186,11 @@ def sweep(
     return pd.DataFrame(rows)
 
 
+@renamed_arguments(strategies="criteria")  # kit 0.1's name
 def sweeps(
     model, tokenizer, *, ns: Sequence[int], evals: Sequence[Evaluation], folder, distances=None,
     criteria: Sequence[str] = PAPER_CRITERIA, heal_texts: list[str] | None = None, heal_config=None,
-    heal_ns: Sequence[int] = (), settings: dict | None = None, strategies: Sequence[str] | None = None,
+    heal_ns: Sequence[int] = (), settings: dict | None = None,
 ) -> pd.DataFrame:  # fmt: skip
     """sweep() once per criterion on the same model, the tables concatenated (a notebook's whole sweep);
     n = 0, the unpruned model whatever the criterion, is evaluated once and shared.
@@ -202,9 +201,6 @@ def sweeps(
     settings: what else changes the results (see sweep); the HealConfig's digest is added to it.
     (strategies=: deprecated, use criteria=.)
     """
-    if strategies is not None:
-        warn("kit.experiments.sweep.sweeps(strategies=)", "criteria=")
-        criteria = strategies
     if heal_ns and (heal_texts is None or heal_config is None):
         raise ValueError("healing block sizes (heal_ns) needs heal_texts and heal_config (a kit.HealConfig)")
     settings = {**(settings or {}), "heal": heal_config.digest() if heal_ns else None}
@@ -246,11 +242,4 @@ def healer(texts: list[str], config, *, output_root, val_texts=None) -> Callable
     return run
 
 
-_old_homes = moved(__name__, {"table": results})
-
-
-def __getattr__(name):
-    if name == "STRATEGIES":  # renamed in 0.2
-        warn(f"{__name__}.STRATEGIES", f"{__name__}.PAPER_CRITERIA")
-        return PAPER_CRITERIA
-    return _old_homes(name)
+__getattr__ = moved(__name__, {"table": results}, renamed={"STRATEGIES": "PAPER_CRITERIA"})

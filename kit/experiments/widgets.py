@@ -10,10 +10,11 @@ from matplotlib.figure import Figure
 
 from ..choose.criteria import CRITERIA, Selection, choose_block
 from ..core.block import Block, heuristic_block
-from ..core.deprecation import warn
+from ..core.deprecation import renamed_arguments, renamed_attribute
 from .plots import distance_heatmap
 
 
+@renamed_arguments(strategy="criterion")  # kit 0.1's name
 class BlockPicker:
     """Choose the block to prune from a scan's `Distances`.
 
@@ -23,14 +24,12 @@ class BlockPicker:
     it), "loss" the argmin of `oracle` (kit.ablation_losses). Changing n moves start to the
     criterion's block for the new n; moving start elsewhere by hand makes the choice "manual".
     Display the picker as the last expression of a cell; `.block` and `.selection()` read it.
-    (strategy=: deprecated, use criterion=.)
+    (strategy=, .strategy: deprecated, use criterion.)
     """
 
-    def __init__(self, distances, n: int, start: int | None = None, *, criterion: str = "similarity", oracle=None,
-                 strategy: str | None = None):  # fmt: skip
-        if strategy is not None:
-            warn("kit.experiments.widgets.BlockPicker(strategy=)", "criterion=")
-            criterion = strategy
+    strategy = renamed_attribute("criterion")  # kit 0.1's name
+
+    def __init__(self, distances, n: int, start: int | None = None, *, criterion: str = "similarity", oracle=None):
         choices = [name for name in CRITERIA if name != "manual"]
         if criterion not in choices:
             raise ValueError(f"criterion must be one of {', '.join(choices)}, not {criterion!r}")
@@ -60,12 +59,6 @@ class BlockPicker:
     def block(self) -> Block:
         """The chosen block, with its distance."""
         return self._scored(Block(self._start.value, self._n.value))
-
-    @property
-    def strategy(self) -> str:
-        """Deprecated: `criterion`, by its name in kit 0.1."""
-        warn("kit.experiments.widgets.BlockPicker.strategy", "criterion")
-        return self.criterion
 
     @property
     def source(self) -> str:
