@@ -3,4 +3,4 @@ the ablation oracle that judges them (`oracle`: the true loss of removing every 
 
 from ..core.lazy import lazy as _lazy
 
-__getattr__, __dir__ = _lazy(__name__, ["criteria", "oracle"])
+__getattr__, __dir__ = _lazy(__name__, ["criteria", "oracle", "replay", "branches", "greedy", "regret"])
