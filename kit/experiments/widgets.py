@@ -31,7 +31,7 @@ class BlockPicker:
         if strategy is not None:
             warn("kit.experiments.widgets.BlockPicker(strategy=)", "criterion=")
             criterion = strategy
-        choices = [name for name in CRITERIA if name != "manual"]
+        choices = [name for name, rule in CRITERIA.items() if name != "manual" and rule.unit == "block"]
         if criterion not in choices:
             raise ValueError(f"criterion must be one of {', '.join(choices)}, not {criterion!r}")
         self.distances, self.criterion, self.oracle = distances, criterion, oracle
