@@ -8,9 +8,10 @@ import torch
 import kit
 from kit.choose.criteria import CRITERIA, choose_block, choose_units
 from kit.choose.greedy import GreedyRemoval
+from kit.choose.regret import compare_sets
 from kit.core.block import Block, Layers
 from kit.scan.distances import Distances
-from kit.testing import random_distances, reference_distances
+from kit.testing import random_distances, reference_distances, without_units
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Lists are mutable sequences.", "x = 1 + 2", "a b c d e f g h i j"]
 
@@ -76,6 +77,8 @@ def test_one_registry_block_and_set_criteria():
     assert {rule.unit for rule in CRITERIA.values()} == {"block", "layers", "attention", "mlp"}
     assert choose_units("angular_last", 7, 2, distances=scan) == choose_block("angular_last", 7, 2, distances=scan) == scan.best_block(2)
     assert isinstance(choose_units("heuristic", 7, 2), Block)
+    sublayer_scan = _sublayer_scan()  # its whole layers serve the block criteria
+    assert choose_block("angular_last", 6, 2, distances=sublayer_scan) == sublayer_scan.layers().best_block(2)
 
 
 def test_set_criteria_refusals():
@@ -90,3 +93,26 @@ def test_set_criteria_refusals():
         choose_units("shortgpt", 6, 6, distances=scan)
     with pytest.raises(ValueError, match="n=7 mlp sublayers is out of range: choose 1 <= n <= 6"):
         choose_units("llm_drop_mlp", 6, 7, distances=_sublayer_scan())
+
+
+def test_compare_sets_measures_each_choice_and_its_regret_on_held_out_texts():
+    model, tokenizer = kit.tiny_model("llama", num_layers=6)
+    calibration = [text[:160] for text in kit.loaders.data.corpus("train")[:4]]
+    held_out = [text[:160] for text in kit.loaders.data.corpus("validation")[:4]]
+    scan = kit.angular_distances(model, tokenizer, calibration, max_length=24, batch_size=2, sublayers=True)
+    greedy = [kit.greedy_removal(model, tokenizer, calibration, unit=unit, steps=2, max_length=24) for unit in ("layers", "mlp")]
+    criteria = ["angular_last", "heuristic", "shortgpt", "greedy_layers", "llm_drop_attention", "llm_drop_mlp", "greedy_mlp"]
+    before = kit.evaluate.validation_loss(model, tokenizer, held_out, max_length=24).loss
+    table = compare_sets(model, tokenizer, held_out, criteria=criteria, ns=[1, 2], distances=scan, greedy=greedy, max_length=24)
+    assert kit.evaluate.validation_loss(model, tokenizer, held_out, max_length=24).loss == before  # restored
+    assert len(table) == 2 * len(criteria)
+    for row in table.itertuples():
+        expected = kit.evaluate.validation_loss(without_units(model, row.unit, row.removed), tokenizer, held_out, max_length=24).loss
+        assert row.loss == pytest.approx(expected, rel=1e-5), row
+    for (n, unit), group in table.groupby(["n", "unit"]):
+        assert group["best_loss"].eq(group["loss"].min()).all()
+        np.testing.assert_allclose(group["regret"], group["loss"] - group["loss"].min())
+        assert group.loc[group["regret"] == 0, "criterion"].iloc[0] == group["best_criterion"].iloc[0]
+    assert set(table["unit"]) == {"layers", "attention", "mlp"}
+    row = table.set_index(["n", "criterion"]).loc[(2, "greedy_mlp")]
+    assert row["removed"] == tuple(sorted(greedy[1].order[:2]))

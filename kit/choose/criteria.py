@@ -37,7 +37,7 @@ def _one_scan(distances, metric: str | None, name: str):
 
 def _argmin(metric: str | None) -> Callable[..., Block]:
     def pick(distances, num_layers: int, n: int) -> Block:
-        return _one_scan(distances, metric, metric or "similarity").best_block(n)
+        return _one_scan(distances, metric, metric or "similarity").layers().best_block(n)  # a sublayer scan's layers too
 
     return pick
 
@@ -113,7 +113,7 @@ def choose_units(criterion: str, num_layers: int, n: int, *, distances=None, ora
 
     Args:
         distances: a scan (kit.Distances), or {metric: Distances}, for the scan criteria; a sublayer scan
-            (sublayers=True) for llm_drop_attention and llm_drop_mlp.
+            (sublayers=True) for llm_drop_attention and llm_drop_mlp, whose whole layers serve the others.
         oracle: kit.ablation_losses on calibration texts, for "loss".
         greedy: kit.greedy_removal on calibration texts, for greedy_layers / greedy_attention / greedy_mlp.
         start: the first layer, for "manual".
