@@ -25,6 +25,7 @@ _EXPORTS = {
     "Selection": "choose.criteria",
     "choose_block": "choose.criteria",
     "choose_units": "choose.criteria",
+    "compare_sets": "choose.regret",
     "greedy_removal": "choose.greedy",
     "GreedyRemoval": "choose.greedy",
     "angular_distances": "scan.similarity",
