@@ -51,9 +51,10 @@ class GreedyRemoval:
 
     def first(self, n: int):
         """The set of the first n units removed: Layers, or (kind, sorted indices) for sublayers."""
-        if not 1 <= n <= len(self.order):
-            raise ValueError(f"the greedy removal took {len(self.order)} steps; n={n} needs greedy_removal(..., steps={n}) or more"
-                             if n > len(self.order) else f"n must be >= 1, got {n}")  # fmt: skip
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if n > len(self.order):
+            raise ValueError(f"the greedy removal took {len(self.order)} steps; n={n} needs greedy_removal(..., steps={n}) or more")
         return unit_set(self.unit, self.order[:n])
 
     def save(self, path: str | Path) -> Path:
