@@ -263,6 +263,12 @@ def reference_distances(model, tokenizer, texts: list[str], max_length: int, *, 
     return matrices
 
 
+def _identity(module, args, kwargs, output):
+    """A forward hook: the decoder layer returns its input."""
+    hidden = layers.layer_input(args, kwargs)
+    return type(output)([hidden, *output[1:]]) if isinstance(output, (tuple, list)) else hidden
+
+
 @contextmanager
 def bypassed(model, indices: Iterable[int]):
     """`model` with the decoder layers `indices` returning their input unchanged (forward hooks), inside a
@@ -273,12 +279,8 @@ def bypassed(model, indices: Iterable[int]):
         indices: the layers to bypass.
     """
 
-    def identity(module, args, kwargs, output):
-        hidden = layers.layer_input(args, kwargs)
-        return type(output)([hidden, *output[1:]]) if isinstance(output, (tuple, list)) else hidden
-
     decoder = layers.decoder_layers(model)
-    handles = [decoder[i].register_forward_hook(identity, with_kwargs=True) for i in indices]
+    handles = [decoder[i].register_forward_hook(_identity, with_kwargs=True) for i in indices]
     try:
         yield model
     finally:
@@ -286,19 +288,32 @@ def bypassed(model, indices: Iterable[int]):
             handle.remove()
 
 
-ATTENTION_BRANCHES = ("self_attn", "attn", "mamba")  # a tiny layer's attention (or mixer) module: the one it has
+# A tiny layer's modules whose parameters, zeroed, make its branch add nothing, written out by hand for the greedy
+# reference: the attention (or mixer) module, whichever the layer has; the MLP modules, `mlp` unless named here
+# (not the norms of MLP_BRANCH_ENDS: Gemma's scale by 1 + weight, so zeroing their weights zeroes nothing).
+ATTENTION_BRANCHES = ("self_attn", "attn", "attention", "linear_attn", "mamba")
+MLP_BRANCHES = {"opt": ("fc2",), "granitemoehybrid": ("block_sparse_moe", "shared_mlp")}
 
 
 def without_units(model, unit: str, indices: Iterable[int]):
     """A new model without the `unit` of each layer in `indices`, built independently of kit.choose: whole
-    layers by kit.prune.drop_layers; attention or MLP branches by a deep copy whose branch modules
-    (ATTENTION_BRANCHES; MLP_BRANCH_ENDS, else `mlp`) have every parameter zeroed, so they add nothing."""
+    layers by kit.prune.drop_layers (or, where it refuses to leave a hybrid without attention layers, bypassed
+    by hooks in a deep copy); attention or MLP branches by a deep copy whose branch modules
+    (ATTENTION_BRANCHES, MLP_BRANCHES) have every parameter zeroed, so they add nothing."""
     from .prune import drop_layers
 
     if unit == "layers":
-        return drop_layers(model, list(indices))
+        try:
+            return drop_layers(model, list(indices))
+        except ValueError as error:
+            if "leaves no attention layer" not in str(error):
+                raise
+        copied = copy.deepcopy(model)
+        for i in indices:
+            layers.decoder_layers(copied)[i].register_forward_hook(_identity, with_kwargs=True)
+        return copied
     copied = copy.deepcopy(model)
-    ends = MLP_BRANCH_ENDS.get(model.config.model_type, ("mlp",))
+    ends = MLP_BRANCHES.get(model.config.model_type, ("mlp",))
     for i in indices:
         layer = layers.decoder_layers(copied)[i]
         names = ends if unit == "mlp" else [next(n for n in ATTENTION_BRANCHES if getattr(layer, n, None) is not None)]
