@@ -1,8 +1,9 @@
 """Test fixtures: tiny random causal LMs of every tested architecture, with a small tokenizer trained
 in-process on the offline corpus (no download), for tests, benchmarks and the GPU check; random
-distance matrices; brute-force references for the scan (of layers and of sublayers); and the reference
-of pruning (layers bypassed by hooks)."""
+distance matrices; brute-force references for the scan (of layers and of sublayers) and for the greedy
+removal (every candidate model rebuilt and scored); and the reference of pruning (layers bypassed by hooks)."""
 
+import copy
 from collections.abc import Iterable
 from contextlib import contextmanager
 from functools import lru_cache
@@ -262,6 +263,12 @@ def reference_distances(model, tokenizer, texts: list[str], max_length: int, *, 
     return matrices
 
 
+def _identity(module, args, kwargs, output):
+    """A forward hook: the decoder layer returns its input."""
+    hidden = layers.layer_input(args, kwargs)
+    return type(output)([hidden, *output[1:]]) if isinstance(output, (tuple, list)) else hidden
+
+
 @contextmanager
 def bypassed(model, indices: Iterable[int]):
     """`model` with the decoder layers `indices` returning their input unchanged (forward hooks), inside a
@@ -272,17 +279,66 @@ def bypassed(model, indices: Iterable[int]):
         indices: the layers to bypass.
     """
 
-    def identity(module, args, kwargs, output):
-        hidden = layers.layer_input(args, kwargs)
-        return type(output)([hidden, *output[1:]]) if isinstance(output, (tuple, list)) else hidden
-
     decoder = layers.decoder_layers(model)
-    handles = [decoder[i].register_forward_hook(identity, with_kwargs=True) for i in indices]
+    handles = [decoder[i].register_forward_hook(_identity, with_kwargs=True) for i in indices]
     try:
         yield model
     finally:
         for handle in handles:
             handle.remove()
+
+
+# A tiny layer's modules whose parameters, zeroed, make its branch add nothing, written out by hand for the greedy
+# reference: the attention (or mixer) module, whichever the layer has; the MLP modules, `mlp` unless named here
+# (not the norms of MLP_BRANCH_ENDS: Gemma's scale by 1 + weight, so zeroing their weights zeroes nothing).
+ATTENTION_BRANCHES = ("self_attn", "attn", "attention", "linear_attn", "mamba")
+MLP_BRANCHES = {"opt": ("fc2",), "granitemoehybrid": ("block_sparse_moe", "shared_mlp")}
+
+
+def without_units(model, unit: str, indices: Iterable[int]):
+    """A new model without the `unit` of each layer in `indices`, built independently of kit.choose: whole
+    layers by kit.prune.drop_layers (or, where it refuses to leave a hybrid without attention layers, bypassed
+    by hooks in a deep copy); attention or MLP branches by a deep copy whose branch modules
+    (ATTENTION_BRANCHES, MLP_BRANCHES) have every parameter zeroed, so they add nothing."""
+    from .prune import drop_layers
+
+    if unit == "layers":
+        try:
+            return drop_layers(model, list(indices))
+        except ValueError as error:
+            if "leaves no attention layer" not in str(error):
+                raise
+        copied = copy.deepcopy(model)
+        for i in indices:
+            layers.decoder_layers(copied)[i].register_forward_hook(_identity, with_kwargs=True)
+        return copied
+    copied = copy.deepcopy(model)
+    ends = MLP_BRANCHES.get(model.config.model_type, ("mlp",))
+    for i in indices:
+        layer = layers.decoder_layers(copied)[i]
+        names = ends if unit == "mlp" else [next(n for n in ATTENTION_BRANCHES if getattr(layer, n, None) is not None)]
+        for name in names:
+            for parameter in getattr(layer, name).parameters():
+                parameter.data.zero_()
+    return copied
+
+
+def reference_greedy(model, tokenizer, texts: list[str], *, unit: str, steps: int, max_length: int, batch_size: int):
+    """Brute-force greedy removal: at each step every remaining unit's candidate model rebuilt
+    (without_units) and scored by kit.evaluate.validation_loss; the one of least loss (lower layer on ties)
+    removed. Returns (order, losses after each step, {step: {layer: candidate loss}})."""
+    from .evaluate.loss import validation_loss
+
+    gone, losses, tables = [], [], {}
+    for step in range(steps):
+        tables[step] = {}
+        for j in (j for j in range(layers.num_layers(model)) if j not in gone):
+            pruned = without_units(model, unit, [*gone, j])
+            tables[step][j] = validation_loss(pruned, tokenizer, texts, max_length=max_length, batch_size=batch_size).loss
+        winner = min(tables[step], key=tables[step].get)
+        gone.append(winner)
+        losses.append(tables[step][winner])
+    return gone, losses, tables
 
 
 def reference_loglikelihood(model, tokenizer, context: str, continuation: str) -> float:

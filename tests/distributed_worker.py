@@ -1,5 +1,5 @@
 """Every data-parallel path of the kit on one tiny model: the scan, MMLU, BoolQ, the validation loss,
-the ablation oracle, a sweep of two points with the second also healed, and three healing steps.
+the ablation oracle, the greedy removal, a sweep of two points with the second also healed, and three healing steps.
 tests/test_distributed.py runs `work` in its own process (the one-process reference) and this file
 under `torchrun --nproc_per_node 2` (gloo, CPU), where healing is interrupted after step 2 and resumed,
 and each rank saves what it got to OUT/rank{r}.pt.
@@ -66,6 +66,7 @@ def work(out: Path, disagree: bool = False, interrupt: bool = False) -> dict:
     yes_no = boolq(model, tokenizer, items, batch_size=2)
     loss = validation_loss(model, tokenizer, texts[:5], max_length=32, batch_size=BATCH)
     oracle = kit.ablation_losses(model, tokenizer, texts, ns=[1, 2], max_length=32, batch_size=BATCH)
+    greedy = kit.greedy_removal(model, tokenizer, texts, unit="mlp", steps=2, max_length=32, batch_size=BATCH)
     evals = [metrics.MMLUAccuracy(questions, shots=1, batch_size=3), metrics.ValidationLoss(texts[:5], max_length=32, batch_size=BATCH)]
     config, heal_texts = heal_config(distributed.world_size()), data.corpus("train")[:8]
     healer = sweep.healer(heal_texts, config, output_root=out / "sweep_healed")
@@ -86,6 +87,7 @@ def work(out: Path, disagree: bool = False, interrupt: bool = False) -> dict:
         boolq=dict(predictions=yes_no.predictions, loglikelihoods=yes_no.loglikelihoods),
         loss=dict(loss=loss.loss, stderr=loss.stderr, tokens=loss.tokens),
         oracle=dict(loss=oracle.loss, kl=oracle.kl, tokens=oracle.meta["tokens"]),
+        greedy=dict(order=greedy.order, losses=greedy.losses, candidates=greedy.candidates, tokens=greedy.meta["tokens"]),
         sweep=swept, heal=dict(history=healed.history, adapter=adapter, interrupted=interrupted),
     )
 

@@ -115,6 +115,14 @@ def test_ablation_oracle_equals_one_process(launched):
         np.testing.assert_allclose(got["oracle"]["kl"], alone["oracle"]["kl"], rtol=1e-5, atol=1e-9)
 
 
+def test_greedy_removal_equals_one_process(launched):
+    _, ranks, alone = launched
+    for got in ranks:
+        assert got["greedy"]["order"] == alone["greedy"]["order"] and got["greedy"]["tokens"] == alone["greedy"]["tokens"]
+        np.testing.assert_allclose(got["greedy"]["losses"], alone["greedy"]["losses"], rtol=1e-6)
+        np.testing.assert_allclose(got["greedy"]["candidates"], alone["greedy"]["candidates"], rtol=1e-6)  # NaN where removed, alike
+
+
 def healing_gain(table) -> float:
     """The healed minus the unhealed validation loss at n = 2 in a sweep table."""
     loss = table[table["metric"] == "val_loss"].set_index(["n", "healed"])["value"]

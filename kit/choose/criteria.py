@@ -1,32 +1,73 @@
-"""Choosing the block of n consecutive layers to remove: every rule (CRITERIA: the scan's argmin per
-metric, the paper's heuristic, the ablation oracle's argmin, by hand), `choose_block`, and the
-`Selection` notebook 02 saves. Removing the chosen block is kit.prune's job."""
+"""Choosing what to remove: every rule (CRITERIA), one registry for the block of n consecutive layers (the
+scan's argmin per metric, the paper's heuristic, the ablation oracle's argmin, by hand) and for sets of
+n units (whole layers, attention or MLP sublayers: the n smallest single-unit distances, the first n of a
+greedy removal); `choose_block` and `choose_units`, and the `Selection` notebook 02 saves. Removing the
+chosen block is kit.prune's job."""
 
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import numpy as np
+
 from ..core.artifacts import read_json, write_json
-from ..core.block import Block, heuristic_block
+from ..core.block import Block, Layers, heuristic_block
 from ..scan.similarity import METRICS
+from .branches import SUBLAYERS, unit_set
 
 
 @dataclass(frozen=True)
 class Criterion:
-    """A rule that picks the block of n layers to remove, and the evidence it reads ("needs")."""
+    """A rule that picks what to remove, the evidence it reads ("needs") and what it removes ("unit")."""
 
     description: str
-    needs: str | None  # "distances" (a scan), "oracle" (kit.ablation_losses), "start" or None
-    pick: Callable[..., Block]  # (evidence, num_layers, n) -> Block
+    needs: str | None  # "distances" (a scan), "oracle" (kit.ablation_losses), "greedy" (kit.greedy_removal), "start" or None
+    pick: Callable  # (evidence, num_layers, n) -> Block, Layers, or (kind, indices) for sublayers
+    unit: str = "block"  # "block" (n consecutive layers), "layers" (any n layers), "attention" or "mlp" (n sublayers)
+
+
+def _one_scan(distances, metric: str | None, name: str):
+    """The scan with `metric` among `distances` (a scan or {metric: scan}); with metric None, the only one."""
+    scans = distances if isinstance(distances, Mapping) else {distances.meta.get("metric"): distances}
+    scan = next(iter(scans.values())) if metric is None and len(scans) == 1 else scans.get(metric)
+    if scan is None:
+        raise ValueError(f"criterion {name!r} needs a scan with metric={metric!r}; given: {sorted(map(str, scans))}")
+    return scan
 
 
 def _argmin(metric: str | None) -> Callable[..., Block]:
     def pick(distances, num_layers: int, n: int) -> Block:
-        scans = distances if isinstance(distances, Mapping) else {distances.meta.get("metric"): distances}
-        scan = next(iter(scans.values())) if metric is None and len(scans) == 1 else scans.get(metric)
-        if scan is None:
-            raise ValueError(f"criterion {metric or 'similarity'!r} needs a scan with metric={metric!r}; given: {sorted(map(str, scans))}")
-        return scan.best_block(n)
+        return _one_scan(distances, metric, metric or "similarity").layers().best_block(n)  # a sublayer scan's layers too
+
+    return pick
+
+
+def _smallest(unit: str, name: str) -> Callable:
+    """The n units with the smallest single-unit distance of the given scan (lower layer first on ties)."""
+
+    def pick(distances, num_layers: int, n: int):
+        scan = _one_scan(distances, None, name)
+        if unit == "layers":
+            scores = np.diagonal(scan.layers().matrix.numpy(), offset=1)  # D[i, i + 1]
+        elif scan.positions != "sublayers":
+            raise ValueError(f"criterion {name!r} reads the {unit} sublayers' distances, and the scan given is a layer scan: "
+                             "rescan with sublayers=True (kit.angular_distances(..., sublayers=True), python -m kit scan --sublayers)")  # fmt: skip
+        else:
+            scores = scan.sublayers()[unit].to_numpy()
+        if not np.isfinite(scores).all():
+            raise ValueError(f"the scan's {unit} distances at layers {np.flatnonzero(~np.isfinite(scores)).tolist()} are not "
+                             "finite: rerun the scan (notebook 01) in float32 or bfloat16")  # fmt: skip
+        return unit_set(unit, np.argsort(scores, kind="stable")[:n].tolist())
+
+    return pick
+
+
+def _greedy(unit: str) -> Callable:
+    def pick(greedy, num_layers: int, n: int):
+        if greedy.unit != unit:
+            raise ValueError(f"this greedy removal removed {greedy.unit}, the criterion chooses {unit}: "
+                             f"pass kit.greedy_removal(..., unit={unit!r})")  # fmt: skip
+        return greedy.first(n)
 
     return pick
 
@@ -42,30 +83,70 @@ CRITERIA: dict[str, Criterion] = {
     "loss": Criterion("argmin over start of the oracle's loss on calibration texts (Shortened LLaMA, SLEB)", "oracle",
                       lambda oracle, num_layers, n: oracle.best_block(n)),
     "manual": Criterion("the block starting at a given layer", "start", lambda start, num_layers, n: Block(start, n)),
+    "shortgpt": Criterion("the n layers with the smallest distance D[i, i+1] of the given scan (ShortGPT with "
+                          "metric='block_influence')", "distances", _smallest("layers", "shortgpt"), "layers"),
+    **{
+        f"llm_drop_{kind}": Criterion(f"the n {kind} sublayers with the smallest distance across them in a sublayer "
+                                      "scan (LLM-Drop)", "distances", _smallest(kind, f"llm_drop_{kind}"), kind)
+        for kind in SUBLAYERS
+    },
+    **{
+        f"greedy_{unit}": Criterion(f"the first n {unit} of a greedy removal on calibration texts (SLEB; "
+                                    "kit.greedy_removal)", "greedy", _greedy(unit), unit)
+        for unit in ("layers", *SUBLAYERS)
+    },
 }  # fmt: skip
+
+_HINTS = {"distances": "a scan (notebook 01_similarity)", "oracle": "kit.ablation_losses on calibration texts",
+          "greedy": "kit.greedy_removal on calibration texts", "start": "the block's first layer"}  # fmt: skip
+
+
+def _check_n(unit: str, num_layers: int, n: int) -> None:
+    if unit in ("block", "layers"):
+        Block(0, n).check(num_layers)
+    elif not 1 <= n <= num_layers:
+        raise ValueError(f"n={n} {unit} sublayers is out of range: choose 1 <= n <= {num_layers} for {num_layers} layers.")
+
+
+def choose_units(criterion: str, num_layers: int, n: int, *, distances=None, oracle=None, greedy=None, start=None):
+    """What `criterion` (a name in CRITERIA) removes from a model of `num_layers` layers: n units.
+
+    Args:
+        distances: a scan (kit.Distances), or {metric: Distances}, for the scan criteria; a sublayer scan
+            (sublayers=True) for llm_drop_attention and llm_drop_mlp, whose whole layers serve the others.
+        oracle: kit.ablation_losses on calibration texts, for "loss".
+        greedy: kit.greedy_removal on calibration texts, for greedy_layers / greedy_attention / greedy_mlp.
+        start: the first layer, for "manual".
+    Returns a Block (CRITERIA[criterion].unit "block"), Layers ("layers"), or (kind, sorted layer
+    indices) for n attention or MLP sublayers.
+    """
+    if criterion not in CRITERIA:
+        raise ValueError(f"Unknown criterion {criterion!r}; choose one of: {', '.join(CRITERIA)}")
+    rule = CRITERIA[criterion]
+    evidence = {"distances": distances, "oracle": oracle, "greedy": greedy, "start": start}.get(rule.needs)
+    if rule.needs and evidence is None:
+        raise ValueError(f"criterion {criterion!r} needs the {rule.needs}: pass {rule.needs}=, {_HINTS[rule.needs]}")
+    tables = distances.values() if isinstance(distances, Mapping) else [distances]
+    for name, table in (*(("distances", t) for t in tables), ("oracle", oracle), ("greedy", greedy)):
+        if table is not None and table.num_layers != num_layers:
+            raise ValueError(f"the {name} describe {table.num_layers} layers, the model has {num_layers}")
+    _check_n(rule.unit, num_layers, n)
+    chosen = rule.pick(evidence, num_layers, n)
+    return chosen.check(num_layers) if isinstance(chosen, (Block, Layers)) else chosen
 
 
 def choose_block(criterion: str, num_layers: int, n: int, *, distances=None, oracle=None, start=None) -> Block:
-    """The block of n layers that `criterion` (a name in CRITERIA) removes from a model of `num_layers` layers.
+    """The block of n layers that `criterion` (a name in CRITERIA whose unit is "block") removes from a
+    model of `num_layers` layers.
 
     Args:
         distances: a scan (kit.Distances), or {metric: Distances}, for the scan criteria.
         oracle: kit.ablation_losses on calibration texts, for "loss".
         start: the first layer, for "manual".
     """
-    if criterion not in CRITERIA:
-        raise ValueError(f"Unknown criterion {criterion!r}; choose one of: {', '.join(CRITERIA)}")
-    rule = CRITERIA[criterion]
-    evidence = {"distances": distances, "oracle": oracle, "start": start}.get(rule.needs)
-    if rule.needs and evidence is None:
-        hints = {"distances": "a scan (notebook 01_similarity)", "oracle": "kit.ablation_losses on calibration texts",
-                 "start": "the block's first layer"}  # fmt: skip
-        raise ValueError(f"criterion {criterion!r} needs the {rule.needs}: pass {rule.needs}=, {hints[rule.needs]}")
-    tables = distances.values() if isinstance(distances, Mapping) else [distances]
-    for name, table in (*(("distances", t) for t in tables), ("oracle", oracle)):
-        if table is not None and table.num_layers != num_layers:
-            raise ValueError(f"the {name} describe {table.num_layers} layers, the model has {num_layers}")
-    return rule.pick(evidence, num_layers, n).check(num_layers)
+    if criterion in CRITERIA and (unit := CRITERIA[criterion].unit) != "block":
+        raise ValueError(f"criterion {criterion!r} chooses a set of {unit}, not a block: use kit.choose_units")
+    return choose_units(criterion, num_layers, n, distances=distances, oracle=oracle, start=start)
 
 
 SELECTION_FILE = "selection.json"  # in the run folder: written by notebook 02, read by notebooks 03 and 04

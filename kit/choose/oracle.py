@@ -23,10 +23,10 @@ from ..core.block import Block
 from ..core.device import model_device
 from ..core.progress import progress
 from ..core.text import encode, too_short
+from . import replay
 from .criteria import choose_block
 
 _FORMAT = "kit.ablation/1"
-_TOKEN_CHUNK = 256  # tokens per LM-head chunk: bounds the [tokens, vocab] logits of a pruned model
 
 
 @dataclass
@@ -79,40 +79,6 @@ class Ablation:
             return cls(f.get_tensor("loss").numpy(), f.get_tensor("kl").numpy(), json.loads(metadata["meta"]))
 
 
-class _Inputs(layers.LayerTap):
-    """Keeps, for one pass, each layer's (args, kwargs) and the last layer's output."""
-
-    def __init__(self, model):
-        super().__init__(model)
-        self.calls, self.output = [], None
-
-    def on_input(self, args, kwargs):
-        self.calls.append((args, kwargs))
-
-    def on_output(self, hidden):
-        self.output = hidden
-
-
-def _run_layer(layer, call, hidden: torch.Tensor) -> torch.Tensor:
-    """Call `layer` as the unpruned pass did, on `hidden` instead of its recorded input."""
-    args, kwargs = call
-    if "hidden_states" in kwargs:
-        output = layer(*args, **{**kwargs, "hidden_states": hidden})
-    else:
-        output = layer(hidden, *args[1:], **kwargs)
-    return layers.layer_output(output)
-
-
-def _head(model):
-    """Residual stream after the last layer -> float32 logits (final norm, projection, LM head, soft-capping)."""
-    return lambda residual: layers.logits(model, layers.readout(model, residual)).float()
-
-
-def _scored(hidden: torch.Tensor, scored: torch.Tensor):
-    """The hidden states of the scored positions, in chunks of _TOKEN_CHUNK tokens."""
-    return hidden[:, :-1][scored.to(hidden.device)].split(_TOKEN_CHUNK)  # under a device_map: the last layer's device
-
-
 def _sizes(ns, num_layers: int) -> list[int]:
     sizes = list(range(1, num_layers)) if ns is None else sorted(set(ns))
     for n in sizes:
@@ -147,7 +113,7 @@ def ablation_losses(
         raise ValueError(f"texts {short} have fewer than 2 tokens: nothing to predict; remove them")
     blocks = [Block(start, n) for n in sizes for start in range(L - n + 1)]
     loss, kl = np.zeros((L + 1, L + 1)), np.zeros((L + 1, L + 1))
-    count, device, head = 0, model_device(model), _head(model)
+    count, device, head = 0, model_device(model), replay.head(model)
     decoder = layers.decoder_layers(model)
     mine = distributed.shard(len(texts), batch_size)  # under torch.distributed: this rank's batches
     was_training = model.training
@@ -158,20 +124,20 @@ def ablation_losses(
             enc = encode(tokenizer, texts[first : first + batch_size], max_length=max_length, device=device)
             scored = enc["attention_mask"][:, 1:].bool()  # position t predicts token t+1
             targets = enc["input_ids"][:, 1:][scored]
-            with _Inputs(model) as inputs:
+            with replay.Inputs(model) as inputs:
                 inputs.run(**enc, use_cache=False)
             calls = inputs.calls
             if len(calls) != L or inputs.output is None:
                 raise RuntimeError(f"captured the inputs of {len(calls)} layers, expected {L}")
-            reference = torch.cat([head(h).log_softmax(-1) for h in _scored(inputs.output, scored)])
+            reference = torch.cat([head(h).log_softmax(-1) for h in replay.scored_chunks(inputs.output, scored)])
             targets = targets.to(reference.device)  # the LM head's device, under a device_map not the inputs'
             loss[0] += F.nll_loss(reference, targets, reduction="sum").item()
             for block in blocks:
                 hidden = layers.layer_input(*calls[block.start])
                 for index in range(block.end, L):
-                    hidden = _run_layer(decoder[index], calls[index], hidden)
+                    hidden = replay.run_layer(decoder[index], calls[index], hidden)
                 done = 0
-                for chunk in _scored(hidden, scored):
+                for chunk in replay.scored_chunks(hidden, scored):
                     logp = head(chunk).log_softmax(-1)
                     ref, target = (t[done : done + len(chunk)].to(logp.device) for t in (reference, targets))
                     loss[block.n, block.start] += F.nll_loss(logp, target, reduction="sum").item()

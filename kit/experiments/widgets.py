@@ -30,7 +30,7 @@ class BlockPicker:
     strategy = renamed_attribute("criterion")  # kit 0.1's name
 
     def __init__(self, distances, n: int, start: int | None = None, *, criterion: str = "similarity", oracle=None):
-        choices = [name for name in CRITERIA if name != "manual"]
+        choices = [name for name, rule in CRITERIA.items() if name != "manual" and rule.unit == "block"]
         if criterion not in choices:
             raise ValueError(f"criterion must be one of {', '.join(choices)}, not {criterion!r}")
         self.distances, self.criterion, self.oracle = distances, criterion, oracle
