@@ -13,7 +13,7 @@ import kit
 from kit.core import layers
 from kit.core.block import Block, Layers, Sublayers, as_removal
 from kit.prune import dropped
-from kit.prune_sublayers import RemovedSublayer
+from kit.prune.sublayers import RemovedSublayer
 from kit.testing import bypassed, zeroed_sublayers
 
 SET = {0, 2, 5}  # the first layer (whose cache counts positions), one in the middle, the last
@@ -207,3 +207,18 @@ def test_inplace_frees_the_weights_and_dropped_restores_after_an_exception(snaps
     assert kit.drop_layers(model, Sublayers("mlp", {1, 2}), inplace=True) is model
     skeleton = layers.decoder_layers(model)[1].mlp.skeleton
     assert all(p.is_meta for p in skeleton.parameters()) and not [n for n, _ in model.named_parameters() if ".1.mlp." in n]
+
+
+def test_load_model_removes_them_again(tmp_path, long_prompt):
+    """kit.load_model of a checkpoint with removed sublayers frees their zero weights and keeps no KV cache for
+    them again; it computes the same."""
+    model, tokenizer = kit.tiny_model("qwen3_next")
+    pruned = kit.drop_layers(model, Sublayers("attention", {1, 2, 5}))  # full attention 1 and 5, linear attention 2
+    path = kit.save_pruned(pruned, tokenizer, tmp_path / "pruned")
+    loaded, _ = kit.load_model(str(path), device="cpu", dtype=torch.float32)
+    assert [type(layer.self_attn if i % 2 else layer.linear_attn).__name__ for i, layer in enumerate(layers.decoder_layers(loaded))
+            if i in {1, 2, 5}] == ["RemovedSublayer"] * 3  # fmt: skip
+    cost = kit.evaluate.inference_cost
+    assert cost.parameters(loaded) == cost.parameters(pruned) and cost.kv_cache_bytes(loaded, 50) == cost.kv_cache_bytes(pruned, 50)
+    ids = long_prompt(tokenizer)
+    assert torch.equal(_logits(loaded, ids), _logits(pruned, ids)) and torch.equal(_generate(loaded, ids), _generate(pruned, ids))

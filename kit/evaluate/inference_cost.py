@@ -16,7 +16,7 @@ from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, DynamicSlidingW
 from ..core import layers
 from ..core.device import model_device
 from ..loaders.data import corpus
-from ..prune_sublayers import removed_attention
+from ..prune.sublayers import removed_attention
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ def kv_cache_bytes(model, tokens: int, batch_size: int = 1) -> int:
     Only what each layer caches per token counts, in the model's dtype: full attention every token, a
     sliding-window layer the last `sliding_window - 1` (what transformers' cache stores), recurrent
     layers (Mamba, linear attention) and layers sharing another's KV nothing (their state does not grow).
-    A removed attention sublayer (kit.prune_sublayers.RemovedSublayer) keeps one zero key and one zero value
+    A removed attention sublayer (kit.prune.sublayers.RemovedSublayer) keeps one zero key and one zero value
     per token, so that the cache counts positions; a plain reload of its checkpoint caches what it did before.
     """
     config = layers.text_config(model.config)

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache
 
-from .core import layers
-from .core.block import SUBLAYER_KINDS, Sublayers
+from ..core import layers
+from ..core.block import SUBLAYER_KINDS, Sublayers
 
 PRUNED_SUBLAYERS = "pruned_sublayers"  # config attribute: {"attention": [...], "mlp": [...]}, indices of the model's layers
 
@@ -160,6 +160,22 @@ def drop_sublayers(model: nn.Module, removed: Sublayers, *, inplace: bool = Fals
     for layer, name, stand_in in _swaps(model, removed, found, meta=True):
         setattr(layer, name, stand_in)
     setattr(model.config, PRUNED_SUBLAYERS, recorded)
+    return model
+
+
+def reapply(model: nn.Module) -> nn.Module:
+    """`model`, a reloaded checkpoint whose config.pruned_sublayers names removed sublayers (children with zero
+    parameters), with those children replaced by RemovedSublayer in place: their weights freed, their KV
+    cache no longer kept, what it computes unchanged. kit.load_model calls it.
+
+    Args:
+        model: the causal LM, as loaded.
+    """
+    recorded = {kind: indices for kind, indices in removed_sublayers(model.config).items() if indices}
+    found = layers.middles(model) if recorded else []
+    for kind, indices in recorded.items():
+        for layer, name, stand_in in _swaps(model, Sublayers(kind, indices), found, meta=True):
+            setattr(layer, name, stand_in)
     return model
 
 
