@@ -85,6 +85,8 @@ def test_a_sublayer_is_removed_once_and_whole_layers_go_first():
         with pytest.raises(ValueError, match="remove whole layers first"):
             with dropped(pruned, removal):
                 pass
+    with pytest.raises(ValueError, match=r"copies whole layers, so no recipe removes the attention of layers 1, 3: .*save_pruned"):
+        kit.mergekit_config("m", Sublayers("attention", {1, 3}), 6)
     both = kit.drop_layers(pruned, Sublayers("mlp", {3}))  # the other kind of the same layer may go
     assert both.config.pruned_sublayers == {"attention": [1, 3], "mlp": [3]}
     first = kit.drop_layers(kit.drop_layers(model, Layers({0, 5})), Sublayers("mlp", {0}))  # layers, then sublayers

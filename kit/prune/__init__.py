@@ -315,6 +315,11 @@ def mergekit_config(model_name: str, block: Removal, num_layers: int) -> str:
     """
     import yaml
 
+    if isinstance(block, Sublayers):
+        raise ValueError(
+            f"mergekit's passthrough merge copies whole layers, so no recipe removes the {block.label}: "
+            "write the pruned model with save_pruned(drop_layers(model, sublayers), tokenizer, path) instead."
+        )
     removed = as_layers(block).check(num_layers)
     kept = Layers(i for i in range(num_layers) if i not in removed.layers).blocks
     config = {
