@@ -93,6 +93,24 @@ def test_a_sublayer_is_removed_once_and_whole_layers_go_first():
     assert first.config.pruned_blocks == [[0, 1], [5, 1]] and first.config.pruned_sublayers == {"attention": [], "mlp": [0]}
 
 
+@pytest.mark.parametrize(
+    "arch, attention, mlp, outputs",
+    [
+        ("llama", ["self_attn"] * 2, ("mlp",), {"self_attn": (64, 2), "mlp": (64, 0)}),
+        ("olmo2", ["self_attn"] * 2, ("mlp",), {"self_attn": (64, 2), "mlp": (64, 0)}),  # the middle is the MLP's input
+        ("gpt_neox", ["attention"] * 2, ("mlp",), {"attention": (64, 2), "mlp": (64, 0)}),  # parallel residual
+        ("opt", ["self_attn"] * 2, ("fc1", "fc2"), {"self_attn": (64, 2), "fc1": (128, 0), "fc2": (64, 0)}),  # no MLP child
+        ("granitemoehybrid", ["mamba", "self_attn"], ("block_sparse_moe", "shared_mlp"),
+         {"mamba": (32, 0), "self_attn": (32, 2), "block_sparse_moe": (32, 0), "shared_mlp": (32, 0)}),
+    ],
+)  # fmt: skip
+def test_the_probe_names_each_branch_child_and_what_it_returns(arch, attention, mlp, outputs):
+    model, _ = kit.tiny_model(arch, num_layers=2)
+    found = layers.middles(model)
+    assert [m.attention for m in found] == attention and all(m.mlp == mlp for m in found)
+    assert all(m.output(name) == outputs[name] for m in found for name in (m.attention, *m.mlp))
+
+
 # ------------------------------------------------------------------------ every architecture
 
 
@@ -224,3 +242,14 @@ def test_load_model_removes_them_again(tmp_path, long_prompt):
     assert cost.parameters(loaded) == cost.parameters(pruned) and cost.kv_cache_bytes(loaded, 50) == cost.kv_cache_bytes(pruned, 50)
     ids = long_prompt(tokenizer)
     assert torch.equal(_logits(loaded, ids), _logits(pruned, ids)) and torch.equal(_generate(loaded, ids), _generate(pruned, ids))
+
+
+def test_a_copy_through_a_checkpoint_keeps_them_removed(tmp_path, long_prompt):
+    """Healing copies a model through a temporary checkpoint (to quantize it): the removed sublayers come back
+    removed, not with the fresh random weights a plain save_pretrained would leave them to."""
+    model, tokenizer = kit.tiny_model("gpt2")
+    pruned = kit.drop_layers(model, Sublayers("mlp", {1, 4}))
+    copied = kit.healing.lora.reloaded(pruned, tokenizer, None, tmp_path)
+    assert isinstance(layers.decoder_layers(copied)[4].mlp, RemovedSublayer)
+    ids = long_prompt(tokenizer)
+    assert torch.equal(_logits(copied, ids), _logits(pruned, ids))
