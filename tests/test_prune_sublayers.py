@@ -8,6 +8,7 @@ import textwrap
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 import kit
 from kit.core import layers
@@ -253,3 +254,13 @@ def test_a_copy_through_a_checkpoint_keeps_them_removed(tmp_path, long_prompt):
     assert isinstance(layers.decoder_layers(copied)[4].mlp, RemovedSublayer)
     ids = long_prompt(tokenizer)
     assert torch.equal(_logits(copied, ids), _logits(pruned, ids))
+
+
+def test_healing_a_checkpoint_and_merging_keeps_the_removed_branches_zero(tmp_path):
+    model, tokenizer = kit.tiny_model("llama")
+    path = kit.save_pruned(kit.drop_layers(model, Sublayers("mlp", {1, 4})), tokenizer, tmp_path / "pruned")
+    config = kit.HealConfig(rank=2, lr=1e-2, steps=2, batch_size=2, seq_len=32, quantize=None, save_every=1)
+    result = kit.heal(str(path), tokenizer, kit.loaders.data.corpus("train")[:2], config, output_dir=tmp_path / "healed")
+    merged = AutoModelForCausalLM.from_pretrained(kit.merge_adapter(path, result.adapter_path, tmp_path / "merged"))
+    for index, layer in enumerate(layers.decoder_layers(merged)):
+        assert all(torch.count_nonzero(p) == 0 for p in layer.mlp.parameters()) == (index in {1, 4}), index
