@@ -328,7 +328,8 @@ def middles(model: nn.Module) -> list[Middle]:
     must be its input plus one child's output plus its MLP children's outputs. Raises
     UnsupportedArchitectureError for a layer with no MLP child (pure Mamba stacks), one whose output is
     a child's (post-norm layers such as OPT-350m's, or whose children add the residual themselves), or,
-    with no MLP child to order them, several candidates."""
+    with no MLP child to order them, several candidates. Each Middle also names the layer's branch children
+    (`attention`, `mlp`) and what they return, which removing sublayers (kit.prune.sublayers) replaces."""
     layer_list = decoder_layers(model)
     if not all(layer in _MIDDLES for layer in layer_list):
         base = _base(model)
