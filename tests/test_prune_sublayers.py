@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import kit
 from kit.core import layers
-from kit.core.block import Block, Layers, Sublayers, as_removal
+from kit.core.block import Block, Layers, Sublayers
 from kit.prune import dropped
 from kit.prune.sublayers import RemovedSublayer
 from kit.testing import bypassed, zeroed_sublayers
@@ -38,7 +38,6 @@ def test_sublayers_are_sorted_and_named():
     assert chosen.layers == (0, 2, 3, 5) and chosen == Sublayers("attention", {0, 2, 3, 5})
     assert chosen.label == "attention of layers 0, 2..3, 5" and Sublayers("mlp", {4}).label == "mlp of layer 4"
     assert chosen.check(6) is chosen and Sublayers("mlp", range(6)).check(6).layers == tuple(range(6))  # all may go
-    assert as_removal(chosen) is chosen and as_removal({1, 0}) == Layers({0, 1}) and as_removal(Block(1, 2)) == Block(1, 2)
     assert "Sublayers" in kit.__all__ and kit.Sublayers is Sublayers
 
 

@@ -146,11 +146,6 @@ def as_layers(selection: Removal) -> Block | Layers:
     return selection if isinstance(selection, (Block, Layers)) else Layers(selection)
 
 
-def as_removal(selection: Removal | Sublayers) -> Block | Layers | Sublayers:
-    """What `selection` names: Sublayers as they are, else the layers (as_layers)."""
-    return selection if isinstance(selection, Sublayers) else as_layers(selection)
-
-
 def heuristic_block(num_layers: int, n: int) -> Block:
     """The paper's heuristic criterion: keep the final layer, drop the n layers before it."""
     return Block(num_layers - 1 - n, n).check(num_layers)
