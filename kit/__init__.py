@@ -17,6 +17,7 @@ _EXPORTS = {
     "TINY_ARCHITECTURES": "testing",
     "Block": "core.block",
     "Layers": "core.block",
+    "Sublayers": "core.block",
     "heuristic_block": "core.block",
     "drop_layers": "prune",
     "save_pruned": "prune",

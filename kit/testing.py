@@ -1,7 +1,8 @@
 """Test fixtures: tiny random causal LMs of every tested architecture, with a small tokenizer trained
 in-process on the offline corpus (no download), for tests, benchmarks and the GPU check; random
 distance matrices; brute-force references for the scan (of layers and of sublayers) and for the greedy
-removal (every candidate model rebuilt and scored); and the reference of pruning (layers bypassed by hooks)."""
+removal (every candidate model rebuilt and scored); and the reference of pruning (layers bypassed, or attention
+or MLP branches zeroed, by hooks)."""
 
 import copy
 from collections.abc import Iterable
@@ -205,6 +206,20 @@ MLP_BRANCH_ENDS = {
 }  # fmt: skip
 
 
+# Where each tiny family's attention (token-mixer) branch ends, by hand, for the reference of removing sublayers:
+# the layer's `self_attn` child unless named here; each layer of a hybrid has one of the names.
+ATTENTION_BRANCH_ENDS = {
+    "gemma2": ("post_attention_layernorm",), "gemma3": ("post_attention_layernorm",),
+    "olmo2": ("post_attention_layernorm",), "gpt2": ("attn",), "gpt_neox": ("attention",),
+    "granitemoehybrid": ("mamba", "self_attn"), "qwen3_next": ("linear_attn", "self_attn"),
+}  # fmt: skip
+
+
+def _zero(module, args, out):
+    """A forward hook: the module's output (a tensor, or the first of a tuple) as zeros."""
+    return (torch.zeros_like(out[0]), *out[1:]) if isinstance(out, tuple) else torch.zeros_like(out)
+
+
 @torch.no_grad()
 def reference_sublayer_sums(model, tokenizer, texts: list[str], max_length: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Brute-force reference for a sublayer scan (kit.angular_distances(..., sublayers=True)): like
@@ -215,9 +230,6 @@ def reference_sublayer_sums(model, tokenizer, texts: list[str], max_length: int)
     decoder, ends = layers.decoder_layers(model), MLP_BRANCH_ENDS.get(model.config.model_type, ("mlp",))
     states, rerunning = [], []
 
-    def zero(module, args, out):
-        return (torch.zeros_like(out[0]), *out[1:]) if isinstance(out, tuple) else torch.zeros_like(out)
-
     def keep_input(module, args, kwargs):
         if not rerunning:
             states.append(layers.layer_input(args, kwargs))
@@ -226,7 +238,7 @@ def reference_sublayer_sums(model, tokenizer, texts: list[str], max_length: int)
         if rerunning:
             return
         rerunning.append(1)
-        zeroing = [getattr(module, name).register_forward_hook(zero) for name in ends]
+        zeroing = [getattr(module, name).register_forward_hook(_zero) for name in ends]
         try:
             states.append(layers.layer_output(module(*args, **kwargs)))
         finally:
@@ -339,6 +351,29 @@ def reference_greedy(model, tokenizer, texts: list[str], *, unit: str, steps: in
         gone.append(winner)
         losses.append(tables[step][winner])
     return gone, losses, tables
+
+
+@contextmanager
+def zeroed_sublayers(model, kind: str, indices: Iterable[int]):
+    """`model` with the attention or MLP branches of the decoder layers `indices` returning zeros (forward hooks
+    on the branch ends of ATTENTION_BRANCH_ENDS or MLP_BRANCH_ENDS), inside a `with` block: what removing those
+    sublayers must compute, without removing anything. The branches still run (and fill the KV cache).
+
+    Args:
+        model: the causal LM; its hooks are removed on exit.
+        kind: "attention" or "mlp".
+        indices: the layers whose branch is zeroed.
+    """
+    table, default = (ATTENTION_BRANCH_ENDS, "self_attn") if kind == "attention" else (MLP_BRANCH_ENDS, "mlp")
+    ends = table.get(model.config.model_type, (default,))
+    decoder = layers.decoder_layers(model)
+    ends = [getattr(decoder[i], name, None) for i in indices for name in ends]
+    handles = [end.register_forward_hook(_zero) for end in ends if end is not None]  # a hybrid's layer has one mixer
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def reference_loglikelihood(model, tokenizer, context: str, continuation: str) -> float:

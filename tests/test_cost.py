@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
 
 import kit
-from kit.core.block import Block
+from kit.core.block import Block, Sublayers
 from kit.evaluate import inference_cost
 from kit.prune import drop_layers, dropped
 
@@ -70,6 +71,29 @@ def test_kv_bytes_count_only_what_each_kept_layer_caches(family):
     for candidate in (model, drop_layers(model, Block(1, 1))):
         _, _, _, cache = inference_cost.generate(candidate, prompt, 3)  # 14 tokens cached: past the window of 8
         assert _cache_bytes(cache) == inference_cost.kv_cache_bytes(candidate, 14, batch_size=2) > 0
+
+
+def test_removed_attention_sublayers_keep_one_zero_key_and_value_per_token(tiny):
+    """On every tiny architecture the count equals the real cache after generation, in drop_layers and dropped;
+    a hybrid's removed Mamba or linear-attention mixers kept no keys before and keep none now."""
+    model, tokenizer = tiny
+    removal = Sublayers("attention", {0, 1, 3, 5})
+    prompt = inference_cost.prompt_ids(tokenizer, 36).expand(2, -1)
+    pruned = drop_layers(model, removal)
+    _, _, _, cache = inference_cost.generate(pruned, prompt, 6)
+    assert _cache_bytes(cache) == inference_cost.kv_cache_bytes(pruned, 41, batch_size=2) < inference_cost.kv_cache_bytes(model, 41, batch_size=2)
+    with dropped(model, removal):
+        _, _, _, cache = inference_cost.generate(model, prompt, 6)
+        assert _cache_bytes(cache) == inference_cost.kv_cache_bytes(model, 41, batch_size=2) == inference_cost.kv_cache_bytes(pruned, 41, batch_size=2)
+
+
+def test_removed_attention_sublayers_kv_bytes_by_hand(tmp_path):
+    llama, tokenizer = kit.tiny_model("llama")  # 256 bytes per token and attention layer; a removed one keeps 2 floats
+    pruned = drop_layers(llama, Sublayers("attention", {0, 2, 5}))
+    assert inference_cost.kv_cache_bytes(pruned, 100, batch_size=3) == 3 * 100 * (3 * 256 + 3 * 2 * 4)
+    kit.save_pruned(pruned, tokenizer, tmp_path / "pruned")  # a plain reload runs (zero-weight) attention again
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
+    assert inference_cost.kv_cache_bytes(reloaded, 100) == inference_cost.kv_cache_bytes(llama, 100) == 100 * 6 * 256
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])

@@ -1,6 +1,7 @@
 """Property-based tests of the pruning bookkeeping: random layer counts and sequences of blocks and sets
 of layers (pruning up to three times) on every tiny architecture, against a brute-force list of kept
-layers and the original model with the removed layers bypassed."""
+layers and the original model with the removed layers bypassed; then random attention and MLP sublayers
+removed (after whole layers or not), against the original with those branches zeroed."""
 
 import functools
 
@@ -11,8 +12,8 @@ from transformers import AutoModelForCausalLM
 
 import kit
 from kit.core import layers
-from kit.core.block import Block, Layers
-from kit.testing import bypassed
+from kit.core.block import Block, Layers, Sublayers
+from kit.testing import bypassed, zeroed_sublayers
 
 SETTINGS = settings(max_examples=30, deadline=None, derandomize=True, database=None)
 
@@ -98,5 +99,56 @@ def test_pruned_model_equals_the_layers_bypassed_and_reloads(tmp_path_factory, l
     path = kit.save_pruned(pruned, tokenizer, tmp_path_factory.mktemp("pruned") / "model")
     reloaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     assert layers.num_layers(reloaded) == len(kept) and reloaded.config.pruned_blocks == pruned.config.pruned_blocks
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, expected, atol=1e-5, rtol=0)
+
+
+@st.composite
+def sublayer_prunings(draw):
+    """(architecture, layer count, whole layers removed first (a Layers, or None), then Sublayers removals one after
+    the other, each of a random kind and a set of the layers left that names no sublayer removed before)."""
+    arch = draw(st.sampled_from(kit.TINY_ARCHITECTURES))
+    num_layers = draw(st.integers(3, 8))
+    whole = draw(st.none() | st.sets(st.integers(0, num_layers - 1), min_size=1, max_size=num_layers - 2).map(Layers))
+    left = num_layers - (len(whole.layers) if whole else 0)
+    removals, taken = [], {"attention": set(), "mlp": set()}
+    for _ in range(draw(st.integers(1, 3))):
+        kind = draw(st.sampled_from(sorted(taken)))
+        free = sorted(set(range(left)) - taken[kind])
+        if not free:
+            break
+        chosen = draw(st.sets(st.sampled_from(free), min_size=1))
+        taken[kind] |= chosen
+        removals.append(Sublayers(kind, chosen))
+    return arch, num_layers, whole, removals
+
+
+def _prune_sublayers(arch, num_layers, whole, removals):
+    """The pruned model, and the original indices of the layers kept and of the sublayers removed, by kind."""
+    model, _, pruned, kept = _prune(arch, num_layers, [whole] if whole else [])
+    for removal in removals:
+        pruned = kit.drop_layers(pruned, removal)
+    gone = {kind: {kept[i] for r in removals if r.kind == kind for i in r.layers} for kind in ("attention", "mlp")}
+    return model, pruned, kept, gone
+
+
+@SETTINGS
+@given(sublayer_prunings())
+def test_removed_sublayers_equal_the_branches_zeroed_and_reload(tmp_path_factory, long_prompt, case):
+    arch, num_layers, whole, removals = case
+    model, pruned, kept, gone = _prune_sublayers(*case)
+    tokenizer = _original(arch, num_layers)[1]
+    current = {kind: sorted(kept.index(i) for i in indices) for kind, indices in gone.items()}
+    assert pruned.config.pruned_sublayers == current and layers.num_layers(pruned) == len(kept)
+    ids = long_prompt(tokenizer)[:, :40]
+    with torch.no_grad():
+        with bypassed(model, set(range(num_layers)) - set(kept)), zeroed_sublayers(model, "attention", gone["attention"]):
+            with zeroed_sublayers(model, "mlp", gone["mlp"]):
+                expected = model(ids).logits
+                generated = model.generate(ids, max_new_tokens=3, do_sample=False)
+        assert torch.equal(pruned(ids).logits, expected)
+    assert torch.equal(pruned.generate(ids, max_new_tokens=3, do_sample=False), generated)
+    path = kit.save_pruned(pruned, tokenizer, tmp_path_factory.mktemp("sublayers") / "model")
+    reloaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, expected, atol=1e-5, rtol=0)

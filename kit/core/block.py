@@ -1,5 +1,5 @@
-"""What the method removes: a block of consecutive decoder layers, or any set of whole layers. Imports
-nothing else from the kit."""
+"""What the method removes: a block of consecutive decoder layers, any set of whole layers, or the
+attention or MLP sublayers of a set of layers. Imports nothing else from the kit."""
 
 import operator
 from collections import Counter
@@ -92,6 +92,48 @@ class Layers:
             raise ValueError(f"Layer indices {outside} are out of range: choose 0 <= i <= {num_layers - 1} for {num_layers} layers.")
         if len(self.indices) == num_layers:
             raise ValueError(f"Removing all {num_layers} layers leaves no model: remove at most {num_layers - 1}.")
+        return self
+
+
+SUBLAYER_KINDS = ("attention", "mlp")  # a layer's token mixer (attention, Mamba, linear attention) and its MLP
+
+
+@dataclass(frozen=True)
+class Sublayers:
+    """The attention (token mixer: attention, Mamba, linear attention) or MLP sublayers of a set of decoder
+    layers, by layer index: `Sublayers("attention", {0, 2, 5})`. The indices are kept sorted; naming one
+    twice is a ValueError. Every sublayer of a kind may go (the layers' other branches stay).
+
+    Args:
+        kind: "attention" or "mlp".
+        indices: the layer indices, any iterable of integers.
+    """
+
+    kind: str
+    indices: tuple[int, ...]
+
+    def __post_init__(self):
+        if self.kind not in SUBLAYER_KINDS:
+            raise ValueError(f"Unknown sublayer kind {self.kind!r}: choose one of {', '.join(map(repr, SUBLAYER_KINDS))}.")
+        object.__setattr__(self, "indices", Layers(self.indices).indices)
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return self.indices
+
+    @property
+    def label(self) -> str:
+        """The sublayers in words, for messages: "attention of layers 0, 2..3"."""
+        return f"{self.kind} of {Layers(self.indices).label}"
+
+    def check(self, num_layers: int) -> "Sublayers":
+        """These sublayers, or a ValueError saying what a model of `num_layers` layers allows: at least
+        one layer, every index in 0 .. num_layers-1."""
+        if not self.indices:
+            raise ValueError(f"No {self.kind} sublayers to remove: name at least one of the layers 0 <= i <= {num_layers - 1}.")
+        outside = [i for i in self.indices if not 0 <= i < num_layers]
+        if outside:
+            raise ValueError(f"Layer indices {outside} are out of range: choose 0 <= i <= {num_layers - 1} for {num_layers} layers.")
         return self
 
 

@@ -292,13 +292,25 @@ class Middle:
     before its MLP branch. `reads`: the child of the layer whose input it is (a sequential layer).
     A parallel-residual layer (Phi, GPT-NeoX), which adds both branches to its input, never forms
     that sum: its middle is its input plus the attention branch (attention first), taken as its output
-    less the outputs of its MLP children `subtracts`."""
+    less the outputs of its MLP children `subtracts`.
+
+    Which children are the branches, for removing them: `attention`, the child whose output is the
+    attention (or Mamba, linear-attention) branch; `mlp`, the MLP children (or, in a layer without one,
+    such as OPT's, its projections after the middle); `outputs`, for each of these (child, width of the
+    hidden states it returns, length of the tuple it returns, 0 for a bare tensor)."""
 
     reads: str | None = None
     subtracts: tuple[str, ...] = ()
+    attention: str | None = None
+    mlp: tuple[str, ...] = ()
+    outputs: tuple[tuple[str, int, int], ...] = ()
 
     def __str__(self) -> str:
         return f"input of {self.reads}" if self.reads else f"output - {' - '.join(self.subtracts)} (parallel residual)"
+
+    def output(self, child: str) -> tuple[int, int]:
+        """(width, tuple length or 0) of what the branch child `child` returns."""
+        return next((width, arity) for name, width, arity in self.outputs if name == child)
 
 
 _MIDDLES: "weakref.WeakKeyDictionary[nn.Module, Middle]" = weakref.WeakKeyDictionary()
@@ -316,7 +328,8 @@ def middles(model: nn.Module) -> list[Middle]:
     must be its input plus one child's output plus its MLP children's outputs. Raises
     UnsupportedArchitectureError for a layer with no MLP child (pure Mamba stacks), one whose output is
     a child's (post-norm layers such as OPT-350m's, or whose children add the residual themselves), or,
-    with no MLP child to order them, several candidates."""
+    with no MLP child to order them, several candidates. Each Middle also names the layer's branch children
+    (`attention`, `mlp`) and what they return, which removing sublayers (kit.prune.sublayers) replaces."""
     layer_list = decoder_layers(model)
     if not all(layer in _MIDDLES for layer in layer_list):
         base = _base(model)
@@ -352,10 +365,12 @@ class _MiddleProbe(LayerTap):
     def _record(self, name, module, args, kwargs, output):
         returned = layer_output(output)
         returned = returned if isinstance(returned, torch.Tensor) else None
+        if returned is not None and name not in self.shapes:
+            self.shapes[name] = (returned.shape[-1], len(output) if isinstance(output, (tuple, list)) else 0)
         self.calls.append((name, _hidden_argument(args, kwargs), None if returned is None else returned.detach().clone(), returned))
 
     def on_input(self, args, kwargs):
-        self.input, self.calls = layer_input(args, kwargs), []
+        self.input, self.calls, self.shapes = layer_input(args, kwargs), [], {}
 
     def on_output(self, hidden):
         pass
@@ -375,7 +390,7 @@ class _MiddleProbe(LayerTap):
         reads = [(name, read) for name, read, *_ in self.calls[: first_mlp + 1]]  # up to the first MLP child's call
         candidates = [name for name, read in reads if hidden_sized(read) and _storage(read) not in produced]
         if candidates and (mlps or len(candidates) == 1):
-            _MIDDLES[layer] = Middle(reads=candidates[-1])
+            _MIDDLES[layer] = self._sequential(layer, candidates[-1], mlps)
             return
         if candidates:
             raise UnsupportedArchitectureError(
@@ -390,12 +405,30 @@ class _MiddleProbe(LayerTap):
         attention = out.float() - x.float() - sum(o.float() for name, _, o, _ in self.calls if name in mlps)
         tolerance = 4 * torch.finfo(out.dtype).eps * out.abs().max().float()
         close = lambda o: o is not None and o.shape == out.shape and (attention - o.float()).abs().max() <= tolerance  # noqa: E731
-        if not any(close(o) for name, _, o, _ in self.calls if name not in mlps):
+        attention = next((name for name, _, o, _ in self.calls if name not in mlps and close(o)), None)
+        if attention is None:
             raise UnsupportedArchitectureError(
                 f"{where}: no child reads the residual stream between its attention and MLP sublayers, yet its output "
                 f"is not its input plus one child's output plus its MLP's ({', '.join(mlps)}): {whole}"
             )
-        _MIDDLES[layer] = Middle(subtracts=tuple(mlps))
+        _MIDDLES[layer] = self._middle(subtracts=tuple(mlps), attention=attention, mlp=tuple(mlps))
+
+    def _sequential(self, layer: nn.Module, reads: str, mlps: list[str]) -> Middle:
+        """The Middle of a sequential layer whose middle `reads` reads: its attention branch is the first child
+        called before that read that is not a norm; its MLP branch the MLP children `mlps`, else (OPT) the
+        children with parameters called after the read that are not norms."""
+        names = [name for name, *_ in self.calls]
+        at = len(names) - 1 - names[::-1].index(reads)  # the middle's read
+        norm = lambda name: "norm" in type(getattr(layer, name)).__name__.lower()  # noqa: E731
+        attention = next((name for name in names[:at] if not norm(name) and name in self.shapes), None)
+        if not mlps:
+            weighted = lambda name: next(getattr(layer, name).parameters(), None) is not None  # noqa: E731
+            mlps = list(dict.fromkeys(n for n in names[at + 1 :] if weighted(n) and not norm(n) and n in self.shapes))
+        return self._middle(reads=reads, attention=attention, mlp=tuple(mlps))
+
+    def _middle(self, *, attention: str | None, mlp: tuple[str, ...], **where) -> Middle:
+        outputs = tuple((name, *self.shapes[name]) for name in filter(None, (attention, *mlp)))
+        return Middle(**where, attention=attention, mlp=mlp, outputs=outputs)
 
 
 def _storage(tensor) -> int | None:

@@ -16,6 +16,7 @@ from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, DynamicSlidingW
 from ..core import layers
 from ..core.device import model_device
 from ..loaders.data import corpus
+from ..prune.sublayers import removed_attention
 
 
 @dataclass(frozen=True)
@@ -99,12 +100,15 @@ def kv_cache_bytes(model, tokens: int, batch_size: int = 1) -> int:
     Only what each layer caches per token counts, in the model's dtype: full attention every token, a
     sliding-window layer the last `sliding_window - 1` (what transformers' cache stores), recurrent
     layers (Mamba, linear attention) and layers sharing another's KV nothing (their state does not grow).
+    A removed attention sublayer (kit.prune.sublayers.RemovedSublayer) keeps one zero key and one zero value
+    per token, so that the cache counts positions; a plain reload of its checkpoint caches what it did before.
     """
     config = layers.text_config(model.config)
     size = torch.empty((), dtype=model.dtype).element_size()
     kinds, kwargs = get_layer_types_and_kwargs(config)
-    per_layer = config.per_layer_config
-    cached = sum(_cached_tokens(kind, kw, tokens) * _values_per_token(per_layer[i], kind) for i, (kind, kw) in enumerate(zip(kinds, kwargs)))
+    per_layer, removed = config.per_layer_config, removed_attention(model)
+    values = lambda i, kind: 2 if i in removed else _values_per_token(per_layer[i], kind)  # noqa: E731
+    cached = sum(_cached_tokens(kind, kw, tokens) * values(i, kind) for i, (kind, kw) in enumerate(zip(kinds, kwargs)))
     return batch_size * cached * size
 
 

@@ -15,6 +15,7 @@ from ..core import layers
 from ..core.config import HealConfig
 from ..core.device import model_device
 from ..loaders.models import load_model
+from ..prune.sublayers import materialised
 
 
 def target_modules(model: nn.Module, config: HealConfig) -> list[str] | str:
@@ -97,8 +98,8 @@ def reloaded(model: nn.Module, tokenizer, quantize: str | None, scratch: Path) -
     """A new copy of `model` (quantized if asked), loaded from a temporary checkpoint in `scratch`:
     how a 4-bit model is copied (bitsandbytes quantizes while loading)."""
     scratch.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=scratch, prefix=".unquantized.") as tmp:
-        model.save_pretrained(tmp)
+    with tempfile.TemporaryDirectory(dir=scratch, prefix=".unquantized.") as tmp, materialised(model):
+        model.save_pretrained(tmp)  # removed sublayers as zero weights, which load_model removes again
         tokenizer.save_pretrained(tmp)
         quantized = load_model(tmp, quantize=quantize, device=model_device(model))[0]
     quantized.name_or_path, quantized.config._name_or_path = model.name_or_path, model.config._name_or_path  # not tmp

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ..core import device as device_policy
 from ..core import layers
 from ..core.deprecation import warn
+from ..prune import sublayers as removed_sublayers
 from . import assets
 
 
@@ -118,6 +119,9 @@ def load_model(
             when the weights would not fit the GPU; None keeps full precision.
         device_map, max_memory, offload_folder: accelerate's dispatch over several devices (and
             CPU/disk offload), passed through; `device` is then ignored.
+
+    A checkpoint of kit.save_pruned with removed sublayers (config.pruned_sublayers) comes back with them
+    removed again (kit.prune.sublayers.reapply), as it was saved.
     """
     source = resolve(name)
     target = device_policy.resolve_device(device)
@@ -145,6 +149,7 @@ def load_model(
         ) from err
     layers.anatomy(model)  # fail early, saying what was looked for
     model.eval()
+    removed_sublayers.reapply(model)  # a checkpoint with removed sublayers: their zero weights freed, no KV cache
     return model, prepare_tokenizer(tokenizer)
 
 

@@ -1,6 +1,7 @@
 """Removing whole decoder layers from a model, a block of consecutive layers or any set of them: for a
 moment (`dropped`, for sweeps), for good (`drop_layers`), as a plain HF checkpoint (`save_pruned`), or as
-a mergekit recipe. Which layers to remove is kit.choose.criteria's job."""
+a mergekit recipe; the attention or MLP sublayers of some layers the same way (kit.prune.sublayers, which
+`dropped`, `drop_layers` and `save_pruned` call for a Sublayers). Which layers to remove is kit.choose.criteria's job."""
 
 import copy
 import math
@@ -11,10 +12,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .core import layers
-from .core.artifacts import save_checkpoint
-from .core.block import Block, Layers, Removal, as_layers
-from .core.deprecation import moved
+from ..core import layers
+from ..core.artifacts import save_checkpoint
+from ..core.block import Block, Layers, Removal, Sublayers, as_layers
+from ..core.deprecation import moved
+from . import sublayers
 
 PRUNED_BLOCKS = "pruned_blocks"  # config attribute: removed layers as [[start, n], ...] in ORIGINAL indices
 _MISSING = object()
@@ -216,7 +218,7 @@ def _check_attention_kept(model: nn.Module, removed: Block | Layers) -> None:
 
 
 @contextmanager
-def dropped(model: nn.Module, block: Removal):
+def dropped(model: nn.Module, block: Removal | Sublayers):
     """Remove the layers `block` names from `model` for the duration of a `with` block, without copying
     anything (but the per-layer slices of Gemma 3n/4's per-layer input weights).
 
@@ -228,8 +230,14 @@ def dropped(model: nn.Module, block: Removal):
 
     Args:
         model: the causal LM (possibly dispatched by accelerate).
-        block: the layers to remove: a Block, Layers, or any iterable of layer indices such as {0, 2}.
+        block: the layers to remove: a Block, Layers, or any iterable of layer indices such as {0, 2};
+            or Sublayers, the attention or MLP sublayers of some layers (kit.prune.sublayers).
     """
+    if isinstance(block, Sublayers):
+        with sublayers.dropped_sublayers(model, block):
+            yield model
+        return
+    sublayers.refuse_whole_layers(model)
     original = layers.decoder_layers(model)
     kept, edits = _removal(model, as_layers(block))
     saved = [(obj, name, getattr(obj, name, _MISSING)) for obj, name, _ in edits]
@@ -247,7 +255,7 @@ def dropped(model: nn.Module, block: Removal):
                 setattr(obj, name, value)
 
 
-def drop_layers(model: nn.Module, block: Removal, *, inplace: bool = False) -> nn.Module:
+def drop_layers(model: nn.Module, block: Removal | Sublayers, *, inplace: bool = False) -> nn.Module:
     """`model` without the layers `block` names, ready for generation and saving.
 
     Layers whose removal the config cannot express (a saved checkpoint would rebuild a kept layer
@@ -259,10 +267,14 @@ def drop_layers(model: nn.Module, block: Removal, *, inplace: bool = False) -> n
     Args:
         model: the causal LM (possibly dispatched by accelerate, or pruned before).
         block: the layers to remove: a Block (start, n), Layers, or any iterable of layer indices such as
-            {0, 2}; at least one, not all, each named once.
+            {0, 2}; at least one, not all, each named once. Or Sublayers, the attention or MLP sublayers of
+            some layers (kit.prune.sublayers.drop_sublayers); whole layers are then no longer removed.
         inplace: prune `model` itself; without it a deep copy is pruned and the original stays untouched
             (memory is needed for both).
     """
+    if isinstance(block, Sublayers):
+        return sublayers.drop_sublayers(model, block, inplace=inplace)
+    sublayers.refuse_whole_layers(model)
     removed = as_layers(block).check(layers.num_layers(model))
     _check_attention_kept(model, removed)
     if not inplace:
@@ -278,13 +290,15 @@ def drop_layers(model: nn.Module, block: Removal, *, inplace: bool = False) -> n
 def save_pruned(model: nn.Module, tokenizer, path: str | Path) -> Path:
     """Write `model` and `tokenizer` to `path` atomically as a plain HF checkpoint (safetensors):
     `AutoModelForCausalLM.from_pretrained(path)` loads it without the kit. A 4-bit model is refused:
-    its checkpoint could not be healed and merged; kit.healing.merge.save_pruned_full_precision writes it."""
+    its checkpoint could not be healed and merged; kit.healing.merge.save_pruned_full_precision writes it.
+    Removed sublayers are written as their children with zero parameters (kit.prune.sublayers.materialised)."""
     if getattr(model, "is_loaded_in_4bit", False):
         raise ValueError(
             "the model is loaded 4-bit: its pruned checkpoint would be 4-bit, which merge_adapter refuses. Write it "
             "from the full-precision weights instead: kit.healing.merge.save_pruned_full_precision(model, tokenizer, path)."
         )
-    return save_checkpoint(path, model, tokenizer)
+    with sublayers.materialised(model):
+        return save_checkpoint(path, model, tokenizer)
 
 
 def mergekit_config(model_name: str, block: Removal, num_layers: int) -> str:
@@ -301,6 +315,11 @@ def mergekit_config(model_name: str, block: Removal, num_layers: int) -> str:
     """
     import yaml
 
+    if isinstance(block, Sublayers):
+        raise ValueError(
+            f"mergekit's passthrough merge copies whole layers, so no recipe removes the {block.label}: "
+            "write the pruned model with save_pruned(drop_layers(model, sublayers), tokenizer, path) instead."
+        )
     removed = as_layers(block).check(num_layers)
     kept = Layers(i for i in range(num_layers) if i not in removed.layers).blocks
     config = {
