@@ -40,11 +40,7 @@ def test_llama_equals_the_brute_force_greedy(unit, batch_size):
 @pytest.mark.parametrize("arch", kit.TINY_ARCHITECTURES)  # MoE, MLA, hybrid Mamba, linear attention, multimodal too
 def test_every_tiny_architecture_equals_the_brute_force_greedy(arch):
     model, tokenizer = kit.tiny_model(arch, num_layers=4)
-    for unit in ("layers", "attention", "mlp"):
-        if arch == "opt" and unit == "mlp":  # fc1, fc2 on the layer itself: no MLP child to zero, refused
-            with pytest.raises(ValueError, match=r"have no mlp child to zero .* choose whole layers \(unit='layers'\)"):
-                greedy_removal(model, tokenizer, TEXTS, unit=unit, steps=1)
-            continue
+    for unit in ("layers", "attention", "mlp"):  # OPT's MLP: its fc1 and fc2 on the layer itself (Middle.mlp)
         _assert_equals_brute_force(model, tokenizer, unit, 2, 2)
 
 
@@ -55,7 +51,7 @@ def test_save_and_load(tmp_path):
     assert loaded.order == found.order and loaded.meta == found.meta
     np.testing.assert_array_equal(loaded.candidates, found.candidates)
     np.testing.assert_array_equal(loaded.losses, found.losses)
-    assert loaded.first(2) == ("mlp", tuple(sorted(found.order)))
+    assert loaded.first(2) == kit.Sublayers("mlp", found.order)
     kit.Distances(np.zeros((3, 3))).save(tmp_path / "scan.safetensors")
     with pytest.raises(ValueError, match="is not a GreedyRemoval file"):
         GreedyRemoval.load(tmp_path / "scan.safetensors")

@@ -43,8 +43,8 @@ def test_llm_drop_takes_the_sublayers_with_the_smallest_distance_across_them(n):
     scan = _sublayer_scan()
     m = scan.matrix.numpy()
     attention, mlp = [m[2 * i, 2 * i + 1] for i in range(6)], [m[2 * i + 1, 2 * i + 2] for i in range(6)]
-    assert choose_units("llm_drop_attention", 6, n, distances=scan) == ("attention", _k_smallest(attention, n))
-    assert choose_units("llm_drop_mlp", 6, n, distances=scan) == ("mlp", _k_smallest(mlp, n))
+    assert choose_units("llm_drop_attention", 6, n, distances=scan) == kit.Sublayers("attention", _k_smallest(attention, n))
+    assert choose_units("llm_drop_mlp", 6, n, distances=scan) == kit.Sublayers("mlp", _k_smallest(mlp, n))
     if n < 6:  # a sublayer scan's whole layers: positions 2i
         assert choose_units("shortgpt", 6, n, distances=scan) == Layers(_k_smallest([m[2 * i, 2 * i + 2] for i in range(6)], n))
 
@@ -54,14 +54,14 @@ def test_top_k_on_a_real_sublayer_scan_equal_the_brute_force_reference():
     scan = kit.angular_distances(model, tokenizer, TEXTS, max_length=16, batch_size=2, metric="block_influence", sublayers=True)
     m = reference_distances(model, tokenizer, TEXTS, 16, sublayers=True)["block_influence"]
     for n in (1, 2, 5):
-        assert choose_units("llm_drop_attention", 6, n, distances=scan) == ("attention", _k_smallest([m[2 * i, 2 * i + 1] for i in range(6)], n))
-        assert choose_units("llm_drop_mlp", 6, n, distances=scan) == ("mlp", _k_smallest([m[2 * i + 1, 2 * i + 2] for i in range(6)], n))
+        assert choose_units("llm_drop_attention", 6, n, distances=scan) == kit.Sublayers("attention", _k_smallest([m[2 * i, 2 * i + 1] for i in range(6)], n))
+        assert choose_units("llm_drop_mlp", 6, n, distances=scan) == kit.Sublayers("mlp", _k_smallest([m[2 * i + 1, 2 * i + 2] for i in range(6)], n))
         assert choose_units("shortgpt", 6, n, distances=scan) == Layers(_k_smallest([m[2 * i, 2 * i + 2] for i in range(6)], n))
 
 
 def test_greedy_criteria_read_the_first_units_removed():
     greedy = GreedyRemoval([4, 1, 2], np.array([3.0, 3.1, 3.3]), np.full((3, 6), np.nan), {"unit": "mlp"})
-    assert choose_units("greedy_mlp", 6, 2, greedy=greedy) == ("mlp", (1, 4))
+    assert choose_units("greedy_mlp", 6, 2, greedy=greedy) == kit.Sublayers("mlp", (1, 4))
     layers = GreedyRemoval([4, 1, 2], np.array([3.0, 3.1, 3.3]), np.full((3, 6), np.nan), {"unit": "layers"})
     assert choose_units("greedy_layers", 6, 3, greedy=layers) == Layers({1, 2, 4})
     with pytest.raises(ValueError, match=r"took 3 steps; n=4 needs greedy_removal\(..., steps=4\)"):

@@ -4,20 +4,18 @@ or MLP branch returns zeros, so its contribution to the residual stream is zero 
 other than a block"). Nothing is copied or edited; the hooks go on exit."""
 
 from contextlib import contextmanager
-from functools import partial
 
 import torch
 
 from ..core import layers
-from ..core.block import Layers
-from ..core.device import model_device
+from ..core.block import Layers, Sublayers
 
 UNITS = ("layers", "attention", "mlp")  # what a set criterion removes: whole layers, or one branch of each layer
 SUBLAYERS = ("attention", "mlp")
 
 
-def unit_set(unit: str, indices) -> Layers | tuple[str, tuple[int, ...]]:
-    """A chosen set of units: Layers for whole layers; (kind, sorted layer indices) for sublayers.
+def unit_set(unit: str, indices) -> Layers | Sublayers:
+    """A chosen set of units: Layers for whole layers, Sublayers for attention or MLP sublayers.
 
     Args:
         unit: one of UNITS.
@@ -27,62 +25,18 @@ def unit_set(unit: str, indices) -> Layers | tuple[str, tuple[int, ...]]:
         return Layers(indices)
     if unit not in SUBLAYERS:
         raise ValueError(f"unit must be one of {', '.join(UNITS)}, got {unit!r}")
-    return unit, Layers(indices).indices  # kit.core.block.Sublayers(unit, indices) once that exists
-
-
-def _is_norm(module) -> bool:
-    return "norm" in type(module).__name__.lower()
-
-
-def _call_order(model) -> list[list[str]]:
-    """The names of each decoder layer's children in the order one forward pass of four tokens calls them."""
-    decoder = layers.decoder_layers(model)
-    order: list[list[str]] = [[] for _ in decoder]
-
-    def called(i, name, module, args):
-        if name not in order[i]:
-            order[i].append(name)
-
-    handles = [child.register_forward_pre_hook(partial(called, i, name))
-               for i, layer in enumerate(decoder) for name, child in layer.named_children()]  # fmt: skip
-    ids = torch.tensor([[1, 2, 3, 4]], device=model_device(model))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
-    return order
+    return Sublayers(unit, indices)
 
 
 def branch_children(model, kind: str) -> list[tuple[str, ...]]:
-    """For each decoder layer, the names of the children whose outputs make its `kind` branch.
+    """For each decoder layer, the names of the children whose outputs make its `kind` branch: what
+    kit.core.layers.middles found (Middle.attention, Middle.mlp), the children kit.prune removes.
 
-    "mlp": the layer's MLP and MoE children (kit.core.layers' MLPS and MLP_CLASSES: Granite 4's
-    block_sparse_moe and shared_mlp together). "attention": the first child with parameters, neither a
-    norm nor an MLP, that the layer calls before its middle (kit.core.layers.middles) is read: Llama's
-    self_attn, a hybrid's mamba. Zeroing these outputs zeroes the branch where what follows them maps 0
-    to 0 (no bias), as in the RMS-normed families. Raises ValueError for a layer without such a child."""
+    Raises ValueError for a kind other than "attention" or "mlp"; middles raises UnsupportedArchitectureError
+    for a layer without sublayers."""
     if kind not in SUBLAYERS:
         raise ValueError(f"kind must be one of {', '.join(SUBLAYERS)}, got {kind!r}")
-    decoder = layers.decoder_layers(model)
-    mlps = [tuple(layers._mlp_children(layer)) for layer in decoder]
-    if kind == "mlp":
-        found = mlps
-    else:
-        found = []
-        for layer, middle, order, mlp in zip(decoder, layers.middles(model), _call_order(model), mlps, strict=True):
-            before = order[: order.index(middle.reads)] if middle.reads in order else order
-            named = dict(layer.named_children())
-            candidates = [n for n in before if n not in mlp and not _is_norm(named[n]) and any(True for _ in named[n].parameters())]
-            found.append(tuple(candidates[:1]))
-    if missing := [i for i, names in enumerate(found) if not names]:
-        raise ValueError(f"layers {missing} have no {kind} child to zero (children: "
-                         f"{', '.join(n for n, _ in decoder[missing[0]].named_children())}): choose whole layers (unit='layers')")  # fmt: skip
-    return found
+    return [(middle.attention,) if kind == "attention" else middle.mlp for middle in layers.middles(model)]
 
 
 def _zeros(output):

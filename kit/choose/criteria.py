@@ -22,7 +22,7 @@ class Criterion:
 
     description: str
     needs: str | None  # "distances" (a scan), "oracle" (kit.ablation_losses), "greedy" (kit.greedy_removal), "start" or None
-    pick: Callable  # (evidence, num_layers, n) -> Block, Layers, or (kind, indices) for sublayers
+    pick: Callable  # (evidence, num_layers, n) -> Block, Layers or Sublayers
     unit: str = "block"  # "block" (n consecutive layers), "layers" (any n layers), "attention" or "mlp" (n sublayers)
 
 
@@ -117,8 +117,7 @@ def choose_units(criterion: str, num_layers: int, n: int, *, distances=None, ora
         oracle: kit.ablation_losses on calibration texts, for "loss".
         greedy: kit.greedy_removal on calibration texts, for greedy_layers / greedy_attention / greedy_mlp.
         start: the first layer, for "manual".
-    Returns a Block (CRITERIA[criterion].unit "block"), Layers ("layers"), or (kind, sorted layer
-    indices) for n attention or MLP sublayers.
+    Returns a Block (CRITERIA[criterion].unit "block"), Layers ("layers"), or Sublayers ("attention", "mlp").
     """
     if criterion not in CRITERIA:
         raise ValueError(f"Unknown criterion {criterion!r}; choose one of: {', '.join(CRITERIA)}")

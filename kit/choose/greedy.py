@@ -50,7 +50,7 @@ class GreedyRemoval:
         return self.candidates.shape[1]
 
     def first(self, n: int):
-        """The set of the first n units removed: Layers, or (kind, sorted indices) for sublayers."""
+        """The set of the first n units removed: Layers, or Sublayers."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         if n > len(self.order):

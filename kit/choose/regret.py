@@ -5,10 +5,8 @@ the set removed in memory, and its regret against the best of the compared choic
 import pandas as pd
 
 from ..core import layers
-from ..core.block import Block, Layers
 from ..evaluate.loss import validation_loss
 from ..prune import dropped
-from .branches import removed
 from .criteria import CRITERIA, choose_units
 
 
@@ -18,12 +16,8 @@ def _kind(unit: str) -> str:
 
 
 def _held_out_loss(model, tokenizer, texts, chosen, max_length: int, batch_size: int) -> float:
-    """Validation loss of `model` without `chosen`: a Block or Layers (kit.prune.dropped) or (kind, indices)."""
-    if isinstance(chosen, (Block, Layers)):
-        with dropped(model, chosen):
-            return validation_loss(model, tokenizer, texts, max_length=max_length, batch_size=batch_size).loss
-    kind, indices = chosen
-    with removed(model, kind, indices):
+    """Validation loss of `model` without `chosen` (a Block, Layers or Sublayers), removed for a moment by kit.dropped."""
+    with dropped(model, chosen):
         return validation_loss(model, tokenizer, texts, max_length=max_length, batch_size=batch_size).loss
 
 
@@ -55,7 +49,7 @@ def compare_sets(
         for name in criteria:
             unit = CRITERIA[name].unit
             chosen = choose_units(name, L, n, distances=distances, oracle=oracle, greedy=greedy_by_unit.get(unit))
-            indices = tuple(chosen.layers) if isinstance(chosen, (Block, Layers)) else chosen[1]
+            indices = tuple(chosen.layers)
             key = (_kind(unit), indices)
             if key not in measured:
                 measured[key] = _held_out_loss(model, tokenizer, texts, chosen, max_length, batch_size)
