@@ -42,6 +42,9 @@ SMOKE_PARAMETERS = {
                    "COST_PROMPT_TOKENS": 8, "COST_NEW_TOKENS": 3, "COST_REPEATS": 1},
     "05_criteria": {"N_CALIBRATION": 2, "N_HELD_OUT": 2, "MAX_LENGTH": 16, "BATCH_SIZE": 2, "NS": [26, 28],
                     "METRICS": ["angular_last", "block_influence"], "SCATTER_NS": [26]},
+    "06_granularity": {"N_CALIBRATION": 2, "N_HELD_OUT": 2, "MAX_LENGTH": 16, "BATCH_SIZE": 2, "BUDGETS": [0.02, 0.03],
+                       "RECALL_ITEMS": 4, "RECALL_FACTS": 3, "MMLU_SUBJECTS": 1, "MMLU_PER_SUBJECT": 2, "SHOTS": 1, "SWEEP_MMLU": True,
+                       "COST_PROMPT_TOKENS": 8, "COST_NEW_TOKENS": 3, "COST_REPEATS": 1},
 }
 
 # Short hand-written MMLU questions with small few-shot pools: fast on the tiny models.
@@ -149,6 +152,9 @@ TINY_PARAMETERS = {
                    "MAX_LENGTH": 32, "SWEEP_STEP": 3, "HEAL_NS": [], "COST_PROMPT_TOKENS": 4, "COST_NEW_TOKENS": 2, "COST_REPEATS": 1, "SEED": 1},
     "05_criteria": {"N_CALIBRATION": 2, "N_HELD_OUT": 2, "MAX_LENGTH": 16, "BATCH_SIZE": 2, "NS": [2, 4], "METRICS": ["angular_last"],
                     "SCATTER_NS": [2], "SEED": 1},
+    "06_granularity": {"N_CALIBRATION": 2, "N_HELD_OUT": 2, "MAX_LENGTH": 16, "BATCH_SIZE": 2, "BUDGETS": [0.1, 0.25], "RECALL_ITEMS": 4,
+                       "RECALL_FACTS": 2, "MMLU_SUBJECTS": 1, "MMLU_PER_SUBJECT": 3, "SHOTS": 1, "COST_PROMPT_TOKENS": 4,
+                       "COST_NEW_TOKENS": 2, "COST_REPEATS": 1, "SEED": 1},
 }  # fmt: skip
 
 
@@ -166,7 +172,7 @@ def tiny_model_folder(tmp_path_factory) -> Path:
 def tiny_notebook_run(tmp_path_factory, tiny_model_folder):
     """Like notebook_run, on the tiny model passed as MODEL, with TINY_PARAMETERS."""
     model = {"MODEL": str(tiny_model_folder)}
-    parameters = {name: {**TINY_PARAMETERS[name], **(model if name in ("01_similarity", "05_criteria") else {})} for name in NOTEBOOKS}
+    parameters = {name: {**TINY_PARAMETERS[name], **(model if name in ("01_similarity", "05_criteria", "06_granularity") else {})} for name in NOTEBOOKS}
     return _chain(tmp_path_factory.mktemp("runs"), parameters)
 
 

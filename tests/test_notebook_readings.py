@@ -13,7 +13,7 @@ from kit.core.artifacts import read_json
 from kit.core.stats import paired_ratio_difference
 from kit.experiments import readings
 
-READ = ["01_similarity", "02_select_and_prune", "03_heal", "04_compare", "05_criteria"]
+READ = ["01_similarity", "02_select_and_prune", "03_heal", "04_compare", "05_criteria", "06_granularity"]
 
 
 def shown(run, name: str) -> str:

@@ -269,7 +269,7 @@ def test_granularity_reading_names_the_winner_at_each_budget_and_its_paired_diff
     assert "**Lowest held-out loss by granularity: 10%: attention; 20%: block**" in text
     assert "At 10%: `attention / greedy` removes attention 1..2 (9% of the parameters), held-out loss 3.200" in text
     assert "detectably lower than the paper's block (3.500): paired difference -0.300" in text
-    assert "At 20%: `block / similarity`" in text and "it is the paper's block itself" in text
+    assert "At 20%: `block / similarity`" in text and "the paper's block itself wins" in text
     assert "| 10% | 3.500 | 3.200 |" in text
     assert reading_numbers(text) and set(reading_numbers(text)) <= artifact_numbers(tmp_path, [1, 2])  # + the layers removed
     close = readings.reading(write_budget_run(tmp_path, attention_shift=0.49), "06_granularity").markdown

@@ -28,8 +28,8 @@ class Block:
 
     @property
     def label(self) -> str:
-        """The layers in words, for messages: "layers 2..4"."""
-        return f"layers {self.start}..{self.end - 1}"
+        """The layers in words, for messages: "layers 2..4" ("layer 2" for one)."""
+        return Layers(self.layers).label
 
     def check(self, num_layers: int) -> "Block":
         """This block, or a ValueError giving the valid range for a model of `num_layers` layers."""

@@ -334,7 +334,7 @@ def _criteria(run: Path) -> list[str]:
 def _versus_block(row) -> str:
     """The winner's paired difference of held-out loss to the paper's block, and its verdict."""
     if row["unit"] == "block" and row["criterion"] == "similarity":
-        return "it is the paper's block itself"
+        return "the paper's block itself wins"
     if math.isnan(row["difference"]):
         return "the paper's block has no point at this budget (one layer is over it)"
     verdict = {"below": "detectably lower than", "above": "detectably higher than"}.get(side(row["diff_low"], row["diff_high"], 0),
@@ -355,8 +355,9 @@ def _granularity(run: Path) -> list[str]:
                  "(rule: the choice of lowest held-out loss at each budget; its unit is the granularity).")  # fmt: skip
     for _, r in best.iterrows():
         lines.append(f"- At {pct(r['budget'])}: `{r['unit']} / {r['criterion']}` removes {r['removed']} ({pct(r['fraction'])} of the "
-                     f"parameters), held-out loss {num(r['value'])} ({interval(r['ci_low'], r['ci_high'])}); {_versus_block(r)} "
-                     "(rule: the paired bootstrap 95% interval over the same texts excludes 0).")  # fmt: skip
+                     f"parameters), held-out loss {num(r['value'])} ({interval(r['ci_low'], r['ci_high'])}); {_versus_block(r)}.")  # fmt: skip
+    lines.append("  (Rule for the comparison with the block: detectably lower or higher when the paired bootstrap 95% interval of "
+                 "the difference, over the same texts, excludes 0.)")
     choices = list(dict.fromkeys(loss["unit"] + " / " + loss["criterion"]))
     lines += ["", "| budget | " + " | ".join(choices) + " |", "| --- |" + " --- |" * len(choices)]
     for budget, rows in loss.groupby("budget"):

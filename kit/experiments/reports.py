@@ -1,4 +1,4 @@
-"""`make reports`: notebooks 01-05 run headless through papermill on the embedded model with
+"""`make reports`: notebooks 01-06 run headless through papermill on the embedded model with
 their default parameters (sized for a 2-core CPU), written as executed notebooks, HTML and
 figures under reports/."""
 
@@ -10,7 +10,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-NOTEBOOKS = ("01_similarity", "02_select_and_prune", "03_heal", "04_compare", "05_criteria")
+NOTEBOOKS = ("01_similarity", "02_select_and_prune", "03_heal", "04_compare", "05_criteria", "06_granularity")
 NOTEBOOKS_DIR = Path(__file__).resolve().parents[2] / "notebooks"
 
 
