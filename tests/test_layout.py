@@ -63,7 +63,7 @@ NUMERIC = ["scan.similarity", "scan.distances", "evaluate.scoring", "evaluate.lo
            "experiments.results", "experiments.curves", "choose.oracle", "choose.criteria", "prune"]  # never reach the loaders
 LOADERS = {m for m in MODULES if m.split(".")[0] == "loaders"}
 READERS = ["experiments.results", "experiments.curves", "experiments.plots", "experiments.readings"]  # read a saved result table
-EVALUATORS = {m for m in MODULES if m.split(".")[0] == "evaluate"} | {"experiments.sweep"}
+EVALUATORS = {m for m in MODULES if m.split(".")[0] == "evaluate"} | {"experiments.sweep", "experiments.budget"}
 
 
 def reached(module: str) -> set[str]:
@@ -163,8 +163,9 @@ def test_the_readers_of_results_never_reach_the_evaluators(reader):
     assert reached(reader) & EVALUATORS == set()
 
 
-def test_the_sweep_writes_through_the_result_table_not_its_readers():
-    imports = kit_imports("experiments.sweep")
+@pytest.mark.parametrize("writer", ["experiments.sweep", "experiments.budget"])
+def test_the_sweeps_write_through_the_result_table_not_its_readers(writer):
+    imports = kit_imports(writer)
     assert "experiments.results" in imports and imports & {"experiments.curves", "experiments.plots", "experiments.readings"} == set()
 
 
