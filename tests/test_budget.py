@@ -157,3 +157,15 @@ def test_most_units_counts_the_smallest_units_that_fit():
     share = _layer_parameters(model) / parameters(model)
     singles = [Layers([i]) for i in range(6)]
     assert [budget.most_units(model, singles, b * share) for b in (0.5, 1.01, 3.5, 6.01)] == [0, 1, 3, 6]
+
+
+def test_decode_time_saved_is_drawn_with_the_spread_of_both_timings():
+    table, _ = _synthetic()
+    spreads = {0: 0.1, 0.1: 0.2, 0.2: 0.3}
+    table = pd.concat([table, pd.DataFrame([_row(b, u, c, "decode_spread", spreads[b], low=math.nan, high=math.nan)
+                                            for b, u, c in table.loc[table.metric == "decode_tokens_per_s", ["budget", "unit", "criterion"]].values])])  # fmt: skip
+    ax = plots.budget_plot(table, "val_loss", cost="decode_time_saved")
+    block = next(c for c in ax.containers if c.get_label() == "block / similarity")
+    bars = block.lines[2][0].get_segments()  # the horizontal bars: [(x - err, y), (x + err, y)] per point
+    widths = sorted(round((b[1][0] - b[0][0]) / 2, 9) for b in bars)
+    assert widths == sorted(round((100 / s) * (spreads[b] + 0.1) / 2, 9) for b, s in ((0.1, 125.0), (0.2, 150.0)))

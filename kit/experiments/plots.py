@@ -263,10 +263,20 @@ UNIT_COLORS = {"block": "#1f77b4", "layers": "#2ca02c", "attention": "#d62728", 
 BUDGET_AXES = {"fraction": "fraction of the parameters removed", "decode_time_saved": "fraction of decode time per token saved"}
 
 
+def _saved_spread(wide, rows):
+    """Half the spread of a decode time saved, either side: 1 - saved is the ratio of two measured times per token,
+    each off by up to half its repeats' spread ((max - min) / median, decode_spread). None without the spreads."""
+    if "decode_spread" not in wide:
+        return None
+    unpruned = wide.loc[wide["budget"] == 0, "decode_spread"].iloc[0]
+    return (1 - rows["decode_time_saved"]) * (rows["decode_spread"] + unpruned) / 2
+
+
 def budget_plot(table, metric: str = "val_loss", *, cost: str = "fraction", ax=None):
     """`metric` against what was removed: the fraction of the parameters ("fraction") or of the measured decode
-    time per token ("decode_time_saved"), one line per unit and criterion over the budgets, with 95% intervals;
-    the unpruned model is a black star at 0.
+    time per token ("decode_time_saved", with horizontal bars of half the timed repeats' spread either side, its own
+    and the unpruned model's), one line per unit and criterion over the budgets, with 95% intervals; the unpruned
+    model is a black star at 0.
 
     table: kit.experiments.budget.budget_sweep's rows (with InferenceCost among the evaluations for decode time).
     """
@@ -280,8 +290,8 @@ def budget_plot(table, metric: str = "val_loss", *, cost: str = "fraction", ax=N
         y = rows[metric].to_numpy(float)
         low, high = (rows.get(f"{metric}_ci_{side}", pd.Series(y, index=rows.index)).to_numpy(float) for side in ("low", "high"))
         ls = dashes.setdefault(criterion, ["-", "--", ":", "-."][len(dashes) % 4])
-        ax.errorbar(rows[cost], y, yerr=np.abs([y - low, high - y]), label=f"{unit} / {criterion}", color=UNIT_COLORS.get(unit),
-                    ls=ls, marker="o", capsize=3)  # fmt: skip
+        ax.errorbar(rows[cost], y, yerr=np.abs([y - low, high - y]), xerr=_saved_spread(wide, rows) if cost == "decode_time_saved" else None,
+                    label=f"{unit} / {criterion}", color=UNIT_COLORS.get(unit), ls=ls, marker="o", capsize=3)  # fmt: skip
     unpruned = wide[wide["budget"] == 0]
     ax.plot(unpruned[cost], unpruned[metric], "k*", ms=12, label="unpruned")
     ax.set(xlabel=BUDGET_AXES.get(cost, label(cost)), ylabel=label(metric))
