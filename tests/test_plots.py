@@ -243,6 +243,14 @@ def test_one_colour_and_marker_per_criterion_and_checkpoint_in_every_figure():
 RAW_NAMES = {"fraction", "n", "value", "regret", "val_loss_norm", "decode_tokens_per_s", "weight_bytes", "recall", "angular_last"}
 
 
+def _budget_rows():
+    import pandas as pd
+
+    point = dict(unit="block", criterion="similarity", n=1, removed="layer 3", chance=np.nan, outcomes=None, per_text=None)
+    return pd.DataFrame([{**point, "budget": b, "fraction": b, "metric": "val_loss", "value": 2 + b, "ci_low": 1.9 + b, "ci_high": 2.1 + b}
+                         for b in (0.0, 0.1)])  # fmt: skip
+
+
 def test_every_figure_labels_its_axes_in_words(distances):
     import pandas as pd
 
@@ -265,12 +273,14 @@ def test_every_figure_labels_its_axes_in_words(distances):
         "regret_plot": (kit.experiments.plots.regret_plot(criteria), "block size n (layers removed)", "regret (nats per token, symlog)"),
         "distance_vs_loss": (kit.experiments.plots.distance_vs_loss(distances, Ablation(loss, loss), ns=[1]),
                              "angular distance, last token (arccos(cos) / π)", "held-out loss without the block (nats per token)"),
+        "budget_plot": (kit.experiments.plots.budget_plot(_budget_rows(), "val_loss"), "fraction of the parameters removed",
+                        "validation loss (nats per token)"),
     }  # fmt: skip
     drawn = {name: (ax.get_xlabel(), ax.get_ylabel()) for name, (ax, *_) in figures.items()}
     assert drawn == {name: tuple(labels) for name, (_, *labels) in figures.items()}
     assert heatmap.figure.axes[-1].get_ylabel() == "angular distance, last token (arccos(cos) / π)"  # the colour bar
     assert not {label for pair in drawn.values() for label in pair} & RAW_NAMES
     public = {name for name, f in vars(kit.experiments.plots).items() if callable(f) and getattr(f, "__module__", "") == "kit.experiments.plots"}
-    drawers = public - {"save", "style", "label", "sweep_figure", "quality_cost_figure"} - {n for n in public if n.startswith("_")}
+    drawers = public - {"save", "style", "label", "sweep_figure", "quality_cost_figure", "budget_figure"} - {n for n in public if n.startswith("_")}
     assert drawers == set(figures), "every figure function is checked here"
     plt.close("all")
