@@ -8,14 +8,11 @@ and the layers after it, from the stored input of layer j. With one batch the st
 across steps, those after the winner replaced by the states its candidate run computed; with several,
 one pass of the pruned model per batch and step stores them again (memory stays one batch's)."""
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..core import artifacts, distributed, layers
 from ..core.device import model_device
@@ -61,18 +58,13 @@ class GreedyRemoval:
         """One safetensors file; `meta` goes into its header as JSON. Written atomically."""
         tensors = {"order": torch.tensor(self.order, dtype=torch.int64), "losses": torch.from_numpy(self.losses),
                    "candidates": torch.from_numpy(self.candidates)}  # fmt: skip
-        with artifacts.atomic_path(path) as tmp:
-            save_file(tensors, tmp, metadata={"format": _FORMAT, "meta": json.dumps(self.meta, default=str)})
-        return Path(path)
+        return artifacts.save_tensors(path, tensors, format=_FORMAT, meta=self.meta)
 
     @classmethod
     def load(cls, path: str | Path) -> "GreedyRemoval":
-        with safe_open(artifacts.require(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            if metadata.get("format") != _FORMAT:
-                raise ValueError(f"{path} is not a GreedyRemoval file (saved by GreedyRemoval.save)")
-            order = f.get_tensor("order").tolist()
-            return cls(order, f.get_tensor("losses").numpy(), f.get_tensor("candidates").numpy(), json.loads(metadata["meta"]))
+        not_it = f"{path} is not a GreedyRemoval file (saved by GreedyRemoval.save)"
+        tensors, meta = artifacts.load_tensors(path, format=_FORMAT, not_it=not_it)
+        return cls(tensors["order"].tolist(), tensors["losses"].numpy(), tensors["candidates"].numpy(), meta)
 
 
 class _Batch:

@@ -7,7 +7,6 @@ start+n .. L-1 from the stored input of layer `start`, then the final norm and t
 The values equal `validation_loss(drop_layers(model, block), ...)` on the same batches.
 `compare_criteria` judges the block-choosing criteria of kit.choose.criteria.CRITERIA against it."""
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,8 +14,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..core import artifacts, distributed, layers
 from ..core.block import Block
@@ -65,18 +62,14 @@ class Ablation:
 
     def save(self, path: str | Path) -> Path:
         """One safetensors file; `meta` goes into its header as JSON. Written atomically."""
-        with artifacts.atomic_path(path) as tmp:
-            metadata = {"format": _FORMAT, "meta": json.dumps(self.meta, default=str)}
-            save_file({"loss": torch.from_numpy(self.loss), "kl": torch.from_numpy(self.kl)}, tmp, metadata=metadata)
-        return Path(path)
+        tensors = {"loss": torch.from_numpy(self.loss), "kl": torch.from_numpy(self.kl)}
+        return artifacts.save_tensors(path, tensors, format=_FORMAT, meta=self.meta)
 
     @classmethod
     def load(cls, path: str | Path) -> "Ablation":
-        with safe_open(artifacts.require(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            if metadata.get("format") != _FORMAT:
-                raise ValueError(f"{path} is not an Ablation file (saved by Ablation.save / notebook 05_criteria)")
-            return cls(f.get_tensor("loss").numpy(), f.get_tensor("kl").numpy(), json.loads(metadata["meta"]))
+        not_it = f"{path} is not an Ablation file (saved by Ablation.save / notebook 05_criteria)"
+        tensors, meta = artifacts.load_tensors(path, format=_FORMAT, not_it=not_it)
+        return cls(tensors["loss"].numpy(), tensors["kl"].numpy(), meta)
 
 
 def _sizes(ns, num_layers: int) -> list[int]:

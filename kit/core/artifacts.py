@@ -166,6 +166,33 @@ def atomic_path(path: str | Path):
             os.remove(tmp)
 
 
+def save_tensors(path: str | Path, tensors: dict, *, format: str, meta: dict) -> Path:
+    """Write `tensors` ({name: tensor}) as one safetensors file at `path`, atomically, with `format` and `meta`
+    (as JSON) in its header: how the kit's result tables (Distances, Ablation, GreedyRemoval) are saved."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        metadata = {"format": format, "meta": json.dumps(meta, default=str)}
+        save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, tmp, metadata=metadata)
+    return Path(path)
+
+
+def load_tensors(path: str | Path, *, format: str, not_it: str) -> tuple[dict, dict]:
+    """({name: tensor}, meta) of a file save_tensors wrote with `format`; a missing file is MissingArtifactError,
+    any other file (another format, not safetensors) a ValueError with the message `not_it`."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(require(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != format:
+                raise ValueError(not_it)
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except SafetensorError as error:
+        raise ValueError(f"{not_it}: {error}") from None
+    return tensors, json.loads(metadata["meta"])
+
+
 def write_text(path: str | Path, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

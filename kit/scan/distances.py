@@ -3,14 +3,11 @@ positions 0..L, with its uncertainty, and the blocks it scores (`matrix[start, s
 sublayer scan, between its 2L + 1 positions (each layer's input, middle, then the last output),
 which also score each attention and MLP sublayer."""
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from ..core import artifacts
 from ..core.block import Block, heuristic_block
@@ -178,24 +175,14 @@ class Distances:
     def save(self, path: str | Path) -> Path:
         """One safetensors file; `meta` goes into its header as JSON. Written atomically."""
         tensors = {"matrix": self.matrix, "stderr": self.stderr, "group_sums": self.group_sums, "group_counts": self.group_counts}
-        with artifacts.atomic_path(path) as tmp:
-            metadata = {"format": _FORMAT, "meta": json.dumps(self.meta, default=str)}
-            save_file({k: v.contiguous() for k, v in tensors.items() if v is not None}, tmp, metadata=metadata)
-        return Path(path)
+        return artifacts.save_tensors(path, {k: v for k, v in tensors.items() if v is not None}, format=_FORMAT, meta=self.meta)
 
     @classmethod
     def load(cls, path: str | Path) -> "Distances":
         """Read a file of `save`; files from before the scan measured uncertainty load without it."""
-        not_distances = f"{path} is not a Distances file (saved by Distances.save / notebook 01_similarity)"
-        try:
-            with safe_open(artifacts.require(path), framework="pt") as f:
-                metadata = f.metadata() or {}
-                if metadata.get("format") != _FORMAT:
-                    raise ValueError(not_distances)
-                tensors = {key: f.get_tensor(key) for key in f.keys()}
-        except SafetensorError as error:
-            raise ValueError(f"{not_distances}: {error}") from None
-        return cls(meta=json.loads(metadata["meta"]), **tensors)
+        not_it = f"{path} is not a Distances file (saved by Distances.save / notebook 01_similarity)"
+        tensors, meta = artifacts.load_tensors(path, format=_FORMAT, not_it=not_it)
+        return cls(meta=meta, **tensors)
 
 
 def _by_block(matrix: np.ndarray) -> np.ndarray:
