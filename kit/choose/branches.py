@@ -8,10 +8,10 @@ from contextlib import contextmanager
 import torch
 
 from ..core import layers
+from ..core.block import SUBLAYER_KINDS as SUBLAYERS
 from ..core.block import Layers, Sublayers
 
-UNITS = ("layers", "attention", "mlp")  # what a set criterion removes: whole layers, or one branch of each layer
-SUBLAYERS = ("attention", "mlp")
+UNITS = ("layers", *SUBLAYERS)  # what a set criterion removes: whole layers, or one branch of each layer
 
 
 def unit_set(unit: str, indices) -> Layers | Sublayers:

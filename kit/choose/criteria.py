@@ -11,9 +11,12 @@ from pathlib import Path
 import numpy as np
 
 from ..core.artifacts import read_json, write_json
-from ..core.block import Block, Layers, heuristic_block
+from ..core.block import Block, heuristic_block
 from ..scan.similarity import METRICS
 from .branches import SUBLAYERS, unit_set
+from .branches import UNITS as SET_UNITS
+
+UNITS = ("block", *SET_UNITS)  # what a criterion removes: a block, any layers, attention or MLP sublayers
 
 
 @dataclass(frozen=True)
@@ -23,7 +26,7 @@ class Criterion:
     description: str
     needs: str | None  # "distances" (a scan), "oracle" (kit.ablation_losses), "greedy" (kit.greedy_removal), "start" or None
     pick: Callable  # (evidence, num_layers, n) -> Block, Layers or Sublayers
-    unit: str = "block"  # "block" (n consecutive layers), "layers" (any n layers), "attention" or "mlp" (n sublayers)
+    unit: str = "block"  # one of UNITS: "block" (n consecutive layers), "layers" (any n layers), "attention" or "mlp" (n sublayers)
 
 
 def _one_scan(distances, metric: str | None, name: str):
@@ -93,7 +96,7 @@ CRITERIA: dict[str, Criterion] = {
     **{
         f"greedy_{unit}": Criterion(f"the first n {unit} of a greedy removal on calibration texts (SLEB; "
                                     "kit.greedy_removal)", "greedy", _greedy(unit), unit)
-        for unit in ("layers", *SUBLAYERS)
+        for unit in SET_UNITS
     },
 }  # fmt: skip
 
@@ -130,8 +133,7 @@ def choose_units(criterion: str, num_layers: int, n: int, *, distances=None, ora
         if table is not None and table.num_layers != num_layers:
             raise ValueError(f"the {name} describe {table.num_layers} layers, the model has {num_layers}")
     _check_n(rule.unit, num_layers, n)
-    chosen = rule.pick(evidence, num_layers, n)
-    return chosen.check(num_layers) if isinstance(chosen, (Block, Layers)) else chosen
+    return rule.pick(evidence, num_layers, n).check(num_layers)
 
 
 def choose_block(criterion: str, num_layers: int, n: int, *, distances=None, oracle=None, start=None) -> Block:

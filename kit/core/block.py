@@ -43,6 +43,15 @@ class Block:
         return self
 
 
+def _check_indices(indices: tuple[int, ...], num_layers: int, what: str) -> None:
+    """A ValueError unless `indices` name at least one layer and each is in 0 .. num_layers-1."""
+    if not indices:
+        raise ValueError(f"No {what} to remove: name at least one of the layers 0 <= i <= {num_layers - 1}.")
+    outside = [i for i in indices if not 0 <= i < num_layers]
+    if outside:
+        raise ValueError(f"Layer indices {outside} are out of range: choose 0 <= i <= {num_layers - 1} for {num_layers} layers.")
+
+
 @dataclass(frozen=True)
 class Layers:
     """Any set of whole decoder layers, by index, consecutive or not: `Layers({0, 2, 5})`. The indices are
@@ -85,11 +94,7 @@ class Layers:
     def check(self, num_layers: int) -> "Layers":
         """These layers, or a ValueError saying what a model of `num_layers` layers allows: at least one
         layer, every index in 0 .. num_layers-1, and not all of them."""
-        if not self.indices:
-            raise ValueError(f"No layers to remove: name at least one of the layers 0 <= i <= {num_layers - 1}.")
-        outside = [i for i in self.indices if not 0 <= i < num_layers]
-        if outside:
-            raise ValueError(f"Layer indices {outside} are out of range: choose 0 <= i <= {num_layers - 1} for {num_layers} layers.")
+        _check_indices(self.indices, num_layers, "layers")
         if len(self.indices) == num_layers:
             raise ValueError(f"Removing all {num_layers} layers leaves no model: remove at most {num_layers - 1}.")
         return self
@@ -129,11 +134,7 @@ class Sublayers:
     def check(self, num_layers: int) -> "Sublayers":
         """These sublayers, or a ValueError saying what a model of `num_layers` layers allows: at least
         one layer, every index in 0 .. num_layers-1."""
-        if not self.indices:
-            raise ValueError(f"No {self.kind} sublayers to remove: name at least one of the layers 0 <= i <= {num_layers - 1}.")
-        outside = [i for i in self.indices if not 0 <= i < num_layers]
-        if outside:
-            raise ValueError(f"Layer indices {outside} are out of range: choose 0 <= i <= {num_layers - 1} for {num_layers} layers.")
+        _check_indices(self.indices, num_layers, f"{self.kind} sublayers")
         return self
 
 

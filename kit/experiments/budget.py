@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from ..choose.criteria import UNITS
 from ..core import distributed
 from ..core.progress import progress
 from ..evaluate.inference_cost import parameters
@@ -20,7 +21,6 @@ from ..evaluate.metrics import Evaluation, evaluate_all
 from ..prune import dropped
 from . import results
 
-UNITS = ("block", "layers", "attention", "mlp")  # what a choice removes: one block, any layers, attention or MLP sublayers
 POINT = ("budget", "unit", "criterion", "n", "removed", "fraction")  # where a budget sweep evaluated
 
 
@@ -30,7 +30,7 @@ class Choice:
     kit.Sublayers) and raises ValueError where it has no n units to give.
 
     Args:
-        unit: what it removes, one of UNITS.
+        unit: what it removes, one of kit.choose.criteria.UNITS.
         criterion: the name of the rule choosing them (a name in kit.choose.criteria.CRITERIA).
         pick: n -> the removal.
     """
