@@ -4,11 +4,13 @@ sublayer scan: each layer's middle, between its attention and MLP sublayers, aga
 brute-force computation on every tiny architecture, how each family's middle is found, the layers
 it refuses."""
 
+import math
 from functools import partial
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import kit
@@ -188,13 +190,31 @@ def test_too_few_texts_for_uncertainty(texts):
 
 def test_cosine_chunks_shrink_to_the_gpus_free_memory(monkeypatch):
     # Mocked free memory (no GPU here). On a T4 after a 7B fp16 load (about 2 GiB free) a chunk of 1,024
-    # tokens x 33 positions x hidden 4,096 would need 2.6 GiB: out of memory.
+    # tokens x 33 positions x hidden 4,096 needs 0.7 GiB (fp32 stack, one fp64 slice of 512 features,
+    # fp64 Gram matrix, cosines and distances): more than a quarter of what is free.
     from kit.scan import similarity
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2 * 2**30, 16 * 2**30))
     tokens = similarity._chunk_tokens(33, 4096, torch.device("cuda", 0))
-    assert 1 <= tokens < similarity._TOKEN_CHUNK and tokens * (33 * 4096 * 20 + 2 * 33**2 * 8) <= 2 * 2**30 / 4
+    per_token = 33 * (4096 * 4 + 512 * 8) + 3 * 33**2 * 8
+    assert 1 <= tokens < similarity._TOKEN_CHUNK and tokens * per_token <= 2 * 2**30 / 4 < (tokens + 1) * per_token
     assert similarity._chunk_tokens(33, 4096, torch.device("cpu")) == similarity._TOKEN_CHUNK
+
+
+def test_cosines_keep_small_angles_and_zero_states_orthogonal():
+    from kit.scan import similarity
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 1, 1200)  # 8 tokens; hidden 1,200: three slices of the Gram matrix, the last partial
+    near = x + 1e-4 * torch.randn_like(x)
+    stack = torch.cat([x, 3 * x, near, torch.randn_like(x), torch.zeros_like(x)], dim=1)
+    angles = torch.arccos(similarity._cosines(stack)) / math.pi
+    unit = F.normalize(stack.double(), dim=-1)  # independent: well conditioned at small angles
+    apart, together = (unit[:, :, None] - unit[:, None]).norm(dim=-1), (unit[:, :, None] + unit[:, None]).norm(dim=-1)
+    exact = 2 * torch.atan2(apart, together) / math.pi
+    exact[:, 4, :] = exact[:, :, 4] = 0.5  # a zero state: orthogonal to every state, itself too, as F.normalize has it
+    torch.testing.assert_close(angles, exact, atol=1e-7, rtol=1e-6)
+    assert angles[:, 0, 1].max() < 1e-7 and 1e-6 < angles[:, 0, 2].min()  # parallel: 0; 1e-4 apart: ~1e-5, not noise
 
 
 # ------------------------------------------------------------------------------ sublayers

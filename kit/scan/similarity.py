@@ -33,6 +33,7 @@ METRICS = {
     "block_influence": "ShortGPT's Block Influence, 1 - cos averaged over all non-pad tokens",
 }
 _TOKEN_CHUNK = 1024  # tokens per pairwise-cosine chunk: bounds the [tokens, L+1, L+1] buffers
+_HIDDEN_SLICE = 512  # hidden features per float64 copy in the cosines' Gram matrix
 GROUPS = 32  # texts are dealt round-robin into this many groups (at most one per text) for resampling
 
 
@@ -93,24 +94,35 @@ def _pair_sums(states: list[torch.Tensor], metric: str, text_of_token: torch.Ten
     total = torch.zeros(n_texts, len(states), len(states), dtype=torch.float64, device=states[0].device)
     step = _chunk_tokens(len(states), states[0].shape[-1], states[0].device)
     for start in range(0, len(states[0]), step):
-        # float64 from the norms on: unit vectors normalised in fp32 have cos(x, x) = 1 - 1e-7, which
-        # arccos turns into 1e-4 of distance for every (near-)parallel pair (the diagonal's 3e-4)
-        unit = F.normalize(torch.stack([state[start : start + step] for state in states]).double(), dim=-1)
-        cos = torch.einsum("ptd,qtd->tpq", unit, unit).clamp_(-1.0, 1.0)
+        cos = _cosines(torch.stack([state[start : start + step] for state in states], dim=1))
         distance = 1.0 - cos if metric == "block_influence" else torch.arccos(cos) / math.pi
         total.index_add_(0, text_of_token[start : start + step], distance)
     return total
 
 
+def _cosines(stack: torch.Tensor) -> torch.Tensor:
+    """Cosines between every pair of positions of each token ([tokens, positions, hidden] float32 ->
+    [tokens, positions, positions] float64). The Gram matrix is accumulated in float64 over slices of
+    the hidden size, then divided by its diagonal's norms: only one slice is ever copied to float64,
+    and near-parallel states keep their small angles (cosines of fp32 unit vectors are off by 1e-7,
+    which arccos turns into 1e-4 of distance: the diagonal's 3e-4)."""
+    gram = torch.zeros(*stack.shape[:2], stack.shape[1], dtype=torch.float64, device=stack.device)
+    for piece in stack.split(_HIDDEN_SLICE, dim=-1):
+        piece = piece.double()
+        gram.baddbmm_(piece, piece.transpose(1, 2))
+    norms = gram.diagonal(dim1=1, dim2=2).sqrt().clamp(min=torch.finfo(torch.float64).tiny)
+    return (gram / norms[:, :, None] / norms[:, None, :]).clamp_(-1.0, 1.0)
+
+
 def _chunk_tokens(positions: int, hidden: int, device: torch.device) -> int:
     """Tokens per pairwise-cosine chunk: _TOKEN_CHUNK, fewer where a chunk's buffers (the fp32 stack of
-    [positions, tokens, hidden], its fp64 copy and unit vectors, fp64 [tokens, positions, positions]
-    cosines and distances) would take more than a quarter of the GPU's free memory (2.6 GiB at 1,024
-    tokens, 33 positions and hidden 4,096: more than a T4 has free after a 7B fp16 load)."""
+    [tokens, positions, hidden], one fp64 slice of it, fp64 [tokens, positions, positions] Gram matrix,
+    cosines and distances) would take more than a quarter of the GPU's free memory (0.7 GiB at 1,024
+    tokens, 33 positions and hidden 4,096)."""
     if device.type != "cuda":
         return _TOKEN_CHUNK
     free, _ = torch.cuda.mem_get_info(device)
-    per_token = positions * hidden * (4 + 8 + 8) + 2 * positions**2 * 8
+    per_token = positions * (hidden * 4 + min(hidden, _HIDDEN_SLICE) * 8) + 3 * positions**2 * 8
     return max(1, min(_TOKEN_CHUNK, free // 4 // per_token))
 
 
