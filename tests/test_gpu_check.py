@@ -102,3 +102,11 @@ def test_the_two_process_worker_runs_alone_and_its_comparison_can_fail(tmp_path,
     assert one["world_size"] == 1 and (tmp_path / "world1.json").exists()
     assert gpu_nccl.compare(one, {**one, "world_size": 2}) == []
     assert gpu_nccl.compare(one, {**one, "world_size": 2, "loss": one["loss"] * 1.001}) == ["two processes on NCCL"]
+
+
+def test_the_two_process_run_under_torchrun_equals_one_process_on_gloo(tmp_path, monkeypatch, capsys):
+    """The GPU check's launcher path itself, on CPU processes: gloo where the GPU machine has NCCL."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # CPU processes also on a GPU machine (_launch drops KIT_DEVICE)
+    one, two = gpu_nccl._launch(tmp_path, 1), gpu_nccl._launch(tmp_path, 2)
+    assert one["world_size"] == 1 and two["world_size"] == 2 and two["backend"] == "gloo"
+    assert gpu_nccl.compare(one, two) == [], capsys.readouterr().out
