@@ -32,8 +32,8 @@ bench:  ## benchmarks: ratios measured in one run
 gpu-check:  ## on a GPU machine (offline): parts full and 4bit (PART=full or PART=4bit runs one); see README "On a GPU"
 	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m bench.gpu_check --part $(or $(PART),all)
 
-wheelhouse:  ## with the package index: wheelhouse/full and wheelhouse/4bit (<= 60 MiB each) for an offline node's Python NODE_PYTHON
-	$(PY) -m bench.wheelhouse --python $(or $(NODE_PYTHON),3.12)
+wheelhouse:  ## with the package index: wheelhouse/full and wheelhouse/4bit (<= 60 MiB each) for an offline node's Python NODE_PYTHON, beyond its NODE_PACKAGES (pip list --format freeze)
+	$(PY) -m bench.wheelhouse --python $(or $(NODE_PYTHON),3.12) $(if $(NODE_PACKAGES),--node-packages $(NODE_PACKAGES))
 
 clean:
 	rm -rf reports runs .pytest_cache

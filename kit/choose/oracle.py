@@ -132,7 +132,7 @@ def ablation_losses(
                 done = 0
                 for chunk in replay.scored_chunks(hidden, scored):
                     logp = head(chunk).log_softmax(-1)
-                    ref, target = (t[done : done + len(chunk)].to(logp.device) for t in (reference, targets))
+                    ref, target = reference[done : done + len(chunk)], targets[done : done + len(chunk)]  # the head's device
                     loss[block.n, block.start] += F.nll_loss(logp, target, reduction="sum").item()
                     kl[block.n, block.start] += F.kl_div(logp, ref, log_target=True, reduction="sum").item()
                     done += len(chunk)
