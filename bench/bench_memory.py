@@ -5,6 +5,7 @@ step: no earlier step's freed memory can hide a peak, and the weights' pages are
 inputs, same results (printed beside)."""
 
 import copy
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -21,6 +22,7 @@ from kit.evaluate.mmlu_task import mmlu_prompt
 from kit.healing.lora import lora_model
 from kit.healing.merge import merge_adapter
 from kit.loaders.data import mmlu_questions
+from kit.scan import similarity
 
 MODEL = "smollm2-135m"
 
@@ -80,11 +82,29 @@ def merge(model, tokenizer, folder):
     return streamed, in_memory
 
 
+def float64_cosines(states, text_of_token, n_texts):
+    """The usual way: the states copied to float64 and normalised, then every pair's cosine at once."""
+    unit = F.normalize(torch.stack(states).double(), dim=-1)
+    distance = torch.arccos(torch.einsum("ptd,qtd->tpq", unit, unit).clamp(-1.0, 1.0)) / math.pi
+    return torch.zeros(n_texts, len(states), len(states), dtype=torch.float64).index_add_(0, text_of_token, distance)
+
+
+def scan_cosines(model, tokenizer, folder):
+    """The scan's pairwise distances over one chunk at Llama-2-7B's size (random residual states)."""
+    torch.manual_seed(0)
+    states = [torch.randn(similarity._TOKEN_CHUNK, 4096) for _ in range(33)]
+    texts = torch.arange(similarity._TOKEN_CHUNK) % 4
+    total = lambda sums: round(sums.sum().item(), 3)  # noqa: E731  (the two orders of float64 sums differ by 1e-10 per pair)
+    return (lambda: total(similarity._pair_sums(states, "angular_all", texts, 4)),
+            lambda: total(float64_cosines(states, texts, 4)))  # fmt: skip
+
+
 COMPARISONS = {  # label: the two steps (the kit's, the usual one), built on the loaded model
     "validation loss, 16 texts x 512 tokens": validation_loss,
     "MMLU 5-shot, 16 questions in one batch": mmlu_batch,
     "a pruned model (10 of 30 layers removed)": pruned_model,
     "merging a LoRA adapter (base in 100 MB shards)": merge,
+    "scan distances, 1,024 tokens x 33 positions x 4,096": scan_cosines,
 }
 
 
