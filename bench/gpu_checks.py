@@ -15,7 +15,7 @@ import torch
 # hybrid, linear-attention and multimodal ones measure within them). fp32: about 100 x
 # the largest error of fp32 against float64 (scan 9.6e-8, loss 2.4e-9, loglik 9.5e-7, oracle 7.3e-8),
 # room for a GPU's other summation order; half: about 4 x the largest error of bf16 or fp16 against
-# fp32 (scan 5.2e-3 on gemma bf16, loss 1.9e-5, loglik 5.6e-3, oracle 1.9e-5); 4bit: about 3 x the largest
+# fp32 (scan 5.2e-3 on gemma bf16, loss 1.8e-5, loglik 5.6e-3, oracle 1.9e-5); 4bit: about 3 x the largest
 # error of NF4 (bitsandbytes on the CPU) against fp32 on llama, gemma3, gpt2, phi, qwen2 (scan 1.7e-2,
 # loss 5.5e-4, loglik 0.13, oracle 4.8e-4).
 # scan: max |D - D_ref| / max D_ref (so an all-zero matrix fails); loss: |loss / ref - 1|;
