@@ -104,7 +104,8 @@ class Reference:
         if agree < clear.sum():
             failed.append("predictions")
         shown = "  ".join(f"{name} {error:.1e}/{tolerance[name]:.0e}" for name, error in errors.items())
-        print(f"  {self.arch:9s} {label:9s} {shown}  predictions {agree}/{clear.sum()}  {'FAIL' if failed else 'ok'}")
+        print(f"  {self.arch:9s} {label:9s} {shown}  predictions {agree}/{clear.sum()} (margin > {2 * tolerance['loglik']:.2g})"
+              f"  {'FAIL' if failed else 'ok'}")  # fmt: skip
         return [f"{self.arch} {label}: {', '.join(failed)}"] if failed else []
 
 
