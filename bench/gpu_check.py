@@ -21,6 +21,7 @@ import os
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import tomllib
@@ -98,6 +99,29 @@ def timed(fn, device):
         torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     return result, time.perf_counter() - start, peak
+
+
+@contextmanager
+def ieee_fp32():
+    """fp32 as IEEE fp32 on a GPU, as on the CPU: no TF32 in matrix products or convolutions. PyTorch's
+    default lets cuDNN round the inputs of fp32 convolutions (Mamba's, linear attention's) to TF32's 10
+    bits, and a process may have allowed it for matrix products: errors up to about 1e-3, a hundred
+    times the fp32 checks' tolerances. Restored after."""
+    import torch
+
+    backends = torch.backends
+    if hasattr(backends, "fp32_precision"):  # torch >= 2.9: the global setting, then each backend's
+        owners, name, value = (backends, backends.cuda.matmul, backends.cudnn, backends.cudnn.conv, backends.cudnn.rnn), "fp32_precision", "ieee"
+    else:
+        owners, name, value = (backends.cuda.matmul, backends.cudnn), "allow_tf32", False
+    saved = [getattr(owner, name) for owner in owners]
+    for owner in owners:
+        setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        for owner, old in zip(owners, saved):
+            setattr(owner, name, old)
 
 
 def check_pipeline(device, quantize: str | None) -> list[str]:
@@ -316,7 +340,8 @@ def main(argv=None) -> int:
             not_run.append(f"{part}: {'; '.join(missing[part])}: install wheelhouse/{part} (README, 'On a GPU')")
             print(f"NOT RUN: {not_run[-1]}")
             continue
-        failures += {"full": part_full, "4bit": part_4bit}[part](device, half, args)
+        with ieee_fp32():  # fp32 on the GPU is compared with the CPU's within fp32's tolerances
+            failures += {"full": part_full, "4bit": part_4bit}[part](device, half, args)
     for reason in not_run:
         print(f"NOT RUN: {reason}")
     if failures:

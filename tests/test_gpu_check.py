@@ -54,6 +54,21 @@ def test_a_part_that_cannot_run_says_so_and_fails_the_check_unless_left_out(monk
     assert "all checks of part full passed" in capsys.readouterr().out
 
 
+def test_the_parts_compare_ieee_fp32_and_leave_the_tf32_settings_as_they_were(monkeypatch):
+    # On an Ampere or later GPU, PyTorch's default (cuDNN convolutions in TF32) would put 1e-3 errors into
+    # the fp32 results of Mamba and linear-attention layers; these settings change nothing on a CPU
+    seen, conv = [], torch.backends.cudnn.conv
+    monkeypatch.setattr(gpu_check, "part_full", lambda device, half, args: seen.append(conv.fp32_precision) or [])
+    settings = lambda: [torch.backends.fp32_precision, conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision]  # noqa: E731
+    old, conv.fp32_precision = conv.fp32_precision, "tf32"  # PyTorch's default
+    try:
+        before = settings()
+        assert gpu_check.main(["--device", "cpu", "--part", "full"]) == 0 and seen == ["ieee"]
+        assert settings() == before and before[1] == "tf32"
+    finally:
+        conv.fp32_precision = old
+
+
 def test_every_part_runs_on_the_cpu_at_its_real_text_counts(capsys):
     assert gpu_check.main(["--device", "cpu", "--shape", "tiny", "--archs", "llama"]) == 0
     out = capsys.readouterr().out
