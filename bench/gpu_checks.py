@@ -3,7 +3,9 @@
 set from a measured error, and prints the error beside its tolerance. Each can fail: a perturbed
 weight fails every one (tests/test_gpu_check.py shows it)."""
 
+import sys
 import tempfile
+import traceback
 from functools import lru_cache
 from pathlib import Path
 
@@ -133,18 +135,33 @@ def reference_of(arch: str) -> Reference:
     return Reference(arch, kit.loaders.data.corpus("validation")[:8], *mmlu_questions(20))
 
 
+def guarded(name: str, check, *args, **kwargs) -> list[str]:
+    """check(*args, **kwargs)'s failures; an exception is one failure, printed with its traceback, so that
+    one check that breaks on a GPU does not hide what the others find."""
+    try:
+        return check(*args, **kwargs) or []
+    except Exception as error:  # anything a GPU path raises, running out of memory included
+        traceback.print_exc(file=sys.stdout)  # in order with the check's own lines
+        print(f"  {name}: raised {type(error).__name__}: {error}  FAIL")
+        return [f"{name}: raised {type(error).__name__}"]
+
+
 def check_correctness(device, precisions: dict, archs, perturb=None) -> list[str]:
     """Every tiny architecture on `device` in each of `precisions` ({label: dtype}) against CPU fp32.
     perturb(model), when given, alters the model under test (the test that every check can fail)."""
     failures = []
     for arch in archs:
-        reference = reference_of(arch)
         for label, dtype in precisions.items():
-            model = reference.model().to(device, dtype)
-            if perturb is not None:
-                perturb(model)
-            failures += reference.compare(model, label, "fp32" if dtype == torch.float32 else "half")
+            failures += guarded(f"{arch} {label}", _correctness, arch, device, label, dtype, perturb)
     return failures
+
+
+def _correctness(arch: str, device, label: str, dtype, perturb) -> list[str]:
+    reference = reference_of(arch)
+    model = reference.model().to(device, dtype)
+    if perturb is not None:
+        perturb(model)
+    return reference.compare(model, label, "fp32" if dtype == torch.float32 else "half")
 
 
 def check_cost(device, perturb=None) -> list[str]:
