@@ -6,7 +6,6 @@ from copy import deepcopy
 import numpy as np
 import pytest
 import torch
-from torch.utils import _pytree as pytree
 
 import kit
 from kit.choose.oracle import Ablation, ablation_losses, compare_criteria
@@ -156,62 +155,3 @@ def test_compare_criteria_bad_input():
         compare_criteria(L4, distances=[other])
     with pytest.raises(ValueError, match=r"block sizes \[2\] were not measured on the held-out texts; measured: \[1\]"):
         compare_criteria(L4, ns=[1, 2])
-
-
-class OnGpu(torch.Tensor):
-    """A CPU tensor said to sit on fake GPU `gpu`: `.device` is cpu:<gpu>, `.to(cpu:<n>)` moves it to GPU n,
-    and an op on tensors of two GPUs raises, as CUDA does (plain tensors go with either)."""
-
-    gpu = 0
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.Tensor.device.__get__:
-            return torch.device("cpu", args[0].gpu)
-        gpus = {t.gpu for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, OnGpu)}
-        if len(gpus) > 1:
-            raise RuntimeError(f"{func.__name__}: tensors on cuda:0 and cuda:1")  # as CUDA raises on two devices
-        moved = [a.index for a in (*args, *kwargs.values()) if isinstance(a, torch.device)] if func is torch.Tensor.to else []
-        with torch._C.DisableTorchFunctionSubclass():
-            out = func(*args, **kwargs)
-        return on_gpu(out, moved[0] if moved else min(gpus, default=None))
-
-
-def on_gpu(tree, gpu: int | None):
-    """The tensors in `tree` placed on fake GPU `gpu`; None: plain tensors again."""
-
-    def place(tensor):
-        with torch._C.DisableTorchFunctionSubclass():
-            tensor = tensor.as_subclass(torch.Tensor if gpu is None else OnGpu)
-        if gpu is not None:
-            tensor.gpu = gpu
-        return tensor
-
-    return pytree.tree_map_only(torch.Tensor, place, tree)
-
-
-def on_two_gpus(model, monkeypatch) -> None:
-    """`model` as a device_map puts it on two GPUs: its inputs on GPU 0, the last layer's output and the head on GPU 1
-    (accelerate's hook moves the head's input there). The layers inside run plain, on either."""
-    for module in ("kit.choose.oracle", "kit.choose.greedy"):
-        monkeypatch.setattr(f"{module}.encode", lambda *args, **kwargs: on_gpu(dict(encode(*args, **kwargs)), 0))
-    model.register_forward_pre_hook(lambda module, args, kwargs: (args, on_gpu(kwargs, None)), with_kwargs=True)
-    kit.core.layers.decoder_layers(model)[-1].register_forward_hook(lambda module, args, output: on_gpu(output, 1))
-    kit.core.layers.final_norm(model).register_forward_pre_hook(lambda module, args: on_gpu(args, 1))
-
-
-def test_the_oracle_and_greedy_removal_with_the_last_layer_and_head_on_another_gpu(monkeypatch):
-    """On two GPUs (device_map="auto"): inputs (scored, targets) on cuda:0, the last layer and the head on cuda:1.
-    Without the .to() moves of replay.scored_chunks, ablation_losses and replay.loss_sum, indexing raises
-    "indices should be either on cpu or on the same device" and the losses "Expected all tensors to be on the
-    same device". Fake GPUs here (OnGpu), giving the numbers of one device."""
-    model, tokenizer = kit.tiny_model("llama", num_layers=4)
-    one = ablation_losses(model, tokenizer, TEXTS, max_length=16, batch_size=3)
-    removal = kit.greedy_removal(model, tokenizer, TEXTS, steps=2, max_length=16, batch_size=3)
-    on_two_gpus(model, monkeypatch)
-    two = ablation_losses(model, tokenizer, TEXTS, max_length=16, batch_size=3)
-    np.testing.assert_array_equal(two.loss, one.loss)
-    np.testing.assert_array_equal(two.kl, one.kl)
-    split = kit.greedy_removal(model, tokenizer, TEXTS, steps=2, max_length=16, batch_size=3)
-    assert split.order == removal.order and np.array_equal(split.losses, removal.losses)
