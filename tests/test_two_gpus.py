@@ -4,6 +4,7 @@ device's: inputs on cuda:0, the second half of the layers and the head on cuda:1
 the same device", "Expected all tensors to be on the same device"), so a missing `.to()` fails."""
 
 import numpy as np
+import pytest
 import torch
 from fake_gpus import split_over_two_gpus
 
@@ -27,8 +28,9 @@ def test_the_oracle_and_greedy_removal(monkeypatch):
     assert split.order == removal.order and np.array_equal(split.losses, removal.losses)
 
 
-def test_the_scan_of_layers_and_sublayers_and_the_validation_loss(monkeypatch):
-    model, tokenizer = kit.tiny_model("llama", num_layers=4)
+@pytest.mark.parametrize("arch", kit.TINY_ARCHITECTURES)
+def test_the_scan_of_layers_and_sublayers_and_the_validation_loss(arch, monkeypatch):
+    model, tokenizer = kit.tiny_model(arch, num_layers=4)
     scans = lambda: [kit.angular_distances(model, tokenizer, TEXTS, max_length=16, batch_size=3, metric=metric, sublayers=sublayers)  # noqa: E731
                      for metric in ("angular_last", "angular_all") for sublayers in (False, True)]  # fmt: skip
     one, loss = scans(), validation_loss(model, tokenizer, TEXTS, max_length=16, batch_size=3).loss
