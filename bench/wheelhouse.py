@@ -82,12 +82,11 @@ def missing(roots, resolved: dict[str, dict], node: dict[str, str], python: str,
 
     carried = set()
     while True:  # carrying a package can make its requirements reachable and refuse more of the node's versions
-        needs = requirements(kit) + [r for name in carried for r in requirements(resolved[name]["requires"])]
+        theirs = [r for name in carried for r in requirements(resolved[name]["requires"])]
         accepted = {}
-        for requirement in needs:
+        for requirement in requirements(kit) + theirs:
             accepted.setdefault(canonicalize_name(requirement.name), []).append(requirement.specifier)
-        reachable = {canonicalize_name(name) for name in roots}
-        reachable |= {canonicalize_name(r.name) for name in carried for r in requirements(resolved[name]["requires"])}
+        reachable = {canonicalize_name(name) for name in [*roots, *(r.name for r in theirs)]}
         now = {name for name in reachable if name in resolved and not kept(name, accepted)}
         if now == carried:
             return {name: resolved[name]["version"] for name in sorted(carried)}
@@ -108,10 +107,15 @@ def size(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.whl"))
 
 
+def package(wheel: Path) -> str:
+    """The package a wheel file holds, by its file name (name-version-...whl)."""
+    return canonicalize_name(wheel.name.split("-")[0])
+
+
 def layered(folder: Path, earlier: dict[str, str]) -> None:
     """Removes from `folder` the wheels of packages that the `earlier` sets hold."""
     for wheel in folder.glob("*.whl"):
-        if canonicalize_name(wheel.name.split("-")[0]) in earlier:
+        if package(wheel) in earlier:
             wheel.unlink()
 
 
@@ -130,7 +134,7 @@ def build(node: dict[str, str], stays: set[str], python: str, out: Path, fetch=d
             install[part] = [*earlier, part]
             print(f"{folder}: everything part {part} needs is {whole / 2**20:.1f} MiB, over {LIMIT / 2**20:.0f}: "
                   f"it holds only what {' + '.join(earlier)} does not")  # fmt: skip
-        wheels = sorted(canonicalize_name(w.name.split("-")[0]) for w in folder.glob("*.whl"))
+        wheels = sorted(map(package, folder.glob("*.whl")))
         print(f"{folder}: {len(wheels)} wheels, {size(folder) / 2**20:.1f} MiB: {', '.join(wheels)}")
         carried |= pins
     return install
