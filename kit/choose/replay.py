@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core import layers
+from ..core.chunks import chunk_size
 
 TOKEN_CHUNK = 256  # tokens per LM-head chunk: bounds the [tokens, vocab] logits of a pruned model
 
@@ -41,7 +42,8 @@ def head(model):
 
 def scored_chunks(hidden: torch.Tensor, scored: torch.Tensor):
     """The hidden states of the scored positions, in chunks of TOKEN_CHUNK tokens."""
-    return hidden[:, :-1][scored.to(hidden.device)].split(TOKEN_CHUNK)  # under a device_map: the last layer's device
+    states = hidden[:, :-1][scored.to(hidden.device)]  # under a device_map: the last layer's device
+    return states.split(chunk_size(TOKEN_CHUNK, len(states), states.shape[-1]))
 
 
 def loss_sum(score, hidden: torch.Tensor, scored: torch.Tensor, targets: torch.Tensor) -> float:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core import distributed, layers
+from ..core.chunks import chunk_size
 from ..core.device import model_device, require_finite
 from ..core.stats import ratio_stderr
 from ..core.text import batched, encode
@@ -31,7 +32,7 @@ def token_losses(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Te
     in float32, computed over chunks of tokens so that no [tokens, vocab] fp32 tensor is built."""
     flat_hidden, flat_targets = hidden.flatten(0, -2), targets.flatten()
     vocab = layers.lm_head(model).weight.shape[0]
-    step = max(1, _LOGIT_ELEMENTS // vocab)
+    step = chunk_size(max(1, _LOGIT_ELEMENTS // vocab), len(flat_targets), vocab)
     losses = []
     for i in range(0, len(flat_targets), step):
         chunk = layers.logits(model, flat_hidden[i : i + step]).float()  # on the LM head's device when dispatched

@@ -18,6 +18,7 @@ from transformers.training_args import ParallelMode
 
 from ..core import distributed
 from ..core.artifacts import read_json, save_checkpoint, write_json
+from ..core.chunks import chunk_size
 from ..core.config import HealConfig
 from ..core.device import compute_dtype, mixed_precision, model_device
 from ..core.progress import silenced
@@ -123,9 +124,10 @@ def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     Computed over chunks of positions, each recomputed in the backward pass (activation
     checkpointing), so no [batch, tokens, vocab] fp32 tensor is ever held."""
     student, teacher = student_logits.flatten(0, -2), teacher_logits.flatten(0, -2)
+    step = chunk_size(_KL_TOKENS, len(student), student.shape[-1])
     chunks = [
-        checkpoint(_kl_chunk, student[i : i + _KL_TOKENS], teacher[i : i + _KL_TOKENS], temperature, use_reentrant=False)
-        for i in range(0, len(student), _KL_TOKENS)
+        checkpoint(_kl_chunk, student[i : i + step], teacher[i : i + step], temperature, use_reentrant=False)
+        for i in range(0, len(student), step)
     ]
     return torch.cat(chunks).view(student_logits.shape[:-1])
 

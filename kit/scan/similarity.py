@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..core import artifacts, distributed, layers
+from ..core.chunks import chunk_size
 from ..core.config import ScanConfig
 from ..core.device import model_device, provenance, require_finite
 from ..core.progress import progress
@@ -92,7 +93,8 @@ def _pair_sums(states: list[torch.Tensor], metric: str, text_of_token: torch.Ten
     """Per text, the sum over its tokens of the distance between every pair of positions
     ([texts, L+1, L+1], float64); text_of_token gives each selected token's row in the batch."""
     total = torch.zeros(n_texts, len(states), len(states), dtype=torch.float64, device=states[0].device)
-    step = _chunk_tokens(len(states), states[0].shape[-1], states[0].device)
+    tokens, hidden = states[0].shape
+    step = chunk_size(_chunk_tokens(len(states), hidden, states[0].device), tokens, len(states), hidden)
     for start in range(0, len(states[0]), step):
         cos = _cosines(torch.stack([state[start : start + step] for state in states], dim=1))
         distance = 1.0 - cos if metric == "block_influence" else torch.arccos(cos) / math.pi
@@ -105,13 +107,17 @@ def _cosines(stack: torch.Tensor) -> torch.Tensor:
     [tokens, positions, positions] float64). The Gram matrix is accumulated in float64 over slices of
     the hidden size, then divided by its diagonal's norms: only one slice is ever copied to float64,
     and near-parallel states keep their small angles (cosines of fp32 unit vectors are off by 1e-7,
-    which arccos turns into 1e-4 of distance: the diagonal's 3e-4)."""
+    which arccos turns into 1e-4 of distance: the diagonal's 3e-4). A position's cosine with itself is
+    1 exactly: rounded to 1 - 1e-16, arccos would turn it into a distance of about 7e-9 that depends on
+    how the sums were blocked."""
     gram = torch.zeros(*stack.shape[:2], stack.shape[1], dtype=torch.float64, device=stack.device)
-    for piece in stack.split(_HIDDEN_SLICE, dim=-1):
+    for piece in stack.split(chunk_size(_HIDDEN_SLICE, stack.shape[-1], stack.shape[1]), dim=-1):
         piece = piece.double()
         gram.baddbmm_(piece, piece.transpose(1, 2))
     norms = gram.diagonal(dim1=1, dim2=2).sqrt().clamp(min=torch.finfo(torch.float64).tiny)
-    return (gram / norms[:, :, None] / norms[:, None, :]).clamp_(-1.0, 1.0)
+    cos = (gram / norms[:, :, None] / norms[:, None, :]).clamp_(-1.0, 1.0)
+    cos.diagonal(dim1=1, dim2=2).fill_(1.0)
+    return cos
 
 
 def _chunk_tokens(positions: int, hidden: int, device: torch.device) -> int:

@@ -1,0 +1,27 @@
+"""Chunk sizes of the kit's own loops over tokens and features (the scan's cosines, the LM head's
+logits, the oracle's replay, distillation's KL).
+
+A float sum depends on how it is split: a BLAS library blocks its sums by the shapes it is given,
+differently on each CPU, so two computations that agree bit for bit on one machine may not on the
+next. Under `KIT_ODD_CHUNKS=1` (a setting for tests) the kit does the same to itself: every chunk
+size becomes an odd value derived from the shape of the work at hand. A repeated computation (a
+rerun, a resume, another rank doing the same sums) is chunked the same way; two differently shaped
+computations are not, so a test that compares them exactly fails on any machine."""
+
+import os
+import zlib
+
+ODD_CHUNKS = "KIT_ODD_CHUNKS"
+
+
+def chunk_size(default: int, extent: int, *shape: int) -> int:
+    """Items per chunk when splitting `extent` items of work of this `shape`: `default`, or under
+    KIT_ODD_CHUNKS=1 an odd size that splits `extent` (where it can be split) and depends on
+    (default, extent, shape) alone."""
+    if os.environ.get(ODD_CHUNKS) != "1":
+        return default
+    top = max(1, min(default, extent - 1))
+    low = max(1, top // 3)
+    digest = zlib.crc32(repr((default, extent, *shape)).encode())
+    size = low + digest % (top - low + 1)
+    return size if size % 2 else max(1, size - 1)
