@@ -3,11 +3,17 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: setup test lab bench gpu-check wheelhouse reports clean
+CONSTRAINTS ?= -c constraints.txt
+# Test files whose numbers are sums the kit chunks itself; `make test` runs them again with odd chunks.
+ODD_CHUNK_TESTS := tests/test_chunks.py tests/test_similarity.py tests/test_distances.py tests/test_oracle.py \
+	tests/test_greedy.py tests/test_two_gpus.py tests/test_evaluate.py tests/test_set_criteria.py tests/test_dispatch.py \
+	tests/test_heal.py
+
+.PHONY: setup test test-latest lab bench gpu-check wheelhouse reports clean
 
 setup:  ## create .venv, install the kit with its dev extra, register the kernel, fetch assets, chromium if root
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install --quiet $(CONSTRAINTS) -e ".[dev]"
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (kit)"
 	$(PY) -m kit.loaders.assets fetch
 	@# Debian's Chromium for the JupyterLab browser test (Playwright drives it; it never downloads a browser)
@@ -17,8 +23,12 @@ setup:  ## create .venv, install the kit with its dev extra, register the kernel
 			|| echo "chromium not installed: tests/test_jupyterlab.py will be skipped"; \
 	else echo "not root or no apt-get: chromium not installed, tests/test_jupyterlab.py will be skipped"; fi
 
-test:  ## the whole test suite, notebooks included
+test:  ## the whole test suite, notebooks included; then the numeric files with odd chunk sizes (another CPU's sums)
 	$(PY) -m pytest -q --durations=25
+	KIT_ODD_CHUNKS=1 $(PY) -m pytest -q -p no:cacheprovider $(ODD_CHUNK_TESTS)
+
+test-latest:  ## the same, in .venv-latest with the newest releases of every dependency (no constraints file)
+	$(MAKE) setup test VENV=.venv-latest CONSTRAINTS=--upgrade
 
 lab:  ## JupyterLab on the notebooks
 	$(VENV)/bin/jupyter lab notebooks
