@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 
 CONSTRAINTS ?= -c constraints.txt
 # Test files whose numbers are sums the kit chunks itself; `make test` runs them again with odd chunks.
-ODD_CHUNK_TESTS := tests/test_chunks.py tests/test_similarity.py tests/test_distances.py tests/test_oracle.py \
+ODD_CHUNK_TESTS := tests/test_sums.py tests/test_similarity.py tests/test_distances.py tests/test_oracle.py \
 	tests/test_greedy.py tests/test_two_gpus.py tests/test_evaluate.py tests/test_set_criteria.py tests/test_dispatch.py \
 	tests/test_heal.py
 

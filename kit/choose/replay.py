@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core import layers
-from ..core.chunks import chunk_size
+from ..core.sums import chunk_size
 
 TOKEN_CHUNK = 256  # tokens per LM-head chunk: bounds the [tokens, vocab] logits of a pruned model
 

@@ -4,5 +4,5 @@ progress bars, tokenising, deprecation)."""
 
 from .lazy import lazy as _lazy
 
-__getattr__, __dir__ = _lazy(__name__, ["artifacts", "block", "chunks", "config", "deprecation", "device", "distributed", "layers",
-                                       "lazy", "progress", "stats", "text"])
+__getattr__, __dir__ = _lazy(__name__, ["artifacts", "block", "config", "deprecation", "device", "distributed", "layers",
+                                       "lazy", "progress", "stats", "sums", "text"])

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from ..core import distributed, layers
-from ..core.chunks import chunk_size
 from ..core.device import model_device, require_finite
 from ..core.stats import ratio_stderr
+from ..core.sums import chunk_size
 from ..core.text import batched, encode
 
 

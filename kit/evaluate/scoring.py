@@ -11,6 +11,7 @@ from transformers.cache_utils import DynamicLayer, LinearAttentionCacheLayerMixi
 
 from ..core import distributed
 from ..core.device import model_device, require_finite
+from ..core.sums import sum_by
 from ..core.text import batched
 
 
@@ -136,8 +137,7 @@ def loglikelihoods(model, requests: list[Request], *, batch_size: int = 8, cache
                 owners += [i] * len(requests[i].continuation)
         b, column, token = torch.tensor(index, device=logprobs.device).T
         owner_ids, owner_index = torch.tensor(owners).unique(return_inverse=True)
-        sums = torch.zeros(len(owner_ids), dtype=logprobs.dtype, device=logprobs.device)
-        sums.index_add_(0, owner_index.to(logprobs.device), logprobs[b, column, token])
+        sums = sum_by(owner_index, logprobs[b, column, token], len(owner_ids))
         for i, value in zip(owner_ids.tolist(), sums.tolist()):  # one device sync per batch
             scores[i] = value
     require_finite(all(map(math.isfinite, scores)), "the log-likelihoods of the answers", model)

@@ -18,10 +18,10 @@ from transformers.training_args import ParallelMode
 
 from ..core import distributed
 from ..core.artifacts import read_json, save_checkpoint, write_json
-from ..core.chunks import chunk_size
 from ..core.config import HealConfig
 from ..core.device import compute_dtype, mixed_precision, model_device
 from ..core.progress import silenced
+from ..core.sums import chunk_size
 from ..core.text import batched
 from ..loaders.models import load_model
 from .lora import lora_model, reloaded

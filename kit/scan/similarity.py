@@ -21,10 +21,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..core import artifacts, distributed, layers
-from ..core.chunks import chunk_size
 from ..core.config import ScanConfig
 from ..core.device import model_device, provenance, require_finite
 from ..core.progress import progress
+from ..core.sums import chunk_size, sum_by
 from ..core.text import encode, too_short
 from .distances import Distances
 
@@ -98,7 +98,7 @@ def _pair_sums(states: list[torch.Tensor], metric: str, text_of_token: torch.Ten
     for start in range(0, len(states[0]), step):
         cos = _cosines(torch.stack([state[start : start + step] for state in states], dim=1))
         distance = 1.0 - cos if metric == "block_influence" else torch.arccos(cos) / math.pi
-        total.index_add_(0, text_of_token[start : start + step], distance)
+        total += sum_by(text_of_token[start : start + step], distance, n_texts)
     return total
 
 
@@ -147,8 +147,8 @@ class _Sums:
         """Texts first_text, first_text + 1, ...: their distance sums [texts, L+1, L+1] and token counts."""
         t = self.tensors
         group = torch.arange(first_text, first_text + len(counts), device=counts.device) % len(t["group_counts"])
-        t["group_sums"].index_add_(0, group, sums)
-        t["group_counts"].index_add_(0, group, counts)
+        t["group_sums"] += sum_by(group, sums, len(t["group_counts"]))
+        t["group_counts"] += sum_by(group, counts, len(t["group_counts"]))
         t["squares"] += torch.einsum("tpq,tpq->pq", sums, sums)
         t["cross"] += torch.einsum("tpq,t->pq", sums, counts)
         t["count_squares"] += counts @ counts

@@ -1,5 +1,5 @@
-"""Chunk sizes of the kit's own loops over tokens and features (the scan's cosines, the LM head's
-logits, the oracle's replay, distillation's KL).
+"""How the kit's own float sums are taken: the chunk sizes of its loops over tokens and features (the
+scan's cosines, the LM head's logits, the oracle's replay, distillation's KL), and sums by group.
 
 A float sum depends on how it is split: a BLAS library blocks its sums by the shapes it is given,
 differently on each CPU, so two computations that agree bit for bit on one machine may not on the
@@ -10,6 +10,8 @@ computations are not, so a test that compares them exactly fails on any machine.
 
 import os
 import zlib
+
+import torch
 
 ODD_CHUNKS = "KIT_ODD_CHUNKS"
 
@@ -25,3 +27,11 @@ def chunk_size(default: int, extent: int, *shape: int) -> int:
     digest = zlib.crc32(repr((default, extent, *shape)).encode())
     size = low + digest % (top - low + 1)
     return size if size % 2 else max(1, size - 1)
+
+
+def sum_by(index: torch.Tensor, values: torch.Tensor, size: int) -> torch.Tensor:
+    """Rows of `values` summed into `size` rows by `index` (result[k] = sum of values[i] with index[i] == k),
+    in values' dtype. A product with a one-hot matrix, so the same on every run on a GPU too, where
+    index_add_ adds colliding rows with atomics in whatever order the threads arrive."""
+    one_hot = torch.nn.functional.one_hot(index.to(values.device), size).to(values.dtype)
+    return (one_hot.T @ values.reshape(len(values), -1)).reshape(size, *values.shape[1:])

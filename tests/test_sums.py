@@ -1,10 +1,11 @@
-"""KIT_ODD_CHUNKS: the kit's chunk sizes, odd and shaped by the work under the test setting, the
-defaults otherwise; and what it is for: two differently shaped computations compared bit for bit fail."""
+"""The kit's own sums: under KIT_ODD_CHUNKS its chunk sizes are odd and shaped by the work, the defaults
+otherwise, and what that is for (two differently shaped computations compared bit for bit fail); sums by
+group as a one-hot product."""
 
 import pytest
 import torch
 
-from kit.core.chunks import ODD_CHUNKS, chunk_size
+from kit.core.sums import ODD_CHUNKS, chunk_size
 
 
 def test_defaults_without_the_setting(monkeypatch):
