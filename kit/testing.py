@@ -386,3 +386,46 @@ def reference_loglikelihood(model, tokenizer, context: str, continuation: str) -
     with torch.no_grad():
         loss = model(input_ids=ids, labels=labels).loss.item()
     return -loss * (ids.shape[1] - len(context_ids))
+
+
+# Greedy decoding compared across two computations (with and without the KV cache, one token at a time or
+# the whole sequence again): their logits agree to ~1e-5 in fp32, so a token may differ where the two best
+# logits are closer than that, which only a third machine's rounding decides.
+GREEDY_MARGIN = 1e-3
+
+
+def greedy(model, ids: torch.Tensor, steps: int, **options) -> tuple[torch.Tensor, torch.Tensor]:
+    """`model.generate` greedily: the new tokens [batch, steps] and the logits that chose them
+    [batch, steps, vocab] (fewer steps where every row ended)."""
+    out = model.generate(ids, max_new_tokens=steps, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                         **options)  # fmt: skip
+    return out.sequences[:, ids.shape[1] :], torch.stack(out.logits, dim=1).float()
+
+
+def assert_same_greedy(tokens: torch.Tensor, reference: tuple[torch.Tensor, torch.Tensor], margin: float = GREEDY_MARGIN):
+    """`tokens` [batch, steps] equal the `reference` (its tokens and logits, as `greedy` returns them) row
+    by row, up to the first step whose two best reference logits are within `margin`: there either token
+    is right, and the rows go on from other prefixes. Raises AssertionError naming the row and step."""
+    ref_tokens, ref_logits = reference
+    assert tokens.shape[0] == ref_tokens.shape[0], f"{tokens.shape[0]} rows against {ref_tokens.shape[0]}"
+    for row in range(len(ref_tokens)):
+        for step in range(ref_logits.shape[1]):
+            best, second = ref_logits[row, step].topk(2).values.tolist()
+            if best - second < margin:
+                break
+            assert step < tokens.shape[1] and tokens[row, step] == ref_tokens[row, step], (
+                f"row {row}, step {step}: token {tokens[row, step:step + 1].tolist()} against {int(ref_tokens[row, step])}, "
+                f"which won by {best - second:.2e}"
+            )  # fmt: skip
+
+
+def assert_same_choices(predictions, labels, reference, margin: float):
+    """Each `predictions[i]` is `labels[i][argmax(reference[i])]` wherever the reference scores' two best are
+    more than `margin` apart: the choices of two computations whose scores agree to less than margin / 2
+    (cached and naive scoring, another library, another number of processes) may differ only at near ties."""
+    reference = np.asarray(reference)
+    assert len(predictions) == len(labels) == len(reference)
+    for i, (prediction, row) in enumerate(zip(predictions, reference)):
+        second, best = np.sort(row)[-2:]
+        if best - second > margin:
+            assert prediction == labels[i][int(np.argmax(row))], f"row {i}: {prediction!r}, the reference {labels[i][int(np.argmax(row))]!r} by {best - second:.2e}"

@@ -19,7 +19,7 @@ from kit import families
 from kit.core.block import Block
 from kit.core.config import HealConfig
 from kit.healing.lora import lora_model
-from kit.testing import bypassed, reference_distances, tiny_tokenizer
+from kit.testing import assert_same_greedy, bypassed, greedy, reference_distances, tiny_tokenizer
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 TEXTS = ["The quick brown fox jumps over", "A tiny model of every family, built offline"]
@@ -79,8 +79,8 @@ def test_family(model_type, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(IDS, use_cache=False).logits, logits, atol=1e-5, rtol=1e-4)
 
-    greedy = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
-    assert torch.equal(pruned.generate(IDS, use_cache=True, **greedy), pruned.generate(IDS, use_cache=False, **greedy))
+    cached, _ = greedy(pruned, IDS, 3, use_cache=True, pad_token_id=0)
+    assert_same_greedy(cached, greedy(pruned, IDS, 3, use_cache=False, pad_token_id=0))
 
     _check_lora(model)
 

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import kit
 from kit.__main__ import main, parser
@@ -41,7 +42,8 @@ def test_a_sublayer_scan_writes_its_layer_scan_where_sweeps_read_one(checkpoint,
                       *(f"--{k.replace('_', '-')}={v}" for k, v in settings.items())])  # fmt: skip
     assert kit.Distances.load(tmp_path / "sublayer_distances.safetensors").matrix.equal(distances.matrix)
     plain = kit.angular_distances(*kit.load_model(str(checkpoint)), data.load_texts("corpus", "train", 4), **settings)
-    assert distances.positions == "sublayers" and kit.Distances.load(tmp_path / "distances.safetensors").matrix.equal(plain.matrix)
+    assert distances.positions == "sublayers"  # its layer positions: other BLAS shapes than a layer scan, equal to rounding
+    torch.testing.assert_close(kit.Distances.load(tmp_path / "distances.safetensors").matrix, plain.matrix, rtol=1e-6, atol=1e-12)
 
 
 def test_scan_sweep_and_heal_write_the_notebooks_artifacts(checkpoint, tmp_path):

@@ -13,6 +13,7 @@ import kit
 from kit.core.block import Block, Sublayers
 from kit.evaluate import inference_cost
 from kit.prune import drop_layers, dropped
+from kit.testing import assert_same_greedy
 
 
 def _hand_parameters(arch: str, config) -> int:
@@ -119,11 +120,12 @@ def test_generation_feeds_one_token_per_step_and_matches_recomputation(arch):
     tokens, *_ = inference_cost.generate(model, prompt, 8)
     hook.remove()
     assert lengths == [28] + [1] * 7, "each decode step must feed only the new token and reuse the cache"
-    ids = prompt
+    ids, logits = prompt, []
     with torch.no_grad():
         for _ in range(8):  # brute force: the whole sequence again at every step, no cache
-            ids = torch.cat([ids, model(input_ids=ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(tokens, ids[:, 28:])
+            logits.append(model(input_ids=ids, use_cache=False).logits[:, -1])
+            ids = torch.cat([ids, logits[-1].argmax(-1, keepdim=True)], dim=1)
+    assert_same_greedy(tokens, (ids[:, 28:], torch.stack(logits, dim=1)))
 
 
 def _peak_resettable() -> bool:

@@ -15,7 +15,7 @@ from kit.core import layers
 from kit.core.block import Block, Layers, Sublayers
 from kit.prune import dropped
 from kit.prune.sublayers import RemovedSublayer
-from kit.testing import bypassed, zeroed_sublayers
+from kit.testing import assert_same_greedy, bypassed, greedy, zeroed_sublayers
 
 SET = {0, 2, 5}  # the first layer (whose cache counts positions), one in the middle, the last
 KINDS = pytest.mark.parametrize("kind", ["attention", "mlp"])
@@ -203,9 +203,10 @@ def test_every_sublayer_of_a_kind_may_go(arch, kind, long_prompt):
     model, tokenizer = kit.tiny_model(arch)
     ids = long_prompt(tokenizer)
     with zeroed_sublayers(model, kind, range(6)):
-        expected = _generate(model, ids)
+        expected = greedy(model, ids, 5)
     pruned = kit.drop_layers(model, Sublayers(kind, range(6)))
-    assert torch.equal(_generate(pruned, ids), expected) and torch.equal(_generate(pruned, ids, use_cache=False), expected)
+    assert torch.equal(greedy(pruned, ids, 5)[0], expected[0])  # the same arithmetic: a removed branch adds zeros
+    assert_same_greedy(greedy(pruned, ids, 5, use_cache=False)[0], expected)  # recomputed: equal up to a near tie
 
 
 def test_both_sublayers_of_a_layer_removed_equal_the_layer_bypassed(long_prompt):

@@ -24,7 +24,7 @@ from kit.evaluate import (  # noqa: E402
 from kit.evaluate.recall_task import RecallItem, recall_items  # noqa: E402
 from kit.experiments import curves, plots, results, sweep  # noqa: E402
 from kit.prune import drop_layers  # noqa: E402
-from kit.testing import reference_loglikelihood  # noqa: E402
+from kit.testing import assert_same_choices, reference_loglikelihood  # noqa: E402
 
 
 def check_against_reference(model, tokenizer, items, result: RecallResult):
@@ -32,7 +32,7 @@ def check_against_reference(model, tokenizer, items, result: RecallResult):
     for item, row, prediction in zip(items, result.loglikelihoods, result.predictions):
         expected = [reference_loglikelihood(model, tokenizer, item.context + item.query, f" {c}") for c in item.candidates]
         np.testing.assert_allclose(row, expected, atol=1e-4)
-        assert prediction == item.candidates[int(np.argmax(expected))]
+        assert_same_choices([prediction], [item.candidates], [expected], margin=2e-4)
     correct = [p == item.answer for p, item in zip(result.predictions, items)]
     assert result.correct.tolist() == correct and result.accuracy == pytest.approx(np.mean(correct))
     assert result.ci == wilson(sum(correct), len(items))

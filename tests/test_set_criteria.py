@@ -54,9 +54,19 @@ def test_top_k_on_a_real_sublayer_scan_equal_the_brute_force_reference():
     scan = kit.angular_distances(model, tokenizer, TEXTS, max_length=16, batch_size=2, metric="block_influence", sublayers=True)
     m = reference_distances(model, tokenizer, TEXTS, 16, sublayers=True)["block_influence"]
     for n in (1, 2, 5):
-        assert choose_units("llm_drop_attention", 6, n, distances=scan) == kit.Sublayers("attention", _k_smallest([m[2 * i, 2 * i + 1] for i in range(6)], n))
-        assert choose_units("llm_drop_mlp", 6, n, distances=scan) == kit.Sublayers("mlp", _k_smallest([m[2 * i + 1, 2 * i + 2] for i in range(6)], n))
-        assert choose_units("shortgpt", 6, n, distances=scan) == Layers(_k_smallest([m[2 * i, 2 * i + 2] for i in range(6)], n))
+        attention = choose_units("llm_drop_attention", 6, n, distances=scan)
+        assert attention.kind == "attention" and _among_k_smallest(attention.indices, [m[2 * i, 2 * i + 1] for i in range(6)], n)
+        mlp = choose_units("llm_drop_mlp", 6, n, distances=scan)
+        assert mlp.kind == "mlp" and _among_k_smallest(mlp.indices, [m[2 * i + 1, 2 * i + 2] for i in range(6)], n)
+        layers = choose_units("shortgpt", 6, n, distances=scan)
+        assert isinstance(layers, Layers) and _among_k_smallest(layers.indices, [m[2 * i, 2 * i + 2] for i in range(6)], n)
+
+
+def _among_k_smallest(chosen, reference, n: int, tolerance: float = 4e-5) -> bool:
+    """`chosen` is a set of the n smallest `reference` scores, up to ties within `tolerance` (twice the
+    scan's agreement with the brute-force reference): where two scores are that close, either may go."""
+    inside, outside = [reference[i] for i in chosen], [s for i, s in enumerate(reference) if i not in chosen]
+    return len(chosen) == n and (not outside or max(inside) <= min(outside) + tolerance)
 
 
 def test_greedy_criteria_read_the_first_units_removed():

@@ -257,7 +257,9 @@ def test_sublayer_scan_matches_brute_force_and_its_layers_the_layer_scan(tiny, t
         assert distances.meta["middles"] == [MIDDLES.get(arch, "input of post_attention_layernorm")] * 6
         whole, plain = distances.layers(), scan(model, tokenizer, texts, batch_size=4, metric=metric)
         assert_same_sums(whole, plain, metric)
-        assert whole.positions == "layers" and whole.best_block(2) == plain.best_block(2)
+        best, expected_best = whole.best_block(2), plain.best_block(2)
+        assert whole.positions == "layers" and (best.start, best.n) == (expected_best.start, expected_best.n)
+        assert best.distance == pytest.approx(expected_best.distance, rel=1e-6)
         table = distances.sublayers()
         i = np.arange(6)
         np.testing.assert_array_equal(table["attention"], distances.matrix.numpy()[2 * i, 2 * i + 1])
