@@ -69,7 +69,10 @@ class Reference:
             with kit.prune.dropped(model, kit.Block(start, 1)):
                 self.pruned.append(validation_loss(model, self.tokenizer, texts, max_length=128).loss)
         self.prompt = kit.evaluate.inference_cost.prompt_ids(self.tokenizer, 32)
-        self.greedy = kit.evaluate.inference_cost.generate(model, self.prompt, 8)[0]
+        tokens = kit.evaluate.inference_cost.generate(model, self.prompt, 8)[0]
+        with torch.no_grad():  # the logits that chose each token, for the margin of each choice
+            logits = model(torch.cat([self.prompt, tokens], dim=1)).logits[:, self.prompt.shape[1] - 1 : -1].float()
+        self.greedy = tokens, logits
 
     def model(self):
         """A fresh copy of the reference model (same seed), in fp32 on the CPU."""
@@ -165,10 +168,11 @@ def _correctness(arch: str, device, label: str, dtype, perturb) -> list[str]:
 
 
 def check_cost(device, perturb=None) -> list[str]:
-    """kit.evaluate.cost on `device`: greedy decoding equals the CPU's, speeds are positive, the peak
-    memory holds at least the weights."""
+    """kit.evaluate.cost on `device`: greedy decoding equals the CPU's (up to the first near tie), speeds
+    are positive, the peak memory holds at least the weights."""
     import kit
     from kit.evaluate import cost
+    from kit.testing import greedy_mismatch
 
     reference = reference_of("llama")
     model = reference.model().to(device)
@@ -176,12 +180,14 @@ def check_cost(device, perturb=None) -> list[str]:
         perturb(model)
     result = cost(model, reference.tokenizer, prompt_tokens=32, new_tokens=8, repeats=2)
     tokens = kit.evaluate.inference_cost.generate(model, reference.prompt.to(device), 8)[0].cpu()
-    same = torch.equal(tokens, reference.greedy)
+    mismatch = greedy_mismatch(tokens, reference.greedy)
+    same = mismatch is None
     peak_ok = result.peak_memory_bytes is not None and result.peak_memory_bytes >= result.weight_bytes
     speeds_ok = all(np.isfinite(v) and v > 0 for v in (result.prefill_tokens_per_s, result.decode_tokens_per_s))
     print(f"  cost: prefill {result.prefill_tokens_per_s:,.0f} tokens/s, decode {result.decode_tokens_per_s:,.0f} tokens/s, "
           f"peak {result.peak_memory_bytes or 0:,} bytes >= weights {result.weight_bytes:,}: {peak_ok}; "
-          f"greedy tokens equal the CPU's: {same}  {'ok' if same and peak_ok and speeds_ok else 'FAIL'}")  # fmt: skip
+          f"greedy tokens equal the CPU's up to a near tie: {mismatch or True}  "
+          f"{'ok' if same and peak_ok and speeds_ok else 'FAIL'}")  # fmt: skip
     return [] if same and peak_ok and speeds_ok else ["cost"]
 
 

@@ -402,21 +402,29 @@ def greedy(model, ids: torch.Tensor, steps: int, **options) -> tuple[torch.Tenso
     return out.sequences[:, ids.shape[1] :], torch.stack(out.logits, dim=1).float()
 
 
-def assert_same_greedy(tokens: torch.Tensor, reference: tuple[torch.Tensor, torch.Tensor], margin: float = GREEDY_MARGIN):
-    """`tokens` [batch, steps] equal the `reference` (its tokens and logits, as `greedy` returns them) row
-    by row, up to the first step whose two best reference logits are within `margin`: there either token
-    is right, and the rows go on from other prefixes. Raises AssertionError naming the row and step."""
+def greedy_mismatch(tokens: torch.Tensor, reference: tuple[torch.Tensor, torch.Tensor], margin: float = GREEDY_MARGIN):
+    """Where `tokens` [batch, steps] part from the `reference` (its tokens and logits, as `greedy` returns
+    them) while the reference's choice was clear, described; None where they agree row by row up to the
+    first step whose two best reference logits are within `margin` (there either token is right, and the
+    rows go on from other prefixes)."""
     ref_tokens, ref_logits = reference
-    assert tokens.shape[0] == ref_tokens.shape[0], f"{tokens.shape[0]} rows against {ref_tokens.shape[0]}"
+    if tokens.shape[0] != ref_tokens.shape[0]:
+        return f"{tokens.shape[0]} rows against {ref_tokens.shape[0]}"
     for row in range(len(ref_tokens)):
         for step in range(ref_logits.shape[1]):
             best, second = ref_logits[row, step].topk(2).values.tolist()
             if best - second < margin:
                 break
-            assert step < tokens.shape[1] and tokens[row, step] == ref_tokens[row, step], (
-                f"row {row}, step {step}: token {tokens[row, step:step + 1].tolist()} against {int(ref_tokens[row, step])}, "
-                f"which won by {best - second:.2e}"
-            )  # fmt: skip
+            if step >= tokens.shape[1] or tokens[row, step] != ref_tokens[row, step]:
+                return (f"row {row}, step {step}: token {tokens[row, step:step + 1].tolist()} against "
+                        f"{int(ref_tokens[row, step])}, which won by {best - second:.2e}")  # fmt: skip
+    return None
+
+
+def assert_same_greedy(tokens: torch.Tensor, reference: tuple[torch.Tensor, torch.Tensor], margin: float = GREEDY_MARGIN):
+    """greedy_mismatch is None, else AssertionError naming the row and step."""
+    mismatch = greedy_mismatch(tokens, reference, margin)
+    assert mismatch is None, mismatch
 
 
 def assert_same_choices(predictions, labels, reference, margin: float):

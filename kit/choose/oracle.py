@@ -4,7 +4,8 @@ of removing each block of consecutive layers, measured without rebuilding any mo
 Per batch one pass stores every layer's input (and the keyword arguments it was called with:
 attention mask, rotary position embeddings, ...); block (start, n) re-runs only layers
 start+n .. L-1 from the stored input of layer `start`, then the final norm and the LM head.
-The values equal `validation_loss(drop_layers(model, block), ...)` on the same batches.
+The values equal `validation_loss(drop_layers(model, block), ...)` on the same batches, to float rounding
+(other shapes, other sums: 1e-5 relative in the tests).
 `compare_criteria` judges the block-choosing criteria of kit.choose.criteria.CRITERIA against it."""
 
 from dataclasses import dataclass, field

@@ -99,7 +99,8 @@ def loglikelihoods(model, requests: list[Request], *, batch_size: int = 8, cache
     row (the four answer letters of a question whose letters are single tokens share one forward).
     With `cache_prefix`, the tokens that all rows start with run once and their KV cache extends
     to every batch (not for models with recurrent layers, whose state each row rewrites); the rows
-    are exactly the requests' tokens, so the result equals full forwards.
+    are exactly the requests' tokens, so the result equals full forwards to float rounding (other shapes:
+    1e-4 nats on the tiny models, 1e-3 on SmolLM2-135M in the tests).
     `cache_prefix=False, batch_size=1` is the naive loop: one full forward per row.
     """
     if not requests:
