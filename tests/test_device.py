@@ -127,3 +127,18 @@ def test_the_old_name_of_checkpoint_bytes_still_works_with_a_warning(tmp_path):
     kit.tiny_model("llama")[0].save_pretrained(tmp_path)
     with pytest.warns(DeprecationWarning, match="kit.loaders.models.weight_bytes is deprecated .* use kit.loaders.models.checkpoint_bytes"):
         assert kit.loaders.models.weight_bytes(str(tmp_path), torch.float16) == kit.loaders.models.checkpoint_bytes(str(tmp_path), torch.float16)
+
+
+def test_auto_is_this_ranks_gpu_whoever_made_the_process_group(gpu, monkeypatch):
+    # Mocked GPUs and a group the user's own init_process_group made (no set_device: cuda:0 is current
+    # on every rank). On GPUs every rank's model went to the current GPU for a bare "cuda", and
+    # cuda:$LOCAL_RANK failed where each process sees one GPU (SLURM, CUDA_VISIBLE_DEVICES per task).
+    gpu(native_bf16=True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert policy.resolve_device("auto") == policy.resolve_device("cuda") == torch.device("cuda", 2)
+    assert policy.resolve_device("cuda:1") == torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert policy.resolve_device("auto") == policy.resolve_device("cuda") == torch.device("cuda", 0)

@@ -3,6 +3,7 @@ one process returns, on uneven shards; ranks given different work stop with a cl
 hang: every launch has a timeout); resuming under another number of processes is refused."""
 
 import ast
+import contextlib
 import json
 import os
 import subprocess
@@ -213,14 +214,84 @@ def test_distributed_imports_nothing_from_the_kit():
     assert not [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and (n.level or (n.module or "").startswith("kit"))]
 
 
+def _fake_nccl_group(monkeypatch, visible: int, local_rank: str | None, current: int = 0) -> list:
+    """A mocked NCCL group of 2 ranks (no GPU here) on a node where this process sees `visible` GPUs,
+    with LOCAL_RANK set (or not) and cuda:`current` current; returns the list of GPUs made current."""
+    made_current = [current]
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: made_current[-1])
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: made_current.append(torch.device(device).index))
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    return made_current
+
+
 def test_init_sets_each_ranks_gpu_also_when_a_group_exists(monkeypatch):
     # Mocked NCCL group (no GPU here). On GPUs: a group made by accelerate before init() left every rank
     # on cuda:0, where NCCL's object collectives then hang or fail with "Duplicate GPU detected".
-    chosen = []
-    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "nccl")
-    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    assert distributed.init() and chosen == [1]
+    made_current = _fake_nccl_group(monkeypatch, visible=4, local_rank="1")
+    assert distributed.init() and made_current == [0, 1]
     monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "gloo")
-    assert distributed.init() and chosen == [1]
+    assert distributed.init() and made_current == [0, 1]
+
+
+def test_local_gpu_is_local_rank_among_the_visible_gpus(monkeypatch):
+    # Mocked GPUs. Under SLURM with CUDA_VISIBLE_DEVICES per task each process sees one GPU as cuda:0
+    # while LOCAL_RANK says 3: cuda:3 fails with "invalid device ordinal".
+    _fake_nccl_group(monkeypatch, visible=1, local_rank="3")
+    assert distributed.local_gpu() == torch.device("cuda", 0)
+    made_current = _fake_nccl_group(monkeypatch, visible=1, local_rank="3")
+    assert distributed.init() and made_current == [0, 0]
+    _fake_nccl_group(monkeypatch, visible=4, local_rank="2")
+    assert distributed.local_gpu() == torch.device("cuda", 2)
+    _fake_nccl_group(monkeypatch, visible=4, local_rank="5")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    with pytest.raises(ValueError, match=r"LOCAL_RANK=5 but this process sees 4 GPUs \(CUDA_VISIBLE_DEVICES=0,1,2,3\): launch"):
+        distributed.local_gpu()
+    _fake_nccl_group(monkeypatch, visible=4, local_rank=None, current=3)  # a launcher without LOCAL_RANK: the script's set_device
+    assert distributed.local_gpu() == torch.device("cuda", 3)
+
+
+def test_collectives_run_on_this_ranks_gpu_in_a_group_the_user_made(monkeypatch):
+    # Mocked NCCL group that the user's own init_process_group made, without torch.cuda.set_device: the
+    # current GPU is cuda:0 on every rank. On GPUs, collectives there fail with "Duplicate GPU detected"
+    # or hang; they must run on cuda:$LOCAL_RANK (object collectives and barriers on the current GPU,
+    # all_reduce on its tensor's).
+    _fake_nccl_group(monkeypatch, visible=2, local_rank="1")
+    current, seen = [0], []
+
+    @contextlib.contextmanager
+    def on(device):
+        before, current[0] = current[0], torch.device(device).index
+        yield
+        current[0] = before
+
+    def gather(out, obj, group=None):
+        seen.append(("gather", current[0]))
+        out[:] = [obj] * len(out)
+
+    def broadcast(payload, src=0, group=None):
+        seen.append(("broadcast", current[0]))
+        payload[:] = [("from rank 0", None)]
+
+    monkeypatch.setattr(torch.cuda, "device", on)
+    monkeypatch.setattr(torch.distributed, "all_gather_object", gather)
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", broadcast)
+    monkeypatch.setattr(torch.distributed, "barrier", lambda group=None, device_ids=None: seen.append(("barrier", device_ids)))
+    distributed.require_same("scan", {"n": 1})
+    with distributed.stop_together():
+        pass
+    assert distributed.on_main(lambda: "never run on rank 1") == "from rank 0"
+    distributed.barrier()
+    assert seen == [("gather", 1), ("gather", 1), ("broadcast", 1), ("barrier", [1])] and current == [0]
+    assert distributed._reduce_device(torch.device("cpu")) == torch.device("cuda", 1)
+    assert distributed._reduce_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "gloo")
+    assert distributed._reduce_device(torch.device("cpu")) == torch.device("cpu")

@@ -6,24 +6,28 @@ import os
 
 import torch
 
+from .distributed import local_gpu
+
 AUTO = "auto"
 
 
 def default_device() -> torch.device:
-    """$KIT_DEVICE when set (the test suite pins "cpu"), else the first CUDA GPU when one is visible
-    (under torchrun / accelerate launch: the process's own, cuda:$LOCAL_RANK), else the CPU."""
+    """$KIT_DEVICE when set (the test suite pins "cpu"), else this process's CUDA GPU when one is visible
+    (distributed.local_gpu: under torchrun / accelerate launch cuda:$LOCAL_RANK, whoever made the process
+    group; cuda:0 where each process sees one GPU), else the CPU."""
     if os.environ.get("KIT_DEVICE"):
         return torch.device(os.environ["KIT_DEVICE"])
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    return local_gpu() if torch.cuda.is_available() else torch.device("cpu")
 
 
 def resolve_device(device=AUTO) -> torch.device:
-    """A torch.device from "auto", "cpu", "cuda", "cuda:1" or a torch.device; CUDA must exist."""
+    """A torch.device from "auto", "cpu", "cuda", "cuda:1" or a torch.device; CUDA must exist. A bare
+    "cuda" is this process's GPU (distributed.local_gpu), not cuda:0 on every rank."""
     device = default_device() if device == AUTO else torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} asked for, but no CUDA GPU is visible: use device='auto' or 'cpu'")
     if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+        device = local_gpu()
     return device
 
 

@@ -30,20 +30,39 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def local_gpu() -> torch.device:
+    """This process's GPU: cuda:$LOCAL_RANK where each process sees every GPU of its node (torchrun,
+    accelerate launch), cuda:0 where it sees only one (SLURM with CUDA_VISIBLE_DEVICES per task, where
+    LOCAL_RANK may be 3 beside device_count() == 1), the current GPU without LOCAL_RANK. Call it only
+    where CUDA is available."""
+    if "LOCAL_RANK" not in os.environ:
+        return torch.device("cuda", torch.cuda.current_device())
+    local, visible = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
+    if visible == 1:
+        return torch.device("cuda", 0)
+    if not 0 <= local < visible:
+        raise ValueError(
+            f"LOCAL_RANK={local} but this process sees {visible} GPUs (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): launch at most {visible} processes per node, "
+            "or give each process one GPU of its own with CUDA_VISIBLE_DEVICES"
+        )
+    return torch.device("cuda", local)
+
+
 def init() -> bool:
     """Join the process group a launcher describes in the environment (WORLD_SIZE, RANK, MASTER_ADDR),
-    on NCCL with one GPU per process when GPUs are visible, else gloo. False when not launched so."""
+    on NCCL with one GPU per process (local_gpu) when GPUs are visible, else gloo. False when not launched so."""
     if not active():
         if int(os.environ.get("WORLD_SIZE", "1")) < 2:
             return False
         nccl = torch.cuda.is_available() and os.environ.get("KIT_DEVICE", "cuda").startswith("cuda")
         if nccl:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(local_gpu())
         dist.init_process_group("nccl" if nccl else "gloo")
-    if dist.get_backend() == "nccl" and "LOCAL_RANK" in os.environ:
-        # also when a group exists already (accelerate's): NCCL's collectives run on the current
-        # device, and without this every rank would use cuda:0 ("Duplicate GPU detected" or a hang)
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if dist.get_backend() == "nccl":
+        # also when a group exists already (accelerate's): code outside the kit expects the current
+        # device to be this rank's, not cuda:0 on every rank (the kit's collectives pick it themselves)
+        torch.cuda.set_device(local_gpu())
     return True
 
 
@@ -68,11 +87,25 @@ def weighted_shard(costs) -> range:
     return range(start, start + owners.count(rank()))
 
 
-def _collective_device() -> torch.device:
-    """Where the backend reduces: the current GPU for NCCL, the CPU for gloo."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+@contextmanager
+def _on_this_gpu():
+    """For NCCL, make this rank's GPU (local_gpu) current for the block: NCCL runs object collectives
+    and barriers on the current GPU, which is cuda:0 on every rank unless someone set it (a group made
+    by the user's own init_process_group) - "Duplicate GPU detected" or a hang. Nothing for gloo."""
+    if not active() or dist.get_backend() != "nccl":
+        yield
+        return
+    with torch.cuda.device(local_gpu()):
+        yield
+
+
+def _reduce_device(device: torch.device) -> torch.device:
+    """Where all_sum reduces a tensor on `device`: for NCCL its own GPU, or this rank's (local_gpu) for
+    a CPU tensor, never the current GPU blindly (cuda:0 on every rank of a group the user made); the
+    CPU for gloo."""
+    if dist.get_backend() != "nccl":
+        return torch.device("cpu")
+    return device if device.type == "cuda" else local_gpu()
 
 
 def all_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -80,8 +113,8 @@ def all_sum(tensor: torch.Tensor) -> torch.Tensor:
     one process. Every rank must call it, with a tensor of the same shape and dtype."""
     if not active():
         return tensor
-    buffer = tensor.to(_collective_device(), copy=True)
-    dist.all_reduce(buffer)
+    buffer = tensor.to(_reduce_device(tensor.device), copy=True)
+    dist.all_reduce(buffer)  # NCCL runs it on the buffer's GPU, whichever is current
     return buffer.to(tensor.device)
 
 
@@ -109,7 +142,8 @@ def require_same(what: str, settings: dict) -> None:
     if not active():
         return
     gathered = [None] * world_size()
-    dist.all_gather_object(gathered, json.loads(json.dumps(settings, sort_keys=True, default=str)))
+    with _on_this_gpu():
+        dist.all_gather_object(gathered, json.loads(json.dumps(settings, sort_keys=True, default=str)))
     first = gathered[0]
     differ = [r for r, other in enumerate(gathered) if other != first]
     if differ:
@@ -136,7 +170,8 @@ def stop_together():
             raise error
         return
     gathered = [None] * world_size()
-    dist.all_gather_object(gathered, None if error is None else f"{type(error).__name__}: {error}")
+    with _on_this_gpu():
+        dist.all_gather_object(gathered, None if error is None else f"{type(error).__name__}: {error}")
     failed = [(r, message) for r, message in enumerate(gathered) if message is not None]
     if error is not None:
         raise error
@@ -155,7 +190,8 @@ def on_main(fn):
             payload = [(fn(), None)]
         except Exception as error:  # noqa: BLE001 - re-raised on every rank below
             payload = [(None, error)]
-    dist.broadcast_object_list(payload, src=0)
+    with _on_this_gpu():
+        dist.broadcast_object_list(payload, src=0)
     value, error = payload[0]
     if error is not None:
         raise error
@@ -164,5 +200,9 @@ def on_main(fn):
 
 def barrier() -> None:
     """Wait for every rank (e.g. until rank 0 has written what the others read next)."""
-    if active():
+    if not active():
+        return
+    if dist.get_backend() == "nccl":
+        dist.barrier(device_ids=[local_gpu().index])  # else NCCL guesses this rank's GPU
+    else:
         dist.barrier()
