@@ -62,6 +62,14 @@ def mixed_precision(dtype: torch.dtype, device: torch.device) -> dict[str, bool]
     return {"bf16": on_gpu and dtype == torch.bfloat16, "fp16": on_gpu and dtype == torch.float16}
 
 
+def free_bytes(device: torch.device) -> int:
+    """Bytes PyTorch can still allocate on the GPU `device`: what CUDA reports free plus what PyTorch's
+    caching allocator holds reserved but unallocated (free to PyTorch, yet counted as used by
+    torch.cuda.mem_get_info). Size chunks from this, never from mem_get_info alone."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
 def model_device(model) -> torch.device:
     """Where the model's inputs go: the device its input embeddings run on, which accelerate's hook
     names when they are dispatched or offloaded (their weights then wait on the meta device)."""

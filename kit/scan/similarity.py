@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from ..core import artifacts, distributed, layers
 from ..core.config import ScanConfig
-from ..core.device import model_device, provenance, require_finite
+from ..core.device import free_bytes, model_device, provenance, require_finite
 from ..core.progress import progress
 from ..core.sums import chunk_size, sum_by
 from ..core.text import encode, too_short
@@ -123,11 +123,11 @@ def _cosines(stack: torch.Tensor) -> torch.Tensor:
 def _chunk_tokens(positions: int, hidden: int, device: torch.device) -> int:
     """Tokens per pairwise-cosine chunk: _TOKEN_CHUNK, fewer where a chunk's buffers (the fp32 stack of
     [tokens, positions, hidden], one fp64 slice of it, fp64 [tokens, positions, positions] Gram matrix,
-    cosines and distances) would take more than a quarter of the GPU's free memory (0.7 GiB at 1,024
-    tokens, 33 positions and hidden 4,096)."""
+    cosines and distances) would take more than a quarter of the GPU's free memory (kit.core.device.free_bytes,
+    which counts PyTorch's cached blocks as free; 0.7 GiB at 1,024 tokens, 33 positions and hidden 4,096)."""
     if device.type != "cuda":
         return _TOKEN_CHUNK
-    free, _ = torch.cuda.mem_get_info(device)
+    free = free_bytes(device)
     per_token = positions * (hidden * 4 + min(hidden, _HIDDEN_SLICE) * 8) + 3 * positions**2 * 8
     return max(1, min(_TOKEN_CHUNK, free // 4 // per_token))
 
