@@ -10,9 +10,9 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 import kit
-from kit.core.block import Block, Sublayers
+from kit.core.block import Block, Layers, Sublayers
 from kit.evaluate import inference_cost
-from kit.prune import drop_layers, dropped
+from kit.prune import drop_layers, dropped, outside_view
 from kit.testing import assert_same_greedy
 
 
@@ -126,6 +126,52 @@ def test_generation_feeds_one_token_per_step_and_matches_recomputation(arch):
             logits.append(model(input_ids=ids, use_cache=False).logits[:, -1])
             ids = torch.cat([ids, logits[-1].argmax(-1, keepdim=True)], dim=1)
     assert_same_greedy(tokens, (ids[:, 28:], torch.stack(logits, dim=1)))
+
+
+def _view_model(name: str):
+    return kit.families.tiny_family_model(name, num_hidden_layers=6) if name == "gemma4_text" else kit.tiny_model(name)[0]
+
+
+@pytest.mark.parametrize(
+    "name, removal",
+    [("llama", Block(1, 3)), ("qwen2", Layers({0, 3, 5})), ("llama", Sublayers("mlp", {1, 4})),
+     ("gemma4_text", Layers({0, 2}))],  # Gemma 4: the view copies the kept slices of its per-layer input weights
+)  # fmt: skip
+def test_a_dropped_views_weights_are_those_of_the_model_with_the_layers_removed(name, removal):
+    """Its parameters and weight bytes equal drop_layers' on a copy; what it leaves out (outside_view) is all the
+    weights the process holds beyond the view's own, and nothing outside the view."""
+    model = _view_model(name)
+    full, cpu = inference_cost.weight_bytes(model), [torch.device("cpu")]
+    original = {id(p) for p in model.parameters()}
+    pruned = drop_layers(model, removal)
+    with dropped(model, removal):
+        assert inference_cost.parameters(model) == inference_cost.parameters(pruned)
+        assert inference_cost.weight_bytes(model) == inference_cost.weight_bytes(pruned) < full
+        copied = sum(p.nbytes for p in model.parameters() if id(p) not in original)  # per-layer slices, Gemma 3n/4 only
+        held = inference_cost._held_outside(model, cpu)
+        assert full + copied - held == inference_cost.weight_bytes(pruned) and outside_view(model)
+        assert inference_cost._held_outside(model, [torch.device("cuda", 0)]) == 0  # only what sits on the measured devices
+    assert outside_view(model) == [] and inference_cost._held_outside(model, cpu) == 0
+
+
+def test_the_peak_of_a_dropped_view_leaves_out_the_weights_of_the_removed_layers(monkeypatch):
+    # The measured peak mocked as a GPU's would be (no GPU here). On a GPU the removed layers' weights stay allocated
+    # beside the view, so torch.cuda.max_memory_allocated counted them: a view of half the layers reported about the
+    # full model's peak. The CPU's resident set holds them too.
+    model, tokenizer = kit.tiny_model("llama")
+    monkeypatch.setattr(inference_cost, "_reset_peak", lambda device, devices: True)
+    monkeypatch.setattr(inference_cost, "_peak", lambda device, devices: 10**9)
+    measure = lambda: inference_cost.cost(model, tokenizer, prompt_tokens=8, new_tokens=2, repeats=1)  # noqa: E731
+    full = inference_cost.weight_bytes(model)
+    assert measure().peak_memory_bytes == 10**9
+    with dropped(model, Block(1, 3)):
+        layers_gone = full - inference_cost.weight_bytes(model)
+        assert measure().peak_memory_bytes == 10**9 - layers_gone
+        with dropped(model, Sublayers("mlp", {0})):  # a view inside a view: what both leave out
+            both_gone = full - inference_cost.weight_bytes(model)
+            assert both_gone > layers_gone and measure().peak_memory_bytes == 10**9 - both_gone
+        assert measure().peak_memory_bytes == 10**9 - layers_gone
+    assert measure().peak_memory_bytes == 10**9
 
 
 def _peak_resettable() -> bool:

@@ -16,6 +16,7 @@ from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, DynamicSlidingW
 from ..core import layers
 from ..core.device import model_device
 from ..loaders.data import corpus
+from ..prune import outside_view
 from ..prune.sublayers import removed_attention
 
 
@@ -29,7 +30,8 @@ class CostResult:
     prefill_tokens_per_s: float  # prompt tokens of the whole batch per second of prefill
     decode_tokens_per_s: float  # generated tokens of the whole batch per second of cached decoding
     time_to_first_token_s: float  # prefill of the prompt up to the first generated token
-    peak_memory_bytes: int | None  # CUDA: peak allocated, summed over the model's GPUs; CPU: peak resident set of the process (None: unreadable)
+    peak_memory_bytes: int | None  # CUDA: peak allocated, summed over the model's GPUs; CPU: peak resident set of the process;
+    # less what a dropped view's removed layers still hold (see cost) (None: unreadable)
     device: str
     dtype: str
     context: int  # tokens per sequence in the cache after generation (prompt + new tokens - 1)
@@ -208,6 +210,15 @@ def _peak(device: torch.device, devices: list[torch.device]) -> int | None:
     return None
 
 
+def _held_outside(model, devices: list[torch.device]) -> int:
+    """Bytes on `devices` of the parameters a kit.prune.dropped view of `model` leaves out but keeps
+    allocated (each storage once, none the view itself uses); 0 outside a view."""
+    key = lambda p: (p.device, p.untyped_storage().data_ptr())  # noqa: E731
+    kept = {key(p) for p in model.parameters()}
+    held = {key(p): p.untyped_storage().nbytes() for p in outside_view(model) if p.device in devices}
+    return sum(size for where, size in held.items() if where not in kept)
+
+
 @contextmanager
 def _threads(device: torch.device, threads: int | None):
     """Fix the CPU thread count for the timing (yields it; None on GPU), and restore it afterwards."""
@@ -228,6 +239,14 @@ def cost(model, tokenizer, *, prompt_tokens: int = 128, new_tokens: int = 32, ba
 
     One untimed warm-up, then `repeats` times: prefill `batch_size` copies of a `prompt_tokens`-token
     prompt (the validation corpus), then greedy-decode with the KV cache up to `new_tokens` tokens.
+
+    Everything is about the model as it runs: inside kit.prune.dropped, the pruned model. Its parameters
+    and weight bytes are the view's (those of the model with the layers removed by drop_layers); its peak
+    memory is the measured peak less the bytes the view's removed layers (and sublayers) still hold on the
+    measured devices, what the same model with those layers really removed would have peaked at. On the
+    CPU the measure is the process's resident set, so that assumes their weights were read in (they are
+    once the full model has run).
+
     Args:
         threads: CPU threads for the timing (default: torch's current count); ignored on GPU.
     """
@@ -237,9 +256,12 @@ def cost(model, tokenizer, *, prompt_tokens: int = 128, new_tokens: int = 32, ba
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     with _threads(device, threads) as used:
         generate(model, prompt, new_tokens)
-        readable = _reset_peak(device, gpus(model) or [device])
+        measured = gpus(model) or [device]
+        readable = _reset_peak(device, measured)
         runs = [generate(model, prompt, new_tokens)[1:3] for _ in range(repeats)]
-        peak = _peak(device, gpus(model) or [device]) if readable else None
+        peak = _peak(device, measured) if readable else None
+    if peak is not None:
+        peak -= _held_outside(model, measured)
     prefill_s, decode_s = (tuple(seconds) for seconds in zip(*runs))
     context = prompt_tokens + new_tokens - 1
     return CostResult(

@@ -5,6 +5,7 @@ a mergekit recipe; the attention or MLP sublayers of some layers the same way (k
 
 import copy
 import math
+import weakref
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -217,6 +218,32 @@ def _check_attention_kept(model: nn.Module, removed: Block | Layers) -> None:
         )
 
 
+_OUTSIDE = weakref.WeakKeyDictionary()  # model in a `dropped` view -> the parameters the view leaves out
+
+
+def outside_view(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters that the `dropped` views `model` (or a module inside it) is in leave out yet keep
+    allocated: the removed layers' and sublayers', and the whole per-layer weights whose kept slices the
+    view copies. What kit.evaluate.cost takes off a view's measured peak memory; [] outside a view."""
+    return [p for module in model.modules() for p in _OUTSIDE.get(module, [])]
+
+
+@contextmanager
+def _noting_outside(model: nn.Module, before: list[nn.Parameter]):
+    """For the block, record which of the parameters `before` (the model's before the view) the view
+    leaves out, after those of any view it sits in."""
+    kept = {id(p) for p in model.parameters()}
+    enclosing = _OUTSIDE.get(model)
+    _OUTSIDE[model] = [*(enclosing or []), *(p for p in before if id(p) not in kept)]
+    try:
+        yield
+    finally:
+        if enclosing is None:
+            del _OUTSIDE[model]
+        else:
+            _OUTSIDE[model] = enclosing
+
+
 @contextmanager
 def dropped(model: nn.Module, block: Removal | Sublayers):
     """Remove the layers `block` names from `model` for the duration of a `with` block, without copying
@@ -226,17 +253,22 @@ def dropped(model: nn.Module, block: Removal | Sublayers):
     the layer indices as `drop_layers` does; on exit, even on an exception, everything is restored
     exactly. Meant for sweeps that evaluate many blocks on one loaded model. The kept modules compute
     what they computed before, so layers whose removal the config cannot express (drop_layers
-    refuses them) are still measured here.
+    refuses them) are still measured here. The removed layers' weights stay in memory: outside_view
+    names them.
 
     Args:
         model: the causal LM (possibly dispatched by accelerate).
         block: the layers to remove: a Block, Layers, or any iterable of layer indices such as {0, 2};
             or Sublayers, the attention or MLP sublayers of some layers (kit.prune.sublayers).
     """
-    if isinstance(block, Sublayers):
-        with sublayers.dropped_sublayers(model, block):
-            yield model
-        return
+    before = list(model.parameters())
+    view = sublayers.dropped_sublayers(model, block) if isinstance(block, Sublayers) else _dropped_layers(model, block)
+    with view, _noting_outside(model, before):
+        yield model
+
+
+@contextmanager
+def _dropped_layers(model: nn.Module, block: Removal):
     sublayers.refuse_whole_layers(model)
     original = layers.decoder_layers(model)
     kept, edits = _removal(model, as_layers(block))
@@ -245,7 +277,7 @@ def dropped(model: nn.Module, block: Removal | Sublayers):
         for obj, name, value in edits:
             setattr(obj, name, value)
         layers.set_decoder_layers(model, kept)
-        yield model
+        yield
     finally:
         layers.set_decoder_layers(model, original)
         for obj, name, value in reversed(saved):
