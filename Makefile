@@ -36,7 +36,7 @@ lab:  ## JupyterLab on the notebooks
 reports:  ## notebooks 01-05 headless on the embedded model -> reports/ (HTML, figures, artifacts)
 	$(PY) -m kit.experiments.reports --out reports
 
-bench:  ## benchmarks: ratios measured in one run
+bench:  ## benchmarks: ratios measured in one run, always on the CPU (bench/__main__.py hides any GPU)
 	TQDM_DISABLE=1 $(PY) -m bench
 
 gpu-check:  ## on a GPU machine (offline): parts full and 4bit (PART=full or PART=4bit runs one); see README "On a GPU"
