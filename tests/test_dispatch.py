@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 import kit
 from kit import prune
@@ -117,3 +118,18 @@ def test_ablation_oracle_equals_the_undispatched_model(pair):
     plain, spread = (kit.ablation_losses(m, tokenizer, texts, ns=[1, 2], max_length=32, batch_size=2) for m in (model, dispatched))
     np.testing.assert_allclose(spread.loss, plain.loss, rtol=1e-6)
     np.testing.assert_allclose(spread.kl, plain.kl, rtol=1e-5, atol=1e-9)
+
+
+def test_removed_sublayers_of_offloaded_layers_are_saved_as_zeros(pair, tmp_path, long_prompt):
+    """A removed child of a layer offloaded to disk (its weights wait on the meta device) is materialised on the
+    CPU, as accelerate's device map says, not on the meta device: the saved checkpoint computes the pruned model."""
+    model, dispatched, tokenizer = pair
+    removed = kit.Sublayers("mlp", {1, 3})  # layer 1 on disk, layer 3 on the CPU
+    with prune.dropped(dispatched, removed):
+        with kit.prune.sublayers.materialised(dispatched):
+            assert {str(p.device) for p in kit.core.layers.decoder_layers(dispatched)[1].mlp.parameters()} == {"cpu"}
+        kit.save_pruned(dispatched, tokenizer, tmp_path / "pruned")
+    written = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", dtype=torch.float32)
+    ids = long_prompt(tokenizer)
+    with torch.no_grad(), kit.testing.zeroed_sublayers(model, "mlp", removed.layers):
+        torch.testing.assert_close(written(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
