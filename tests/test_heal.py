@@ -338,6 +338,20 @@ def test_healing_a_model_on_a_second_gpu_without_a_launcher_says_how(monkeypatch
     assert not any(tmp_path.iterdir())  # stopped before anything was written
 
 
+def test_a_4bit_copy_of_a_model_over_gpus_is_loaded_over_the_same_gpus(monkeypatch, tmp_path):
+    # Mocked loading (no GPU here; tests/test_dispatch.py copies a model dispatched over CPU and disk for real). On
+    # GPUs, the 4-bit copy of a 70B dispatched over several was loaded whole on cuda:0.
+    model, tokenizer = kit.tiny_model("llama", num_layers=2)
+    over_gpus = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 1, "model.norm": 1, "lm_head": 1}
+    model.hf_device_map = dict(over_gpus)
+    placements = []
+    monkeypatch.setattr(kit.healing.lora, "load_model", lambda path, **kwargs: placements.append(kwargs) or (model, tokenizer))
+    kit.healing.lora.reloaded(model, tokenizer, "4bit", tmp_path)
+    model.hf_device_map["model.layers.1"] = "cpu"  # bitsandbytes offloads no 4-bit weights: accelerate plans the copy
+    kit.healing.lora.reloaded(model, tokenizer, "4bit", tmp_path)
+    assert [p.get("device_map") for p in placements] == [over_gpus, "auto"] and "device" not in placements[0]
+
+
 def test_a_pruned_4bit_model_is_written_from_its_full_precision_weights(tmp_path):
     model, tokenizer = kit.tiny_model("llama")
     model.save_pretrained(tmp_path / "base", max_shard_size="100KB")  # several shards, streamed one by one
