@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 import kit
 from kit import prune
@@ -16,6 +17,7 @@ from kit.core.device import model_device
 from kit.evaluate import boolq, metrics, mmlu, validation_loss
 from kit.experiments import sweep
 from kit.loaders import data
+from kit.prune.sublayers import RemovedSublayer
 
 BLOCK = kit.Block(1, 2)
 
@@ -117,3 +119,35 @@ def test_ablation_oracle_equals_the_undispatched_model(pair):
     plain, spread = (kit.ablation_losses(m, tokenizer, texts, ns=[1, 2], max_length=32, batch_size=2) for m in (model, dispatched))
     np.testing.assert_allclose(spread.loss, plain.loss, rtol=1e-6)
     np.testing.assert_allclose(spread.kl, plain.kl, rtol=1e-5, atol=1e-9)
+
+
+def test_removed_sublayers_of_offloaded_layers_are_saved_as_zeros(pair, tmp_path, long_prompt):
+    """A removed child of a layer offloaded to disk (its weights wait on the meta device) is materialised on the
+    CPU, as accelerate's device map says, not on the meta device: the saved checkpoint computes the pruned model."""
+    model, dispatched, tokenizer = pair
+    removed = kit.Sublayers("mlp", {1, 3})  # layer 1 on disk, layer 3 on the CPU
+    with prune.dropped(dispatched, removed):
+        with kit.prune.sublayers.materialised(dispatched):
+            assert {str(p.device) for p in kit.core.layers.decoder_layers(dispatched)[1].mlp.parameters()} == {"cpu"}
+        kit.save_pruned(dispatched, tokenizer, tmp_path / "pruned")
+    written = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", dtype=torch.float32)
+    ids = long_prompt(tokenizer)
+    with torch.no_grad(), kit.testing.zeroed_sublayers(model, "mlp", removed.layers):
+        torch.testing.assert_close(written(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_a_copy_through_a_checkpoint_is_dispatched_as_the_model(pair, tmp_path, long_prompt):
+    """Healing copies a model through a checkpoint (to quantize it): a dispatched model's copy keeps its device map,
+    its offloaded layers offloaded (on GPUs: a 70B over its GPUs, not whole on cuda:0) and its removed sublayers
+    removed; a 4-bit copy of an offloaded model, which bitsandbytes cannot offload, is placed by accelerate."""
+    model, dispatched, tokenizer = pair
+    removed = kit.Sublayers("mlp", {1, 3})
+    with prune.dropped(dispatched, removed):
+        copied = kit.healing.lora.reloaded(dispatched, tokenizer, None, tmp_path)
+        quantized = kit.healing.lora.reloaded(dispatched, tokenizer, "4bit", tmp_path)  # the same map would be refused
+    assert copied.hf_device_map == dispatched.hf_device_map
+    assert {str(p.device) for p in kit.core.layers.decoder_layers(copied)[2].parameters()} == {"meta"}  # on disk
+    ids = long_prompt(tokenizer)
+    with torch.no_grad(), kit.testing.zeroed_sublayers(model, "mlp", removed.layers):
+        torch.testing.assert_close(copied(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
+    assert quantized.is_loaded_in_4bit and isinstance(kit.core.layers.decoder_layers(quantized)[3].mlp, RemovedSublayer)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import TrainerCallback
+from transformers import AutoModelForCausalLM, TrainerCallback
 
 import kit
 from kit.healing.lora import lora_model
@@ -338,6 +338,20 @@ def test_healing_a_model_on_a_second_gpu_without_a_launcher_says_how(monkeypatch
     assert not any(tmp_path.iterdir())  # stopped before anything was written
 
 
+def test_a_4bit_copy_of_a_model_over_gpus_is_loaded_over_the_same_gpus(monkeypatch, tmp_path):
+    # Mocked loading (no GPU here; tests/test_dispatch.py copies a model dispatched over CPU and disk for real). On
+    # GPUs, the 4-bit copy of a 70B dispatched over several was loaded whole on cuda:0.
+    model, tokenizer = kit.tiny_model("llama", num_layers=2)
+    over_gpus = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 1, "model.norm": 1, "lm_head": 1}
+    model.hf_device_map = dict(over_gpus)
+    placements = []
+    monkeypatch.setattr(kit.healing.lora, "load_model", lambda path, **kwargs: placements.append(kwargs) or (model, tokenizer))
+    kit.healing.lora.reloaded(model, tokenizer, "4bit", tmp_path)
+    model.hf_device_map["model.layers.1"] = "cpu"  # bitsandbytes offloads no 4-bit weights: accelerate plans the copy
+    kit.healing.lora.reloaded(model, tokenizer, "4bit", tmp_path)
+    assert [p.get("device_map") for p in placements] == [over_gpus, "auto"] and "device" not in placements[0]
+
+
 def test_a_pruned_4bit_model_is_written_from_its_full_precision_weights(tmp_path):
     model, tokenizer = kit.tiny_model("llama")
     model.save_pretrained(tmp_path / "base", max_shard_size="100KB")  # several shards, streamed one by one
@@ -352,3 +366,40 @@ def test_a_pruned_4bit_model_is_written_from_its_full_precision_weights(tmp_path
     assert "quantization_config" not in written.config.to_dict() and written.config.pruned_blocks == [[2, 2]]
     assert written.state_dict().keys() == expected.state_dict().keys()
     assert all(torch.equal(v, expected.state_dict()[k]) for k, v in written.state_dict().items())
+
+
+@torch.no_grad()
+def test_a_4bit_model_without_mlps_is_written_computing_without_them(tmp_path, smollm):
+    """SmolLM2 loaded 4-bit without the MLPs of layers 3, 10 and 20, written from its full-precision weights: plain
+    transformers (as lm-eval or vLLM load it) computes the fp32 model without those MLPs, not the unpruned one."""
+    model, tokenizer = smollm
+    removed = kit.Sublayers("mlp", [3, 10, 20])
+    quantized, _ = load_model("smollm2-135m", quantize="4bit")
+    kit.healing.merge.save_pruned_full_precision(kit.drop_layers(quantized, removed, inplace=True), tokenizer, tmp_path / "out")
+    written = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    ids = tokenizer("The capital of France is Paris, and the capital of Italy is", return_tensors="pt").input_ids
+    with kit.testing.zeroed_sublayers(model, "mlp", removed.layers):  # the branches' outputs zeroed by hooks
+        expected = model(ids).logits
+    torch.testing.assert_close(written(ids).logits, expected, atol=1e-4, rtol=0)
+
+
+@torch.no_grad()
+def test_a_4bit_model_without_a_block_and_sublayers_is_written_with_them_zero(tmp_path, long_prompt):
+    """Whole layers removed, then sublayers named by the pruned model's indices: the written checkpoint zeroes the
+    children of the renumbered layers, not of the base's layers of those indices."""
+    model, tokenizer = kit.tiny_model("llama")  # 6 layers
+    model.save_pretrained(tmp_path / "base", max_shard_size="100KB")
+    tokenizer.save_pretrained(tmp_path / "base")
+    pruned, _ = load_model(str(tmp_path / "base"), device="cpu", quantize="4bit")
+    for removal in (kit.Block(1, 2), kit.Sublayers("mlp", [0, 2]), kit.Sublayers("attention", [3])):  # 2, 3 = base 4, 5
+        pruned = kit.drop_layers(pruned, removal, inplace=True)
+    kit.healing.merge.save_pruned_full_precision(pruned, tokenizer, tmp_path / "out")
+    written = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    zero = [[bool(torch.count_nonzero(p) == 0) for p in m.parameters()] for layer in kit.core.layers.decoder_layers(written)
+            for m in (layer.self_attn, layer.mlp)]  # fmt: skip
+    assert [all(z) for z in zero] == [False, True, False, False, False, True, True, False]  # (attention, mlp) per layer
+    ids = long_prompt(tokenizer)
+    with kit.prune.dropped(model, kit.Block(1, 2)), kit.testing.zeroed_sublayers(model, "mlp", [0, 2]):
+        with kit.testing.zeroed_sublayers(model, "attention", [3]):
+            expected = model(ids).logits
+    torch.testing.assert_close(written(ids).logits, expected, atol=1e-5, rtol=0)

@@ -14,7 +14,7 @@ import kit
 from kit.core import layers
 from kit.core.block import Block, Layers, Sublayers
 from kit.prune import dropped
-from kit.prune.sublayers import RemovedSublayer
+from kit.prune.sublayers import RemovedSublayer, materialised
 from kit.testing import assert_same_greedy, bypassed, greedy, zeroed_sublayers
 
 SET = {0, 2, 5}  # the first layer (whose cache counts positions), one in the middle, the last
@@ -228,6 +228,21 @@ def test_inplace_frees_the_weights_and_dropped_restores_after_an_exception(snaps
     assert kit.drop_layers(model, Sublayers("mlp", {1, 2}), inplace=True) is model
     skeleton = layers.decoder_layers(model)[1].mlp.skeleton
     assert all(p.is_meta for p in skeleton.parameters()) and not [n for n, _ in model.named_parameters() if ".1.mlp." in n]
+
+
+def test_each_removed_child_is_materialised_on_its_layers_device():
+    """Layers on two devices (3 to 5 on the meta device, standing in for a second GPU): the zeros a save writes for
+    each removed child sit on its own layer's device, not all on the first parameter's (cuda:0 for a dispatched 70B)."""
+    pruned = kit.drop_layers(kit.tiny_model("llama")[0], Sublayers("mlp", {1, 4}))
+    pruned = kit.drop_layers(pruned, Sublayers("attention", {2, 5}), inplace=True)
+    for layer in layers.decoder_layers(pruned)[3:]:
+        layer.to("meta")
+    with materialised(pruned):
+        placed = {(i, name): {str(p.device) for p in getattr(layer, name).parameters()}
+                  for i, layer in enumerate(layers.decoder_layers(pruned)) for name in ("self_attn", "mlp")}  # fmt: skip
+        zero = all(torch.count_nonzero(p) == 0 for p in layers.decoder_layers(pruned)[1].mlp.parameters())
+    assert placed == {(i, name): {"cpu" if i < 3 else "meta"} for i in range(6) for name in ("self_attn", "mlp")} and zero
+    assert isinstance(layers.decoder_layers(pruned)[4].mlp, RemovedSublayer)  # restored after the block
 
 
 def test_load_model_removes_them_again(tmp_path, long_prompt):

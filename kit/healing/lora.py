@@ -5,7 +5,7 @@ kit.healing.merge merges them into the weights."""
 
 import tempfile
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from torch import nn
@@ -94,13 +94,32 @@ def lora_model(model: nn.Module, config: HealConfig):
         return get_peft_model(model, lora)
 
 
+def _placement(model: nn.Module, quantize: str | None) -> dict:
+    """load_model's placement of a copy of `model`: its device; for a model accelerate dispatched, its device
+    map (a 70B over its GPUs, not whole on the first), but accelerate's own plan ("auto") for a 4-bit copy of
+    a model offloaded to the CPU or disk: bitsandbytes offloads no 4-bit weights, and the copy is smaller."""
+    device_map = getattr(model, "hf_device_map", None)
+    if not device_map:
+        return {"device": model_device(model)}
+    offloaded = quantize is not None and {"cpu", "disk"} & set(device_map.values())
+    return {"device_map": "auto" if offloaded else dict(device_map)}
+
+
 def reloaded(model: nn.Module, tokenizer, quantize: str | None, scratch: Path) -> nn.Module:
-    """A new copy of `model` (quantized if asked), loaded from a temporary checkpoint in `scratch`:
-    how a 4-bit model is copied (bitsandbytes quantizes while loading)."""
+    """A new copy of `model` (quantized if asked), placed as it is (_placement), loaded from a temporary
+    checkpoint in `scratch`: how a 4-bit model is copied (bitsandbytes quantizes while loading). A copy with
+    layers offloaded to disk reads their weights from that checkpoint, which then stays in `scratch`."""
     scratch.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=scratch, prefix=".unquantized.") as tmp, materialised(model):
+    placement = _placement(model, quantize)
+    on_disk = isinstance(placement.get("device_map"), dict) and "disk" in placement["device_map"].values()
+    if on_disk:
+        folder = nullcontext(tempfile.mkdtemp(dir=scratch, prefix=".offloaded."))
+    else:
+        folder = tempfile.TemporaryDirectory(dir=scratch, prefix=".unquantized.")
+    with folder as tmp, materialised(model):
         model.save_pretrained(tmp)  # removed sublayers as zero weights, which load_model removes again
         tokenizer.save_pretrained(tmp)
-        quantized = load_model(tmp, quantize=quantize, device=model_device(model))[0]
+        offload = Path(tmp) / "offload" if on_disk else None  # weights transformers converts while loading
+        quantized = load_model(tmp, quantize=quantize, offload_folder=offload, **placement)[0]
     quantized.name_or_path, quantized.config._name_or_path = model.name_or_path, model.config._name_or_path  # not tmp
     return quantized

@@ -12,10 +12,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..core.artifacts import atomic_dir, read_json, write_json
-from ..core.layers import anatomy
+from ..core.layers import anatomy, decoder_layers
 from ..core.progress import progress
 from ..loaders.models import resolve
 from ..prune import pruned_before
+from ..prune.sublayers import RemovedSublayer
 
 
 def _checkpoint_folder(base) -> Path:
@@ -133,11 +134,23 @@ def merge_adapter(base, adapter_path, out_dir) -> Path:
     return Path(out_dir)
 
 
+def _removed_children(model, prefix: str) -> tuple[tuple[str, ...], set[str]]:
+    """The checkpoint-name prefixes of the model's removed sublayers (RemovedSublayer children), by the indices
+    of its layers as they are, which the written checkpoint's are (whole layers go before sublayers); and the
+    names of their buffers, which kit.save_pruned writes as they are."""
+    children = [(f"{prefix}{index}.{name}.", child.skeleton) for index, layer in enumerate(decoder_layers(model))
+                for name, child in layer.named_modules() if isinstance(child, RemovedSublayer)]  # fmt: skip
+    buffers = {start + name for start, skeleton in children for name, _ in skeleton.named_buffers()}
+    return tuple(start for start, _ in children), buffers
+
+
 def save_pruned_full_precision(model, tokenizer, out_dir) -> Path:
     """The checkpoint of a pruned model loaded 4-bit, written from the full-precision weights it was
     loaded from (model.name_or_path), streamed shard by shard: the layers it lacks dropped, the others
-    renumbered, its pruned config without the quantization. merge_adapter takes it as a base (a 4-bit
-    checkpoint it refuses); notebook 02 writes it with QUANTIZE="auto" on a model too big for the GPU."""
+    renumbered, the parameters of its removed sublayers written as zeros (as kit.save_pruned writes them:
+    plain transformers computes the pruned network), its pruned config without the quantization.
+    merge_adapter takes it as a base (a 4-bit checkpoint it refuses); notebook 02 writes it with
+    QUANTIZE="auto" on a model too big for the GPU."""
     source = _checkpoint_folder(model.name_or_path)
     base_pruned = pruned_before(SimpleNamespace(**read_json(source / "config.json")))
     total = model.config.num_hidden_layers + len(pruned_before(model.config))
@@ -145,6 +158,7 @@ def save_pruned_full_precision(model, tokenizer, out_dir) -> Path:
     kept = [i for i in range(total) if i not in pruned_before(model.config)]
     renumber = {s: kept.index(o) for s, o in enumerate(originals) if o in kept}  # base index -> pruned index
     prefix = anatomy(model).layers + "."
+    removed, buffers = _removed_children(model, prefix)
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     with atomic_dir(out_dir) as tmp:
@@ -158,7 +172,10 @@ def save_pruned_full_precision(model, tokenizer, out_dir) -> Path:
                         continue
                     layer, rest = name.removeprefix(prefix).split(".", 1)
                     if int(layer) in renumber:
-                        tensors[f"{prefix}{renumber[int(layer)]}.{rest}"] = f.get_tensor(name)
+                        renamed = f"{prefix}{renumber[int(layer)]}.{rest}"
+                        tensor = f.get_tensor(name)
+                        zero = renamed.startswith(removed) and renamed not in buffers
+                        tensors[renamed] = torch.zeros_like(tensor) if zero else tensor
                 metadata = f.metadata()
             save_file(tensors, tmp / shard.name, metadata=metadata)
             index.update(dict.fromkeys(tensors, shard.name))

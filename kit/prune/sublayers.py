@@ -186,17 +186,45 @@ def _zeroed(skeleton: nn.Module, device: torch.device) -> nn.Module:
     return copy.deepcopy(skeleton, memo)
 
 
+def _mapped(device_map: dict, name: str) -> torch.device | None:
+    """Where accelerate's device map (hf_device_map) puts the module `name`, by its longest enclosing entry; a
+    module offloaded to the CPU or disk on the CPU, where its weights are read from."""
+    keys = [key for key in device_map if key in ("", name) or name.startswith(key + ".")]
+    if not keys:
+        return None
+    value = device_map[max(keys, key=len)]
+    return torch.device("cuda", value) if isinstance(value, int) else torch.device("cpu" if value == "disk" else value)
+
+
+def _layer_devices(model: nn.Module) -> dict[int, torch.device]:
+    """{id of each module inside a decoder layer: its layer's device}: the device of the layer's parameters; for a
+    layer whose weights accelerate offloaded (on the meta device), or with no parameters left, where its device
+    map puts it; else the device of the layer before it (of the model's first parameter for layer 0)."""
+    device_map = getattr(model, "hf_device_map", None) or {}
+    prefix = layers.anatomy(model).layers
+    device = next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
+    devices = {}
+    for index, layer in enumerate(layers.decoder_layers(model)):
+        own = next((p.device for p in layer.parameters()), None)
+        mapped = _mapped(device_map, f"{prefix}.{index}")
+        device = mapped if mapped is not None and (own is None or own.type == "meta") else own or device
+        devices.update(dict.fromkeys(map(id, layer.modules()), device))
+    return devices
+
+
 @contextmanager
 def materialised(model: nn.Module):
     """`model` with every RemovedSublayer replaced by its child with zero parameters, for a `with` block (a
     save): a plain checkpoint then computes what the pruned model does (zero weights make an attention,
-    Mamba, linear-attention or MLP child return exactly zero)."""
-    device = next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
+    Mamba, linear-attention or MLP child return exactly zero). Each child's zeros sit on its own layer's
+    device (_layer_devices): a model dispatched over GPUs gets back on each GPU at most what its removed
+    children held there before."""
     stand_ins = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
                  if isinstance(child, RemovedSublayer)]  # fmt: skip
+    devices = _layer_devices(model) if stand_ins else {}
     try:
         for parent, name, child in stand_ins:
-            setattr(parent, name, _zeroed(child.skeleton, device))
+            setattr(parent, name, _zeroed(child.skeleton, devices[id(parent)]))
         yield model
     finally:
         for parent, name, child in stand_ins:
