@@ -5,8 +5,11 @@ gives the smallest mean next-token loss on calibration texts.
 Per batch the current pruned model's layer inputs are stored with their calls (kit.choose.replay);
 the candidate at layer j re-runs only layer j (bypassed, or with its branch zeroed by a forward hook)
 and the layers after it, from the stored input of layer j. With one batch the stored inputs are kept
-across steps, those after the winner replaced by the states its candidate run computed; with several,
-one pass of the pruned model per batch and step stores them again (memory stays one batch's)."""
+across steps, those after the winner replaced by the states of its candidate run, run once more; with
+several, one pass of the pruned model per batch and step stores them again. Memory: one batch's residual
+stream at the L + 1 positions and the one state a candidate run is at, never a candidate's whole stream.
+A candidate whose loss comes out inf or NaN (a half-precision overflow) never wins; if every one does,
+the removal stops with advice."""
 
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +18,7 @@ import numpy as np
 import torch
 
 from ..core import artifacts, distributed, layers
-from ..core.device import model_device
+from ..core.device import model_device, require_finite
 from ..core.progress import progress
 from ..core.text import encode, too_short
 from . import replay
@@ -82,21 +85,30 @@ class _Batch:
         self.hidden = [*(layers.layer_input(*call) for call in self.calls), inputs.output]
 
 
-def _candidate(model, batch: _Batch, unit: str, j: int, gone: list[int], children) -> list[torch.Tensor]:
-    """The residual stream at positions j+1..L with unit j removed on top of `gone` (whose branches the
-    caller keeps zeroed), from the stored input of layer j."""
+def _candidate(model, batch: _Batch, unit: str, j: int, gone: list[int], children, keep=None) -> torch.Tensor:
+    """The residual stream after the last layer with unit j removed on top of `gone` (whose branches the
+    caller keeps zeroed), from the stored input of layer j; `keep(i, state)` is given the states at
+    positions j+1..L on the way."""
     decoder = layers.decoder_layers(model)
     if unit == "layers":
         hidden = batch.hidden[j]
     else:
         with removed(model, unit, [j], children=children):
             hidden = replay.run_layer(decoder[j], batch.calls[j], batch.hidden[j])
-    states = [hidden]
-    for i in range(j + 1, len(decoder)):
-        if not (unit == "layers" and i in gone):
+    for i in range(j + 1, len(decoder) + 1):
+        if keep is not None:
+            keep(i, hidden)
+        if i < len(decoder) and not (unit == "layers" and i in gone):
             hidden = replay.run_layer(decoder[i], batch.calls[i], hidden)
-        states.append(hidden)
-    return states
+    return hidden
+
+
+def _winner(sums: torch.Tensor, left: list[int], model) -> int:
+    """The candidate of least loss, the first on ties; inf and NaN (an overflow) never win."""
+    losses = sums[left].numpy()
+    finite = np.isfinite(losses)
+    require_finite(bool(finite.any()), "the loss of every greedy candidate", model)
+    return left[int(np.argmin(np.where(finite, losses, np.inf)))]
 
 
 def _check(model, tokenizer, texts, unit: str, steps: int, batch_size: int, max_length: int) -> None:
@@ -143,7 +155,7 @@ def greedy_removal(
     model.eval()
     try:
         for step in progress(range(steps), desc=f"greedy removal of {unit}", unit="step", show=distributed.is_main()):
-            sums, count, best = torch.zeros(L + 1, dtype=torch.float64), 0, None  # sums[L]: the current model
+            sums, count = torch.zeros(L + 1, dtype=torch.float64), 0  # sums[L]: the current model
             left = [j for j in range(L) if j not in gone]
             for first in firsts:
                 if stored is None:
@@ -154,18 +166,17 @@ def greedy_removal(
                     sums[L] += replay.loss_sum(score, batch.hidden[L], batch.scored, batch.targets)
                 with removed(model, unit, gone if unit in SUBLAYERS else [], children=children):
                     for j in left:
-                        states = _candidate(model, batch, unit, j, gone, children)
-                        sums[j] += replay.loss_sum(score, states[-1], batch.scored, batch.targets)
-                        if keep and (best is None or sums[j] < sums[best[0]]):
-                            best = (j, states)
+                        final = _candidate(model, batch, unit, j, gone, children)
+                        sums[j] += replay.loss_sum(score, final, batch.scored, batch.targets)
                 stored = batch if keep else None
             sums, count = distributed.all_sum(torch.cat([sums, torch.tensor([float(count)], dtype=torch.float64)])).split([L + 1, 1])
-            winner = left[int(np.argmin(sums[left].numpy()))]  # the first on ties, as `best` above
+            winner = _winner(sums, left, model)
             mean = (sums / count).numpy()
             base = float(mean[L]) if step == 0 else base
             candidates[step, left] = mean[left]
-            if keep:
-                stored.hidden[winner + 1 :] = best[1]  # best[0] == winner: one batch, one process, the same sums
+            if keep:  # the winner's run again (the same arithmetic, the same states), stored in place
+                with removed(model, unit, gone if unit in SUBLAYERS else [], children=children):
+                    _candidate(model, stored, unit, winner, gone, children, keep=stored.hidden.__setitem__)
             gone.append(winner)
             losses.append(float(mean[winner]))
     finally:

@@ -12,10 +12,12 @@ from torch.utils._pytree import tree_flatten
 
 @dataclass
 class Measured:
-    """What a `measure()` block allocated: its peak of live tensor bytes, and the bytes still live at its end."""
+    """What a `measure()` block allocated: its peak of live tensor bytes, the bytes still live at its end,
+    and the largest single tensor storage (e.g. a [tokens, vocab] logits tensor where only chunks belong)."""
 
     peak: int = 0
     held: int = 0
+    largest: int = 0
 
     def in_weights(self, weight_bytes: int) -> float:
         """The peak in multiples of `weight_bytes`."""
@@ -52,6 +54,7 @@ class _LiveTensorBytes(TorchDispatchMode):
                 self.live[key] = storage.nbytes()
                 self.measured.held += storage.nbytes()
                 self.measured.peak = max(self.measured.peak, self.measured.held)
+                self.measured.largest = max(self.measured.largest, storage.nbytes())
                 weakref.finalize(storage, self._free, key)
         return out
 
