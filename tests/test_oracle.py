@@ -155,3 +155,26 @@ def test_compare_criteria_bad_input():
         compare_criteria(L4, distances=[other])
     with pytest.raises(ValueError, match=r"block sizes \[2\] were not measured on the held-out texts; measured: \[1\]"):
         compare_criteria(L4, ns=[1, 2])
+
+
+def test_never_holds_the_unpruned_log_probs_of_every_token():
+    """32 texts x 32 tokens (992 scored): the unpruned model's log-probs are computed again per chunk of 256
+    tokens, never kept as one [scored tokens, vocab] fp32 table (2 GiB at 16 x 256 tokens and a 128k vocabulary)."""
+    from kit.core.memory import measure
+
+    model, tokenizer = kit.tiny_model("llama", num_layers=4)
+    texts = [text[:400] for text in kit.loaders.data.corpus("validation")[:32]]
+    with measure() as memory:
+        ablation_losses(model, tokenizer, texts, ns=[1], max_length=32, batch_size=32)
+    vocab = model.config.vocab_size
+    assert memory.largest <= kit.choose.replay.TOKEN_CHUNK * vocab * 4 < 992 * vocab * 4, memory.largest
+
+
+def test_a_block_whose_loss_overflowed_never_wins():
+    loss = np.full((5, 5), np.nan)
+    loss[0, 0], loss[2, :3] = 3.0, [np.nan, 3.5, np.inf]  # block (0, 2) came out NaN, block (2, 2) inf
+    oracle = Ablation(loss, np.zeros((5, 5)))
+    assert oracle.best_block(2) == kit.Block(1, 2)
+    loss[2, 1] = np.nan
+    with pytest.raises(FloatingPointError, match="every block of 2 layers came out inf or NaN.*float32 or bfloat16"):
+        Ablation(loss, np.zeros((5, 5))).best_block(2)

@@ -55,11 +55,16 @@ class Ablation:
         return [n for n in range(1, self.num_layers + 1) if not np.isnan(self.loss[n]).all()]
 
     def best_block(self, n: int) -> Block:
-        """The block of n layers whose removal costs the least loss (first one on ties)."""
+        """The block of n layers whose removal costs the least loss (first one on ties); a block whose loss
+        came out inf or NaN (a half-precision overflow) never wins."""
         Block(0, n).check(self.num_layers)
         if n not in self.ns:
             raise ValueError(f"block size n={n} was not measured; measured: {self.ns}. Pass it in ablation_losses(ns=...)")
-        return Block(int(np.nanargmin(self.loss[n])), n)
+        row = self.loss[n, : self.num_layers - n + 1]
+        if not np.isfinite(row).any():
+            raise FloatingPointError(f"the loss of every block of {n} layers came out inf or NaN: the model overflows in "
+                                     "half precision; measure it again in float32 or bfloat16 (kit.load_model(..., dtype=...))")  # fmt: skip
+        return Block(int(np.argmin(np.where(np.isfinite(row), row, np.inf))), n)
 
     def save(self, path: str | Path) -> Path:
         """One safetensors file; `meta` goes into its header as JSON. Written atomically."""
@@ -92,7 +97,8 @@ def ablation_losses(
         texts: the texts scored, each with at least two tokens (batched and truncated like validation_loss).
         ns: block sizes to measure (default: every size 1 .. L-1); other rows stay NaN.
         model_name: recorded in meta["model"] (default: model.name_or_path).
-    Memory: one batch's layer inputs, the unpruned log-probs of its tokens, and one chunk of logits.
+    Memory: one batch's layer inputs and last-layer output, and one chunk of logits: the unpruned model's
+    log-probs are computed again for each chunk, never kept for all tokens (2 GiB at a 128k vocabulary).
     Under torch.distributed each rank measures its share of the batches and every rank returns the sums of all.
     """
     if isinstance(texts, str) or not texts:
@@ -123,17 +129,16 @@ def ablation_losses(
             calls = inputs.calls
             if len(calls) != L or inputs.output is None:
                 raise RuntimeError(f"captured the inputs of {len(calls)} layers, expected {L}")
-            reference = torch.cat([head(h).log_softmax(-1) for h in replay.scored_chunks(inputs.output, scored)])
-            targets = targets.to(reference.device)  # the LM head's device, under a device_map not the inputs'
-            loss[0] += F.nll_loss(reference, targets, reduction="sum").item()
+            unpruned = replay.scored_chunks(inputs.output, scored)  # the unpruned model's last states, chunked
+            loss[0] += replay.loss_sum(head, inputs.output, scored, targets)
             for block in blocks:
                 hidden = layers.layer_input(*calls[block.start])
                 for index in range(block.end, L):
                     hidden = replay.run_layer(decoder[index], calls[index], hidden)
                 done = 0
-                for chunk in replay.scored_chunks(hidden, scored):
-                    logp = head(chunk).log_softmax(-1)
-                    ref, target = reference[done : done + len(chunk)], targets[done : done + len(chunk)]  # the head's device
+                for chunk, reference in zip(replay.scored_chunks(hidden, scored), unpruned):
+                    logp, ref = head(chunk).log_softmax(-1), head(reference).log_softmax(-1)  # the head's device
+                    target = targets[done : done + len(chunk)].to(logp.device)  # under a device_map: not the inputs'
                     loss[block.n, block.start] += F.nll_loss(logp, target, reduction="sum").item()
                     kl[block.n, block.start] += F.kl_div(logp, ref, log_target=True, reduction="sum").item()
                     done += len(chunk)
