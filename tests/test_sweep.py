@@ -81,6 +81,25 @@ def test_healer_leaves_the_swept_model_untouched(quantize, tmp_path):
     assert (tmp_path / "n2" / "adapter" / "adapter_model.safetensors").exists()
     assert model.state_dict().keys() == weights.keys() and layers.num_layers(model) == 6
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    assert not any("lora" in name for name, _ in model.named_modules()) and not hasattr(model, "peft_config")
+    assert all(p.requires_grad for p in model.parameters()) and not model.training and model.config.use_cache
+
+
+def test_a_healed_point_holds_no_second_copy_of_the_weights(smollm, tmp_path):
+    """LoRA on the pruned view itself (quantize=None), taken off after its evaluation: the point's peak stays
+    far below the weights (measured: 0.04 x; with a deep copy of the pruned model, as before: 0.94 x)."""
+    from kit.core.memory import measure
+
+    model, tokenizer = smollm
+    config = kit.HealConfig(rank=2, lr=1e-3, steps=1, batch_size=1, seq_len=32, quantize=None, save_every=1)
+    heal = sweep.healer(kit.loaders.data.corpus("train")[:2], config, output_root=tmp_path)
+    probe = lambda m, t: {"layers": float(layers.num_layers(m))}  # noqa: E731
+    with measure() as memory:
+        table = sweep.sweep(model, tokenizer, ns=[4], evals=[probe], criterion="heuristic", heal=heal, heal_ns=[4])
+    assert table["value"].tolist() == [26.0, 26.0]
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert memory.in_weights(weights) < 0.5, memory.in_weights(weights)
+    assert all(p.requires_grad for p in model.parameters()) and not any("lora" in n for n, _ in model.named_modules())
 
 
 def test_healing_a_4bit_model_in_a_sweep_leaves_it_untouched(tmp_path):
@@ -99,6 +118,28 @@ def test_healing_a_4bit_model_in_a_sweep_leaves_it_untouched(tmp_path):
     assert table[["healed", "value"]].values.tolist() == [[False, 4.0], [True, 4.0]]
     assert not any("lora" in name for name, _ in model.named_modules()) and not hasattr(model, "peft_config")
     assert {k: v.dtype for k, v in model.state_dict().items()} == before  # bf16 norms stay bf16
+
+
+def test_a_healed_4bit_point_computes_in_the_dtype_of_its_base(tmp_path):
+    """peft's prepare_model_for_kbit_training trains a 4-bit base with its embeddings, norms and head in fp32;
+    the healed model is measured as users run it, in the base's dtype (its residual stream and KV cache in
+    bf16 here), not in fp32 beside bf16 rows."""
+    kit.tiny_model("llama")[0].save_pretrained(tmp_path / "base")
+    kit.testing.tiny_tokenizer().save_pretrained(tmp_path / "base")
+    model, tokenizer = kit.load_model(str(tmp_path / "base"), device="cpu", dtype=torch.bfloat16, quantize="4bit")
+    config = kit.HealConfig(rank=2, lr=1e-2, steps=1, batch_size=2, seq_len=32, quantize="4bit", save_every=1)
+    heal = sweep.healer(kit.loaders.data.corpus("train")[:4], config, output_root=tmp_path / "healed")
+    ids = tokenizer("The code for the lamp is", return_tensors="pt").input_ids
+
+    def dtypes(m, t):
+        with torch.no_grad():
+            stream = m(ids, output_hidden_states=True).hidden_states[-2].dtype  # a layer's output, before the final norm
+        fp32 = [name for name, p in m.named_parameters() if p.dtype == torch.float32 and "lora_" not in name]
+        return {"bf16_stream": float(stream == torch.bfloat16), "fp32_parameters": float(len(fp32))}
+
+    table = sweep.sweep(model, tokenizer, ns=[2], evals=[dtypes], criterion="heuristic", heal=heal, heal_ns=[2])
+    healed = table[table["healed"]].set_index("metric")["value"]
+    assert healed["bf16_stream"] == 1.0 and healed["fp32_parameters"] == 0.0
 
 
 def test_sweep_restores_the_model_after_an_error():

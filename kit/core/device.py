@@ -2,6 +2,7 @@
 the GPU computes it natively (Ampere and newer), fp16 on older GPUs (T4, V100), fp32 on CPU.
 The same choice sets the 4-bit compute dtype and the Trainer's mixed-precision flag."""
 
+import gc
 import os
 
 import torch
@@ -108,3 +109,12 @@ def require_finite(finite: bool, what: str, model) -> None:
             f"{what} came out inf or NaN: the model's activations overflow in {compute_dtype(model)}. "
             "Load it in float32 or bfloat16 (kit.load_model(..., dtype='float32')) and run again."
         )
+
+
+def release_memory() -> None:
+    """Give back the memory of models and tensors no longer referenced: Python's garbage collector, then
+    PyTorch's cache of freed GPU blocks (so the next model loaded, or another process, can use it).
+    Drop your own references first (`del model`)."""
+    gc.collect()
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()

@@ -1,11 +1,11 @@
 """Pruning sweeps: evaluate one loaded model with every block size n removed, the way the
 paper's Figures 2, 3, 5 and 6 do, without reloading or copying the model."""
 
-import copy
 import hashlib
 import json
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,7 @@ from ..choose.criteria import choose_block
 from ..core import artifacts, distributed, layers
 from ..core.block import Block
 from ..core.deprecation import moved, renamed_arguments
-from ..core.device import provenance
+from ..core.device import provenance, release_memory
 from ..core.progress import progress
 from ..core.stats import Estimate
 from ..evaluate import inference_cost
@@ -217,27 +217,36 @@ def sweeps(
 
 
 def _healed_metrics(heal, model, tokenizer, block, evals) -> dict[str, Estimate]:
+    """The metrics of heal(model, tokenizer, block): a healed model, or a context manager giving one and
+    putting the view back after (kit's healer); either way it is freed before the sweep goes on."""
     healed = heal(model, tokenizer, block)  # from the pruned view; heal must leave it untouched
-    return evaluate_all(healed, tokenizer, evals)
+    with healed if isinstance(healed, AbstractContextManager) else nullcontext(healed) as healed:
+        metrics = evaluate_all(healed, tokenizer, evals)
+    del healed
+    release_memory()
+    return metrics
 
 
 def healer(texts: list[str], config, *, output_root, val_texts=None) -> Callable:
     """A `heal` function for sweep(): kit.heal with `config` on `texts`, adapters under output_root/n{n}.
-    The loaded model is never copied for a 4-bit heal; with config.quantize=None the pruned model is."""
+
+    It never copies the loaded model: with config.quantize=None the adapters go on the pruned view itself
+    and are taken off again after its evaluation (kit.healing.lora.adapted_in_place); a 4-bit heal trains
+    on a 4-bit copy of the pruned weights (one more model of a quarter of the fp16 bytes), freed after."""
+    from ..healing.lora import adapted_in_place, reloaded
     from ..healing.train import heal as heal_model
 
+    @contextmanager
     def run(pruned, tokenizer, block: Block):
         output_dir = Path(output_root) / f"n{block.n}"
-        # never the loaded model itself: later points are measured on it. A 4-bit heal of a full-precision
-        # model re-loads the pruned weights quantized anyway; a 4-bit model is copied through a checkpoint
-        # (peft would cast its norms and inject LoRA in place); a full-precision one is deep-copied
-        if getattr(pruned, "is_loaded_in_4bit", False):
-            from ..healing.lora import reloaded
-
-            base = reloaded(pruned, tokenizer, "4bit", output_dir)
-        else:
-            base = pruned if config.quantize else copy.deepcopy(pruned)
-        return heal_model(base, tokenizer, texts, config, output_dir=output_dir, val_texts=val_texts).model
+        train = lambda base: heal_model(base, tokenizer, texts, config, output_dir=output_dir, val_texts=val_texts).model  # noqa: E731
+        if config.quantize is None and not getattr(pruned, "is_loaded_in_4bit", False):
+            with adapted_in_place(pruned, train) as healed:
+                yield healed
+            return
+        # a 4-bit model is copied through a checkpoint (peft would cast its norms and inject LoRA in place);
+        # a full-precision one is loaded quantized by heal itself
+        yield train(reloaded(pruned, tokenizer, "4bit", output_dir) if getattr(pruned, "is_loaded_in_4bit", False) else pruned)
 
     return run
 

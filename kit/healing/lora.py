@@ -5,6 +5,7 @@ kit.healing.merge merges them into the weights."""
 
 import tempfile
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -123,3 +124,41 @@ def reloaded(model: nn.Module, tokenizer, quantize: str | None, scratch: Path) -
         quantized = load_model(tmp, quantize=quantize, offload_folder=offload, **placement)[0]
     quantized.name_or_path, quantized.config._name_or_path = model.name_or_path, model.config._name_or_path  # not tmp
     return quantized
+
+
+@contextmanager
+def adapted_in_place(model: nn.Module, adapt: Callable[[nn.Module], nn.Module]):
+    """`adapt(model)` (e.g. kit.heal on the model itself, which puts LoRA adapters on it in place) for a
+    `with` block, without a copy of the weights; afterwards its adapters are taken off (peft's unload,
+    nothing merged) and what training changed is put back: which parameters require gradients, train or
+    eval mode, config.use_cache and activation checkpointing. The weights themselves stay frozen."""
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    training, use_cache, checkpointing = model.training, model.config.use_cache, model.is_gradient_checkpointing
+    adapted = adapt(model)
+    try:
+        yield adapted
+    finally:
+        adapted.unload()
+        if hasattr(model, "peft_config"):
+            del model.peft_config
+        if model.is_gradient_checkpointing and not checkpointing:
+            model.gradient_checkpointing_disable()
+        for parameter, flag in grads:
+            parameter.requires_grad_(flag)
+        model.train(training)
+        model.config.use_cache = use_cache
+
+
+@contextmanager
+def kept_dtypes(model: nn.Module):
+    """The dtypes of `model`'s parameters as they are now, put back after the block: peft's
+    prepare_model_for_kbit_training upcasts a 4-bit model's embeddings, norms and head to fp32 for
+    training, and the healed model must then compute (residual stream, KV cache) as its base did.
+    Parameters added in the block (the LoRA adapters) keep theirs."""
+    dtypes = [(p, p.dtype) for p in model.parameters()]
+    try:
+        yield
+    finally:
+        for parameter, dtype in dtypes:
+            if parameter.dtype != dtype:
+                parameter.data = parameter.data.to(dtype)
