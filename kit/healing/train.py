@@ -24,7 +24,7 @@ from ..core.progress import silenced
 from ..core.sums import chunk_size
 from ..core.text import batched
 from ..loaders.models import load_model
-from .lora import lora_model, reloaded
+from .lora import kept_dtypes, lora_model, reloaded
 
 ADAPTER_DIR = "adapter"  # inside output_dir: the final adapter; Trainer's checkpoint-N folders sit beside it
 CONFIG_FILE = "heal_config.json"  # inside output_dir: the settings its checkpoints were trained with
@@ -309,7 +309,19 @@ def heal(
     last = _check_resumable(output_dir, config)
     train = Blocks(pack(tokenizer, texts, config.seq_len))
     val = Blocks(pack(tokenizer, val_texts, config.seq_len)) if val_texts else None
-    model = lora_model(_base_model(model_or_path, tokenizer, config.quantize, output_dir), config)
+    base = _base_model(model_or_path, tokenizer, config.quantize, output_dir)
+    with kept_dtypes(base):  # trained with a 4-bit base's norms in fp32; computes in the base's dtypes after
+        model = lora_model(base, config)
+        trainer = _train(model, config, output_dir, train, val, last, teacher, callbacks)
+    adapter_path = output_dir / ADAPTER_DIR
+    if distributed.is_main():
+        save_checkpoint(adapter_path, model)
+    distributed.barrier()  # every rank returns once the adapter is on disk
+    return HealResult(model.eval(), _history(trainer.state.log_history, config), adapter_path)
+
+
+def _train(model, config: HealConfig, output_dir: Path, train, val, last, teacher, callbacks) -> HealTrainer:
+    """The Trainer of `model`, trained (or, finished before, loaded from its last checkpoint `last`)."""
     trainer = HealTrainer(
         model=model,
         args=training_arguments(config, output_dir, evaluate=val is not None, resuming=last is not None, model=model),
@@ -328,8 +340,4 @@ def heal(
     else:
         with _training_layout(model):
             trainer.train(resume_from_checkpoint=last)
-    adapter_path = output_dir / ADAPTER_DIR
-    if distributed.is_main():
-        save_checkpoint(adapter_path, model)
-    distributed.barrier()  # every rank returns once the adapter is on disk
-    return HealResult(model.eval(), _history(trainer.state.log_history, config), adapter_path)
+    return trainer
