@@ -116,6 +116,12 @@ def snapshot():
     return take
 
 
+def printed(notebook: Path) -> str:
+    """Everything an executed notebook's cells printed (stdout, stderr, warnings)."""
+    cells = json.loads(Path(notebook).read_text())["cells"]
+    return "".join("".join(out.get("text", "")) for cell in cells for out in cell.get("outputs", []))
+
+
 def _chain(runs_root: Path, parameters: dict):
     """run(name) executes notebooks 01..name in order (each once) with `parameters` into one run folder."""
     executed = set()

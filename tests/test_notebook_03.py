@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import SMOKE_PARAMETERS, assert_redrawn
+from conftest import SMOKE_PARAMETERS, assert_redrawn, printed
 from papermill.exceptions import PapermillExecutionError
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -64,3 +64,8 @@ def test_losses_of_original_pruned_and_healed(run):
 def test_missing_pruned_model_names_notebook_02(tmp_path):
     with pytest.raises(PapermillExecutionError, match="02_select_and_prune.ipynb"):
         execute("03_heal", output_dir=tmp_path, parameters={**PARAMETERS, "RUN": "empty", "RUNS_ROOT": str(tmp_path)})
+
+
+def test_the_healed_model_is_freed_before_the_comparison_loads_others(run):
+    """compare warns when tensors of an earlier step are still referenced as it loads (kit.experiments.sweep.compare)."""
+    assert "still referenced" not in printed(run.parent / "03_heal.ipynb")

@@ -1,6 +1,6 @@
 import pandas as pd
 import pytest
-from conftest import SMOKE_PARAMETERS, assert_redrawn
+from conftest import SMOKE_PARAMETERS, assert_redrawn, printed
 
 import kit
 from kit.experiments import sweep
@@ -115,3 +115,8 @@ def test_missing_heal_names_notebook_03(run, tmp_path):
             REPO / "notebooks" / "04_compare.ipynb", tmp_path / "out.ipynb", kernel_name="python3", progress_bar=False,
             parameters={**SMOKE_PARAMETERS["04_compare"], "RUN": "partial", "RUNS_ROOT": str(empty)}, cwd=str(REPO / "notebooks"),
         )  # fmt: skip
+
+
+def test_the_swept_model_is_freed_before_the_comparison_loads_the_original_again(run):
+    """compare warns when tensors of an earlier step are still referenced as it loads (kit.experiments.sweep.compare)."""
+    assert "still referenced" not in printed(run.parent / "04_compare.ipynb")

@@ -332,3 +332,15 @@ def test_sweeps_heal_the_blocks_of_each_criterion_into_their_own_folders(tmp_pat
     for criterion in sweep.PAPER_CRITERIA:
         assert (tmp_path / "sweep_healed" / criterion / "n2" / "adapter" / "adapter_model.safetensors").exists()
     assert json.loads((tmp_path / "sweep-similarity.json").read_text())["settings"]["settings"]["heal"] == config.digest()
+
+
+def test_compare_warns_when_an_earlier_model_is_still_held(tmp_path):
+    """A model a notebook cell still references stays in memory while compare loads the next: said, with the fix.
+    (That notebooks 03 and 04 free theirs is checked on their executed outputs.)"""
+    kit.tiny_model("llama")[0].save_pretrained(tmp_path / "tiny")
+    kit.testing.tiny_tokenizer().save_pretrained(tmp_path / "tiny")
+    probe = lambda m, t: {"layers": float(layers.num_layers(m))}  # noqa: E731
+    held = kit.tiny_model("llama")[0]
+    with pytest.warns(UserWarning, match=r"still referenced while compare loads 'tiny'.*del model; kit.core.device.release_memory"):
+        sweep.compare({"tiny": tmp_path / "tiny"}, [probe], device="cpu")
+    del held

@@ -2,6 +2,7 @@
 runs, on any device (the CPU included, where no allocator keeps statistics). kit.plan predicts the same
 peaks from a model's config; the tests hold the two together, in multiples of the weight bytes."""
 
+import gc
 import weakref
 from dataclasses import dataclass
 
@@ -73,3 +74,13 @@ class measure:
         self.mode.__exit__(*exc)
         self.mode.live.clear()  # tensors freed later are no longer this block's
         return False
+
+
+def live_tensor_bytes() -> int:
+    """Bytes of every tensor storage the process still references (weights included), each counted once:
+    what an earlier step left behind, e.g. a model a notebook cell still holds."""
+    seen = {}
+    for obj in gc.get_objects():
+        if issubclass(type(obj), torch.Tensor) and obj.device.type != "meta":  # type(): never a weak proxy's target
+            seen[_key(obj)] = obj.untyped_storage().nbytes()
+    return sum(seen.values())

@@ -16,6 +16,7 @@ from ..core import artifacts, distributed, layers
 from ..core.block import Block
 from ..core.deprecation import moved, renamed_arguments
 from ..core.device import provenance, release_memory
+from ..core.memory import live_tensor_bytes
 from ..core.progress import progress
 from ..core.stats import Estimate
 from ..evaluate import inference_cost
@@ -48,12 +49,17 @@ def compare(checkpoints: dict, evals: Sequence[Evaluation], **load_kwargs) -> pd
     "healed (adapter)": ("runs/x/pruned", "runs/x/healed/adapter")}; a (base, adapter) pair is
     evaluated with the adapter unmerged. kit.evaluate.metrics.InferenceCost() among `evals` puts the inference cost beside the quality.
     A metric with a 95% interval has its bounds beside it (columns "{metric}_ci_low", "{metric}_ci_high")."""
-    rows = []
+    rows, held = [], live_tensor_bytes()
     for label, name in checkpoints.items():
         model, tokenizer = _load(name, **load_kwargs)
+        if not rows and held > (weights := inference_cost.weight_bytes(model)) / 4:
+            warnings.warn(f"{held / 2**30:.2f} GiB of tensors are still referenced while compare loads {label!r} "
+                          f"({weights / 2**30:.2f} GiB): a model of an earlier step? Drop it first (del model; "
+                          "kit.core.device.release_memory()), or both take memory", stacklevel=2)  # fmt: skip
         rows.append({"model": label, "layers": layers.num_layers(model), "parameters": inference_cost.parameters(model),
                      **results.wide(evaluate_all(model, tokenizer, evals))})
         del model
+        release_memory()  # before the next checkpoint loads
     return pd.DataFrame(rows).set_index("model")
 
 
