@@ -59,4 +59,5 @@ def loss_sum(score, hidden: torch.Tensor, scored: torch.Tensor, targets: torch.T
         logp = score(chunk).log_softmax(-1)
         total += F.nll_loss(logp, targets[done : done + len(chunk)].to(logp.device), reduction="sum").item()
         done += len(chunk)
+        del logp  # before the next chunk's logits: one chunk's at a time
     return total
