@@ -1,15 +1,16 @@
-"""The memory ledger (kit.ledger) against the steps themselves: each step's peak, measured on the CPU with
+"""The memory ledger (kit.core.ledger) against the steps themselves: each step's peak, measured on the CPU with
 kit.core.memory.measure beyond the resident weights, lies within the ledger's margin of its prediction, on
 the embedded model, a tiny dense model and a tiny MoE; the weights of a config counted on the meta device."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaConfig
 
 import kit
-from kit import ledger
+from kit.core import ledger
 from kit.core.memory import measure
 
 MARGIN = 0.35  # measured within 1 +- MARGIN of predicted (measured: 0.69 to 1.11 over the three models)
@@ -96,3 +97,10 @@ def test_the_states_of_an_all_token_scan_are_named_when_they_do_not_fit(smollm):
     with pytest.raises(MemoryError, match=r"the all-token states: .* GiB \(BATCH_SIZE, MAX_LENGTH\)"):
         ledger.require_fit(step, 16 * ledger.GIB, "lower BATCH_SIZE")
     assert torch.finfo(torch.float32).bits == 32  # the states are kept in fp32 whatever the model's dtype
+
+
+def test_readme_has_the_memory_table_of_the_notebooks_defaults():
+    import runpy
+
+    table = runpy.run_path(str(Path(__file__).resolve().parents[1] / "docs" / "memory_table.py"))["memory_table"]()
+    assert table in (Path(__file__).resolve().parents[1] / "README.md").read_text(), "paste `python docs/memory_table.py` into the README"

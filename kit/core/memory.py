@@ -1,5 +1,5 @@
 """Memory a step holds, measured: the peak of the tensor bytes that torch operations allocate while it
-runs, on any device (the CPU included, where no allocator keeps statistics). kit.plan predicts the same
+runs, on any device (the CPU included, where no allocator keeps statistics). kit.core.ledger predicts the same
 peaks from a model's config; the tests hold the two together, in multiples of the weight bytes."""
 
 import gc

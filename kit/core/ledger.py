@@ -15,7 +15,7 @@ from functools import cached_property
 import torch
 from torch import nn
 
-from .core import layers
+from . import layers
 
 GIB = 2**30
 # The memory CUDA reports for one GPU (GiB), as torch.cuda.get_device_properties(i).total_memory gives it
@@ -209,7 +209,7 @@ def table(steps: list[Step]) -> str:
 
 def on_device(model: nn.Module, device=None) -> tuple[Shape, str, int | None]:
     """(shape, precision, capacity in bytes or None on the CPU) of a loaded model where it runs."""
-    from .core.device import compute_dtype, model_device
+    from .device import compute_dtype, model_device
 
     device = torch.device(device) if device is not None else model_device(model)
     precision = "4bit" if getattr(model, "is_loaded_in_4bit", False) else str(compute_dtype(model)).removeprefix("torch.")
