@@ -315,3 +315,21 @@ def test_a_sublayer_scan_does_not_resume_a_layer_scans_cache(tmp_path, texts):
     scan(model, tokenizer, texts, batch_size=2, cache_path=cache, sublayers=True)
     with pytest.raises(ValueError, match="other settings \\(positions: 13 -> 7\\)"):
         scan(model, tokenizer, texts, batch_size=2, cache_path=cache)
+
+
+def test_a_half_precision_models_states_are_kept_in_its_dtype(monkeypatch, texts):
+    """A bf16 model's residual stream is kept in bf16 (half the memory of fp32 copies) and made fp32 a chunk at a
+    time: the distances are those of states copied to fp32 at once, bit for bit (the same values, the same sums)."""
+    from kit.scan import similarity
+
+    model, tokenizer = kit.tiny_model("llama")
+    model = model.to(torch.bfloat16)
+    kept = []
+    real = similarity._Residuals.__call__
+    monkeypatch.setattr(similarity._Residuals, "__call__", lambda self, *a: kept.append(real(self, *a)) or kept[-1])
+    half = scan(model, tokenizer, texts, batch_size=4, metric="angular_all", sublayers=True)
+    assert {state.dtype for states in kept for state in states} == {torch.bfloat16}
+    selected = similarity._Residuals._selected
+    monkeypatch.setattr(similarity._Residuals, "_selected", lambda self, hidden: selected(self, hidden).float())
+    upcast = scan(model, tokenizer, texts, batch_size=4, metric="angular_all", sublayers=True)
+    assert torch.equal(half.group_sums, upcast.group_sums) and torch.equal(half.matrix, upcast.matrix)

@@ -123,12 +123,12 @@ def _logits(tokens: int, vocab: int, d: int) -> int:
 def scan(shape: Shape, precision: str, *, batch_size: int, max_length: int, metric: str = "angular_last",
          sublayers: bool = False) -> Step:  # fmt: skip
     """kit.angular_distances: one batch's forward while the residual stream of the selected tokens is kept
-    in fp32 at every position (the last token of each text, or every token for the all-token metrics),
-    then the pairwise cosines of a chunk of tokens in float64."""
+    at every position in the compute dtype (the last token of each text, or every token for the all-token
+    metrics), then the pairwise cosines of a chunk of tokens in float64."""
     d, tokens = BYTES[precision], batch_size * max_length
     positions = shape.layers * (2 if sublayers else 1) + 1
     selected = batch_size if metric == "angular_last" else tokens
-    states = positions * selected * shape.hidden * 4
+    states = positions * selected * shape.hidden * d
     chunk = min(1024, selected)
     cosines = chunk * positions * (shape.hidden * 4 + min(shape.hidden, 512) * 8) + 3 * positions**2 * chunk * 8
     note = "" if metric == "angular_last" else f"the all-token states: {states / GIB:.2f} GiB (BATCH_SIZE, MAX_LENGTH)"

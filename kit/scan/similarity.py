@@ -40,7 +40,8 @@ GROUPS = 32  # texts are dealt round-robin into this many groups (at most one pe
 
 class _Residuals(layers.LayerTap):
     """Keeps the residual stream at positions 0..L (with `middles`, each layer's middle too: 2L + 1
-    positions) for the selected tokens (float32, on one device), then stops the forward pass."""
+    positions) for the selected tokens (in the model's dtype, on one device: a bf16 model's states take half
+    the memory fp32 copies would, and become fp32 exactly, a chunk at a time), then stops the forward pass."""
 
     def __init__(self, model, device, middles: list[layers.Middle] | None = None):
         super().__init__(model)
@@ -57,16 +58,16 @@ class _Residuals(layers.LayerTap):
         return super().__enter__()
 
     def _selected(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden[self.select.to(hidden.device)].to(self.device, torch.float32)
+        return hidden[self.select.to(hidden.device)].to(self.device)
 
     def _subtract(self, module, args, output):
-        mlp = self._selected(layers.layer_output(output).reshape(self.shape))
+        mlp = self._selected(layers.layer_output(output).reshape(self.shape)).float()
         self.pending = mlp if self.pending is None else self.pending + mlp
 
     def _keep(self, hidden: torch.Tensor):
         state = self._selected(hidden)
         if self.pending is not None:  # a parallel layer's middle: its output (this state) less its MLP's
-            self.states.append(state - self.pending)
+            self.states.append(state.float() - self.pending)  # in fp32: a difference the model never rounded
             self.pending = None
         self.states.append(state)
 
@@ -96,7 +97,7 @@ def _pair_sums(states: list[torch.Tensor], metric: str, text_of_token: torch.Ten
     tokens, hidden = states[0].shape
     step = chunk_size(_chunk_tokens(len(states), hidden, states[0].device), tokens, len(states), hidden)
     for start in range(0, len(states[0]), step):
-        cos = _cosines(torch.stack([state[start : start + step] for state in states], dim=1))
+        cos = _cosines(torch.stack([state[start : start + step].float() for state in states], dim=1))
         distance = 1.0 - cos if metric == "block_influence" else torch.arccos(cos) / math.pi
         total += sum_by(text_of_token[start : start + step], distance, n_texts)
     return total
