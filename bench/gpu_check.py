@@ -12,14 +12,19 @@ the loss falling, the merge.
 A part that cannot run prints `NOT RUN: <why>` and the check exits non-zero, unless that part was
 left out with --part. A check that raises (out of memory, a kernel missing on this GPU) is one failure,
 printed with its traceback, and the others still run. fp32 is IEEE fp32 throughout (no TF32). Needs
-no network and no cached asset (it sets HF_HUB_OFFLINE=1 itself), and no `make`. `--device cpu
---shape tiny` runs the same code on a CPU (tests/test_gpu_check.py does).
+no network and no cached asset (it sets HF_HUB_OFFLINE=1 itself), and no `make`. `--device cuda:1` runs
+on that GPU: every CUDA call is given the device, and healing and the figures (the HF Trainer trains on
+cuda:0 without a launcher) run in a process that sees that GPU alone. `--device cpu --shape tiny` runs the
+same code on a CPU (tests/test_gpu_check.py does).
 """
 
 import argparse
+import importlib
 import importlib.metadata
 import itertools
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -126,12 +131,50 @@ def ieee_fp32():
             setattr(owner, name, old)
 
 
+def needs_own_process(device) -> bool:
+    """Whether healing on `device` needs a process of its own: without a launcher the HF Trainer trains on cuda:0
+    (and makes it the current GPU), so kit.heal refuses a model on another GPU, advising CUDA_VISIBLE_DEVICES."""
+    return device.type == "cuda" and (device.index or 0) != 0
+
+
+def in_own_process(device, function: str, *args) -> list[str]:
+    """function(device, *args) ("module:name", or a name in this module) in a child process that sees `device`'s GPU
+    alone, as cuda:0 (CUDA_VISIBLE_DEVICES: the kit's advice for healing on another GPU; a CPU device is passed as
+    it is), under ieee_fp32, its output in line with this one's; returns its failures. Arguments: JSON, dtypes."""
+    visible = {"CUDA_VISIBLE_DEVICES": str(device.index)} if device.type == "cuda" else {}
+    encoded = [{"dtype": str(a).removeprefix("torch.")} if type(a).__name__ == "dtype" else a for a in args]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "failures.json"
+        code = "import sys; from bench.gpu_check import child; child(*sys.argv[1:])"
+        sys.stdout.flush()
+        done = subprocess.run([sys.executable, "-c", code, str(out), function, "cuda:0" if visible else str(device), json.dumps(encoded)],
+                              env={**os.environ, **visible}, cwd=REPO)  # fmt: skip
+        if not out.exists():
+            return [f"{function} in its own process on {device}: exited with {done.returncode}"]
+        return json.loads(out.read_text())
+
+
+def child(out: str, function: str, device: str, args: str) -> None:
+    """The child's side of in_own_process: runs `function` on `device`, writes its failures (JSON) to `out`."""
+    import torch
+
+    module, _, name = function.rpartition(":")
+    target = getattr(importlib.import_module(module) if module else sys.modules[__name__], name)
+    decoded = [getattr(torch, a["dtype"]) if isinstance(a, dict) and set(a) == {"dtype"} else a for a in json.loads(args)]
+    with ieee_fp32():
+        failures = target(torch.device(device), *decoded)
+    Path(out).write_text(json.dumps(failures or []))
+
+
 def check_pipeline(device, quantize: str | None) -> list[str]:
-    """Drop, save, reload, heal a few steps (LoRA on fp32, or QLoRA on 4-bit), merge: on `device`."""
+    """Drop, save, reload, heal a few steps (LoRA on fp32, or QLoRA on 4-bit), merge: on `device` (on a GPU other
+    than cuda:0, in a process that sees it alone: needs_own_process)."""
     import torch
 
     import kit
 
+    if needs_own_process(device):
+        return in_own_process(device, "check_pipeline", quantize)
     failures = []
     model, tokenizer = kit.tiny_model("llama", num_layers=6)
     with tempfile.TemporaryDirectory() as tmp:
@@ -147,7 +190,9 @@ def check_pipeline(device, quantize: str | None) -> list[str]:
             same = torch.allclose(pruned(input_ids=ids).logits, reloaded(input_ids=ids).logits, atol=1e-5)
         config = kit.HealConfig(rank=8, lr=3e-3, steps=12, batch_size=4, seq_len=64, quantize=quantize,
                                 log_every=1, eval_every=6, save_every=12)  # fmt: skip
-        result = kit.heal(tmp / "pruned", tokenizer, kit.loaders.data.corpus("train")[:40], config, output_dir=tmp / "healed",
+        # loaded as kit.heal would load it, but on `device` (kit.heal loads on the policy's device)
+        healed, _ = kit.load_model(str(tmp / "pruned"), device=device, quantize=quantize)
+        result = kit.heal(healed, tokenizer, kit.loaders.data.corpus("train")[:40], config, output_dir=tmp / "healed",
                           val_texts=kit.loaders.data.corpus("validation")[:4])  # fmt: skip
         quantized = getattr(result.model.get_base_model(), "is_loaded_in_4bit", False)
         validation = [e["loss"] for e in result.history["validation"]]
@@ -295,9 +340,13 @@ def part_full(device, half, args) -> list[str]:
     return failures + guarded("figures", part_figures, device, half, args.shape)
 
 
-def part_figures(device, half, shape: str) -> None:
-    """The figures at Llama-2-7B's shape (cut to the GPU's memory), or at a small one (`shape` "tiny")."""
+def part_figures(device, half, shape: str) -> list[str]:
+    """The figures at Llama-2-7B's shape (cut to the GPU's memory), or at a small one (`shape` "tiny"); on a GPU
+    other than cuda:0 in a process that sees it alone, for LoRA's throughput (needs_own_process)."""
     import torch
+
+    if needs_own_process(device):
+        return in_own_process(device, "part_figures", half, shape)
 
     if shape == "7b":
         fitted = fitted_shape(torch.cuda.get_device_properties(device).total_memory, half.itemsize)
@@ -307,6 +356,7 @@ def part_figures(device, half, shape: str) -> None:
     else:
         print(f"== figures at a small shape on {device}")
         figures(device, half if device.type == "cuda" else torch.float32, SMALL, **TINY_FIGURES, length=64)
+    return []
 
 
 def part_4bit(device, half, args) -> list[str]:

@@ -2,8 +2,11 @@
 the CPU at its real text counts, so that it works the first time it gets a GPU; and every check it
 makes fails on a model with one perturbed weight, so that passing means something."""
 
+import ast
 import importlib.metadata
 import re
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,3 +147,62 @@ def test_the_two_process_run_under_torchrun_equals_one_process_on_gloo(tmp_path,
     one, two = gpu_nccl._launch(tmp_path, 1), gpu_nccl._launch(tmp_path, 2)
     assert one["world_size"] == 1 and two["world_size"] == 2 and two["backend"] == "gloo"
     assert gpu_nccl.compare(one, two) == [], capsys.readouterr().out
+
+
+DEVICE_ARGUMENT = {"synchronize", "reset_peak_memory_stats", "max_memory_allocated", "memory_allocated", "memory_reserved",
+                   "max_memory_reserved", "memory_stats", "mem_get_info", "get_device_properties", "get_device_name",
+                   "get_device_capability", "reset_max_memory_allocated"}  # fmt: skip
+
+
+def test_no_cuda_call_of_the_gpu_check_falls_back_on_the_current_gpu():
+    """With --device cuda:1 a torch.cuda call without its device would read or time cuda:0 (the current GPU, or
+    whichever a library made current): every one that takes a device is given it, and none sets or reads the current."""
+    bare = []
+    for path in sorted(Path(gpu_check.__file__).parent.glob("gpu_*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                name, owner = node.func.attr, ast.unparse(node.func.value)
+                if owner == "torch.cuda" and (
+                    name in ("current_device", "set_device") or name in DEVICE_ARGUMENT and not node.args
+                ):
+                    bare.append(f"{path.name}:{node.lineno} torch.cuda.{name}")
+                if name == "cuda" and not node.args:
+                    bare.append(f"{path.name}:{node.lineno} .cuda()")
+    assert bare == []
+
+
+def test_the_figures_and_healing_on_a_second_gpu_measure_it_and_run_where_the_trainer_can(monkeypatch):
+    gpu, seen = torch.device("cuda", 1), []
+    for name in ("synchronize", "reset_peak_memory_stats", "max_memory_allocated"):
+        monkeypatch.setattr(torch.cuda, name, lambda device=None, name=name: seen.append((name, device)) or 0)
+    assert gpu_check.timed(lambda: "done", gpu)[0] == "done"
+    assert {name for name, _ in seen} == {"synchronize", "reset_peak_memory_stats", "max_memory_allocated"}
+    assert {device for _, device in seen} == {gpu}
+    # the HF Trainer trains on cuda:0 without a launcher (kit.heal refuses a model on cuda:1, advising
+    # CUDA_VISIBLE_DEVICES): healing, and the figures' LoRA, run in a process that sees GPU 1 alone
+    runs = []
+    monkeypatch.setattr(
+        gpu_check.subprocess,
+        "run",
+        lambda command, env, cwd: runs.append((command, env)) or subprocess.CompletedProcess(command, 3),
+    )
+    assert gpu_check.check_pipeline(gpu, quantize="4bit") == ["check_pipeline in its own process on cuda:1: exited with 3"]
+    assert gpu_check.part_figures(gpu, torch.bfloat16, "7b") == ["part_figures in its own process on cuda:1: exited with 3"]
+    assert [(command[-3:], env["CUDA_VISIBLE_DEVICES"]) for command, env in runs] == [
+        (["check_pipeline", "cuda:0", '["4bit"]'], "1"),
+        (["part_figures", "cuda:0", '[{"dtype": "bfloat16"}, "7b"]'], "1"),
+    ]
+
+
+def reports(device, *args):
+    """What tests/test_gpu_check.py runs in a process of its own: a line, and failures naming its arguments."""
+    print(f"in its own process on {device}", flush=True)
+    return [f"{device} {args!r}"]
+
+
+def test_a_check_in_its_own_process_prints_in_line_and_returns_its_failures(capfd):
+    print("before", flush=True)
+    assert gpu_check.in_own_process(CPU, "tests.test_gpu_check:reports", "4bit", torch.bfloat16) == [
+        "cpu ('4bit', torch.bfloat16)"
+    ]
+    assert capfd.readouterr().out.splitlines()[-2:] == ["before", "in its own process on cpu"]
