@@ -2,12 +2,15 @@
 
 Part "full" (no bitsandbytes): versions; every tiny architecture's scan, validation loss, MMLU-style
 log-likelihoods and ablation oracle on the GPU in fp32 and in the policy's half precision against
-CPU fp32 within measured tolerances (bench/gpu_checks.py); kit.evaluate.cost; a device_map="auto"
-dispatch over the GPU and the CPU; two processes on NCCL when two GPUs are visible; drop / save /
-reload / LoRA healing with the loss falling / merge; figures at Llama-2-7B's shape (cut to fit the
+CPU fp32 within measured tolerances (bench/gpu_checks.py); on the same architectures trained a few hundred
+steps, a sublayer scan and removal, the greedy removal, a budget point and kit.evaluate.cost in half
+precision against the same computation in fp32 on the GPU; kit.evaluate.cost against the CPU; a
+device_map="auto" dispatch over the GPU and the CPU; two processes on NCCL when two GPUs are visible; drop /
+save / reload / LoRA healing with the loss falling / merge; figures at Llama-2-7B's shape (cut to fit the
 GPU's memory): scan, MMLU and LoRA throughput, peak memory, the paper's workloads projected.
-Part "4bit" (bitsandbytes): a 4-bit NF4 load scanned and scored against CPU fp32, QLoRA steps with
-the loss falling, the merge.
+Part "4bit" (bitsandbytes): 4-bit NF4 loads of the trained tiny models scanned, scored and ablated against
+fp32 on the GPU, their sublayer scan and removal, greedy removal, budget point and cost likewise, QLoRA steps
+with the loss falling, the merge.
 
 A part that cannot run prints `NOT RUN: <why>` and the check exits non-zero, unless that part was
 left out with --part. A check that raises (out of memory, a kernel missing on this GPU) is one failure,
@@ -212,26 +215,19 @@ def check_pipeline(device, quantize: str | None) -> list[str]:
 
 
 def check_4bit(device, archs, perturb=None) -> list[str]:
-    """4-bit NF4 loads of tiny checkpoints on `device`, against CPU fp32 (bench.gpu_checks.TOLERANCE["4bit"]);
-    perturb(model) alters the checkpoint (the test that the check can fail)."""
+    """4-bit NF4 loads of trained tiny models (bench.gpu_checks.trained_reference) on `device`, against the same
+    models in fp32 there (bench.gpu_checks.TOLERANCE["4bit"]); perturb(model) alters the checkpoint (the test
+    that the check can fail)."""
     from bench.gpu_checks import guarded
 
     return [failure for arch in archs for failure in guarded(f"{arch} 4bit", _check_4bit, device, arch, perturb)]
 
 
 def _check_4bit(device, arch: str, perturb) -> list[str]:
-    import kit
-    from bench.gpu_checks import reference_of
+    from bench.gpu_checks import trained_reference, under_test
 
-    reference = reference_of(arch)
-    with tempfile.TemporaryDirectory() as tmp:
-        model = reference.model()
-        if perturb is not None:
-            perturb(model)
-        model.save_pretrained(tmp)
-        reference.tokenizer.save_pretrained(tmp)
-        model, _ = kit.load_model(tmp, device=device, quantize="4bit")
-        return reference.compare(model, "4bit", "4bit")
+    reference = trained_reference(arch, str(device))
+    return reference.compare(under_test(arch, device, "4bit", perturb)[0], "4bit", "4bit")
 
 
 def fitted_shape(total_bytes: int, itemsize: int) -> dict:
@@ -329,6 +325,7 @@ def part_full(device, half, args) -> list[str]:
 
     print(f"== correctness on {device} against CPU fp32 (half precision: {half}), error/tolerance per check")
     failures = gpu_checks.check_correctness(device, {"fp32": torch.float32, str(half).removeprefix("torch."): half}, args.archs)
+    failures += twins(device, half, args.archs)
     print(f"== kit.evaluate.cost on {device}")
     failures += guarded("cost", gpu_checks.check_cost, device)
     print(f"== device_map='auto' on {device} and beyond")
@@ -338,6 +335,20 @@ def part_full(device, half, args) -> list[str]:
     print(f"== pipeline on {device}, full precision")
     failures += guarded("pipeline", check_pipeline, device, quantize=None)
     return failures + guarded("figures", part_figures, device, half, args.shape)
+
+
+def twins(device, dtype, archs) -> list[str]:
+    """The computations beyond the scan, loss, log-likelihoods and oracle (a sublayer scan and removal, the greedy
+    removal, a budget point, kit.evaluate.cost) in `dtype` (a half precision, or "4bit") against fp32 on `device`,
+    on trained tiny models (bench.gpu_checks.TWIN_TOLERANCE); each architecture's check guarded on its own."""
+    from bench import gpu_checks
+
+    print(f"== {gpu_checks.label(dtype)} against fp32 on {device}, trained tiny models: sublayer scan and removal, greedy "
+          "removal, a budget point, cost")  # fmt: skip
+    failures = []
+    for check in (gpu_checks.check_sublayers, gpu_checks.check_greedy, gpu_checks.check_budget):
+        failures += check(device, dtype, archs)
+    return failures + gpu_checks.check_cost_twin(device, dtype)
 
 
 def part_figures(device, half, shape: str) -> list[str]:
@@ -362,8 +373,9 @@ def part_figures(device, half, shape: str) -> list[str]:
 def part_4bit(device, half, args) -> list[str]:
     from bench.gpu_checks import guarded
 
-    print(f"== 4-bit NF4 on {device} against CPU fp32")
+    print(f"== 4-bit NF4 on {device} against fp32 there, trained tiny models")
     failures = check_4bit(device, args.archs)
+    failures += twins(device, "4bit", args.archs)
     print(f"== pipeline on {device}, 4-bit base (QLoRA)")
     return failures + guarded("pipeline 4bit", check_pipeline, device, quantize="4bit")
 
