@@ -2,24 +2,32 @@
 
 Part "full" (no bitsandbytes): versions; every tiny architecture's scan, validation loss, MMLU-style
 log-likelihoods and ablation oracle on the GPU in fp32 and in the policy's half precision against
-CPU fp32 within measured tolerances (bench/gpu_checks.py); kit.evaluate.cost; a device_map="auto"
-dispatch over the GPU and the CPU; two processes on NCCL when two GPUs are visible; drop / save /
-reload / LoRA healing with the loss falling / merge; figures at Llama-2-7B's shape (cut to fit the
+CPU fp32 within measured tolerances (bench/gpu_checks.py); on the same architectures trained a few hundred
+steps, a sublayer scan and removal, the greedy removal, a budget point and kit.evaluate.cost in half
+precision against the same computation in fp32 on the GPU; kit.evaluate.cost against the CPU; a
+device_map="auto" dispatch over the GPU and the CPU; two processes on NCCL when two GPUs are visible; drop /
+save / reload / LoRA healing with the loss falling / merge; figures at Llama-2-7B's shape (cut to fit the
 GPU's memory): scan, MMLU and LoRA throughput, peak memory, the paper's workloads projected.
-Part "4bit" (bitsandbytes): a 4-bit NF4 load scanned and scored against CPU fp32, QLoRA steps with
-the loss falling, the merge.
+Part "4bit" (bitsandbytes): 4-bit NF4 loads of the trained tiny models scanned, scored and ablated against
+fp32 on the GPU, their sublayer scan and removal, greedy removal, budget point and cost likewise, QLoRA steps
+with the loss falling, the merge.
 
 A part that cannot run prints `NOT RUN: <why>` and the check exits non-zero, unless that part was
 left out with --part. A check that raises (out of memory, a kernel missing on this GPU) is one failure,
 printed with its traceback, and the others still run. fp32 is IEEE fp32 throughout (no TF32). Needs
-no network and no cached asset (it sets HF_HUB_OFFLINE=1 itself), and no `make`. `--device cpu
---shape tiny` runs the same code on a CPU (tests/test_gpu_check.py does).
+no network and no cached asset (it sets HF_HUB_OFFLINE=1 itself), and no `make`. `--device cuda:1` runs
+on that GPU: every CUDA call is given the device, and healing and the figures (the HF Trainer trains on
+cuda:0 without a launcher) run in a process that sees that GPU alone. `--device cpu --shape tiny` runs the
+same code on a CPU (tests/test_gpu_check.py does).
 """
 
 import argparse
+import importlib
 import importlib.metadata
 import itertools
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -126,12 +134,50 @@ def ieee_fp32():
             setattr(owner, name, old)
 
 
+def needs_own_process(device) -> bool:
+    """Whether healing on `device` needs a process of its own: without a launcher the HF Trainer trains on cuda:0
+    (and makes it the current GPU), so kit.heal refuses a model on another GPU, advising CUDA_VISIBLE_DEVICES."""
+    return device.type == "cuda" and (device.index or 0) != 0
+
+
+def in_own_process(device, function: str, *args) -> list[str]:
+    """function(device, *args) ("module:name", or a name in this module) in a child process that sees `device`'s GPU
+    alone, as cuda:0 (CUDA_VISIBLE_DEVICES: the kit's advice for healing on another GPU; a CPU device is passed as
+    it is), under ieee_fp32, its output in line with this one's; returns its failures. Arguments: JSON, dtypes."""
+    visible = {"CUDA_VISIBLE_DEVICES": str(device.index)} if device.type == "cuda" else {}
+    encoded = [{"dtype": str(a).removeprefix("torch.")} if type(a).__name__ == "dtype" else a for a in args]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "failures.json"
+        code = "import sys; from bench.gpu_check import child; child(*sys.argv[1:])"
+        sys.stdout.flush()
+        done = subprocess.run([sys.executable, "-c", code, str(out), function, "cuda:0" if visible else str(device), json.dumps(encoded)],
+                              env={**os.environ, **visible}, cwd=REPO)  # fmt: skip
+        if not out.exists():
+            return [f"{function} in its own process on {device}: exited with {done.returncode}"]
+        return json.loads(out.read_text())
+
+
+def child(out: str, function: str, device: str, args: str) -> None:
+    """The child's side of in_own_process: runs `function` on `device`, writes its failures (JSON) to `out`."""
+    import torch
+
+    module, _, name = function.rpartition(":")
+    target = getattr(importlib.import_module(module) if module else sys.modules[__name__], name)
+    decoded = [getattr(torch, a["dtype"]) if isinstance(a, dict) and set(a) == {"dtype"} else a for a in json.loads(args)]
+    with ieee_fp32():
+        failures = target(torch.device(device), *decoded)
+    Path(out).write_text(json.dumps(failures or []))
+
+
 def check_pipeline(device, quantize: str | None) -> list[str]:
-    """Drop, save, reload, heal a few steps (LoRA on fp32, or QLoRA on 4-bit), merge: on `device`."""
+    """Drop, save, reload, heal a few steps (LoRA on fp32, or QLoRA on 4-bit), merge: on `device` (on a GPU other
+    than cuda:0, in a process that sees it alone: needs_own_process)."""
     import torch
 
     import kit
 
+    if needs_own_process(device):
+        return in_own_process(device, "check_pipeline", quantize)
     failures = []
     model, tokenizer = kit.tiny_model("llama", num_layers=6)
     with tempfile.TemporaryDirectory() as tmp:
@@ -147,7 +193,9 @@ def check_pipeline(device, quantize: str | None) -> list[str]:
             same = torch.allclose(pruned(input_ids=ids).logits, reloaded(input_ids=ids).logits, atol=1e-5)
         config = kit.HealConfig(rank=8, lr=3e-3, steps=12, batch_size=4, seq_len=64, quantize=quantize,
                                 log_every=1, eval_every=6, save_every=12)  # fmt: skip
-        result = kit.heal(tmp / "pruned", tokenizer, kit.loaders.data.corpus("train")[:40], config, output_dir=tmp / "healed",
+        # loaded as kit.heal would load it, but on `device` (kit.heal loads on the policy's device)
+        healed, _ = kit.load_model(str(tmp / "pruned"), device=device, quantize=quantize)
+        result = kit.heal(healed, tokenizer, kit.loaders.data.corpus("train")[:40], config, output_dir=tmp / "healed",
                           val_texts=kit.loaders.data.corpus("validation")[:4])  # fmt: skip
         quantized = getattr(result.model.get_base_model(), "is_loaded_in_4bit", False)
         validation = [e["loss"] for e in result.history["validation"]]
@@ -167,26 +215,19 @@ def check_pipeline(device, quantize: str | None) -> list[str]:
 
 
 def check_4bit(device, archs, perturb=None) -> list[str]:
-    """4-bit NF4 loads of tiny checkpoints on `device`, against CPU fp32 (bench.gpu_checks.TOLERANCE["4bit"]);
-    perturb(model) alters the checkpoint (the test that the check can fail)."""
+    """4-bit NF4 loads of trained tiny models (bench.gpu_checks.trained_reference) on `device`, against the same
+    models in fp32 there (bench.gpu_checks.TOLERANCE["4bit"]); perturb(model) alters the checkpoint (the test
+    that the check can fail)."""
     from bench.gpu_checks import guarded
 
     return [failure for arch in archs for failure in guarded(f"{arch} 4bit", _check_4bit, device, arch, perturb)]
 
 
 def _check_4bit(device, arch: str, perturb) -> list[str]:
-    import kit
-    from bench.gpu_checks import reference_of
+    from bench.gpu_checks import trained_reference, under_test
 
-    reference = reference_of(arch)
-    with tempfile.TemporaryDirectory() as tmp:
-        model = reference.model()
-        if perturb is not None:
-            perturb(model)
-        model.save_pretrained(tmp)
-        reference.tokenizer.save_pretrained(tmp)
-        model, _ = kit.load_model(tmp, device=device, quantize="4bit")
-        return reference.compare(model, "4bit", "4bit")
+    reference = trained_reference(arch, str(device))
+    return reference.compare(under_test(arch, device, "4bit", perturb)[0], "4bit", "4bit")
 
 
 def fitted_shape(total_bytes: int, itemsize: int) -> dict:
@@ -284,6 +325,7 @@ def part_full(device, half, args) -> list[str]:
 
     print(f"== correctness on {device} against CPU fp32 (half precision: {half}), error/tolerance per check")
     failures = gpu_checks.check_correctness(device, {"fp32": torch.float32, str(half).removeprefix("torch."): half}, args.archs)
+    failures += twins(device, half, args.archs)
     print(f"== kit.evaluate.cost on {device}")
     failures += guarded("cost", gpu_checks.check_cost, device)
     print(f"== device_map='auto' on {device} and beyond")
@@ -295,9 +337,27 @@ def part_full(device, half, args) -> list[str]:
     return failures + guarded("figures", part_figures, device, half, args.shape)
 
 
-def part_figures(device, half, shape: str) -> None:
-    """The figures at Llama-2-7B's shape (cut to the GPU's memory), or at a small one (`shape` "tiny")."""
+def twins(device, dtype, archs) -> list[str]:
+    """The computations beyond the scan, loss, log-likelihoods and oracle (a sublayer scan and removal, the greedy
+    removal, a budget point, kit.evaluate.cost) in `dtype` (a half precision, or "4bit") against fp32 on `device`,
+    on trained tiny models (bench.gpu_checks.TWIN_TOLERANCE); each architecture's check guarded on its own."""
+    from bench import gpu_checks
+
+    print(f"== {gpu_checks.label(dtype)} against fp32 on {device}, trained tiny models: sublayer scan and removal, greedy "
+          "removal, a budget point, cost")  # fmt: skip
+    failures = []
+    for check in (gpu_checks.check_sublayers, gpu_checks.check_greedy, gpu_checks.check_budget):
+        failures += check(device, dtype, archs)
+    return failures + gpu_checks.check_cost_twin(device, dtype)
+
+
+def part_figures(device, half, shape: str) -> list[str]:
+    """The figures at Llama-2-7B's shape (cut to the GPU's memory), or at a small one (`shape` "tiny"); on a GPU
+    other than cuda:0 in a process that sees it alone, for LoRA's throughput (needs_own_process)."""
     import torch
+
+    if needs_own_process(device):
+        return in_own_process(device, "part_figures", half, shape)
 
     if shape == "7b":
         fitted = fitted_shape(torch.cuda.get_device_properties(device).total_memory, half.itemsize)
@@ -307,13 +367,15 @@ def part_figures(device, half, shape: str) -> None:
     else:
         print(f"== figures at a small shape on {device}")
         figures(device, half if device.type == "cuda" else torch.float32, SMALL, **TINY_FIGURES, length=64)
+    return []
 
 
 def part_4bit(device, half, args) -> list[str]:
     from bench.gpu_checks import guarded
 
-    print(f"== 4-bit NF4 on {device} against CPU fp32")
+    print(f"== 4-bit NF4 on {device} against fp32 there, trained tiny models")
     failures = check_4bit(device, args.archs)
+    failures += twins(device, "4bit", args.archs)
     print(f"== pipeline on {device}, 4-bit base (QLoRA)")
     return failures + guarded("pipeline 4bit", check_pipeline, device, quantize="4bit")
 
