@@ -102,3 +102,33 @@ def test_readme_has_the_memory_table_of_the_notebooks_defaults():
 
     table = runpy.run_path(str(Path(__file__).resolve().parents[1] / "docs" / "memory_table.py"))["memory_table"]()
     assert table in (Path(__file__).resolve().parents[1] / "README.md").read_text(), "paste `python docs/memory_table.py` into the README"
+
+
+def test_load_save_merge_and_compare_within_the_ledgers_margin(tmp_path):
+    """The steps around the measured ones, on a tiny Llama: loading adds the weights and nothing beside them
+    (safetensors are read without torch operations: counted as the live tensors after), saving a model without two
+    MLP sublayers makes their zeros, merging an adapter makes the shard's merged MLP weights and one update, and
+    compare holds one checkpoint at a time."""
+    from kit.core.memory import live_tensor_bytes
+
+    model, tokenizer = kit.tiny_model("llama")
+    shape = ledger.Shape.of(model)
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    before = live_tensor_bytes()
+    loaded, _ = kit.load_model(str(tmp_path / "base"))
+    assert (live_tensor_bytes() - before) / ledger.load(shape, "fp32").peak == pytest.approx(1, abs=MARGIN)
+    pruned = kit.drop_layers(loaded, kit.Sublayers("mlp", [0, 2]))
+    with measure() as saving:
+        kit.save_pruned(pruned, tokenizer, tmp_path / "pruned")
+    assert saving.peak / ledger.save(shape, "fp32", mlp=2).extra == pytest.approx(1, abs=MARGIN)
+    config = kit.HealConfig(rank=4, lr=1e-3, steps=1, batch_size=2, seq_len=32, quantize=None, save_every=1)
+    healed = kit.heal(str(tmp_path / "base"), tokenizer, kit.loaders.data.corpus("train")[:20], config, output_dir=tmp_path / "healed")
+    with measure() as merging:
+        kit.merge_adapter(tmp_path / "base", healed.adapter_path, tmp_path / "merged")
+    assert merging.peak / ledger.merge(shape, "fp32").extra == pytest.approx(1, abs=MARGIN)
+    del loaded, pruned, healed
+    held, seen = live_tensor_bytes(), []
+    probe = lambda m, t: seen.append(live_tensor_bytes() - held) or {"layers": 1.0}  # noqa: E731
+    kit.experiments.sweep.compare({"base": tmp_path / "base", "merged": tmp_path / "merged"}, [probe], device="cpu")
+    assert max(seen) <= ledger.compare([ledger.load(shape, "fp32")]).peak * (1 + MARGIN)  # one model, never two

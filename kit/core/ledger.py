@@ -22,6 +22,7 @@ GIB = 2**30
 GPUS = {"T4": 14.6, "L4": 22.0, "A100-40GB": 39.4, "A100-80GB": 79.1, "H100": 79.1, "H200": 139.8}
 HEADROOM = 1.0 * GIB  # the CUDA context, the allocator's fragmentation: kept free when judging a fit
 NF4_BITS = 4.127  # bits per parameter of a 4-bit NF4 Linear weight, its double-quantized scales included
+SHARD = 50 * 10**9  # transformers' default max_shard_size: the largest shard save_pretrained writes
 LOGIT_ELEMENTS = 2**25  # kit.evaluate.loss: logits materialised at once
 REPLAY_TOKENS = 256  # kit.choose.replay.TOKEN_CHUNK: tokens per chunk of logits in the oracle and the greedy
 
@@ -41,6 +42,7 @@ class Shape:
     parameters: int
     linear_parameters: int  # in the decoder layers' nn.Linear modules
     lora_parameters_per_rank: int  # LoRA on the MLP projections: parameters per unit of rank
+    mlp_parameters: int  # in those projections (what a LoRA merge rewrites)
 
     @classmethod
     def of(cls, model: nn.Module) -> "Shape":
@@ -52,8 +54,7 @@ class Shape:
         decoder = layers.decoder_layers(model)
         linears = [m for layer in decoder for m in layer.modules() if isinstance(m, nn.Linear)]
         targets = tuple(layers.mlp_modules(model))
-        lora = sum(m.in_features + m.out_features for layer in decoder for name, m in layer.named_modules()
-                   if isinstance(m, nn.Linear) and name.endswith(targets))  # fmt: skip
+        projections = [m for layer in decoder for name, m in layer.named_modules() if isinstance(m, nn.Linear) and name.endswith(targets)]
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
         return cls(
@@ -61,7 +62,9 @@ class Shape:
             gated=any(name.endswith(("gate_proj", "gate_up_proj", "w1")) for name, _ in model.named_modules()) or bool(moe),
             routed=c.num_experts_per_tok if moe else 0,
             vocab=c.vocab_size, kv_width=kv_heads * head_dim, parameters=sum(p.numel() for p in model.parameters()),
-            linear_parameters=sum(m.weight.numel() for m in linears), lora_parameters_per_rank=lora,
+            linear_parameters=sum(m.weight.numel() for m in linears),
+            lora_parameters_per_rank=sum(m.in_features + m.out_features for m in projections),
+            mlp_parameters=sum(m.weight.numel() for m in projections),
         )  # fmt: skip
 
     @classmethod
@@ -183,6 +186,35 @@ def heal(shape: Shape, precision: str, *, batch_size: int, seq_len: int, rank: i
     return Step("heal", shape.weight_bytes(precision), adapters + kept + 3 * tokens * shape.vocab * 4)
 
 
+def load(shape: Shape, precision: str) -> Step:
+    """kit.load_model: the weights, nothing beside them once loaded (safetensors are read in place)."""
+    return Step("load", shape.weight_bytes(precision), 0)
+
+
+def save(shape: Shape, precision: str, *, attention: int = 0, mlp: int = 0) -> Step:
+    """kit.drop_layers then kit.save_pruned: layers are dropped in place; `attention` and `mlp` removed
+    sublayers are written as children with zero weights, made for the save."""
+    d = BYTES[precision]
+    attention_weights = 2 * shape.hidden * (shape.hidden + shape.kv_width)  # query and output; key and value
+    zeros = (attention * attention_weights + mlp * shape.mlp_parameters // shape.layers) * d
+    return Step("prune and save", shape.weight_bytes(precision), zeros)
+
+
+def merge(shape: Shape, precision: str) -> Step:
+    """kit.merge_adapter, streamed in host memory (no GPU): one shard of the base read in, its adapted
+    weights again once merged, and one weight's update B @ A in fp32 and in the weights' dtype."""
+    shard = min(shape.weight_bytes(precision), SHARD)
+    adapted = shard * shape.mlp_parameters // shape.parameters
+    update = shape.mlp_parameters // (3 if shape.gated else 2) // shape.layers * (4 + BYTES[precision])
+    return Step("merge", shard, adapted + update)
+
+
+def compare(steps: list[Step]) -> Step:
+    """kit.experiments.sweep.compare: one checkpoint at a time, so its largest evaluation of its largest checkpoint."""
+    worst = max(steps, key=lambda step: step.peak)
+    return Step("compare", worst.weights, worst.extra, worst.note)
+
+
 def fits(step: Step, gpu: str | float, count: int = 1) -> bool:
     """Whether the step's peak fits `count` GPUs of a kind (a name of GPUS, or GiB) split by device_map,
     with HEADROOM kept free on each."""
@@ -218,7 +250,8 @@ def on_device(model: nn.Module, device=None) -> tuple[Shape, str, int | None]:
     return Shape.of(model), precision, capacity
 
 
-STEPS = {"scan": scan, "loss": loss, "loglikelihoods": loglikelihoods, "oracle": oracle, "greedy": greedy, "heal": heal}
+STEPS = {"load": load, "scan": scan, "loss": loss, "loglikelihoods": loglikelihoods, "oracle": oracle, "greedy": greedy,
+         "save": save, "heal": heal, "merge": merge}
 
 
 def plan(model: nn.Module, **steps: dict) -> list[Step]:
