@@ -104,14 +104,16 @@ def test_readme_has_the_memory_table_of_the_notebooks_defaults():
     assert table in (Path(__file__).resolve().parents[1] / "README.md").read_text(), "paste `python docs/memory_table.py` into the README"
 
 
-def test_load_save_merge_and_compare_within_the_ledgers_margin(tmp_path):
-    """The steps around the measured ones, on a tiny Llama: loading adds the weights and nothing beside them
-    (safetensors are read without torch operations: counted as the live tensors after), saving a model without two
-    MLP sublayers makes their zeros, merging an adapter makes the shard's merged MLP weights and one update, and
-    compare holds one checkpoint at a time."""
+@pytest.mark.parametrize("name", ["smollm2-135m", "llama", "qwen3_moe"])
+def test_load_save_merge_and_compare_within_the_ledgers_margin(name, smollm, tmp_path):
+    """The steps around the measured ones: loading adds the weights and nothing beside them (safetensors are read
+    without torch operations: counted as the live tensors after), saving a model without two MLP sublayers makes
+    their zeros (a fused MoE's experts are copied as they are written), merging an adapter makes the shard's merged
+    MLP weights and one update (peft's merge of fused experts: every expert again), and compare holds one checkpoint
+    at a time."""
     from kit.core.memory import live_tensor_bytes
 
-    model, tokenizer = kit.tiny_model("llama")
+    model, tokenizer = smollm if name == "smollm2-135m" else kit.tiny_model(name)
     shape = ledger.Shape.of(model)
     model.save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")
