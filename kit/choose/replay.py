@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from ..core import layers
-from ..core.sums import chunk_size
+from ..core.sums import REPLAY_TOKENS, chunk_size
 
-TOKEN_CHUNK = 256  # tokens per LM-head chunk: bounds the [tokens, vocab] logits of a pruned model
+TOKEN_CHUNK = REPLAY_TOKENS  # tokens per LM-head chunk: bounds the [tokens, vocab] logits of a pruned model
 
 
 class Inputs(layers.LayerTap):

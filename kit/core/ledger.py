@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from . import layers
+from .sums import HIDDEN_SLICE, LOGIT_ELEMENTS, REPLAY_TOKENS, SCAN_TOKENS
 
 GIB = 2**30
 # The memory CUDA reports for one GPU (GiB), as torch.cuda.get_device_properties(i).total_memory gives it
@@ -23,8 +24,6 @@ GPUS = {"T4": 14.6, "L4": 22.0, "A100-40GB": 39.4, "A100-80GB": 79.1, "H100": 79
 HEADROOM = 1.0 * GIB  # the CUDA context, the allocator's fragmentation: kept free when judging a fit
 NF4_BITS = 4.127  # bits per parameter of a 4-bit NF4 Linear weight, its double-quantized scales included
 SHARD = 50 * 10**9  # transformers' default max_shard_size: the largest shard save_pretrained writes
-LOGIT_ELEMENTS = 2**25  # kit.evaluate.loss: logits materialised at once
-REPLAY_TOKENS = 256  # kit.choose.replay.TOKEN_CHUNK: tokens per chunk of logits in the oracle and the greedy
 
 
 @dataclass(frozen=True)
@@ -135,8 +134,8 @@ def scan(shape: Shape, precision: str, *, batch_size: int, max_length: int, metr
     positions = shape.layers * (2 if sublayers else 1) + 1
     selected = batch_size if metric == "angular_last" else tokens
     states = positions * selected * shape.hidden * d
-    chunk = min(1024, selected)
-    cosines = chunk * positions * (shape.hidden * 4 + min(shape.hidden, 512) * 8) + 3 * positions**2 * chunk * 8
+    chunk = min(SCAN_TOKENS, selected)
+    cosines = chunk * positions * (shape.hidden * 4 + min(shape.hidden, HIDDEN_SLICE) * 8) + 3 * positions**2 * chunk * 8
     note = "" if metric == "angular_last" else f"the all-token states: {states / GIB:.2f} GiB (BATCH_SIZE, MAX_LENGTH)"
     return Step("scan", shape.weight_bytes(precision), states + max(_forward(shape, tokens, d), cosines), note)
 

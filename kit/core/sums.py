@@ -14,6 +14,11 @@ import zlib
 import torch
 
 ODD_CHUNKS = "KIT_ODD_CHUNKS"
+# The default chunk sizes, in one place (kit.core.ledger predicts the memory they bound):
+SCAN_TOKENS = 1024  # tokens per pairwise-cosine chunk of the scan: bounds its [tokens, positions, positions] buffers
+HIDDEN_SLICE = 512  # hidden features per float64 copy in the scan's Gram matrix
+LOGIT_ELEMENTS = 2**25  # logits materialised at once by the validation loss (128 MiB in fp32), whatever the vocabulary
+REPLAY_TOKENS = 256  # tokens per LM-head chunk of the oracle and the greedy removal (kit.choose.replay)
 
 
 def chunk_size(default: int, extent: int, *shape: int) -> int:

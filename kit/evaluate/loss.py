@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from ..core import distributed, layers
 from ..core.device import model_device, require_finite
 from ..core.stats import ratio_stderr
-from ..core.sums import chunk_size
+from ..core.sums import LOGIT_ELEMENTS, chunk_size
 from ..core.text import batched, encode
 
 
@@ -24,7 +24,7 @@ class LossResult:
     text_tokens: tuple[int, ...] = ()  # and its predicted tokens (what paired comparisons resample)
 
 
-_LOGIT_ELEMENTS = 2**25  # logits materialised at once (128 MiB in fp32), whatever the vocabulary
+_LOGIT_ELEMENTS = LOGIT_ELEMENTS  # logits materialised at once (128 MiB in fp32), whatever the vocabulary
 
 
 def token_losses(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

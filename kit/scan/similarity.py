@@ -24,7 +24,7 @@ from ..core import artifacts, distributed, layers
 from ..core.config import ScanConfig
 from ..core.device import free_bytes, model_device, provenance, require_finite
 from ..core.progress import progress
-from ..core.sums import chunk_size, sum_by
+from ..core.sums import HIDDEN_SLICE, SCAN_TOKENS, chunk_size, sum_by
 from ..core.text import encode, too_short
 from .distances import Distances
 
@@ -33,8 +33,8 @@ METRICS = {
     "angular_all": "arccos(cos) / pi averaged over all non-pad tokens",
     "block_influence": "ShortGPT's Block Influence, 1 - cos averaged over all non-pad tokens",
 }
-_TOKEN_CHUNK = 1024  # tokens per pairwise-cosine chunk: bounds the [tokens, L+1, L+1] buffers
-_HIDDEN_SLICE = 512  # hidden features per float64 copy in the cosines' Gram matrix
+_TOKEN_CHUNK = SCAN_TOKENS  # tokens per pairwise-cosine chunk: bounds the [tokens, L+1, L+1] buffers
+_HIDDEN_SLICE = HIDDEN_SLICE  # hidden features per float64 copy in the cosines' Gram matrix
 GROUPS = 32  # texts are dealt round-robin into this many groups (at most one per text) for resampling
 
 
