@@ -12,6 +12,11 @@ from .core.lazy import lazy as _lazy
 __version__ = "0.2.0"
 
 _EXPORTS = {
+    "Run": "run",
+    "EvaluateConfig": "core.config",
+    "SweepConfig": "core.config",
+    "CriteriaConfig": "core.config",
+    "BudgetConfig": "core.config",
     "load_model": "loaders.models",
     "tiny_model": "testing",
     "TINY_ARCHITECTURES": "testing",
@@ -46,7 +51,7 @@ _EXPORTS = {
     "ValidationLoss": "evaluate.metrics",
     "InferenceCost": "evaluate.metrics",
 }
-_MODULES = ["core", "loaders", "scan", "choose", "prune", "healing", "evaluate", "experiments", "families", "testing"]
+_MODULES = ["steps", "run", "core", "loaders", "scan", "choose", "prune", "healing", "evaluate", "experiments", "families", "testing"]
 
 __all__ = sorted(_EXPORTS) + _MODULES
 
