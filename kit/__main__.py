@@ -20,7 +20,6 @@ from pathlib import Path
 from .choose import criteria
 from .core import artifacts, distributed
 from .core.config import HealConfig, ScanConfig
-from .core.deprecation import warn
 from .core.device import provenance
 from .evaluate import metrics
 from .experiments import sweep
@@ -129,14 +128,6 @@ def heal(args):
     return result
 
 
-class _Strategy(argparse.Action):
-    """--strategy, kit 0.1's name of --criterion: the same, with a DeprecationWarning."""
-
-    def __call__(self, parser, namespace, value, option_string=None):
-        warn("--strategy", "--criterion", stacklevel=2)
-        setattr(namespace, self.dest, value)
-
-
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="python -m kit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = top.add_subparsers(dest="command", required=True)
@@ -159,7 +150,6 @@ def parser() -> argparse.ArgumentParser:
     sw = subs["sweep"]
     sw.add_argument("--ns", type=int, nargs="+", required=True, help="block sizes to remove (0: the unpruned model)")
     sw.add_argument("--criterion", default="similarity", help=f"a name in kit.choose.criteria.CRITERIA, e.g. {', '.join(sweep.PAPER_CRITERIA)}")
-    sw.add_argument("--strategy", dest="criterion", action=_Strategy, help=argparse.SUPPRESS)  # kit 0.1's name, deprecated
     sw.add_argument("--mmlu-subjects", type=int, default=57, help="the first K subjects in alphabetical order")
     sw.add_argument("--per-subject", type=int, default=None, help="questions per subject (default: all)")
     sw.add_argument("--shots", type=int, default=5)

@@ -47,11 +47,11 @@ def kit_imports(module: str) -> set[str]:
 
 
 def _modules() -> list[str]:
-    """Every module and package of kit (not kit itself, its CLI, or the 0.1 stubs in kit/_moved)."""
+    """Every module and package of kit (not kit itself or its CLI)."""
     found = []
     for path in (ROOT / "kit").rglob("*.py"):
         parts = path.relative_to(ROOT / "kit").with_suffix("").parts
-        if parts[0] == "_moved" or parts in (("__init__",), ("__main__",)):
+        if parts in (("__init__",), ("__main__",)):
             continue
         found.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
     return sorted(found)
