@@ -17,7 +17,7 @@ import pytest
 import kit
 
 ROOT = Path(__file__).resolve().parents[1]
-# kit.__all__ as planned for 0.3, in order. NOT_YET: planned names that do not exist yet; each joins kit.__all__
+# kit.__all__ as planned for 0.3. NOT_YET: planned names that do not exist yet; each joins kit.__all__
 # when it is written (the healing methods' configs too, whatever their names: any *Config may join).
 PLANNED = ["Run", "steps", "ScanConfig", "PruneConfig", "HealConfig", "EvaluateConfig", "SweepConfig", "CriteriaConfig",
            "BudgetConfig", "load_model", "angular_distances", "Distances", "Block", "Layers", "Sublayers", "Selection",
@@ -42,8 +42,7 @@ def resolve(dotted: str):
 def test_all_is_the_planned_surface_of_the_names_that_exist():
     extra = [name for name in kit.__all__ if name not in PLANNED]
     assert all(name.endswith("Config") for name in extra), f"not in the 0.3 surface: {extra}"
-    planned = [name for name in PLANNED if name in kit.__all__]
-    assert [name for name in kit.__all__ if name in PLANNED] == planned, "kit.__all__ in the planned order"
+    assert len(set(kit.__all__)) == len(kit.__all__)
     for name in set(PLANNED) - set(kit.__all__):
         assert name in NOT_YET, f"kit.__all__ lacks {name}"
         assert not hasattr(kit, name), f"kit.{name} exists: add it to kit.__all__ (kit/__init__.py) and drop it from NOT_YET"
