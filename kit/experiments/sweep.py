@@ -232,6 +232,7 @@ def _healed_metrics(heal, model, tokenizer, block, evals) -> dict[str, Estimate]
 
 def healer(texts: list[str], config, *, output_root, val_texts=None) -> Callable:
     """A `heal` function for sweep(): kit.heal with `config` on `texts`, adapters under output_root/n{n}.
+    `heal(pruned, tokenizer, block)` returns a context manager: `with heal(...) as healed:` (healed valid inside).
 
     It never copies the loaded model: with config.quantize=None the adapters go on the pruned view itself
     and are taken off again after its evaluation (kit.healing.lora.adapted_in_place); a 4-bit heal trains
