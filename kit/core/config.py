@@ -13,8 +13,6 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, fields, replace
 
-from .deprecation import renamed_arguments, renamed_attribute
-
 
 class _Settings:
     ADDED: tuple[str, ...] = ()  # settings added after the first release: left out of the digest at their default
@@ -70,11 +68,9 @@ class ScanConfig(_Settings):
         self._require_positive("n_texts", "batch_size", "max_length")
 
 
-@renamed_arguments(strategy="criterion")  # kit 0.1's name, as its manifests record it
 @dataclass(frozen=True)
 class PruneConfig(_Settings):
-    """Settings of a pruning step (notebook 02): the block to remove and the loss measured before and after.
-    (strategy=, .strategy: deprecated, use criterion.)"""
+    """Settings of a pruning step (notebook 02): the block to remove and the loss measured before and after."""
 
     n: int = 6  # block size: consecutive layers removed
     start: int | None = None  # first layer of the block; None: the block `criterion` picks for n
@@ -88,8 +84,6 @@ class PruneConfig(_Settings):
         self._require_positive("n", "n_val_texts", "max_length", "batch_size")
         if self.start is not None and self.start < 0:
             raise ValueError(f"start must be >= 0 or None (the criterion's block), got {self.start}")
-
-    strategy = renamed_attribute("criterion")  # kit 0.1's name
 
 
 # The paper's Appendix A: per-model LoRA rank and peak learning rate (its Qwen-7B/14B are Qwen 1, a
