@@ -9,7 +9,8 @@ from ..core.ledger import plan
 from ..core.stats import Estimate
 from ..evaluate import metrics
 from ..evaluate.recall_task import recall_items
-from ..experiments import curves, results, sweep as sweeping
+from ..experiments import curves, results
+from ..experiments import sweep as sweeping
 from ..loaders import data
 from ..loaders.models import load_model
 from ..run import Run
