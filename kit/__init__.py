@@ -35,6 +35,7 @@ _EXPORTS = {  # the top-level names: each from the module that defines it
 }
 _MODULES = {  # kit.<name>: the pipeline's steps, the public modules under short names, then the sub-packages
     "steps": "steps",
+    "run": "run",
     "data": "loaders.data",
     "metrics": "evaluate.metrics",
     "plots": "experiments.plots",

@@ -19,7 +19,7 @@ import kit
 ROOT = Path(__file__).resolve().parents[1]
 # kit.__all__ as planned for 0.3. NOT_YET: planned names that do not exist yet; each joins kit.__all__
 # when it is written (the healing methods' configs too, whatever their names: any *Config may join).
-PLANNED = ["Run", "steps", "ScanConfig", "PruneConfig", "HealConfig", "EvaluateConfig", "SweepConfig", "CriteriaConfig",
+PLANNED = ["Run", "run", "steps", "ScanConfig", "PruneConfig", "HealConfig", "EvaluateConfig", "SweepConfig", "CriteriaConfig",
            "BudgetConfig", "load_model", "angular_distances", "Distances", "Block", "Layers", "Sublayers", "Selection",
            "drop_layers", "save_pruned", "heal", "merge_adapter", "data", "metrics", "plots", "readings", "widgets", "healing",
            "testing", "families", "core", "loaders", "scan", "choose", "prune", "evaluate", "experiments"]  # fmt: skip
