@@ -36,4 +36,4 @@ STEPS = {
 }
 
 __all__ = list(STEPS)
-__getattr__, __dir__ = _lazy(__name__, [], {name: step.module for name, step in STEPS.items()})
+__getattr__, __dir__ = _lazy(__name__, sorted({step.module for step in STEPS.values()}), {name: step.module for name, step in STEPS.items()})
