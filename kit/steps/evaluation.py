@@ -1,6 +1,10 @@
 """The evaluate and sweep steps (notebook 04): the run's checkpoints side by side, and the evaluations at every
 block size for each criterion, with healed twins."""
 
+from dataclasses import dataclass
+
+import pandas as pd
+
 from ..choose.criteria import Selection
 from ..core import distributed
 from ..core.config import EvaluateConfig, SweepConfig
@@ -15,6 +19,23 @@ from ..loaders import data
 from ..loaders.models import load_model
 from ..run import Run
 from ..scan.distances import Distances
+
+
+@dataclass
+class Sweep:
+    """What the sweep step measured (each table also in the run folder)."""
+
+    table: pd.DataFrame  # sweep.csv: one row per criterion, n, healed and metric
+    unpruned: pd.DataFrame  # unpruned.csv: the unpruned model's MMLU
+    mmlu: bool  # whether MMLU was swept (the unpruned model above chance, or forced by config.mmlu)
+    paired: pd.DataFrame | None  # paired.csv: the first two criteria on the same questions and texts
+    collapse: pd.DataFrame  # collapse.csv: each criterion's collapse point per accuracy
+    gains: pd.DataFrame | None  # healing_gains.csv: healed minus unhealed at config.heal_ns
+
+    @property
+    def accuracies(self) -> list[str]:
+        """The question-answering metrics swept."""
+        return [m for m in ("recall", "mmlu", "boolq") if m in set(self.table["metric"])]
 
 
 def quality(config: EvaluateConfig) -> list[metrics.Evaluation]:
@@ -81,21 +102,24 @@ def sweep(run: Run, config: SweepConfig):
     placement = provenance(model)
     model = None
     release_memory()
+    swept = _readings(config, table, results.table(unpruned, n=0), with_mmlu)
     if distributed.is_main():
-        _write_sweep(run, config, table, results.table(unpruned, n=0), with_mmlu)
+        for name, frame in (("unpruned", swept.unpruned), ("sweep", table), ("paired", swept.paired), ("collapse", swept.collapse),
+                            ("healing_gains", swept.gains)):  # fmt: skip
+            if frame is not None:
+                run.write_csv(name, frame, index=False)
         run.record("sweep", config, ns=ns, mmlu=with_mmlu, evaluations={e.name: e.settings() for e in evals}, placement=placement)
-    return table
+    return swept
 
 
-def _write_sweep(run: Run, config: SweepConfig, table, unpruned, with_mmlu: bool) -> None:
+def _readings(config: SweepConfig, table, unpruned, with_mmlu: bool) -> Sweep:
     """The sweep's table and what notebook 04 reads from it: paired comparisons, collapse points, healing gains."""
-    run.write_csv("unpruned", unpruned, index=False)
-    run.write_csv("sweep", table, index=False)
-    accuracies = ["recall"] + (["mmlu"] if with_mmlu else []) + (["boolq"] if config.boolq is not None else [])
+    swept = Sweep(table, unpruned, with_mmlu, None, None, None)
     unhealed = table[~table["healed"]]
     if len(config.criteria) >= 2:
-        paired = curves.by_metric(curves.paired_comparison, unhealed, accuracies + ["val_loss_norm"], "criterion", *config.criteria[:2])
-        run.write_csv("paired", paired, index=False)
-    run.write_csv("collapse", curves.by_metric(curves.collapse_points, unhealed, accuracies), index=False)
+        swept.paired = curves.by_metric(curves.paired_comparison, unhealed, swept.accuracies + ["val_loss_norm"], "criterion",
+                                        *config.criteria[:2])  # fmt: skip
+    swept.collapse = curves.by_metric(curves.collapse_points, unhealed, swept.accuracies)
     if config.heal_ns:
-        run.write_csv("healing_gains", curves.by_metric(curves.healing_gains, table, accuracies + ["val_loss_norm"]), index=False)
+        swept.gains = curves.by_metric(curves.healing_gains, table, swept.accuracies + ["val_loss_norm"])
+    return swept

@@ -1,6 +1,10 @@
 """The budget step (notebook 06): a contiguous block, sets of whole layers and attention or MLP sublayers removed
 at the same parameter budgets, each chosen by its criteria, judged on held-out loss, recall and cost."""
 
+from dataclasses import dataclass
+
+import pandas as pd
+
 from ..choose.criteria import choose_units
 from ..choose.greedy import greedy_removal
 from ..core import layers
@@ -21,6 +25,17 @@ from .oracle import model_name
 
 CRITERIA = {"block": ["similarity"], "layers": ["shortgpt", "greedy_layers"], "attention": ["llm_drop_attention", "greedy_attention"],
             "mlp": ["llm_drop_mlp", "greedy_mlp"]}  # each granularity's criteria (kit.choose.criteria.CRITERIA)  # fmt: skip
+
+
+@dataclass
+class Budget:
+    """What the budget step measured (each also in the run folder)."""
+
+    table: pd.DataFrame  # budget.csv: one row per unit, criterion, budget and metric
+    best: pd.DataFrame  # budget_best.csv: the best choice per budget by held-out loss, against the paper's block
+    scan: object  # the sublayer scan (kit.Distances) on the calibration texts
+    greedy: dict  # unit -> its greedy removal order (kit.choose.greedy.GreedyRemoval)
+    mmlu: bool  # whether MMLU was evaluated
 
 
 def budget(run: Run, config: BudgetConfig):
@@ -56,7 +71,8 @@ def budget(run: Run, config: BudgetConfig):
              *([mmlu] if with_mmlu else []),
              metrics.InferenceCost(prompt_tokens=config.cost_prompt_tokens, new_tokens=config.cost_new_tokens, repeats=config.cost_repeats)]  # fmt: skip
     table = budgets.budget_sweep(model, tokenizer, choices=choices, budgets=config.budgets, evals=evals)
+    best = curves.best_by_budget(table, "val_loss")
     run.write_csv("budget", table, index=False)
-    run.write_csv("budget_best", curves.best_by_budget(table, "val_loss"), index=False)
+    run.write_csv("budget_best", best, index=False)
     run.record("budget", config, steps=steps, mmlu=with_mmlu, model=name, layers=L, parameters=parameters(model), placement=provenance(model))
-    return table
+    return Budget(table, best, scan, greedy, with_mmlu)

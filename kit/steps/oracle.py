@@ -1,7 +1,11 @@
 """The criteria step (notebook 05): block choices of each scan metric judged by the ablation oracle, the true
 held-out loss of removing every block."""
 
-from ..choose.oracle import ablation_losses, compare_criteria
+from dataclasses import dataclass
+
+import pandas as pd
+
+from ..choose.oracle import Ablation, ablation_losses, compare_criteria
 from ..core import layers
 from ..core.config import CriteriaConfig
 from ..core.device import provenance
@@ -12,6 +16,15 @@ from ..loaders.models import load_model
 from ..run import Run
 from ..scan.distances import Distances
 from ..scan.similarity import angular_distances
+
+
+@dataclass
+class Criteria:
+    """What the criteria step measured (each also in the run folder)."""
+
+    table: pd.DataFrame  # criteria.csv: regret and rank correlation per criterion and block size
+    scans: list[Distances]  # one scan per metric, on the calibration texts
+    oracles: dict[str, Ablation]  # the ablation oracle on the "calibration" and the "held_out" texts
 
 
 def model_name(run: Run, name: str | None) -> str:
@@ -40,4 +53,4 @@ def criteria(run: Run, config: CriteriaConfig):
     table = compare_criteria(oracles["held_out"], distances=scans, calibration=oracles["calibration"])
     run.write_csv("criteria", table, index=False)
     run.record("criteria", config, model=name, layers=layers.num_layers(model), parameters=parameters(model), placement=provenance(model))
-    return table
+    return Criteria(table, scans, oracles)
