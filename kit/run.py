@@ -65,9 +65,13 @@ class Run:
         root: where named runs live ("auto": see above).
         device: where the steps load models: "auto" (the GPU if there is one), "cpu", "cuda", "cuda:1".
         dtype: "auto" (bf16 where the GPU has it, fp16 on older GPUs, fp32 on CPU), "float32", "bfloat16", "float16".
+        seed: seeds Python's, NumPy's and torch's generators now (None: leaves them).
     """
 
-    def __init__(self, folder: str | Path = "demo", root: str | Path = "auto", *, device: str = "auto", dtype: str = "auto"):
+    def __init__(self, folder: str | Path = "demo", root: str | Path = "auto", *, device: str = "auto", dtype: str = "auto",
+                 seed: int | None = None):  # fmt: skip
+        if seed is not None:
+            artifacts.seed_everything(seed)
         if isinstance(folder, Run):
             folder = folder.path
         named = isinstance(folder, str) and "/" not in folder and folder not in (".", "..")

@@ -36,7 +36,7 @@ REPOSITORY = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["ur
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_colab_cells_use_the_repository_of_pyproject(name):
     text = (REPO / "notebooks" / f"{name}.ipynb").read_text()
-    installs = re.findall(r'%pip install -q \\"kit @ git\+([^\\"]+)\\"', text)
+    installs = re.findall(r'%pip install -q \\"deeper-layers-kit @ git\+([^\\"]+)\\"', text)
     assert installs == [REPOSITORY], f"{name}: the Colab cell installs the kit from [project.urls] Repository"
     badge = REPOSITORY.replace("https://github.com/", "https://colab.research.google.com/github/")
     assert f"{badge}/blob/main/notebooks/{name}.ipynb" in text
@@ -61,17 +61,35 @@ def test_every_notebook_opens_with_the_same_minimal_preamble():
     preambles = {_cells(name, "code")[1] for name in NOTEBOOKS}  # the cell after the parameters
     (preamble,) = preambles
     assert preamble.index("%pip install") < preamble.index("import kit")  # Colab installs the kit before importing it
-    assert "kit.core.artifacts.seed_everything(SEED)" in preamble and "run = kit.core.artifacts.run_dir(RUN, RUNS_ROOT)" in preamble
+    assert preamble.endswith("run = kit.Run(RUN, RUNS_ROOT, device=DEVICE, dtype=DTYPE, seed=SEED)")
+
+
+STEP_OF = {"01_similarity": ["scan"], "02_select_and_prune": ["prune"], "03_heal": ["heal"], "04_compare": ["sweep", "evaluate"],
+           "05_criteria": ["criteria"], "06_granularity": ["budget"]}  # fmt: skip
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_one_import_style_a_manifest_and_a_generated_reading(name):
+def test_one_import_style_the_steps_and_a_generated_reading(name):
     code = _cells(name, "code")
     imports = [line for cell in code for line in cell.splitlines() if re.match(r"\s*(import|from)\s", line)]
-    assert imports == ["import sys", "import kit"], f"{name}: `import kit` alone, names used as kit.module.name"
-    assert sum(f'write_manifest(run, "{name}",' in cell for cell in code) == 1, f"{name}: one manifest step named {name}"
-    assert code[-1] == f'kit.experiments.readings.reading(run, "{name}")', f"{name}: the reading closes the notebook"
+    assert imports == ["import sys", "import kit"], f"{name}: `import kit` alone, names used as kit.name"
+    called = re.findall(r"kit\.steps\.(\w+)\(run, config", "\n".join(code))
+    assert called == STEP_OF[name], f"{name}: the notebook is a face of kit.steps: it runs {STEP_OF[name]}"
+    assert code[-1] == f'kit.readings.reading(run, "{name}")', f"{name}: the reading closes the notebook"
     assert _cells(name, "markdown")[-1].startswith("## Reading the result\n")
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebooks_use_public_names_only(name):
+    """kit.<name> of kit.__all__, and at most one name inside it (kit.steps.scan, kit.plots.save): never a path into
+    the kit's internals (kit.core.artifacts.write_text), which the library may move."""
+    import kit
+
+    for cell in _cells(name, "code"):
+        for chain in re.findall(r"(?<![\w.])kit((?:\.\w+)+)", cell):
+            parts = chain.split(".")[1:]
+            assert parts[0] in kit.__all__, f"{name}: kit.{parts[0]} is not a public name (kit.__all__)"
+            assert len(parts) <= 2, f"{name}: kit{chain} reaches into the kit's internals; use a public name"
 
 
 # Numbers a markdown cell may state: they are not results of a run. Contexts first (headings, notebook and
