@@ -65,7 +65,7 @@ def test_notebook_06_point_equals_the_pruned_model_evaluated_anew(notebook_run):
 def test_notebook_06_on_the_tiny_hybrid(tiny_notebook_run, tiny_model_folder):
     run = tiny_notebook_run("06_granularity")
     table = _check_points(run, str(tiny_model_folder), TINY_PARAMETERS["06_granularity"]["BUDGETS"])
-    swept = read_json(run / "manifest.json")["06_granularity"]["config"]["sweep_mmlu"]
+    swept = read_json(run / "manifest.json")["06_granularity"]["mmlu"]  # whether MMLU was swept (the setting: config["mmlu"])
     assert ("mmlu" in set(table["metric"])) == swept  # SWEEP_MMLU None: the rule on the unpruned model's interval decides
 
 

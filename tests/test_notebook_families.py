@@ -14,7 +14,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import kit
 from kit.core.artifacts import read_json
 from kit.core.layers import caches_keys
-from kit.experiments.reports import NOTEBOOKS
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +32,8 @@ def test_notebooks_run_on_the_family_and_their_artifacts_agree(family_run):
     folder, run = family_run
     original = AutoModelForCausalLM.from_pretrained(folder)
     manifest = read_json(run / "manifest.json")
-    assert set(NOTEBOOKS) <= set(manifest) and manifest["01_similarity"]["layers"] == LAYERS
+    steps = ("scan", "prune", "heal", "sweep", "evaluate", "criteria")  # of notebooks 01-05
+    assert {kit.run.MANIFEST_KEYS[step] for step in steps} <= set(manifest) and manifest["01_similarity"]["layers"] == LAYERS
 
     # 01: the scan of every residual position; 02: its similarity block, dropped in a checkpoint of the same family
     distances = kit.Distances.load(run / "distances.safetensors")

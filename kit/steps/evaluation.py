@@ -34,8 +34,9 @@ class Sweep:
 
     @property
     def accuracies(self) -> list[str]:
-        """The question-answering metrics swept."""
-        return [m for m in ("recall", "mmlu", "boolq") if m in set(self.table["metric"])]
+        """The question-answering metrics of the figures, collapse points and paired comparisons: recall, and MMLU
+        where it was swept (BoolQ, when set, is in the table and the comparison)."""
+        return ["recall"] + (["mmlu"] if self.mmlu else [])
 
 
 def quality(config: EvaluateConfig) -> list[metrics.Evaluation]:
