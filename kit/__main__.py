@@ -18,6 +18,7 @@ import types
 import typing
 
 from .core import distributed
+from .core.deprecation import warn
 from .run import Run
 from .steps import STEPS
 
@@ -62,8 +63,8 @@ def add_config(parser: argparse.ArgumentParser, config_class) -> None:
             group.add_argument(*flags, dest=field.name, action=argparse.BooleanOptionalAction, default=default)
         elif (element := _element(kind)) is not None:
             parse = _parse(element | None) if type(None) in typing.get_args(kind) else _parse(element)
-            group.add_argument(*flags, dest=field.name, nargs="+", type=parse, default=default, metavar=field.name.upper(),
-                               help=f"one or more (none: None); default: {default}")  # fmt: skip
+            group.add_argument(*flags, dest=field.name, nargs="*", type=parse, default=default, metavar=field.name.upper(),
+                               help=f"zero or more{' (none: None)' if parse is not None and type(None) in typing.get_args(kind) else ''}; default: {default}")  # fmt: skip
         else:
             group.add_argument(*flags, dest=field.name, type=_parse(kind), default=default, help=f"default: {default}")
 
@@ -77,12 +78,21 @@ def config_from(config_class, args: argparse.Namespace):
     return config_class(**values)
 
 
+class _Out(argparse.Action):
+    """--out, kit 0.2's name of --run: the same, with a DeprecationWarning."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        warn("python -m kit --out", "--run", stacklevel=2)
+        namespace.run = value
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="python -m kit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = top.add_subparsers(dest="command", required=True, metavar="STEP")
     for name, step in STEPS.items():
         sub = commands.add_parser(name, help=step.help, description=step.help)
-        sub.add_argument("--run", required=True, help="the run folder: the step reads its inputs there and writes its artifacts")
+        sub.add_argument("--run", help="the run folder: the step reads its inputs there and writes its artifacts (required)")
+        sub.add_argument("--out", dest="run", action=_Out, help=argparse.SUPPRESS)  # kit 0.2's name, deprecated
         sub.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 (auto under a launcher: this process's GPU)")
         sub.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
         if step.config is not None:
@@ -93,7 +103,10 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None):
     import kit.steps
 
-    args = parser().parse_args(argv)
+    top = parser()
+    args = top.parse_args(argv)
+    if args.run is None:
+        top.error(f"the following arguments are required: --run (python -m kit {args.command} --run DIR)")
     distributed.init()
     run = Run(args.run if "/" in args.run else f"./{args.run}", device=args.device, dtype=args.dtype)
     function, config_class = getattr(kit.steps, args.command), STEPS[args.command].config

@@ -148,7 +148,7 @@ def test_strategy_is_gone_for_criterion():
                           (plots.quality_cost_figure, "cost")):  # fmt: skip
         assert old not in inspect.signature(function).parameters
     with pytest.raises(SystemExit):
-        parser().parse_args(["sweep", "--model", "m", "--out", "o", "--ns", "0", "--strategy", "heuristic"])
+        parser().parse_args(["sweep", "--run", "o", "--ns", "0", "--strategy", "heuristic"])
     assert "STRATEGY" not in (ROOT / "notebooks" / "02_select_and_prune.ipynb").read_text()
 
 

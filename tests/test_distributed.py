@@ -198,9 +198,9 @@ def test_cli_scan_under_torchrun_equals_one_process(tmp_path):
     model, tokenizer = kit.testing.tiny_model("llama", num_layers=4)
     save_checkpoint(tmp_path / "tiny", model, tokenizer)
     options = ["scan", "--model", tmp_path / "tiny", "--n-texts", 5, "--batch-size", 1, "--max-length", 32, "--groups", 3]
-    run = torchrun("-m", "kit", *options, "--out", tmp_path / "two")
+    run = torchrun("-m", "kit", *options, "--run", tmp_path / "two")
     assert run.returncode == 0, run.stderr[-4000:]
-    main([str(option) for option in [*options, "--out", tmp_path / "one"]])
+    main([str(option) for option in [*options, "--run", tmp_path / "one"]])
     two, one = (kit.Distances.load(tmp_path / name / "distances.safetensors") for name in ("two", "one"))
     torch.testing.assert_close(two.matrix, one.matrix, atol=1e-6, rtol=0)
     torch.testing.assert_close(two.group_sums, one.group_sums, atol=1e-9, rtol=1e-9)
