@@ -1,4 +1,4 @@
-"""The layering the README's Development section describes: the core imports nothing from the rest of
+"""The layering the Development page (docs/development.md) describes: the core imports nothing from the rest of
 the kit, numeric code never reaches the loaders (directly or through another module), the readers of
 a result table never reach the evaluators, there is no import cycle, and the code passes the linter.
 
@@ -89,7 +89,7 @@ def test_reached_follows_imports_through_other_modules_and_packages(tmp_path, mo
 
 
 def test_the_layout_is_the_pipeline():
-    """The folders the README names: no module left loose at the top but prune, families and testing."""
+    """The folders the docs name: no module left loose at the top but prune, families and testing."""
     top = {m.split(".")[0] for m in MODULES}
     assert top == {"core", "loaders", "scan", "choose", "prune", "healing", "evaluate", "experiments", "families", "testing"}
 
