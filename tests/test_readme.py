@@ -122,3 +122,8 @@ def test_ci_runs_the_readme_development_commands():
     assert development == ["make setup", "make test"]
     ci = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
     assert [line for line in ci if line.startswith("make ")] == development
+
+
+def test_the_readme_links_to_files_that_exist():
+    links = re.findall(r"\]\(((?:docs|notebooks)/[^)#]+)", README.read_text()) + re.findall(r'src="([^"]+)"', README.read_text())
+    assert links and not [link for link in links if not (REPO / link).exists()]
