@@ -1,4 +1,4 @@
-"""The greedy removal (kit.greedy_removal) against the brute-force greedy loop that rebuilds each
+"""The greedy removal (kit.choose.greedy.greedy_removal) against the brute-force greedy loop that rebuilds each
 candidate model and scores it (kit.testing.reference_greedy: drop_layers, or a deep copy with the
 branch zeroed, then validation_loss) on the same tiny model and texts, for whole layers, attention and MLP
 branches: the CPU-time ratio (goal <= 0.5).
@@ -20,13 +20,13 @@ UNITS = ("layers", "attention", "mlp")
 
 def main():
     torch.set_num_threads(1)
-    model, tokenizer = kit.tiny_model("llama", num_layers=LAYERS)
+    model, tokenizer = kit.testing.tiny_model("llama", num_layers=LAYERS)
     texts = kit.loaders.data.load_texts("corpus", "validation", TEXTS)
     settings = dict(steps=STEPS, max_length=LENGTH, batch_size=BATCH_SIZE)
     print(f"CPU time on one thread, tiny llama of {LAYERS} layers, {STEPS} greedy steps, {TEXTS} texts x {LENGTH} tokens, "
           f"medians of {REPEATS} interleaved repeats:")  # fmt: skip
     for unit in UNITS:
-        runs = {"greedy": lambda: kit.greedy_removal(model, tokenizer, texts, unit=unit, **settings),  # noqa: B023
+        runs = {"greedy": lambda: kit.choose.greedy.greedy_removal(model, tokenizer, texts, unit=unit, **settings),  # noqa: B023
                 "brute": lambda: reference_greedy(model, tokenizer, texts, unit=unit, **settings)}  # noqa: B023  # fmt: skip
         seconds = interleaved(runs, REPEATS)
         print(f"  {unit}: greedy_removal {statistics.median(seconds['greedy']):.2f} s, brute-force loop "

@@ -64,7 +64,7 @@ def pruned_model(model, tokenizer, folder):
     block = kit.Block(10, 10)
 
     def view():
-        with kit.dropped(model, block):
+        with kit.prune.dropped(model, block):
             return kit.core.layers.num_layers(model)
 
     return view, lambda: kit.core.layers.num_layers(kit.drop_layers(model, block))

@@ -36,7 +36,7 @@ def time_ratio():
             validation_loss(drop_layers(model, block), tokenizer, texts, max_length=LENGTH, batch_size=BATCH_SIZE)
 
     def oracle():
-        kit.ablation_losses(model, tokenizer, texts, ns=NS, max_length=LENGTH, batch_size=BATCH_SIZE)
+        kit.choose.oracle.ablation_losses(model, tokenizer, texts, ns=NS, max_length=LENGTH, batch_size=BATCH_SIZE)
 
     seconds = interleaved({"oracle": oracle, "naive": naive}, REPEATS)
     print(f"CPU time on one thread, {len(blocks)} blocks (n in {NS}), {TEXTS} texts x {LENGTH} tokens, "
@@ -53,7 +53,7 @@ def _peak_growth(batches: int) -> float:
     texts = kit.loaders.data.load_texts("corpus", "validation", batches * BATCH_SIZE)
 
     def run(batch):
-        kit.ablation_losses(model, tokenizer, batch, ns=(28,), max_length=LENGTH, batch_size=BATCH_SIZE)
+        kit.choose.oracle.ablation_losses(model, tokenizer, batch, ns=(28,), max_length=LENGTH, batch_size=BATCH_SIZE)
 
     run(texts[:BATCH_SIZE])
     return peak_growth_mib(lambda: run(texts))

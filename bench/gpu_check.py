@@ -179,7 +179,7 @@ def check_pipeline(device, quantize: str | None) -> list[str]:
     if needs_own_process(device):
         return in_own_process(device, "check_pipeline", quantize)
     failures = []
-    model, tokenizer = kit.tiny_model("llama", num_layers=6)
+    model, tokenizer = kit.testing.tiny_model("llama", num_layers=6)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model.save_pretrained(tmp / "base")

@@ -83,7 +83,7 @@ def trained_weights(arch: str, device: str = "cpu") -> dict:
     import kit
     from kit.healing.train import pack
 
-    model, tokenizer = kit.tiny_model(arch, num_layers=4, seed=TRAINING["seed"])
+    model, tokenizer = kit.testing.tiny_model(arch, num_layers=4, seed=TRAINING["seed"])
     model.to(device).train()
     blocks = pack(tokenizer, kit.loaders.data.corpus("train"), TRAINING["seq_len"])
     generator = torch.Generator().manual_seed(TRAINING["seed"])
@@ -123,7 +123,7 @@ def spread_answers(model, tokenizer, questions, fewshot) -> tuple[str, ...]:
 class Reference:
     """fp32 results of one tiny model on `device` (the CPU unless given): the scan, the loss, MMLU-style
     log-likelihoods, the validation loss of the model without each single layer, and greedy decoding.
-    The model is kit.tiny_model(arch) with random weights, or with `weights` (trained_weights); the MMLU-style
+    The model is kit.testing.tiny_model(arch) with random weights, or with `weights` (trained_weights); the MMLU-style
     answers are answer_strings', or with `spread` those spread over the model's ranking (spread_answers)."""
 
     def __init__(self, arch: str, texts, questions, fewshot, *, weights=None, device="cpu", spread: bool = False):
@@ -149,7 +149,7 @@ class Reference:
         """A fresh copy of the reference model (same seed, same weights), in fp32 on the CPU."""
         import kit
 
-        model = kit.tiny_model(self.arch, num_layers=4)[0]
+        model = kit.testing.tiny_model(self.arch, num_layers=4)[0]
         if self.weights is not None:
             model.load_state_dict(self.weights)
         return model
@@ -162,7 +162,7 @@ class Reference:
         scan = kit.angular_distances(model, self.tokenizer, self.texts, batch_size=4, max_length=128).matrix
         loss = validation_loss(model, self.tokenizer, self.texts, max_length=128).loss
         loglik = mmlu_style(model, self.tokenizer, self.questions, self.fewshot, self.answers)
-        oracle = kit.ablation_losses(model, self.tokenizer, self.texts, ns=[1], max_length=128)
+        oracle = kit.choose.oracle.ablation_losses(model, self.tokenizer, self.texts, ns=[1], max_length=128)
         errors = {
             "scan": ((scan - self.scan).abs().max() / self.scan.abs().max()).item(),
             "loss": abs(loss / self.loss - 1),
@@ -330,7 +330,7 @@ def under_test(arch: str, device, dtype, perturb=None):
     "4bit" (NF4, loaded through a checkpoint); perturb(model), when given, alters it first, in fp32."""
     import kit
 
-    model, tokenizer = kit.tiny_model(arch, num_layers=4, seed=TRAINING["seed"])
+    model, tokenizer = kit.testing.tiny_model(arch, num_layers=4, seed=TRAINING["seed"])
     model.load_state_dict(trained_weights(arch, str(device)))
     if perturb is not None:
         perturb(model)
@@ -418,8 +418,8 @@ def _sublayers(arch, device, dtype, perturb) -> list[str]:
 
 
 def check_greedy(device, dtype, archs, perturb=None) -> list[str]:
-    """kit.greedy_removal, 2 steps of whole layers and 2 of attention sublayers, in `dtype` against fp32 on
-    `device`: the candidate losses, and the order wherever the fp32 winner's lead is clear."""
+    """kit.choose.greedy.greedy_removal, 2 steps of whole layers and 2 of attention sublayers, in `dtype` against
+    fp32 on `device`: the candidate losses, and the order wherever the fp32 winner's lead is clear."""
     return each_arch("greedy", _greedy, device, dtype, archs, perturb)
 
 
@@ -441,11 +441,12 @@ def greedy_errors(reference, greedy, tolerance: float) -> tuple[float, tuple[int
 
 def _greedy(arch, device, dtype, perturb) -> list[str]:
     import kit
+    from kit.choose.greedy import greedy_removal
 
     texts, failures = kit.loaders.data.corpus("validation")[:TWIN_TEXTS], []
     (reference_model, tokenizer), (model, _) = under_test(arch, device, torch.float32), under_test(arch, device, dtype, perturb)
     for unit in ("layers", "attention"):
-        reference, greedy = (kit.greedy_removal(m, tokenizer, texts, unit=unit, steps=2, max_length=128, batch_size=4)
+        reference, greedy = (greedy_removal(m, tokenizer, texts, unit=unit, steps=2, max_length=128, batch_size=4)
                              for m in (reference_model, model))  # fmt: skip
         error, order = greedy_errors(reference, greedy, TWIN_TOLERANCE[precision(dtype)]["greedy"])
         failures += judge(arch, f"greedy {unit}", dtype, {"greedy": error}, {"order": order})
@@ -462,6 +463,7 @@ def check_budget(device, dtype, archs, perturb=None) -> list[str]:
 
 def _budget(arch, device, dtype, perturb) -> list[str]:
     import kit
+    from kit.choose.greedy import greedy_removal
     from kit.evaluate.metrics import InferenceCost, ValidationLoss
     from kit.experiments.budget import POINT, Choice, budget_sweep
 
@@ -469,8 +471,8 @@ def _budget(arch, device, dtype, perturb) -> list[str]:
     (reference_model, tokenizer), (model, _) = under_test(arch, device, torch.float32), under_test(arch, device, dtype, perturb)
     L = kit.core.layers.num_layers(reference_model)
     scan = kit.angular_distances(reference_model, tokenizer, texts, sublayers=True, batch_size=4, max_length=128)
-    greedy = kit.greedy_removal(reference_model, tokenizer, texts, unit="mlp", steps=2, max_length=128, batch_size=4)
-    pick = lambda criterion, **evidence: lambda n: kit.choose_units(criterion, L, n, **evidence)  # noqa: E731
+    greedy = greedy_removal(reference_model, tokenizer, texts, unit="mlp", steps=2, max_length=128, batch_size=4)
+    pick = lambda criterion, **evidence: lambda n: kit.choose.criteria.choose_units(criterion, L, n, **evidence)  # noqa: E731
     choices = [Choice("block", "similarity", pick("similarity", distances=scan.layers())),
                Choice("attention", "llm_drop_attention", pick("llm_drop_attention", distances=scan)),
                Choice("mlp", "greedy_mlp", pick("greedy_mlp", greedy=greedy))]  # fmt: skip
@@ -576,7 +578,7 @@ if __name__ == "__main__":
     import kit
 
     if sys.argv[1:2] == ["twins"]:
-        found = measure_twins(sys.argv[2:] or kit.TINY_ARCHITECTURES, [torch.bfloat16, torch.float16, "4bit"])
+        found = measure_twins(sys.argv[2:] or kit.testing.TINY_ARCHITECTURES, [torch.bfloat16, torch.float16, "4bit"])
     else:
-        found = measure(kit.TINY_ARCHITECTURES, {"fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16})
+        found = measure(kit.testing.TINY_ARCHITECTURES, {"fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16})
     print("largest: " + ", ".join(f"{label} {name} {error:.1e}" for (label, name), error in found.items()))

@@ -21,7 +21,7 @@ def worker(out: Path) -> dict:
     from kit.evaluate import validation_loss
 
     distributed.init()  # NCCL on cuda:$LOCAL_RANK under torchrun with GPUs
-    model, tokenizer = kit.tiny_model("llama", num_layers=4)
+    model, tokenizer = kit.testing.tiny_model("llama", num_layers=4)
     model.to(kit.core.device.default_device())
     texts = kit.loaders.data.corpus("validation")[:8]
     result = dict(

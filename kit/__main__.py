@@ -1,41 +1,38 @@
-"""`python -m kit scan | sweep | heal`: the pipeline's long steps from the command line, for launchers.
+"""`python -m kit STEP --run DIR [settings]`: the pipeline's steps (kit.steps) from the command line, each setting
+of the step's config dataclass a flag (ScanConfig.n_texts is --n-texts), so that the command line and the notebooks
+run the same code and write the same run folder.
 
-    torchrun --nproc_per_node 8 -m kit scan --model meta-llama/Llama-2-70b-hf --out runs/70b --n-texts 10000
-    torchrun --nproc_per_node 8 -m kit sweep --model meta-llama/Llama-2-70b-hf --out runs/70b --ns 0 8 16 24 32
-    accelerate launch --num_processes 8 -m kit heal --model runs/70b/pruned --out runs/70b --rank 8 --lr 3e-5
+    python -m kit scan     --run runs/llama --model meta-llama/Llama-3.1-8B --n-texts 256
+    python -m kit prune    --run runs/llama --n 8
+    python -m kit heal     --run runs/llama --steps 500
+    python -m kit evaluate --run runs/llama
+    python -m kit report   --run runs/llama
 
-Under a launcher the texts, questions and healing batches are split over the processes
-(kit.core.distributed) and every process gets the one-process result; without one it is one process.
-The settings are the fields of kit.core.config.ScanConfig / HealConfig as options (--n-texts, --grad-accum,
-...); the artifacts are the notebooks' (distances.safetensors, sweep-{criterion}.csv, healed/adapter,
-heal_history.json, manifest.json in the run folder --out; a sublayer scan, --sublayers, writes its layer scan as
-distances.safetensors and itself as sublayer_distances.safetensors), written by rank 0 alone.
+Under a launcher (`torchrun --nproc_per_node 8 -m kit scan ...`, `accelerate launch -m kit heal ...`) the texts,
+questions and healing batches are split over the processes and rank 0 writes the run folder.
 """
 
 import argparse
 import dataclasses
+import types
 import typing
-from pathlib import Path
 
-from .choose import criteria
-from .core import artifacts, distributed
-from .core.config import HealConfig, ScanConfig
-from .core.deprecation import warn
-from .core.device import provenance
-from .evaluate import metrics
-from .experiments import sweep
-from .loaders import data, models
+from .core import distributed
+from .run import Run
+from .steps import STEPS
+
+FLAGS = {"model_name": ("--model", "--model-name")}  # fields whose flag reads better under another name
 
 
 def _parse(kind):
-    """A parser for a config field annotated `kind` (int, float, str, X | None, str | tuple[str, ...])."""
-    kinds = typing.get_args(kind) or (kind,)
+    """A parser of one value of a field annotated `kind` (int, float, str, bool, X | None)."""
+    kinds = [k for k in (typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,))]
 
     def parse(text: str):
         if type(None) in kinds and text.lower() == "none":
             return None
-        if "," in text and any(typing.get_origin(k) is tuple for k in kinds):
-            return tuple(text.split(","))
+        if bool in kinds and text.lower() in ("true", "false"):
+            return text.lower() == "true"
         for k in (int, float, str):
             if k in kinds:
                 try:
@@ -47,143 +44,63 @@ def _parse(kind):
     return parse
 
 
-def _add_config(parser: argparse.ArgumentParser, config_class, skip=()):
-    """One option per field of a settings dataclass, with its default."""
-    group = parser.add_argument_group(f"{config_class.__name__} (kit.core.config)")
+def _element(kind):
+    """The element type of a tuple field (tuple[int, ...], tuple[str, ...] | None), or None for a scalar field."""
+    for k in typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,):
+        if typing.get_origin(k) is tuple:
+            return typing.get_args(k)[0]
+    return None
+
+
+def add_config(parser: argparse.ArgumentParser, config_class) -> None:
+    """One flag per field of a settings dataclass, its type and default from the field, its help from the comment."""
+    group = parser.add_argument_group(f"settings (kit.{config_class.__name__})")
     for field in dataclasses.fields(config_class):
-        if field.name in skip:
-            continue
-        flag = "--" + field.name.replace("_", "-")
-        if isinstance(field.default, bool):
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
+        flags = FLAGS.get(field.name, ("--" + field.name.replace("_", "-"),))
+        kind, default = field.type, field.default
+        if kind is bool:
+            group.add_argument(*flags, dest=field.name, action=argparse.BooleanOptionalAction, default=default)
+        elif (element := _element(kind)) is not None:
+            parse = _parse(element | None) if type(None) in typing.get_args(kind) else _parse(element)
+            group.add_argument(*flags, dest=field.name, nargs="+", type=parse, default=default, metavar=field.name.upper(),
+                               help=f"one or more (none: None); default: {default}")  # fmt: skip
         else:
-            group.add_argument(flag, type=_parse(field.type), default=field.default, help=f"default: {field.default}")
+            group.add_argument(*flags, dest=field.name, type=_parse(kind), default=default, help=f"default: {default}")
 
 
-def _config(config_class, args, **fixed):
-    return config_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_class) if f.name not in fixed}, **fixed)
-
-
-def _load(args, quantize):
-    device_map = args.device_map if args.device_map != "none" else None
-    return models.load_model(args.model, device=args.device, dtype=args.dtype, quantize=quantize, device_map=device_map,
-                             offload_folder=args.offload_folder)  # fmt: skip
-
-
-def _record(out: Path, step: str, config, model, **extra):
-    """The run's manifest entry (rank 0), with the number of processes."""
-    if distributed.is_main():
-        artifacts.write_manifest(out, step, config=config, seed=getattr(config, "seed", None), placement=provenance(model),
-                                 world_size=distributed.world_size(), **extra)  # fmt: skip
-
-
-def scan(args):
-    from .scan.similarity import angular_distances
-
-    config = _config(ScanConfig, args, model_name=args.model)
-    model, tokenizer = _load(args, args.quantize)
-    texts = data.load_texts(config.source, config.split, config.n_texts)
-    distances = angular_distances(model, tokenizer, texts, config, cache_path=args.out / f"scan-{config.digest()}.safetensors")
-    if distributed.is_main():
-        distances.layers().save(args.out / "distances.safetensors")  # of a sublayer scan, its layer scan: what sweeps read
-        if config.sublayers:
-            distances.save(args.out / "sublayer_distances.safetensors")
-    _record(args.out, "scan", config, model, n_texts=len(texts))
-    return distances
-
-
-def run_sweep(args):
-    from .scan.distances import Distances
-
-    model, tokenizer = _load(args, args.quantize)
-    subjects = data.mmlu_subjects()[: args.mmlu_subjects]
-    evals = [
-        metrics.MMLUAccuracy(data.mmlu_questions(subjects, per_subject=args.per_subject), shots=args.shots, batch_size=args.batch_size),
-        metrics.ValidationLoss(data.load_texts(args.val_source, "validation", args.val_texts), max_length=args.max_length,
-                           batch_size=args.batch_size),
-    ]  # fmt: skip
-    if args.boolq is not None:
-        evals.append(metrics.BoolQAccuracy(data.boolq_items(args.boolq, n=args.n_boolq), batch_size=args.batch_size))
-    needs_scan = args.criterion in criteria.CRITERIA and criteria.CRITERIA[args.criterion].needs == "distances"
-    distances = Distances.load(artifacts.require(args.out / "distances.safetensors")) if needs_scan else None
-    settings = {k: v for k, v in vars(args).items() if k not in ("command", "out", "func")}
-    results = sweep.sweep(model, tokenizer, ns=args.ns, evals=evals, distances=distances, criterion=args.criterion,
-                          cache_path=args.out / f"sweep-{args.criterion}.json", settings=settings)  # fmt: skip
-    if distributed.is_main():
-        artifacts.write_text(args.out / f"sweep-{args.criterion}.csv", results.to_csv(index=False))
-    _record(args.out, f"sweep-{args.criterion}", settings, model)
-    return results
-
-
-def heal(args):
-    from .healing.train import heal as heal_model
-
-    config = _config(HealConfig, args)
-    model, tokenizer = _load(args, config.quantize)
-    texts = data.load_texts(args.source, "train", args.n_train_texts)
-    val_texts = data.load_texts(args.source, "validation", args.n_val_texts) if args.n_val_texts else None
-    result = heal_model(model, tokenizer, texts, config, output_dir=args.out / "healed", val_texts=val_texts)
-    if distributed.is_main():
-        artifacts.write_json(args.out / "heal_history.json", result.history)
-    _record(args.out, "heal", config, model, source=args.source, n_train_texts=len(texts), global_batch=result.history["global_batch"])
-    return result
-
-
-class _Strategy(argparse.Action):
-    """--strategy, kit 0.1's name of --criterion: the same, with a DeprecationWarning."""
-
-    def __call__(self, parser, namespace, value, option_string=None):
-        warn("--strategy", "--criterion", stacklevel=2)
-        setattr(namespace, self.dest, value)
+def config_from(config_class, args: argparse.Namespace):
+    """The config the parsed flags describe (a tuple field given as "none" is None)."""
+    values = {}
+    for field in dataclasses.fields(config_class):
+        value = getattr(args, field.name)
+        values[field.name] = None if isinstance(value, list) and value == [None] else value
+    return config_class(**values)
 
 
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="python -m kit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = top.add_subparsers(dest="command", required=True)
-    helps = {"scan": "layer-similarity scan -> OUT/distances.safetensors (--sublayers: also OUT/sublayer_distances.safetensors)",
-             "sweep": "MMLU / loss (/ BoolQ) with n layers removed, for each n -> OUT/sweep-CRITERION.csv",
-             "heal": "LoRA / QLoRA healing -> OUT/healed/adapter, OUT/heal_history.json"}  # fmt: skip
-    subs = {}
-    for name, func in (("scan", scan), ("sweep", run_sweep), ("heal", heal)):
-        sub = subs[name] = commands.add_parser(name, help=helps[name], description=helps[name])
-        sub.set_defaults(func=func)
-        sub.add_argument("--model", required=True, help="embedded alias, checkpoint folder, .gguf file or Hub id")
-        sub.add_argument("--out", type=Path, required=True, help="the run folder (as the notebooks' RUNS_ROOT/RUN)")
+    commands = top.add_subparsers(dest="command", required=True, metavar="STEP")
+    for name, step in STEPS.items():
+        sub = commands.add_parser(name, help=step.help, description=step.help)
+        sub.add_argument("--run", required=True, help="the run folder: the step reads its inputs there and writes its artifacts")
         sub.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 (auto under a launcher: this process's GPU)")
         sub.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-        sub.add_argument("--device-map", default="none", help="accelerate's dispatch of a model too big for one device, e.g. auto")
-        sub.add_argument("--offload-folder", default=None, help="where --device-map offloads weights to disk")
-        if name != "heal":
-            sub.add_argument("--quantize", type=_parse(str | None), default="auto", help="auto | 4bit | none")
-    _add_config(subs["scan"], ScanConfig, skip=("model_name",))
-    sw = subs["sweep"]
-    sw.add_argument("--ns", type=int, nargs="+", required=True, help="block sizes to remove (0: the unpruned model)")
-    sw.add_argument("--criterion", default="similarity", help=f"a name in kit.choose.criteria.CRITERIA, e.g. {', '.join(sweep.PAPER_CRITERIA)}")
-    sw.add_argument("--strategy", dest="criterion", action=_Strategy, help=argparse.SUPPRESS)  # kit 0.1's name, deprecated
-    sw.add_argument("--mmlu-subjects", type=int, default=57, help="the first K subjects in alphabetical order")
-    sw.add_argument("--per-subject", type=int, default=None, help="questions per subject (default: all)")
-    sw.add_argument("--shots", type=int, default=5)
-    sw.add_argument("--val-source", default="corpus", help="validation texts for the loss: corpus | c4 | a datasets name")
-    sw.add_argument("--val-texts", type=int, default=16)
-    sw.add_argument("--max-length", type=int, default=512)
-    sw.add_argument("--batch-size", type=int, default=8)
-    sw.add_argument("--boolq", default=None, help="hub or a local .jsonl (default: no BoolQ)")
-    sw.add_argument("--n-boolq", type=int, default=500)
-    hl = subs["heal"]
-    _add_config(hl, HealConfig)
-    hl.add_argument("--source", default="corpus", help="healing texts: corpus | c4 | a datasets name")
-    hl.add_argument("--n-train-texts", type=int, default=1000)
-    hl.add_argument("--n-val-texts", type=int, default=16)
+        if step.config is not None:
+            add_config(sub, step.config)
     return top
 
 
 def main(argv=None):
+    import kit.steps
+
     args = parser().parse_args(argv)
     distributed.init()
-    if distributed.is_main():
-        args.out.mkdir(parents=True, exist_ok=True)
-    distributed.barrier()
-    return args.func(args)
+    run = Run(args.run if "/" in args.run else f"./{args.run}", device=args.device, dtype=args.dtype)
+    function, config_class = getattr(kit.steps, args.command), STEPS[args.command].config
+    result = function(run) if config_class is None else function(run, config_from(config_class, args))
+    if args.command == "report" and distributed.is_main():
+        print(result)
+    return result
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ GLOBAL_BATCH = 2  # healing blocks per optimiser step, over all processes
 
 def inputs(disagree: bool = False):
     """The model and the work; with `disagree`, rank 1 is given other texts than rank 0."""
-    model, tokenizer = kit.tiny_model("llama", num_layers=4)
+    model, tokenizer = kit.testing.tiny_model("llama", num_layers=4)
     texts = data.corpus("validation")[: N_TEXTS + (disagree and distributed.rank() == 1)]
     questions = data.mmlu_questions(["anatomy", "marketing"], per_subject=3)[:5]  # 5 questions: 3 + 2 over two ranks
     items = data.boolq_items(str(FIXTURES / "boolq.jsonl"), n=5)
@@ -65,8 +65,8 @@ def work(out: Path, disagree: bool = False, interrupt: bool = False) -> dict:
     answers = mmlu(model, tokenizer, questions, shots=1, batch_size=3)
     yes_no = boolq(model, tokenizer, items, batch_size=2)
     loss = validation_loss(model, tokenizer, texts[:5], max_length=32, batch_size=BATCH)
-    oracle = kit.ablation_losses(model, tokenizer, texts, ns=[1, 2], max_length=32, batch_size=BATCH)
-    greedy = kit.greedy_removal(model, tokenizer, texts, unit="mlp", steps=2, max_length=32, batch_size=BATCH)
+    oracle = kit.choose.oracle.ablation_losses(model, tokenizer, texts, ns=[1, 2], max_length=32, batch_size=BATCH)
+    greedy = kit.choose.greedy.greedy_removal(model, tokenizer, texts, unit="mlp", steps=2, max_length=32, batch_size=BATCH)
     evals = [metrics.MMLUAccuracy(questions, shots=1, batch_size=3), metrics.ValidationLoss(texts[:5], max_length=32, batch_size=BATCH)]
     config, heal_texts = heal_config(distributed.world_size()), data.corpus("train")[:8]
     healer = sweep.healer(heal_texts, config, output_root=out / "sweep_healed")
@@ -77,7 +77,7 @@ def work(out: Path, disagree: bool = False, interrupt: bool = False) -> dict:
             kit.heal(model, tokenizer, heal_texts, config, output_dir=out / "heal", val_texts=texts[:2], callbacks=[StopBefore(3)])
         except Interrupted:
             interrupted = True
-        model = kit.tiny_model("llama", num_layers=4)[0]
+        model = kit.testing.tiny_model("llama", num_layers=4)[0]
     healed = kit.heal(model, tokenizer, heal_texts, config, output_dir=out / "heal", val_texts=texts[:2])
     adapter = {name: p.detach().clone() for name, p in healed.model.named_parameters() if "lora_" in name}
     return dict(
@@ -97,6 +97,6 @@ if __name__ == "__main__":
     distributed.init()
     if mode == ["short"]:  # the oracle with a text of one token, in rank 1's share (the last batch)
         model, tokenizer, texts, _, _ = inputs()
-        kit.ablation_losses(model, tokenizer, texts[:-1] + ["x"], ns=[1], max_length=32, batch_size=BATCH)
+        kit.choose.oracle.ablation_losses(model, tokenizer, texts[:-1] + ["x"], ns=[1], max_length=32, batch_size=BATCH)
     results = work(out, disagree=mode == ["disagree"], interrupt=True)
     torch.save(results, out / f"rank{distributed.rank()}.pt")

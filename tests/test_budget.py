@@ -26,7 +26,7 @@ def _layer_parameters(model) -> int:
 
 
 def test_fit_takes_the_most_units_within_the_budget():
-    model, _ = kit.tiny_model("llama", num_layers=6)
+    model, _ = kit.testing.tiny_model("llama", num_layers=6)
     share = _layer_parameters(model) / parameters(model)
     choice = budget.Choice("block", "heuristic", lambda n: heuristic_block(6, n))
 
@@ -37,7 +37,7 @@ def test_fit_takes_the_most_units_within_the_budget():
 
 
 def test_removed_parameters_counts_the_removed_layers_and_restores_the_model(snapshot):
-    model, _ = kit.tiny_model("qwen3_moe", num_layers=6)
+    model, _ = kit.testing.tiny_model("qwen3_moe", num_layers=6)
     before = snapshot(model)
     expected = sum(p.numel() for i in (0, 2) for p in layers.decoder_layers(model)[i].parameters())
     assert budget.removed_parameters(model, Layers({0, 2})) == expected
@@ -45,7 +45,7 @@ def test_removed_parameters_counts_the_removed_layers_and_restores_the_model(sna
 
 
 def test_budget_sweep_equals_evaluating_each_pruned_copy(snapshot):
-    model, tokenizer = kit.tiny_model("llama", num_layers=6)
+    model, tokenizer = kit.testing.tiny_model("llama", num_layers=6)
     before = snapshot(model)
     share = _layer_parameters(model) / parameters(model)
     order = [4, 1, 3, 0, 2]
@@ -78,7 +78,7 @@ def test_budget_sweep_equals_evaluating_each_pruned_copy(snapshot):
 
 @pytest.mark.parametrize("budgets, message", [([0.0], "not fractions"), ([1.5], "not fractions")])
 def test_budget_sweep_refuses_budgets_outside_0_1(budgets, message):
-    model, tokenizer = kit.tiny_model("llama", num_layers=4)
+    model, tokenizer = kit.testing.tiny_model("llama", num_layers=4)
     with pytest.raises(ValueError, match=message):
         budget.budget_sweep(model, tokenizer, choices=[budget.Choice("block", "h", lambda n: Block(0, n))], budgets=budgets, evals=[])
 
@@ -153,7 +153,7 @@ def test_budget_figure_draws_every_choice(tmp_path):
 
 
 def test_most_units_counts_the_smallest_units_that_fit():
-    model, _ = kit.tiny_model("llama", num_layers=6)
+    model, _ = kit.testing.tiny_model("llama", num_layers=6)
     share = _layer_parameters(model) / parameters(model)
     singles = [Layers([i]) for i in range(6)]
     assert [budget.most_units(model, singles, b * share) for b in (0.5, 1.01, 3.5, 6.01)] == [0, 1, 3, 6]

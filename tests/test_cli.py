@@ -21,7 +21,7 @@ from kit.loaders import data
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cli") / "tiny"
-    save_checkpoint(folder, *kit.tiny_model("llama", num_layers=4))
+    save_checkpoint(folder, *kit.testing.tiny_model("llama", num_layers=4))
     return folder
 
 

@@ -33,7 +33,7 @@ def _hand_parameters(arch: str, config) -> int:
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2"])
 def test_parameters_and_weight_bytes_by_hand(arch):
-    model, _ = kit.tiny_model(arch)
+    model, _ = kit.testing.tiny_model(arch)
     expected = _hand_parameters(arch, model.config)
     assert inference_cost.parameters(model) == expected
     assert inference_cost.weight_bytes(model) == 4 * expected
@@ -41,12 +41,12 @@ def test_parameters_and_weight_bytes_by_hand(arch):
 
 
 def test_kv_bytes_by_hand():
-    llama, _ = kit.tiny_model("llama")  # 6 full layers, 2 KV heads of 16 dims, float32: 2 * 2 * 16 * 4 bytes per layer
+    llama, _ = kit.testing.tiny_model("llama")  # 6 full layers, 2 KV heads of 16 dims, float32: 2 * 2 * 16 * 4 bytes per layer
     assert inference_cost.kv_cache_bytes(llama, 100, batch_size=3) == 3 * 100 * 6 * 256
-    gemma, _ = kit.tiny_model("gemma3")  # 5 sliding layers (window 32: 31 cached tokens) and 1 full
+    gemma, _ = kit.testing.tiny_model("gemma3")  # 5 sliding layers (window 32: 31 cached tokens) and 1 full
     assert inference_cost.kv_cache_bytes(gemma, 100) == (5 * 31 + 100) * 256
     assert inference_cost.kv_cache_bytes(gemma, 20) == 6 * 20 * 256
-    gpt2, _ = kit.tiny_model("gpt2")  # multi-head: 4 KV heads of 64 / 4 dims
+    gpt2, _ = kit.testing.tiny_model("gpt2")  # multi-head: 4 KV heads of 64 / 4 dims
     assert inference_cost.kv_cache_bytes(gpt2.to(torch.float16), 10) == 10 * 6 * 2 * 4 * 16 * 2
 
 
@@ -89,7 +89,7 @@ def test_removed_attention_sublayers_keep_one_zero_key_and_value_per_token(tiny)
 
 
 def test_removed_attention_sublayers_kv_bytes_by_hand(tmp_path):
-    llama, tokenizer = kit.tiny_model("llama")  # 256 bytes per token and attention layer; a removed one keeps 2 floats
+    llama, tokenizer = kit.testing.tiny_model("llama")  # 256 bytes per token and attention layer; a removed one keeps 2 floats
     pruned = drop_layers(llama, Sublayers("attention", {0, 2, 5}))
     assert inference_cost.kv_cache_bytes(pruned, 100, batch_size=3) == 3 * 100 * (3 * 256 + 3 * 2 * 4)
     kit.save_pruned(pruned, tokenizer, tmp_path / "pruned")  # a plain reload runs (zero-weight) attention again
@@ -99,7 +99,7 @@ def test_removed_attention_sublayers_kv_bytes_by_hand(tmp_path):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
 def test_pruned_models_cache_fewer_layers_exactly(arch):
-    model, tokenizer = kit.tiny_model(arch)
+    model, tokenizer = kit.testing.tiny_model(arch)
     block = Block(3, 2)
     kinds = inference_cost.attention_types(model.config)
     removed = sum(min(50, 31) if kinds[i] == "sliding_attention" else 50 for i in block.layers) * 256
@@ -113,7 +113,7 @@ def test_pruned_models_cache_fewer_layers_exactly(arch):
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2"])
 def test_generation_feeds_one_token_per_step_and_matches_recomputation(arch):
-    model, tokenizer = kit.tiny_model(arch)
+    model, tokenizer = kit.testing.tiny_model(arch)
     prompt = inference_cost.prompt_ids(tokenizer, 28).expand(2, -1)
     lengths = []
     hook = model.get_input_embeddings().register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1]))
@@ -129,7 +129,7 @@ def test_generation_feeds_one_token_per_step_and_matches_recomputation(arch):
 
 
 def _view_model(name: str):
-    return kit.families.tiny_family_model(name, num_hidden_layers=6) if name == "gemma4_text" else kit.tiny_model(name)[0]
+    return kit.families.tiny_family_model(name, num_hidden_layers=6) if name == "gemma4_text" else kit.testing.tiny_model(name)[0]
 
 
 @pytest.mark.parametrize(
@@ -158,7 +158,7 @@ def test_the_peak_of_a_dropped_view_leaves_out_the_weights_of_the_removed_layers
     # The measured peak mocked as a GPU's would be (no GPU here). On a GPU the removed layers' weights stay allocated
     # beside the view, so torch.cuda.max_memory_allocated counted them: a view of half the layers reported about the
     # full model's peak. The CPU's resident set holds them too.
-    model, tokenizer = kit.tiny_model("llama")
+    model, tokenizer = kit.testing.tiny_model("llama")
     monkeypatch.setattr(inference_cost, "_reset_peak", lambda device, devices: True)
     monkeypatch.setattr(inference_cost, "_peak", lambda device, devices: 10**9)
     measure = lambda: inference_cost.cost(model, tokenizer, prompt_tokens=8, new_tokens=2, repeats=1)  # noqa: E731
@@ -183,7 +183,7 @@ def _peak_resettable() -> bool:
 
 
 def test_cost_result():
-    model, tokenizer = kit.tiny_model("qwen2")
+    model, tokenizer = kit.testing.tiny_model("qwen2")
     threads = torch.get_num_threads()
     result = inference_cost.cost(model, tokenizer, prompt_tokens=20, new_tokens=5, batch_size=2, repeats=3, threads=1)
     assert torch.get_num_threads() == threads and result.threads == 1
@@ -205,7 +205,7 @@ def test_cost_result():
 
 
 def test_unmerged_adapter_counts_and_generates():
-    model, tokenizer = kit.tiny_model("llama")
+    model, tokenizer = kit.testing.tiny_model("llama")
     base = inference_cost.parameters(model)
     config = LoraConfig(r=2, lora_alpha=2, target_modules=kit.core.layers.mlp_modules(model), task_type="CAUSAL_LM")
     adapted = get_peft_model(model, config)
@@ -216,7 +216,7 @@ def test_unmerged_adapter_counts_and_generates():
 
 
 def test_bad_input():
-    model, tokenizer = kit.tiny_model("llama")
+    model, tokenizer = kit.testing.tiny_model("llama")
     for kwargs, message in [
         (dict(prompt_tokens=0), "prompt_tokens must be an integer >= 1, got 0"),
         (dict(new_tokens=-3), "new_tokens must be an integer >= 2, got -3"),

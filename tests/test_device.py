@@ -81,7 +81,7 @@ def test_asking_for_cuda_without_a_gpu_is_a_clear_error(monkeypatch):
 
 
 def test_quantize_auto_picks_4bit_only_when_the_weights_do_not_fit(gpu, monkeypatch, tmp_path):
-    model, _ = kit.tiny_model("llama")
+    model, _ = kit.testing.tiny_model("llama")
     model.save_pretrained(tmp_path)
     size = kit.loaders.models.checkpoint_bytes(str(tmp_path), torch.float16)
     assert size == sum(p.numel() for p in model.parameters()) * 2
@@ -95,7 +95,7 @@ def test_quantize_auto_picks_4bit_only_when_the_weights_do_not_fit(gpu, monkeypa
 
 
 def test_quantize_auto_counts_a_device_maps_gpus_and_stops_without_bitsandbytes(gpu, monkeypatch, tmp_path):
-    kit.tiny_model("llama")[0].save_pretrained(tmp_path)
+    kit.testing.tiny_model("llama")[0].save_pretrained(tmp_path)
     size, cuda = kit.loaders.models.checkpoint_bytes(str(tmp_path), torch.float16), torch.device("cuda", 0)
     gpu(native_bf16=True, memory_gb=0.7 * size / 2**30)  # one GPU holds 70% of the weights, two hold 140%
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
@@ -121,12 +121,6 @@ def test_loads_follow_the_policy_and_record_their_provenance(smollm):
     placement = policy.provenance(model)
     assert placement["dtype"] == "float32" and placement["quantization"] is None
     assert placement["device"] == str(model.device)
-
-
-def test_the_old_name_of_checkpoint_bytes_still_works_with_a_warning(tmp_path):
-    kit.tiny_model("llama")[0].save_pretrained(tmp_path)
-    with pytest.warns(DeprecationWarning, match="kit.loaders.models.weight_bytes is deprecated .* use kit.loaders.models.checkpoint_bytes"):
-        assert kit.loaders.models.weight_bytes(str(tmp_path), torch.float16) == kit.loaders.models.checkpoint_bytes(str(tmp_path), torch.float16)
 
 
 def test_auto_is_this_ranks_gpu_whoever_made_the_process_group(gpu, monkeypatch):

@@ -27,7 +27,7 @@ def pair(tmp_path_factory):
     """A tiny model, and the same weights loaded with layers 1-2, the embeddings, the final norm and the
     LM head offloaded to disk, layers 0 and 3 on the CPU."""
     tmp = tmp_path_factory.mktemp("dispatch")
-    model, tokenizer = kit.tiny_model("llama", num_layers=4)
+    model, tokenizer = kit.testing.tiny_model("llama", num_layers=4)
     save_checkpoint(tmp / "tiny", model, tokenizer)
     device_map = {"model.embed_tokens": "disk", "model.rotary_emb": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
                   "model.layers.2": "disk", "model.layers.3": "cpu", "model.norm": "disk", "lm_head": "disk"}  # fmt: skip
@@ -116,7 +116,8 @@ def test_embedded_model_with_a_third_of_its_layers_on_disk(tmp_path):
 def test_ablation_oracle_equals_the_undispatched_model(pair):
     model, dispatched, tokenizer = pair
     texts = data.corpus("validation")[:5]
-    plain, spread = (kit.ablation_losses(m, tokenizer, texts, ns=[1, 2], max_length=32, batch_size=2) for m in (model, dispatched))
+    ablation_losses = kit.choose.oracle.ablation_losses
+    plain, spread = (ablation_losses(m, tokenizer, texts, ns=[1, 2], max_length=32, batch_size=2) for m in (model, dispatched))
     np.testing.assert_allclose(spread.loss, plain.loss, rtol=1e-6)
     np.testing.assert_allclose(spread.kl, plain.kl, rtol=1e-5, atol=1e-9)
 

@@ -195,7 +195,7 @@ def test_a_text_with_nothing_to_predict_in_one_ranks_share_stops_every_rank(tmp_
 
 
 def test_cli_scan_under_torchrun_equals_one_process(tmp_path):
-    model, tokenizer = kit.tiny_model("llama", num_layers=4)
+    model, tokenizer = kit.testing.tiny_model("llama", num_layers=4)
     save_checkpoint(tmp_path / "tiny", model, tokenizer)
     options = ["scan", "--model", tmp_path / "tiny", "--n-texts", 5, "--batch-size", 1, "--max-length", 32, "--groups", 3]
     run = torchrun("-m", "kit", *options, "--out", tmp_path / "two")

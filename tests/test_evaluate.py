@@ -39,7 +39,7 @@ def test_cached_batched_equals_one_forward_per_question(tiny, questions, fewshot
 
 
 def test_loglikelihoods_match_hf_labels_loss_when_letters_split(questions, fewshot):
-    model, tokenizer = kit.tiny_model("llama")
+    model, tokenizer = kit.testing.tiny_model("llama")
     assert len(tokenizer(" B", add_special_tokens=False)["input_ids"]) == 2  # " B" -> " " + "B"
     result = mmlu(model, tokenizer, questions[:2], shots=2, fewshot=fewshot)
     for question, row in zip(questions[:2], result.loglikelihoods):
@@ -86,14 +86,14 @@ def test_accuracy_is_mean_over_questions_and_subject_accuracy_mean_over_subjects
 
 
 def test_mmlu_accuracy_agrees_with_its_predictions(questions, fewshot):
-    model, tokenizer = kit.tiny_model("gpt2")
+    model, tokenizer = kit.testing.tiny_model("gpt2")
     result = mmlu(model, tokenizer, questions, shots=1, fewshot=fewshot)
     correct = [p == "ABCD"[q.answer] for p, q in zip(result.predictions, questions)]
     assert result.accuracy == pytest.approx(np.mean(correct))
 
 
 def test_mmlu_errors_say_what_to_do(questions, fewshot):
-    model, tokenizer = kit.tiny_model("llama")
+    model, tokenizer = kit.testing.tiny_model("llama")
     with pytest.raises(ValueError, match="at least one question"):
         mmlu(model, tokenizer, [])
     with pytest.raises(ValueError, match="holds 3 questions, fewer than shots=5"):
@@ -105,7 +105,7 @@ def test_mmlu_errors_say_what_to_do(questions, fewshot):
 
 
 def test_encode_request_moves_trailing_space_to_the_continuation():
-    _, tokenizer = kit.tiny_model("llama")
+    _, tokenizer = kit.testing.tiny_model("llama")
     a, b = encode_request(tokenizer, "Answer: ", "A"), encode_request(tokenizer, "Answer:", " A")
     assert a == b
     assert a.context + a.continuation == tuple(tokenizer("Answer: A")["input_ids"])
@@ -113,7 +113,7 @@ def test_encode_request_moves_trailing_space_to_the_continuation():
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_boolq_matches_independent_loglikelihoods(arch):
-    model, tokenizer = kit.tiny_model(arch)
+    model, tokenizer = kit.testing.tiny_model(arch)
     items = boolq_items(str(BOOLQ_FIXTURE))
     result = boolq(model, tokenizer, items, batch_size=5)
     contexts = [f"{item.passage}\nQuestion: {item.question}?\nAnswer:" for item in items]
@@ -144,7 +144,7 @@ def test_boolq_items_reads_local_jsonl(tmp_path):
 
 @pytest.mark.parametrize("arch", ["qwen2", "gpt2", "opt", "gemma2"])  # gemma2: final logit soft-capping
 def test_validation_loss_is_the_token_weighted_hf_loss(arch, monkeypatch):
-    model, tokenizer = kit.tiny_model(arch)
+    model, tokenizer = kit.testing.tiny_model(arch)
     monkeypatch.setattr(kit.evaluate.loss, "_LOGIT_ELEMENTS", 7 * len(tokenizer))  # chunks of 7 tokens
     texts = kit.loaders.data.corpus("validation")[:3] + ["A short text."]
     result = validation_loss(model, tokenizer, texts, max_length=64, batch_size=3)
@@ -168,6 +168,6 @@ def test_validation_loss_is_the_token_weighted_hf_loss(arch, monkeypatch):
 
 
 def test_validation_loss_of_texts_without_tokens_says_so():
-    model, tokenizer = kit.tiny_model("llama")
+    model, tokenizer = kit.testing.tiny_model("llama")
     with pytest.raises(ValueError, match="hold no tokens to predict"):
         validation_loss(model, tokenizer, ["", ""])

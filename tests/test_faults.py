@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 import kit
 
-TINY = "model, tokenizer = kit.tiny_model('llama')\ntexts = kit.loaders.data.corpus('validation')[:12]\n"
+TINY = "model, tokenizer = kit.testing.tiny_model('llama')\ntexts = kit.loaders.data.corpus('validation')[:12]\n"
 
 
 def _tensors(path: Path) -> bytes:
@@ -108,11 +108,11 @@ def base(tmp_path_factory):
     from peft import LoraConfig, get_peft_model
 
     folder = tmp_path_factory.mktemp("base")
-    model, tokenizer = kit.tiny_model("llama")
+    model, tokenizer = kit.testing.tiny_model("llama")
     kit.save_pruned(model, tokenizer, folder / "model")
     lora = LoraConfig(r=2, lora_alpha=2, target_modules=kit.core.layers.mlp_modules(model), init_lora_weights=False)
     get_peft_model(model, lora).save_pretrained(folder / "adapter")
-    kit.save_pruned(*kit.tiny_model("llama", num_layers=8), folder / "deep")  # notebook 01 shows n = L // 8 >= 1
+    kit.save_pruned(*kit.testing.tiny_model("llama", num_layers=8), folder / "deep")  # notebook 01 shows n = L // 8 >= 1
     return folder
 
 

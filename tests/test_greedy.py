@@ -33,20 +33,20 @@ def _assert_equals_brute_force(model, tokenizer, unit: str, steps: int, batch_si
 @pytest.mark.parametrize("unit", ["layers", "attention", "mlp"])
 @pytest.mark.parametrize("batch_size", [5, 2])  # one batch (stored inputs kept and updated) and three (stored again)
 def test_llama_equals_the_brute_force_greedy(unit, batch_size):
-    model, tokenizer = kit.tiny_model("llama", num_layers=6)
+    model, tokenizer = kit.testing.tiny_model("llama", num_layers=6)
     found = _assert_equals_brute_force(model, tokenizer, unit, 4, batch_size)
     assert found.unit == unit and found.first(2) == kit.choose.branches.unit_set(unit, found.order[:2])
 
 
-@pytest.mark.parametrize("arch", kit.TINY_ARCHITECTURES)  # MoE, MLA, hybrid Mamba, linear attention, multimodal too
+@pytest.mark.parametrize("arch", kit.testing.TINY_ARCHITECTURES)  # MoE, MLA, hybrid Mamba, linear attention, multimodal too
 def test_every_tiny_architecture_equals_the_brute_force_greedy(arch):
-    model, tokenizer = kit.tiny_model(arch, num_layers=4)
+    model, tokenizer = kit.testing.tiny_model(arch, num_layers=4)
     for unit in ("layers", "attention", "mlp"):  # OPT's MLP: its fc1 and fc2 on the layer itself (Middle.mlp)
         _assert_equals_brute_force(model, tokenizer, unit, 2, 2)
 
 
 def test_save_and_load(tmp_path):
-    model, tokenizer = kit.tiny_model("llama", num_layers=4)
+    model, tokenizer = kit.testing.tiny_model("llama", num_layers=4)
     found = greedy_removal(model, tokenizer, TEXTS[:2], unit="mlp", steps=2, max_length=16, model_name="tiny")
     loaded = GreedyRemoval.load(found.save(tmp_path / "greedy.safetensors"))
     assert loaded.order == found.order and loaded.meta == found.meta
@@ -59,7 +59,7 @@ def test_save_and_load(tmp_path):
 
 
 def test_refusals():
-    model, tokenizer = kit.tiny_model("llama", num_layers=4)
+    model, tokenizer = kit.testing.tiny_model("llama", num_layers=4)
     with pytest.raises(ValueError, match="choose 1 <= steps <= 3 for layers of 4 layers"):
         greedy_removal(model, tokenizer, TEXTS, steps=4)
     with pytest.raises(ValueError, match="unit must be one of layers, attention, mlp"):
@@ -72,7 +72,7 @@ def test_refusals():
 @pytest.mark.parametrize("batch_size", [5, 2])
 def test_a_candidate_that_overflows_never_wins(monkeypatch, batch_size):
     """A candidate whose loss comes out NaN (an fp16 overflow) is passed over; every candidate NaN stops with advice."""
-    model, tokenizer = kit.tiny_model("llama", num_layers=4)
+    model, tokenizer = kit.testing.tiny_model("llama", num_layers=4)
     clean = greedy_removal(model, tokenizer, TEXTS, steps=1, max_length=24, batch_size=batch_size)
     overflowing, real = {clean.order[0]}, kit.choose.greedy._candidate
 
@@ -95,7 +95,7 @@ def test_memory_holds_one_residual_stream_not_a_candidates_states():
     best candidate's states were kept, up to 12 positions each)."""
     from kit.core.memory import measure
 
-    model, tokenizer = kit.tiny_model("llama", num_layers=12)
+    model, tokenizer = kit.testing.tiny_model("llama", num_layers=12)
     texts = [text[:400] for text in corpus("validation")[:8]]
     with measure() as memory:
         greedy_removal(model, tokenizer, texts, steps=2, max_length=64, batch_size=8)

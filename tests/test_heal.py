@@ -23,7 +23,7 @@ TINY = dict(rank=4, lr=3e-2, batch_size=16, seq_len=32, log_every=1, dropout=0.0
 @pytest.fixture(scope="module")
 def base_path(tmp_path_factory):
     """A tiny Llama saved as a plain checkpoint."""
-    model, tokenizer = kit.tiny_model("llama")
+    model, tokenizer = kit.testing.tiny_model("llama")
     path = tmp_path_factory.mktemp("base")
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -65,7 +65,7 @@ def lm_loss(model, ids):
 
 
 def test_pack_concatenates_texts_with_eos_and_drops_the_remainder():
-    _, tokenizer = kit.tiny_model("llama")
+    _, tokenizer = kit.testing.tiny_model("llama")
     texts = kit.loaders.data.corpus("train")[:4]
     stream = []
     for text in texts:
@@ -120,7 +120,7 @@ def test_lora_on_moe_targets_shared_and_routed_experts_and_trains_them(family):
 
 
 def test_lora_all_linear_adapts_attention_too():
-    model, _ = kit.tiny_model("llama")
+    model, _ = kit.testing.tiny_model("llama")
     peft_model = lora_model(model, kit.HealConfig(quantize=None, target_modules="all-linear"))
     adapted = {name.rsplit(".", 1)[-1] for name, module in peft_model.named_modules() if hasattr(module, "lora_A")}
     assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -213,7 +213,7 @@ class Steps(TrainerCallback):
 
 
 def test_resume_continues_from_the_checkpoint_and_ends_at_the_same_weights(base_path, texts, val_texts, tmp_path):
-    _, tokenizer = kit.tiny_model("llama")
+    _, tokenizer = kit.testing.tiny_model("llama")
     # fp32 base: resuming is the Trainer's checkpoints and RNG state, the same for a 4-bit base (tested above)
     config = kit.HealConfig(**{**TINY, "dropout": 0.1}, steps=4, save_every=2, eval_every=2, quantize=None)
     run = dict(val_texts=val_texts)
@@ -239,7 +239,7 @@ def test_healing_again_a_finished_run_trains_no_further_step(tmp_path):
     config = kit.HealConfig(rank=2, lr=1e-2, steps=6, batch_size=2, seq_len=32, quantize=None, save_every=1)
     runs = []
     for _ in range(3):
-        model, tokenizer = kit.tiny_model("llama")
+        model, tokenizer = kit.testing.tiny_model("llama")
         result = heal(model, tokenizer, kit.loaders.data.corpus("train")[:8], config, output_dir=tmp_path, callbacks=[steps := Steps()])
         runs.append((steps.seen, result.history, load_file(result.adapter_path / "adapter_model.safetensors")))
     assert [seen for seen, _, _ in runs] == [[1, 2, 3, 4, 5, 6], [], []]
@@ -261,8 +261,8 @@ def test_distillation_kl_is_the_temperature_scaled_kl_divergence():
 
 
 def test_distillation_loss_mixes_lm_loss_and_kl(texts, tmp_path):
-    student, tokenizer = kit.tiny_model("llama", num_layers=2)
-    teacher, _ = kit.tiny_model("llama", num_layers=4, seed=1)
+    student, tokenizer = kit.testing.tiny_model("llama", num_layers=2)
+    teacher, _ = kit.testing.tiny_model("llama", num_layers=4, seed=1)
     config = kit.HealConfig(quantize=None, gradient_checkpointing=False, dropout=0.0, distill_weight=0.25)
     model = lora_model(student, config)
     trainer = HealTrainer(
@@ -289,8 +289,8 @@ def test_distillation_loss_mixes_lm_loss_and_kl(texts, tmp_path):
 
 
 def test_distillation_needs_teacher_and_weight_together(base_path, texts, tmp_path):
-    _, tokenizer = kit.tiny_model("llama")
-    teacher, _ = kit.tiny_model("llama")
+    _, tokenizer = kit.testing.tiny_model("llama")
+    teacher, _ = kit.testing.tiny_model("llama")
     with pytest.raises(ValueError, match="needs both a teacher model and config.distill_weight > 0"):
         heal(base_path, tokenizer, texts, kit.HealConfig(), output_dir=tmp_path, teacher=teacher)
     with pytest.raises(ValueError, match="needs both a teacher model and config.distill_weight > 0"):
@@ -331,7 +331,7 @@ def test_several_visible_gpus_without_a_launcher_keep_the_global_batch(tmp_path)
 def test_healing_a_model_on_a_second_gpu_without_a_launcher_says_how(monkeypatch, tmp_path):
     # Mocked placement (no GPU here). On a GPU machine the Trainer would train on cuda:0: accelerate refuses
     # a 4-bit model on cuda:1, a full-precision one is moved there silently.
-    model, tokenizer = kit.tiny_model("llama", num_layers=2)
+    model, tokenizer = kit.testing.tiny_model("llama", num_layers=2)
     monkeypatch.setattr(kit.healing.train, "model_device", lambda model: torch.device("cuda", 1))
     with pytest.raises(ValueError, match="run with CUDA_VISIBLE_DEVICES=1"):
         kit.heal(model, tokenizer, ["a text"], kit.HealConfig(steps=1, quantize=None), output_dir=tmp_path)
@@ -341,7 +341,7 @@ def test_healing_a_model_on_a_second_gpu_without_a_launcher_says_how(monkeypatch
 def test_a_4bit_copy_of_a_model_over_gpus_is_loaded_over_the_same_gpus(monkeypatch, tmp_path):
     # Mocked loading (no GPU here; tests/test_dispatch.py copies a model dispatched over CPU and disk for real). On
     # GPUs, the 4-bit copy of a 70B dispatched over several was loaded whole on cuda:0.
-    model, tokenizer = kit.tiny_model("llama", num_layers=2)
+    model, tokenizer = kit.testing.tiny_model("llama", num_layers=2)
     over_gpus = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 1, "model.norm": 1, "lm_head": 1}
     model.hf_device_map = dict(over_gpus)
     placements = []
@@ -353,7 +353,7 @@ def test_a_4bit_copy_of_a_model_over_gpus_is_loaded_over_the_same_gpus(monkeypat
 
 
 def test_a_pruned_4bit_model_is_written_from_its_full_precision_weights(tmp_path):
-    model, tokenizer = kit.tiny_model("llama")
+    model, tokenizer = kit.testing.tiny_model("llama")
     model.save_pretrained(tmp_path / "base", max_shard_size="100KB")  # several shards, streamed one by one
     tokenizer.save_pretrained(tmp_path / "base")
     quantized, _ = load_model(str(tmp_path / "base"), device="cpu", quantize="4bit")
@@ -387,7 +387,7 @@ def test_a_4bit_model_without_mlps_is_written_computing_without_them(tmp_path, s
 def test_a_4bit_model_without_a_block_and_sublayers_is_written_with_them_zero(tmp_path, long_prompt):
     """Whole layers removed, then sublayers named by the pruned model's indices: the written checkpoint zeroes the
     children of the renumbered layers, not of the base's layers of those indices."""
-    model, tokenizer = kit.tiny_model("llama")  # 6 layers
+    model, tokenizer = kit.testing.tiny_model("llama")  # 6 layers
     model.save_pretrained(tmp_path / "base", max_shard_size="100KB")
     tokenizer.save_pretrained(tmp_path / "base")
     pruned, _ = load_model(str(tmp_path / "base"), device="cpu", quantize="4bit")

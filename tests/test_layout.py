@@ -47,11 +47,11 @@ def kit_imports(module: str) -> set[str]:
 
 
 def _modules() -> list[str]:
-    """Every module and package of kit (not kit itself, its CLI, or the 0.1 stubs in kit/_moved)."""
+    """Every module and package of kit (not kit itself or its CLI)."""
     found = []
     for path in (ROOT / "kit").rglob("*.py"):
         parts = path.relative_to(ROOT / "kit").with_suffix("").parts
-        if parts[0] == "_moved" or parts in (("__init__",), ("__main__",)):
+        if parts in (("__init__",), ("__main__",)):
             continue
         found.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
     return sorted(found)
@@ -89,9 +89,18 @@ def test_reached_follows_imports_through_other_modules_and_packages(tmp_path, mo
 
 
 def test_the_layout_is_the_pipeline():
-    """The folders the docs name: no module left loose at the top but prune, families and testing."""
+    """The folders of the pipeline: no module left loose at the top but run, prune, families and testing."""
     top = {m.split(".")[0] for m in MODULES}
-    assert top == {"core", "loaders", "scan", "choose", "prune", "healing", "evaluate", "experiments", "families", "testing"}
+    assert top == {"run", "steps", "core", "loaders", "scan", "choose", "prune", "healing", "evaluate", "experiments",
+                   "families", "testing"}  # fmt: skip
+
+
+@pytest.mark.parametrize("module", [m for m in MODULES if m.split(".")[0] not in ("steps", "run")])
+def test_the_steps_sit_on_top(module):
+    """kit.run and kit.steps are the top of the stack: the library below them never reaches either; the run imports
+    only the core."""
+    assert reached(module) & {m for m in MODULES if m.split(".")[0] in ("steps", "run")} == set()
+    assert reached("run") <= set(CORE)
 
 
 @pytest.mark.parametrize("module", CORE)

@@ -38,9 +38,9 @@ def _steps(model, tokenizer, tmp_path):
         "loss": (ledger.loss(shape, "fp32", batch_size=B, max_length=T),
                  lambda: kit.evaluate.validation_loss(model, tokenizer, TEXTS, batch_size=B, max_length=T)),
         "oracle": (ledger.oracle(shape, "fp32", batch_size=B, max_length=T),
-                   lambda: kit.ablation_losses(model, tokenizer, TEXTS[:B], ns=[last], batch_size=B, max_length=T)),
+                   lambda: kit.choose.oracle.ablation_losses(model, tokenizer, TEXTS[:B], ns=[last], batch_size=B, max_length=T)),
         "greedy": (ledger.greedy(shape, "fp32", batch_size=B, max_length=T),
-                   lambda: kit.greedy_removal(model, tokenizer, TEXTS[:B], steps=1, batch_size=B, max_length=T)),
+                   lambda: kit.choose.greedy.greedy_removal(model, tokenizer, TEXTS[:B], steps=1, batch_size=B, max_length=T)),
         "heal": (ledger.heal(shape, "fp32", batch_size=2, seq_len=T, rank=4, checkpointing=False), heal(False)),
         "heal, checkpointing": (ledger.heal(shape, "fp32", batch_size=2, seq_len=T, rank=4, checkpointing=True), heal(True)),
     }  # fmt: skip
@@ -48,7 +48,7 @@ def _steps(model, tokenizer, tmp_path):
 
 @pytest.mark.parametrize("name", ["smollm2-135m", "llama", "qwen3_moe"])  # embedded; tiny dense; tiny MoE
 def test_each_steps_peak_is_within_the_ledgers_margin(name, smollm, tmp_path):
-    model, tokenizer = smollm if name == "smollm2-135m" else kit.tiny_model(name)
+    model, tokenizer = smollm if name == "smollm2-135m" else kit.testing.tiny_model(name)
     ratios = {}
     for step, (predicted, run) in _steps(model, tokenizer, tmp_path).items():
         with measure() as memory:
@@ -114,7 +114,7 @@ def test_load_save_merge_and_compare_within_the_ledgers_margin(name, smollm, tmp
     at a time."""
     from kit.core.memory import live_tensor_bytes
 
-    model, tokenizer = smollm if name == "smollm2-135m" else kit.tiny_model(name)
+    model, tokenizer = smollm if name == "smollm2-135m" else kit.testing.tiny_model(name)
     shape = ledger.Shape.of(model)
     model.save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")

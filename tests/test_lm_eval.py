@@ -29,7 +29,7 @@ def no_network(monkeypatch):
 
 
 def test_agrees_with_lm_eval_when_letters_split_into_tokens(questions, fewshot):
-    model, tokenizer = kit.tiny_model("llama")  # its tokenizer writes " B" as " " + "B"
+    model, tokenizer = kit.testing.tiny_model("llama")  # its tokenizer writes " B" as " " + "B"
     ours = mmlu(model, tokenizer, questions, shots=2, fewshot=fewshot)
     theirs = lm_eval_mmlu(model, tokenizer, questions, shots=2, batch_size=4, fewshot=fewshot)
     assert ours.predictions == theirs.predictions

@@ -29,7 +29,7 @@ def _trained_looking(model, rank: int = 4):
 def checkpoints(tmp_path_factory):
     """A tiny Llama checkpoint and a LoRA adapter for it."""
     folder = tmp_path_factory.mktemp("merge")
-    kit.save_pruned(*kit.tiny_model("llama"), folder / "base")
+    kit.save_pruned(*kit.testing.tiny_model("llama"), folder / "base")
     base, _ = load_model(str(folder / "base"))
     _trained_looking(base).save_pretrained(folder / "adapter")
     return folder / "base", folder / "adapter"
@@ -61,7 +61,7 @@ def test_merged_checkpoint_equals_base_plus_scaled_adapter_product(checkpoints, 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: Conv1D weights, a fan-in-fan-out adapter
 def test_streamed_merge_of_a_sharded_base_equals_peft_merge_and_unload(arch, tmp_path):
-    model, tokenizer = kit.tiny_model(arch, num_layers=3)
+    model, tokenizer = kit.testing.tiny_model(arch, num_layers=3)
     base = tmp_path / "base"
     model.save_pretrained(base, max_shard_size="100KB")  # several shards and an index
     tokenizer.save_pretrained(base)
@@ -79,7 +79,7 @@ def test_streamed_merge_of_a_sharded_base_equals_peft_merge_and_unload(arch, tmp
 
 def test_merge_refuses_an_adapter_for_another_base(checkpoints, tmp_path):
     _, adapter_path = checkpoints
-    other, _ = kit.tiny_model("llama", num_layers=2)
+    other, _ = kit.testing.tiny_model("llama", num_layers=2)
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(ValueError, match="adapts weights the base .* lacks"):
         merge_adapter(tmp_path / "other", adapter_path, tmp_path / "merged")
@@ -90,7 +90,7 @@ def test_merge_refuses_an_adapter_for_another_base(checkpoints, tmp_path):
 def test_an_adapter_of_fused_experts_merges_to_the_adapted_model(tmp_path):
     """MoE: the routed experts' fused 3-d weights are adapted through peft's target_parameters, the
     shared experts and dense MLPs as modules; the merged checkpoint computes what the adapted model does."""
-    model, tokenizer = kit.tiny_model("deepseek_v3", num_layers=3)  # a dense layer, then routed + shared experts
+    model, tokenizer = kit.testing.tiny_model("deepseek_v3", num_layers=3)  # a dense layer, then routed + shared experts
     kit.save_pruned(model, tokenizer, tmp_path / "base")
     adapted = _trained_looking(model).eval()
     adapted.save_pretrained(tmp_path / "adapter")

@@ -70,7 +70,7 @@ def test_the_few_shot_examples_are_part_of_mmlus_identity(monkeypatch):
 @pytest.fixture(scope="module")
 def cached_sweeps(tmp_path_factory):
     """Per evaluation: a finished sweep's cache (n = 0 on a tiny model) and the function that resumes it."""
-    model, tokenizer = kit.tiny_model("llama", num_layers=2)
+    model, tokenizer = kit.testing.tiny_model("llama", num_layers=2)
     folder = tmp_path_factory.mktemp("sweeps")
 
     def resume(evaluation):
@@ -93,7 +93,7 @@ def test_a_resumed_sweep_with_a_changed_parameter_is_refused_naming_it(cached_sw
 
 
 def test_runs_report_what_the_evaluators_compute():
-    model, tokenizer = kit.tiny_model("llama", num_layers=2)
+    model, tokenizer = kit.testing.tiny_model("llama", num_layers=2)
     found = metrics.evaluate_all(model, tokenizer, [EXAMPLES["recall"], EXAMPLES["loss"]])
     assert set(found) == {*EXAMPLES["recall"].metrics, *EXAMPLES["loss"].metrics}
     direct = evaluate.recall(model, tokenizer, list(EXAMPLES["recall"].items), batch_size=2)
@@ -116,7 +116,7 @@ def test_the_registry_builds_by_name_and_names_what_it_has():
 
 
 def test_a_plain_function_in_a_cached_sweep_is_warned_about(tmp_path):
-    model, tokenizer = kit.tiny_model("llama", num_layers=2)
+    model, tokenizer = kit.testing.tiny_model("llama", num_layers=2)
     probe = lambda m, t: {"layers": 2.0}  # noqa: E731
     with pytest.warns(FutureWarning, match=r"evaluations \['0: .*<lambda>', '1: .*<lambda>'\] are plain functions: a resumed"):
         sweep.sweep(model, tokenizer, ns=[0], evals=[probe, lambda m, t: {}], criterion="heuristic", cache_path=tmp_path / "s.json")
@@ -124,28 +124,8 @@ def test_a_plain_function_in_a_cached_sweep_is_warned_about(tmp_path):
         sweep.sweep(model, tokenizer, ns=[0], evals=[EXAMPLES["loss"]] * 2, criterion="heuristic")
 
 
-@pytest.mark.parametrize("old, new, args", [
-    ("mmlu_metrics", "MMLUAccuracy", dict(questions=QUESTIONS, shots=1)),
-    ("boolq_metrics", "BoolQAccuracy", dict(items=BOOLQ)),
-    ("recall_metrics", "RecallAccuracy", dict(items=recall_items(n=4, facts=3))),
-    ("loss_metrics", "ValidationLoss", dict(texts=TEXTS, max_length=32)),
-    ("cost_metrics", "InferenceCost", dict(prompt_tokens=8)),
-])  # fmt: skip
-def test_the_old_builders_still_work_with_a_warning(old, new, args):
-    data_field = next(iter(args)) if old != "cost_metrics" else None
-    positional = [args.pop(data_field)] if data_field else []
-    with pytest.warns(DeprecationWarning, match=f"kit.evaluate.metrics.{old} is deprecated .* use kit.evaluate.metrics.{new}"):
-        built = getattr(metrics, old)(*positional, **args)
-    assert built == getattr(metrics, new)(*positional, **args)
-
-
 def test_above_chance_reads_the_interval_against_the_chance_level():
     assert metrics.above_chance(Estimate(0.6, 0.3, 0.9, chance=0.25))
     assert not metrics.above_chance(Estimate(0.3, 0.2, 0.4, chance=0.25))
     assert not metrics.above_chance(Estimate(2.0, 1.0, 3.0))  # no chance level: nothing to be above
     assert metrics.above_chance(Estimate(0.3, 0.2, 0.4, chance=0.25), force=True)
-
-
-def test_the_old_chance_table_still_works_with_a_warning():
-    with pytest.warns(DeprecationWarning, match="kit.evaluate.metrics.CHANCE is deprecated"):
-        assert metrics.CHANCE == {"mmlu": 0.25, "mmlu_subjects": 0.25, "boolq": 0.5}

@@ -34,7 +34,7 @@ def test_tiny_forward_and_layer_access(tiny):
 
 
 def test_set_decoder_layers_round_trip():
-    model, _ = kit.tiny_model("gpt2")
+    model, _ = kit.testing.tiny_model("gpt2")
     kept = nn.ModuleList(list(layers.decoder_layers(model))[:3])
     layers.set_decoder_layers(model, kept)
     assert layers.decoder_layers(model) is kept
@@ -42,16 +42,16 @@ def test_set_decoder_layers_round_trip():
 
 
 def test_tiny_models_are_deterministic():
-    a, _ = kit.tiny_model("llama", seed=3)
-    b, _ = kit.tiny_model("llama", seed=3)
-    c, _ = kit.tiny_model("llama", seed=4)
+    a, _ = kit.testing.tiny_model("llama", seed=3)
+    b, _ = kit.testing.tiny_model("llama", seed=3)
+    c, _ = kit.testing.tiny_model("llama", seed=4)
     wa, wb, wc = (m.model.layers[0].mlp.up_proj.weight for m in (a, b, c))
     assert torch.equal(wa, wb) and not torch.equal(wa, wc)
 
 
 def test_unknown_tiny_architecture():
     with pytest.raises(ValueError, match="llama, mistral"):
-        kit.tiny_model("bert")
+        kit.testing.tiny_model("bert")
 
 
 def test_a_model_whose_layers_cannot_be_found_says_what_was_looked_for(tmp_path):
@@ -63,14 +63,14 @@ def test_a_model_whose_layers_cannot_be_found_says_what_was_looked_for(tmp_path)
 
 
 def test_anatomy_is_found_generically_and_named_exceptions_win(monkeypatch):
-    model, _ = kit.tiny_model("opt")
+    model, _ = kit.testing.tiny_model("opt")
     assert layers.anatomy(model) == layers.Anatomy("model.decoder.layers", "model.decoder.final_layer_norm", ("fc1", "fc2"))
     gemma3 = kit.families.tiny_family_model("gemma3")  # a vision-language wrapper: the text tower's layers
     assert layers.anatomy(gemma3).layers == "model.language_model.layers"
     assert layers.decoder_layers(gemma3) is gemma3.model.language_model.layers
     exception = layers.Anatomy("model.layers", None, ("mlp.up_proj",))
     monkeypatch.setitem(layers.ANATOMIES, "llama", exception)
-    assert layers.anatomy(kit.tiny_model("llama")[0]) is exception
+    assert layers.anatomy(kit.testing.tiny_model("llama")[0]) is exception
 
 
 def test_unknown_name_lists_aliases():

@@ -27,11 +27,11 @@ def _check_points(run, model_name: str, budgets: list[float]) -> pd.DataFrame:
     assert set(zip(points["unit"], points["criterion"])) <= CHOICES and sorted(set(points["budget"])) == budgets
     for row in points.itertuples():
         evidence = dict(distances=scan if row.unit in ("attention", "mlp") else scan.layers(), greedy=greedy.get(row.unit))
-        chosen = kit.choose_units(row.criterion, L, row.n, **evidence)
+        chosen = kit.choose.criteria.choose_units(row.criterion, L, row.n, **evidence)
         assert chosen.label == row.removed and row.fraction <= row.budget
         assert row.fraction == pytest.approx(budget.removed_parameters(model, chosen) / total)
         try:
-            larger = kit.choose_units(row.criterion, L, row.n + 1, **evidence)
+            larger = kit.choose.criteria.choose_units(row.criterion, L, row.n + 1, **evidence)
         except ValueError:
             continue  # no more units: a greedy order ends at the largest budget's reach
         assert budget.removed_parameters(model, larger) / total > row.budget, f"{row.criterion} fits one more unit at {row.budget}"

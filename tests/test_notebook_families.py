@@ -2,7 +2,7 @@
 Mamba 2 and attention layers alternate, every layer's MLP routes over fused experts beside a shared MLP), the
 second run of every notebook (conftest.tiny_notebook_run): every notebook runs through papermill, and its
 artifacts agree with the model and with one another. The exactness tests cover the pure MoE (qwen3_moe) and
-every other kit.TINY_ARCHITECTURES family."""
+every other kit.testing.TINY_ARCHITECTURES family."""
 
 import pandas as pd
 import pytest

@@ -14,14 +14,14 @@ ADVICE = "came out inf or NaN: the model's activations overflow in torch.float16
 
 def _overflowing():
     """A tiny fp16 model whose layer 2 writes activations past fp16's range (65504) into the residual stream."""
-    model, tokenizer = kit.tiny_model("llama")
+    model, tokenizer = kit.testing.tiny_model("llama")
     with torch.no_grad():
         layers.decoder_layers(model)[2].mlp.down_proj.weight.mul_(1e6)
     return model.half(), tokenizer
 
 
 def _inf_injected():
-    model, tokenizer = kit.tiny_model("llama")
+    model, tokenizer = kit.testing.tiny_model("llama")
     layer = layers.decoder_layers(model)[3]
     layer.register_forward_hook(lambda module, args, output: output * float("inf") if torch.is_tensor(output) else (output[0] * float("inf"), *output[1:]))
     return model, tokenizer

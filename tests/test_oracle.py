@@ -32,9 +32,9 @@ def _brute_kl(model, pruned, tokenizer, texts, max_length, batch_size) -> float:
     return total / count
 
 
-@pytest.mark.parametrize("arch", kit.TINY_ARCHITECTURES)  # MoE, MLA, hybrid Mamba, linear attention, multimodal too
+@pytest.mark.parametrize("arch", kit.testing.TINY_ARCHITECTURES)  # MoE, MLA, hybrid Mamba, linear attention, multimodal too
 def test_equals_validation_loss_of_the_rebuilt_model(arch):
-    _assert_equals_rebuilt_models(*kit.tiny_model(arch, num_layers=4))  # every block of 4 layers: 9 rebuilt models
+    _assert_equals_rebuilt_models(*kit.testing.tiny_model(arch, num_layers=4))  # every block of 4 layers: 9 rebuilt models
 
 
 def _rebuilt(model, block: Block):
@@ -82,7 +82,7 @@ def test_embedded_model_selected_sizes(smollm):
 
 
 def test_save_load_round_trip(tmp_path):
-    model, tokenizer = kit.tiny_model("llama", num_layers=4)
+    model, tokenizer = kit.testing.tiny_model("llama", num_layers=4)
     oracle = ablation_losses(model, tokenizer, TEXTS[:2], ns=[1, 3], max_length=12)
     loaded = Ablation.load(oracle.save(tmp_path / "oracle.safetensors"))
     np.testing.assert_array_equal(loaded.loss, oracle.loss)
@@ -94,7 +94,7 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_bad_input_says_what_to_do():
-    model, tokenizer = kit.tiny_model("llama", num_layers=4)
+    model, tokenizer = kit.testing.tiny_model("llama", num_layers=4)
     with pytest.raises(ValueError, match=r"n=4 is out of range: choose 1 <= n <= 3"):
         ablation_losses(model, tokenizer, TEXTS, ns=[1, 4])
     with pytest.raises(ValueError, match=r"texts \[1\] have fewer than 2 tokens"):
@@ -133,7 +133,7 @@ def test_compare_criteria_exact_on_hand_made_tables():
 
 
 def test_compare_criteria_on_a_tiny_model():
-    model, tokenizer = kit.tiny_model("qwen2")
+    model, tokenizer = kit.testing.tiny_model("qwen2")
     texts = corpus("validation")[:4]
     calibration = ablation_losses(model, tokenizer, texts[:2], ns=[1, 2], max_length=16)
     held = ablation_losses(model, tokenizer, texts[2:], ns=[1, 2], max_length=16)
@@ -162,7 +162,7 @@ def test_never_holds_the_unpruned_log_probs_of_every_token():
     tokens, never kept as one [scored tokens, vocab] fp32 table (2 GiB at 16 x 256 tokens and a 128k vocabulary)."""
     from kit.core.memory import measure
 
-    model, tokenizer = kit.tiny_model("llama", num_layers=4)
+    model, tokenizer = kit.testing.tiny_model("llama", num_layers=4)
     texts = [text[:400] for text in kit.loaders.data.corpus("validation")[:32]]
     with measure() as memory:
         ablation_losses(model, tokenizer, texts, ns=[1], max_length=32, batch_size=32)

@@ -117,8 +117,7 @@ def test_quality_cost_draws_each_criterion_in_order_of_n_against_an_exact_cost()
         kit.experiments.plots.quality_cost(_cost_rows().replace("val_loss", "mmlu"), "mmlu", comparison=comparison)
     axes = kit.experiments.plots.quality_cost_figure(_cost_rows(), ["val_loss"])
     assert axes.shape == (1, 2) and [ax.get_xlabel() for ax in axes[0]] == [ax.get_xlabel(), "decode speed (tokens/s)"]
-    with pytest.warns(DeprecationWarning, match="costs="):
-        assert kit.experiments.plots.quality_cost_figure(_cost_rows(), ["val_loss"], cost="decode_tokens_per_s").shape == (1, 1)
+    assert kit.experiments.plots.quality_cost_figure(_cost_rows(), ["val_loss"], costs=("decode_tokens_per_s",)).shape == (1, 1)
     plt.close("all")
 
 

@@ -7,7 +7,7 @@ import kit
 
 
 def _work(tmp_path):
-    model, tokenizer = kit.tiny_model("llama")
+    model, tokenizer = kit.testing.tiny_model("llama")
     texts = kit.loaders.data.corpus("validation")[:4]
     kit.evaluate.validation_loss(model, tokenizer, texts, max_length=16, batch_size=2)
     kit.angular_distances(model, tokenizer, texts, batch_size=2, max_length=16)

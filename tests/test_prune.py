@@ -61,14 +61,14 @@ def test_a_set_of_layers_is_sorted_and_split_into_runs():
     ],
 )
 def test_bad_removals_say_what_is_allowed(block, message):
-    model, _ = kit.tiny_model("llama")
+    model, _ = kit.testing.tiny_model("llama")
     with pytest.raises(ValueError, match=message):
         kit.drop_layers(model, block)
     with pytest.raises(ValueError, match=message):
         with dropped(model, block):
             pass
     with pytest.raises(ValueError, match=message):
-        kit.mergekit_config("m", block, 6)
+        kit.prune.mergekit_config("m", block, 6)
 
 
 def test_unsupported_architecture_is_named():
@@ -103,7 +103,7 @@ def test_dropped_equals_drop_layers_and_restores_exactly(tiny, removal, long_pro
 
 
 def test_dropped_restores_after_an_exception(snapshot):
-    model, _ = kit.tiny_model("gemma3")
+    model, _ = kit.testing.tiny_model("gemma3")
     before = snapshot(model)
     with pytest.raises(RuntimeError, match="boom"):
         with dropped(model, Block(1, 3)):
@@ -167,7 +167,7 @@ def test_kv_cache_generation_equals_recompute(tiny, removal, long_prompt):
 
 
 def test_qwen2_sliding_layers_stay_sliding():
-    model, _ = kit.tiny_model("qwen2")  # layers 0-2 full attention, 3-5 sliding
+    model, _ = kit.testing.tiny_model("qwen2")  # layers 0-2 full attention, 3-5 sliding
     pruned = kit.drop_layers(model, Block(1, 3))
     assert pruned.config.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
     assert pruned.config.max_window_layers == 1
@@ -210,7 +210,7 @@ def test_a_depth_scaled_residual_is_rescaled_for_the_layers_that_stay(tmp_path):
     ids=["block", "set"],
 )
 def test_a_hybrid_keeps_an_attention_layer(refused, label, allowed):
-    model, _ = kit.tiny_model("granitemoehybrid", num_layers=4)  # Mamba, attention, Mamba, attention
+    model, _ = kit.testing.tiny_model("granitemoehybrid", num_layers=4)  # Mamba, attention, Mamba, attention
     with pytest.raises(ValueError, match=label + r" leaves no attention layer \(layers \[1, 3\]"):
         kit.drop_layers(model, refused, inplace=True)
     assert layers.num_layers(model) == 4  # untouched
@@ -236,7 +236,7 @@ def test_a_removal_the_config_cannot_express_is_refused_with_the_reason():
 
 
 def test_pruning_twice_records_original_indices(long_prompt):
-    model, tokenizer = kit.tiny_model("llama", num_layers=8)
+    model, tokenizer = kit.testing.tiny_model("llama", num_layers=8)
     ids = long_prompt(tokenizer)
     once = kit.drop_layers(model, Block(5, 2))  # keeps original 0 1 2 3 4 7
     twice = kit.drop_layers(once, Block(1, 2))  # removes original 1 2
@@ -290,8 +290,8 @@ def reloaded(tmp_path_factory, long_prompt):
     the kit: {(arch, removal): (in-memory logits, reloaded logits, checkpoint folder)}."""
     root = tmp_path_factory.mktemp("pruned")
     expected = {}
-    for arch in kit.TINY_ARCHITECTURES:
-        model, tokenizer = kit.tiny_model(arch)
+    for arch in kit.testing.TINY_ARCHITECTURES:
+        model, tokenizer = kit.testing.tiny_model(arch)
         for number, removal in enumerate(RUNS):
             pruned = kit.drop_layers(model, removal)
             path = kit.save_pruned(pruned, tokenizer, root / f"{arch}-{number}")
@@ -302,7 +302,7 @@ def reloaded(tmp_path_factory, long_prompt):
 
 
 @REMOVALS
-@pytest.mark.parametrize("arch", kit.TINY_ARCHITECTURES)
+@pytest.mark.parametrize("arch", kit.testing.TINY_ARCHITECTURES)
 def test_saved_checkpoint_reloads_without_the_kit(reloaded, arch, removal):
     logits, again, path = reloaded[arch, removal]
     assert list(path.glob("*.safetensors")) and not list(path.glob("*.bin"))
@@ -324,7 +324,7 @@ def test_saved_checkpoint_reloads_without_the_kit(reloaded, arch, removal):
     ],
 )
 def test_mergekit_config_ranges(block, ranges):
-    config = yaml.safe_load(kit.mergekit_config("org/model", block, 10))
+    config = yaml.safe_load(kit.prune.mergekit_config("org/model", block, 10))
     assert config["merge_method"] == "passthrough"
     assert [s["sources"] for s in config["slices"]] == [[{"model": "org/model", "layer_range": r}] for r in ranges]
     kept = [i for a, b in ranges for i in range(a, b)]  # upper bounds exclusive
@@ -363,7 +363,7 @@ def test_criteria_bad_input():
     scan = _scan("angular_last", {2: 1})
     with pytest.raises(ValueError, match="Unknown criterion 'random'; choose one of: angular_last"):
         choose_block("random", 6, 2, distances=scan)
-    with pytest.raises(ValueError, match="'loss' needs the oracle: pass oracle=, kit.ablation_losses"):
+    with pytest.raises(ValueError, match="'loss' needs the oracle: pass oracle=, kit.choose.oracle.ablation_losses"):
         choose_block("loss", 6, 2, distances=scan)
     with pytest.raises(ValueError, match=r"'angular_all' needs a scan with metric='angular_all'; given: \['angular_last'\]"):
         choose_block("angular_all", 6, 2, distances=scan)
@@ -374,7 +374,7 @@ def test_criteria_bad_input():
 
 
 def test_save_pruned_over_a_file_says_so_and_writes_nothing(tmp_path):
-    model, tokenizer = kit.tiny_model("llama")
+    model, tokenizer = kit.testing.tiny_model("llama")
     (tmp_path / "pruned").write_text("notes")
     with pytest.raises(FileExistsError, match="is a file, not a folder"):
         kit.save_pruned(model, tokenizer, tmp_path / "pruned")

@@ -20,14 +20,14 @@ SETTINGS = settings(max_examples=30, deadline=None, derandomize=True, database=N
 
 @functools.lru_cache(maxsize=None)
 def _original(arch: str, num_layers: int):
-    return kit.tiny_model(arch, num_layers=num_layers)
+    return kit.testing.tiny_model(arch, num_layers=num_layers)
 
 
 @st.composite
 def prunings(draw):
     """(architecture, layer count, removals applied one after the other: each a Block or Layers (any set),
     valid on what is left)."""
-    arch = draw(st.sampled_from(kit.TINY_ARCHITECTURES))
+    arch = draw(st.sampled_from(kit.testing.TINY_ARCHITECTURES))
     num_layers = draw(st.integers(3, 8))
     removals, left = [], num_layers
     for _ in range(draw(st.integers(1, 3))):
@@ -107,7 +107,7 @@ def test_pruned_model_equals_the_layers_bypassed_and_reloads(tmp_path_factory, l
 def sublayer_prunings(draw):
     """(architecture, layer count, whole layers removed first (a Layers, or None), then Sublayers removals one after
     the other, each of a random kind and a set of the layers left that names no sublayer removed before)."""
-    arch = draw(st.sampled_from(kit.TINY_ARCHITECTURES))
+    arch = draw(st.sampled_from(kit.testing.TINY_ARCHITECTURES))
     num_layers = draw(st.integers(3, 8))
     whole = draw(st.none() | st.sets(st.integers(0, num_layers - 1), min_size=1, max_size=num_layers - 2).map(Layers))
     left = num_layers - (len(whole.layers) if whole else 0)

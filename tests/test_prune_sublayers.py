@@ -61,7 +61,7 @@ def test_bad_sublayers_say_what_is_allowed(make, message):
     ],
 )
 def test_bad_removals_say_what_is_allowed(removal, message, snapshot):
-    model, _ = kit.tiny_model("llama")
+    model, _ = kit.testing.tiny_model("llama")
     before = snapshot(model)
     with pytest.raises(ValueError, match=message):
         kit.drop_layers(model, removal, inplace=True)
@@ -72,7 +72,7 @@ def test_bad_removals_say_what_is_allowed(removal, message, snapshot):
 
 
 def test_a_sublayer_is_removed_once_and_whole_layers_go_first():
-    model, _ = kit.tiny_model("llama")
+    model, _ = kit.testing.tiny_model("llama")
     pruned = kit.drop_layers(model, Sublayers("attention", {1, 3}))
     with pytest.raises(ValueError, match=r"The attention of layers \[3\] is already removed .*name each sublayer once"):
         kit.drop_layers(pruned, Sublayers("attention", {2, 3}))
@@ -86,7 +86,7 @@ def test_a_sublayer_is_removed_once_and_whole_layers_go_first():
             with dropped(pruned, removal):
                 pass
     with pytest.raises(ValueError, match=r"copies whole layers, so no recipe removes the attention of layers 1, 3: .*save_pruned"):
-        kit.mergekit_config("m", Sublayers("attention", {1, 3}), 6)
+        kit.prune.mergekit_config("m", Sublayers("attention", {1, 3}), 6)
     both = kit.drop_layers(pruned, Sublayers("mlp", {3}))  # the other kind of the same layer may go
     assert both.config.pruned_sublayers == {"attention": [1, 3], "mlp": [3]}
     first = kit.drop_layers(kit.drop_layers(model, Layers({0, 5})), Sublayers("mlp", {0}))  # layers, then sublayers
@@ -105,7 +105,7 @@ def test_a_sublayer_is_removed_once_and_whole_layers_go_first():
     ],
 )  # fmt: skip
 def test_the_probe_names_each_branch_child_and_what_it_returns(arch, attention, mlp, outputs):
-    model, _ = kit.tiny_model(arch, num_layers=2)
+    model, _ = kit.testing.tiny_model(arch, num_layers=2)
     found = layers.middles(model)
     assert [m.attention for m in found] == attention and all(m.mlp == mlp for m in found)
     assert all(m.output(name) == outputs[name] for m in found for name in (m.attention, *m.mlp))
@@ -152,8 +152,8 @@ def reloaded(tmp_path_factory, long_prompt):
     """Every tiny architecture with the attention, and the MLP, of SET removed and saved, reloaded in ONE
     subprocess without the kit: {(arch, kind): (hooked logits, hooked generation, reloaded's, checkpoint folder)}."""
     root, expected = tmp_path_factory.mktemp("sublayers"), {}
-    for arch in kit.TINY_ARCHITECTURES:
-        model, tokenizer = kit.tiny_model(arch)
+    for arch in kit.testing.TINY_ARCHITECTURES:
+        model, tokenizer = kit.testing.tiny_model(arch)
         ids = long_prompt(tokenizer)
         for kind in ("attention", "mlp"):
             with zeroed_sublayers(model, kind, SET):
@@ -166,7 +166,7 @@ def reloaded(tmp_path_factory, long_prompt):
 
 
 @KINDS
-@pytest.mark.parametrize("arch", kit.TINY_ARCHITECTURES)
+@pytest.mark.parametrize("arch", kit.testing.TINY_ARCHITECTURES)
 def test_saved_checkpoint_reloads_without_the_kit_and_computes_the_pruned_network(reloaded, arch, kind):
     logits, generated, again, generated_again, path = reloaded[arch, kind]
     assert list(path.glob("*.safetensors")) and not list(path.parent.glob(f".{path.name}.*"))
@@ -176,7 +176,7 @@ def test_saved_checkpoint_reloads_without_the_kit_and_computes_the_pruned_networ
 @KINDS
 @pytest.mark.parametrize("arch", ["llama", "opt", "deepseek_v3", "granitemoehybrid", "qwen3_next"])  # OPT: fc1, fc2; DeepSeek: a buffer
 def test_the_checkpoint_holds_zeros_for_removed_children_and_the_rest_as_it_was(arch, kind, tmp_path):
-    model, tokenizer = kit.tiny_model(arch)
+    model, tokenizer = kit.testing.tiny_model(arch)
     pruned = kit.drop_layers(model, Sublayers(kind, SET))
     assert kit.evaluate.inference_cost.parameters(pruned) < kit.evaluate.inference_cost.parameters(model)  # weights freed
     saved = load_file(next(kit.save_pruned(pruned, tokenizer, tmp_path / "pruned").glob("*.safetensors")))
@@ -200,7 +200,7 @@ def test_the_checkpoint_holds_zeros_for_removed_children_and_the_rest_as_it_was(
 def test_every_sublayer_of_a_kind_may_go(arch, kind, long_prompt):
     """All attention (a hybrid's Mamba and linear-attention mixers too) or all MLP sublayers removed: the KV cache
     still counts positions, and generation equals the branches zeroed."""
-    model, tokenizer = kit.tiny_model(arch)
+    model, tokenizer = kit.testing.tiny_model(arch)
     ids = long_prompt(tokenizer)
     with zeroed_sublayers(model, kind, range(6)):
         expected = greedy(model, ids, 5)
@@ -210,7 +210,7 @@ def test_every_sublayer_of_a_kind_may_go(arch, kind, long_prompt):
 
 
 def test_both_sublayers_of_a_layer_removed_equal_the_layer_bypassed(long_prompt):
-    model, tokenizer = kit.tiny_model("gemma3")
+    model, tokenizer = kit.testing.tiny_model("gemma3")
     ids = long_prompt(tokenizer)
     pruned = kit.drop_layers(kit.drop_layers(model, Sublayers("mlp", {1, 4})), Sublayers("attention", {4, 1}))
     with bypassed(model, [1, 4]):
@@ -218,7 +218,7 @@ def test_both_sublayers_of_a_layer_removed_equal_the_layer_bypassed(long_prompt)
 
 
 def test_inplace_frees_the_weights_and_dropped_restores_after_an_exception(snapshot):
-    model, _ = kit.tiny_model("qwen3")
+    model, _ = kit.testing.tiny_model("qwen3")
     before = snapshot(model)
     with pytest.raises(RuntimeError, match="boom"):
         with dropped(model, Sublayers("mlp", {1, 2})):
@@ -233,7 +233,7 @@ def test_inplace_frees_the_weights_and_dropped_restores_after_an_exception(snaps
 def test_each_removed_child_is_materialised_on_its_layers_device():
     """Layers on two devices (3 to 5 on the meta device, standing in for a second GPU): the zeros a save writes for
     each removed child sit on its own layer's device, not all on the first parameter's (cuda:0 for a dispatched 70B)."""
-    pruned = kit.drop_layers(kit.tiny_model("llama")[0], Sublayers("mlp", {1, 4}))
+    pruned = kit.drop_layers(kit.testing.tiny_model("llama")[0], Sublayers("mlp", {1, 4}))
     pruned = kit.drop_layers(pruned, Sublayers("attention", {2, 5}), inplace=True)
     for layer in layers.decoder_layers(pruned)[3:]:
         layer.to("meta")
@@ -248,7 +248,7 @@ def test_each_removed_child_is_materialised_on_its_layers_device():
 def test_load_model_removes_them_again(tmp_path, long_prompt):
     """kit.load_model of a checkpoint with removed sublayers frees their zero weights and keeps no KV cache for
     them again; it computes the same."""
-    model, tokenizer = kit.tiny_model("qwen3_next")
+    model, tokenizer = kit.testing.tiny_model("qwen3_next")
     pruned = kit.drop_layers(model, Sublayers("attention", {1, 2, 5}))  # full attention 1 and 5, linear attention 2
     path = kit.save_pruned(pruned, tokenizer, tmp_path / "pruned")
     loaded, _ = kit.load_model(str(path), device="cpu", dtype=torch.float32)
@@ -263,7 +263,7 @@ def test_load_model_removes_them_again(tmp_path, long_prompt):
 def test_a_copy_through_a_checkpoint_keeps_them_removed(tmp_path, long_prompt):
     """Healing copies a model through a temporary checkpoint (to quantize it): the removed sublayers come back
     removed, not with the fresh random weights a plain save_pretrained would leave them to."""
-    model, tokenizer = kit.tiny_model("gpt2")
+    model, tokenizer = kit.testing.tiny_model("gpt2")
     pruned = kit.drop_layers(model, Sublayers("mlp", {1, 4}))
     copied = kit.healing.lora.reloaded(pruned, tokenizer, None, tmp_path)
     assert isinstance(layers.decoder_layers(copied)[4].mlp, RemovedSublayer)
@@ -272,7 +272,7 @@ def test_a_copy_through_a_checkpoint_keeps_them_removed(tmp_path, long_prompt):
 
 
 def test_healing_a_checkpoint_and_merging_keeps_the_removed_branches_zero(tmp_path):
-    model, tokenizer = kit.tiny_model("llama")
+    model, tokenizer = kit.testing.tiny_model("llama")
     path = kit.save_pruned(kit.drop_layers(model, Sublayers("mlp", {1, 4})), tokenizer, tmp_path / "pruned")
     config = kit.HealConfig(rank=2, lr=1e-2, steps=2, batch_size=2, seq_len=32, quantize=None, save_every=1)
     result = kit.heal(str(path), tokenizer, kit.loaders.data.corpus("train")[:2], config, output_dir=tmp_path / "healed")

@@ -7,74 +7,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import artifact_numbers, reading_numbers
+from conftest import SPREAD, artifact_numbers, reading_numbers, write_compare_run
 
 from kit import Distances
-from kit.core.stats import Estimate, wilson
+from kit.core.stats import wilson
 from kit.experiments import curves, readings, results
-
-L = 10
-
-
-def outcomes(right: int, total: int = 40) -> str:
-    return "R" * right + "W" * (total - right)
-
-
-def accuracy_rows(criterion: str, rights: dict[int, int], *, metric="recall", chance=1 / 6, healed=False) -> list[dict]:
-    rows = []
-    for n, right in rights.items():
-        value = right / 40
-        low, high = wilson(right, 40)
-        rows.append({"n": n, "fraction": n / L, "criterion": criterion, "healed": healed, "metric": metric, "value": value,
-                     "ci_low": low, "ci_high": high, "chance": chance, "outcomes": outcomes(right)})  # fmt: skip
-    return rows
-
-
-SPREAD = np.array([0.03, -0.03, 0.0, 0.0] * 5)  # per-text deviations, opposite for the two criteria
-
-
-def per_text(loss: float, sign: int, *, tokens: int = 10) -> str:
-    """20 texts of `tokens` tokens whose token-weighted mean loss is `loss` (paired differences between
-    the criteria spread by 2 x SPREAD around the difference of the means: +-0.017 for the mean of 20)."""
-    return results.encode_per_text(np.stack([(loss + sign * SPREAD) * tokens, np.full(20, tokens)], 1))
-
-
-def loss_rows(criterion: str, losses: dict[int, float], *, half=0.01, healed=False) -> list[dict]:
-    sign = (1 if criterion == "similarity" else -1) * (-1 if healed else 1)
-    return [{"n": n, "fraction": n / L, "criterion": criterion, "healed": healed, "metric": "val_loss_norm", "value": v,
-             "ci_low": v - half, "ci_high": v + half, "chance": np.nan, "outcomes": None, "per_text": per_text(v, sign)}
-            for n, v in losses.items()]  # fmt: skip
-
-
-def write_compare_run(run, *, mmlu_right=12, similarity=None, heuristic=None, sim_loss=None, heu_loss=None, healed_loss=0.31):
-    """The artifacts notebook 04 writes, built from per-n recall counts (of 40) and losses, with the
-    kit's own tables (collapse points, paired differences, healing gains) computed from them."""
-    similarity = similarity or {0: 30, 2: 25, 4: 20, 6: 6, 8: 5}
-    heuristic = heuristic or {0: 30, 2: 20, 4: 8, 6: 6, 8: 7}
-    sim_loss = sim_loss or {0: 0.3, 2: 0.35, 4: 0.4, 6: 0.5, 8: 0.6}
-    heu_loss = heu_loss or {0: 0.3, 2: 0.5, 4: 0.7, 6: 0.9, 8: 1.1}
-    rows = (accuracy_rows("similarity", similarity) + accuracy_rows("heuristic", heuristic)
-            + loss_rows("similarity", sim_loss) + loss_rows("heuristic", heu_loss)
-            + accuracy_rows("similarity", {4: similarity[4] + 1}, healed=True) + accuracy_rows("heuristic", {4: heuristic[4] + 9}, healed=True)
-            + loss_rows("similarity", {4: healed_loss}, healed=True) + loss_rows("heuristic", {4: 0.6}, healed=True))  # fmt: skip
-    swept = pd.DataFrame(rows)
-    unhealed = swept[~swept["healed"]]
-    swept.to_csv(run / "sweep.csv", index=False)
-    curves.by_metric(curves.collapse_points, unhealed, ["recall"]).to_csv(run / "collapse.csv", index=False)
-    curves.by_metric(curves.paired_comparison, unhealed, ["recall", "val_loss_norm"], "criterion", "similarity", "heuristic").to_csv(run / "paired.csv", index=False)
-    curves.by_metric(curves.healing_gains, swept, ["recall", "val_loss_norm"]).to_csv(run / "healing_gains.csv", index=False)
-    low, high = wilson(mmlu_right, 40)
-    unpruned = results.table({"mmlu": Estimate(mmlu_right / 40, low, high, np.arange(40) < mmlu_right, 0.25)}, n=0)
-    unpruned.to_csv(run / "unpruned.csv", index=False)
-    comparison = pd.DataFrame({
-        "model": ["original", "pruned", "healed"], "layers": [L, L - 4, L - 4], "parameters": [1.5e8, 1.0e8, 1.0e8],
-        "weight_bytes": [6e8, 4e8, 4e8], "decode_tokens_per_s": [15.3, 20.1, 19.8], "recall": [0.75, 0.5, 0.525],
-        "recall_ci_low": [0.6, 0.35, 0.37], "recall_ci_high": [0.86, 0.65, 0.67], "val_loss_norm": [0.3, 0.4, 0.33],
-        "val_loss_norm_ci_low": [0.29, 0.39, 0.32], "val_loss_norm_ci_high": [0.31, 0.41, 0.34],
-    })  # fmt: skip
-    comparison.to_csv(run / "comparison.csv", index=False)
-    (run / "selection.json").write_text(json.dumps({"model": "my-model", "start": 3, "n": 4, "distance": 0.2, "source": "similarity"}))
-    return run
 
 
 def test_mmlu_verdict_follows_its_interval_against_chance(tmp_path):

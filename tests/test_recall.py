@@ -57,7 +57,7 @@ def test_items_are_deterministic_and_well_formed():
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_recall_matches_independent_loglikelihoods(arch):
-    model, tokenizer = kit.tiny_model(arch)
+    model, tokenizer = kit.testing.tiny_model(arch)
     items = recall_items(5, facts=3)
     assert any(len(tokenizer(f" {c}")["input_ids"]) > 1 for item in items for c in item.candidates)  # multi-token codes
     check_against_reference(model, tokenizer, items, recall(model, tokenizer, items, batch_size=2))
@@ -70,7 +70,7 @@ def test_embedded_model_matches_independent_loglikelihoods():
 
 
 def test_recall_errors_say_what_to_do():
-    model, tokenizer = kit.tiny_model("llama")
+    model, tokenizer = kit.testing.tiny_model("llama")
     with pytest.raises(ValueError, match="n must be >= 1"):
         recall_items(0)
     with pytest.raises(ValueError, match="facts must be between 2 and"):
@@ -88,7 +88,7 @@ def test_recall_errors_say_what_to_do():
 
 
 def test_recall_metrics_in_a_sweep_carry_their_chance():
-    model, tokenizer = kit.tiny_model("llama")
+    model, tokenizer = kit.testing.tiny_model("llama")
     items = recall_items(12, facts=4)
     table = sweep.sweep(model, tokenizer, ns=[0, 2, 4], evals=[metrics.RecallAccuracy(items)], criterion="heuristic")
     for n, row in table.set_index("n").iterrows():

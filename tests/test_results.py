@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from kit.core.stats import Estimate
-from kit.experiments import curves, results, sweep
+from kit.experiments import results
 
 
 def test_rows_are_one_per_metric_with_the_point_columns():
@@ -56,12 +56,3 @@ def test_chance_level_is_the_one_the_rows_carry():
 
 def test_wide_puts_each_interval_beside_its_value():
     assert results.wide({"a": Estimate(1.0, 0.5, 1.5), "b": Estimate(2.0)}) == {"a": 1.0, "a_ci_low": 0.5, "a_ci_high": 1.5, "b": 2.0}
-
-
-@pytest.mark.parametrize("module, name", [(curves, "outcomes"), (curves, "encode_outcomes"), (curves, "chance_level"),
-                                          (sweep, "table")])  # fmt: skip
-def test_old_homes_still_work_with_a_warning(module, name):
-    with pytest.warns(DeprecationWarning, match=f"{module.__name__}.{name} is deprecated .* use kit.experiments.results.{name}"):
-        assert getattr(module, name) is getattr(results, name)
-    with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
-        module.nothing

@@ -50,7 +50,7 @@ def test_llm_drop_takes_the_sublayers_with_the_smallest_distance_across_them(n):
 
 
 def test_top_k_on_a_real_sublayer_scan_equal_the_brute_force_reference():
-    model, tokenizer = kit.tiny_model("llama", num_layers=6)
+    model, tokenizer = kit.testing.tiny_model("llama", num_layers=6)
     scan = kit.angular_distances(model, tokenizer, TEXTS, max_length=16, batch_size=2, metric="block_influence", sublayers=True)
     m = reference_distances(model, tokenizer, TEXTS, 16, sublayers=True)["block_influence"]
     for n in (1, 2, 5):
@@ -76,7 +76,8 @@ def test_greedy_criteria_read_the_first_units_removed():
     assert choose_units("greedy_layers", 6, 3, greedy=layers) == Layers({1, 2, 4})
     with pytest.raises(ValueError, match=r"took 3 steps; n=4 needs greedy_removal\(..., steps=4\)"):
         choose_units("greedy_mlp", 6, 4, greedy=greedy)
-    with pytest.raises(ValueError, match=r"removed mlp, the criterion chooses attention: pass kit.greedy_removal\(..., unit='attention'\)"):
+    with pytest.raises(ValueError, match=r"removed mlp, the criterion chooses attention: pass kit.choose.greedy.greedy_removal\(..., unit="
+                       r"'attention'\)"):
         choose_units("greedy_attention", 6, 2, greedy=greedy)
     with pytest.raises(ValueError, match="the greedy describe 6 layers, the model has 8"):
         choose_units("greedy_mlp", 8, 2, greedy=greedy)
@@ -95,9 +96,9 @@ def test_set_criteria_refusals():
     scan = random_distances(6)
     with pytest.raises(ValueError, match=r"layer scan: rescan with sublayers=True \(kit.angular_distances\(..., sublayers=True\)"):
         choose_units("llm_drop_attention", 6, 2, distances=scan)
-    with pytest.raises(ValueError, match="'shortgpt' chooses a set of layers, not a block: use kit.choose_units"):
+    with pytest.raises(ValueError, match="'shortgpt' chooses a set of layers, not a block: use kit.choose.criteria.choose_units"):
         choose_block("shortgpt", 6, 2, distances=scan)
-    with pytest.raises(ValueError, match="'greedy_layers' needs the greedy: pass greedy=, kit.greedy_removal"):
+    with pytest.raises(ValueError, match="'greedy_layers' needs the greedy: pass greedy=, kit.choose.greedy.greedy_removal"):
         choose_units("greedy_layers", 6, 2)
     with pytest.raises(ValueError, match="Block size n=6 is out of range: choose 1 <= n <= 5"):
         choose_units("shortgpt", 6, 6, distances=scan)
@@ -106,11 +107,12 @@ def test_set_criteria_refusals():
 
 
 def test_compare_sets_measures_each_choice_and_its_regret_on_held_out_texts():
-    model, tokenizer = kit.tiny_model("llama", num_layers=6)
+    model, tokenizer = kit.testing.tiny_model("llama", num_layers=6)
     calibration = [text[:160] for text in kit.loaders.data.corpus("train")[:4]]
     held_out = [text[:160] for text in kit.loaders.data.corpus("validation")[:4]]
     scan = kit.angular_distances(model, tokenizer, calibration, max_length=24, batch_size=2, sublayers=True)
-    greedy = [kit.greedy_removal(model, tokenizer, calibration, unit=unit, steps=2, max_length=24) for unit in ("layers", "mlp")]
+    greedy = [kit.choose.greedy.greedy_removal(model, tokenizer, calibration, unit=unit, steps=2, max_length=24)
+              for unit in ("layers", "mlp")]
     criteria = ["angular_last", "heuristic", "shortgpt", "greedy_layers", "llm_drop_attention", "llm_drop_mlp", "greedy_mlp"]
     before = kit.evaluate.validation_loss(model, tokenizer, held_out, max_length=24).loss
     table = compare_sets(model, tokenizer, held_out, criteria=criteria, ns=[1, 2], distances=scan, greedy=greedy, max_length=24)

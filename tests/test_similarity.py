@@ -56,11 +56,11 @@ def test_matches_brute_force_on_embedded_model(smollm, texts):
 
 def test_token_chunks_add_up(monkeypatch, texts):
     monkeypatch.setattr(kit.scan.similarity, "_TOKEN_CHUNK", 7)  # many chunks per batch, a ragged last one
-    assert_matches_brute_force(*kit.tiny_model("qwen3"), texts, batch_size=3)
+    assert_matches_brute_force(*kit.testing.tiny_model("qwen3"), texts, batch_size=3)
 
 
 def test_bfloat16_model_is_measured_in_float32(texts):
-    model, tokenizer = kit.tiny_model("llama")
+    model, tokenizer = kit.testing.tiny_model("llama")
     model.to(torch.bfloat16)
     distances = scan(model, tokenizer, texts, batch_size=1)
     assert distances.matrix.dtype == torch.float32
@@ -68,7 +68,7 @@ def test_bfloat16_model_is_measured_in_float32(texts):
 
 
 def test_4bit_model_matches_brute_force(tmp_path, texts):
-    model, tokenizer = kit.tiny_model("llama")
+    model, tokenizer = kit.testing.tiny_model("llama")
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     model, tokenizer = kit.load_model(str(tmp_path), quantize="4bit", dtype=torch.float32)
@@ -81,10 +81,11 @@ def test_4bit_model_matches_brute_force(tmp_path, texts):
 # absolute-position model.
 @pytest.mark.parametrize("sublayers", [False, True], ids=["layers", "sublayers"])
 @pytest.mark.parametrize(
-    "arch, metric", [(arch, "angular_all") for arch in kit.TINY_ARCHITECTURES] + [("llama", "angular_last"), ("gpt2", "angular_last")]
+    "arch, metric",
+    [(arch, "angular_all") for arch in kit.testing.TINY_ARCHITECTURES] + [("llama", "angular_last"), ("gpt2", "angular_last")],
 )
 def test_padding_side_and_batch_size_do_not_matter(arch, metric, sublayers, texts):
-    model, tokenizer = kit.tiny_model(arch)
+    model, tokenizer = kit.testing.tiny_model(arch)
     tokenizer.padding_side = "right"
     right_1 = scan(model, tokenizer, texts, batch_size=1, metric=metric, sublayers=sublayers).matrix
     tokenizer.padding_side = "left"
@@ -95,7 +96,7 @@ def test_padding_side_and_batch_size_do_not_matter(arch, metric, sublayers, text
 
 @pytest.mark.parametrize("sublayers", [False, True], ids=["layers", "sublayers"])
 def test_resume_after_interruption_gives_the_same_matrix(tmp_path, texts, sublayers):
-    model, tokenizer = kit.tiny_model("llama")
+    model, tokenizer = kit.testing.tiny_model("llama")
     run = partial(scan, sublayers=sublayers)
     expected = run(model, tokenizer, texts, batch_size=2, metric="angular_all").matrix
     forwards = []
@@ -121,7 +122,7 @@ def test_resume_after_interruption_gives_the_same_matrix(tmp_path, texts, sublay
 
 
 def test_scan_result_is_a_distance_matrix(texts):
-    model, tokenizer = kit.tiny_model("gpt2")
+    model, tokenizer = kit.testing.tiny_model("gpt2")
     distances = scan(model, tokenizer, texts, batch_size=3, model_name="tiny")
     matrix = distances.matrix
     assert matrix.shape == (7, 7) and distances.num_layers == 6
@@ -133,7 +134,7 @@ def test_scan_result_is_a_distance_matrix(texts):
 
 
 def test_bad_arguments_say_what_to_do(texts):
-    model, tokenizer = kit.tiny_model("llama")
+    model, tokenizer = kit.testing.tiny_model("llama")
     with pytest.raises(ValueError, match="choose one of: angular_last, angular_all, block_influence"):
         scan(model, tokenizer, texts, metric="cosine")
     with pytest.raises(ValueError, match="non-empty list"):
@@ -146,7 +147,7 @@ def test_bad_arguments_say_what_to_do(texts):
 
 
 def test_standard_errors_and_group_sums_match_brute_force(texts):
-    model, tokenizer = kit.tiny_model("llama")
+    model, tokenizer = kit.testing.tiny_model("llama")
     for metric, (sums, counts) in reference_distance_sums(model, tokenizer, texts, MAX_LENGTH).items():
         distances = scan(model, tokenizer, texts, batch_size=4, metric=metric, groups=4)
         m, mean = len(texts), sums.sum(0) / counts.sum()
@@ -164,7 +165,7 @@ def test_standard_errors_and_group_sums_match_brute_force(texts):
 
 
 def test_uncertainty_survives_save_and_load_and_older_files_still_load(tmp_path, texts):
-    distances = scan(*kit.tiny_model("qwen3"), texts, batch_size=4, groups=3)
+    distances = scan(*kit.testing.tiny_model("qwen3"), texts, batch_size=4, groups=3)
     loaded = Distances.load(distances.save(tmp_path / "distances.safetensors"))
     for key in ("matrix", "stderr", "group_sums", "group_counts"):
         assert torch.equal(getattr(loaded, key), getattr(distances, key)), key
@@ -177,7 +178,7 @@ def test_uncertainty_survives_save_and_load_and_older_files_still_load(tmp_path,
 
 
 def test_too_few_texts_for_uncertainty(texts):
-    model, tokenizer = kit.tiny_model("llama")
+    model, tokenizer = kit.testing.tiny_model("llama")
     with pytest.raises(ValueError, match=r"groups must be between 1 and the number of texts \(6\), got 7"):
         scan(model, tokenizer, texts, groups=7)
     with pytest.warns(UserWarning, match="one calibration text"):
@@ -290,7 +291,7 @@ def test_the_middle_follows_the_residual_not_the_family(texts):
     (Mamba, Nemotron-H's one-mixer blocks) are refused, saying what to do instead."""
     neox = families.tiny_family_model("gpt_neox", use_parallel_residual=False)
     assert [str(m) for m in layers.middles(neox)] == ["input of post_attention_layernorm"] * neox.config.num_hidden_layers
-    _, tokenizer = kit.tiny_model("gpt_neox")  # the same vocabulary size (512)
+    _, tokenizer = kit.testing.tiny_model("gpt_neox")  # the same vocabulary size (512)
     np.testing.assert_allclose(
         scan(neox, tokenizer, texts, sublayers=True).matrix.numpy(),
         reference_distances(neox, tokenizer, texts, MAX_LENGTH, sublayers=True)["angular_last"], atol=2e-5,
@@ -306,7 +307,7 @@ def test_the_middle_follows_the_residual_not_the_family(texts):
 
 
 def test_a_sublayer_scan_does_not_resume_a_layer_scans_cache(tmp_path, texts):
-    model, tokenizer = kit.tiny_model("llama")
+    model, tokenizer = kit.testing.tiny_model("llama")
     cache = tmp_path / "scan.safetensors"
     scan(model, tokenizer, texts, batch_size=2, cache_path=cache)
     with pytest.raises(ValueError, match="other settings \\(positions: 7 -> 13; sublayers: None -> True\\)"):
@@ -322,7 +323,7 @@ def test_a_half_precision_models_states_are_kept_in_its_dtype(monkeypatch, texts
     time: the distances are those of states copied to fp32 at once, bit for bit (the same values, the same sums)."""
     from kit.scan import similarity
 
-    model, tokenizer = kit.tiny_model("llama")
+    model, tokenizer = kit.testing.tiny_model("llama")
     model = model.to(torch.bfloat16)
     kept = []
     real = similarity._Residuals.__call__

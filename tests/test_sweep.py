@@ -25,7 +25,7 @@ TEXTS = data.corpus("validation")[:3]
 
 @pytest.mark.parametrize("criterion", sweep.PAPER_CRITERIA)
 def test_sweep_equals_evaluating_each_pruned_copy(criterion, snapshot):
-    model, tokenizer = kit.tiny_model("qwen2")
+    model, tokenizer = kit.testing.tiny_model("qwen2")
     distances = random_distances(6)
     before = snapshot(model)
     evals = [metrics.ValidationLoss(TEXTS, max_length=64)]
@@ -54,7 +54,7 @@ def test_sweep_equals_evaluating_each_pruned_copy(criterion, snapshot):
 
 
 def test_sweep_heals_chosen_sizes_from_the_pruned_view():
-    model, tokenizer = kit.tiny_model("llama")
+    model, tokenizer = kit.testing.tiny_model("llama")
     seen = []
 
     def heal(pruned, tok, block):
@@ -71,7 +71,7 @@ def test_sweep_heals_chosen_sizes_from_the_pruned_view():
 
 @pytest.mark.parametrize("quantize", ["4bit", None])
 def test_healer_leaves_the_swept_model_untouched(quantize, tmp_path):
-    model, tokenizer = kit.tiny_model("llama")
+    model, tokenizer = kit.testing.tiny_model("llama")
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     config = kit.HealConfig(rank=2, lr=1e-2, steps=2, batch_size=2, seq_len=32, quantize=quantize, save_every=2)
     heal = sweep.healer(kit.loaders.data.corpus("train")[:4], config, output_root=tmp_path)
@@ -107,7 +107,7 @@ def test_healing_a_4bit_model_in_a_sweep_leaves_it_untouched(tmp_path):
     # on the loaded 4-bit model itself, every later point of the sweep would be measured on a modified model.
     # (Its values are not compared: on CPUs with AVX512-BF16 bitsandbytes repacks NF4 weights between
     # forwards, and two evaluations of one untouched 4-bit model differ by 1e-4 nats.)
-    kit.tiny_model("llama")[0].save_pretrained(tmp_path / "base")
+    kit.testing.tiny_model("llama")[0].save_pretrained(tmp_path / "base")
     kit.testing.tiny_tokenizer().save_pretrained(tmp_path / "base")
     model, tokenizer = kit.load_model(str(tmp_path / "base"), device="cpu", dtype=torch.bfloat16, quantize="4bit")
     before = {k: v.dtype for k, v in model.state_dict().items()}
@@ -124,7 +124,7 @@ def test_a_healed_4bit_point_computes_in_the_dtype_of_its_base(tmp_path):
     """peft's prepare_model_for_kbit_training trains a 4-bit base with its embeddings, norms and head in fp32;
     the healed model is measured as users run it, in the base's dtype (its residual stream and KV cache in
     bf16 here), not in fp32 beside bf16 rows."""
-    kit.tiny_model("llama")[0].save_pretrained(tmp_path / "base")
+    kit.testing.tiny_model("llama")[0].save_pretrained(tmp_path / "base")
     kit.testing.tiny_tokenizer().save_pretrained(tmp_path / "base")
     model, tokenizer = kit.load_model(str(tmp_path / "base"), device="cpu", dtype=torch.bfloat16, quantize="4bit")
     config = kit.HealConfig(rank=2, lr=1e-2, steps=1, batch_size=2, seq_len=32, quantize="4bit", save_every=1)
@@ -143,7 +143,7 @@ def test_a_healed_4bit_point_computes_in_the_dtype_of_its_base(tmp_path):
 
 
 def test_sweep_restores_the_model_after_an_error():
-    model, tokenizer = kit.tiny_model("gemma3")
+    model, tokenizer = kit.testing.tiny_model("gemma3")
     layer_types = list(model.config.layer_types)
 
     def broken(m, t):
@@ -180,7 +180,7 @@ def test_mmlu_metrics_in_a_sweep(smollm):
 
 
 def test_sweep_bad_input():
-    model, tokenizer = kit.tiny_model("llama")
+    model, tokenizer = kit.testing.tiny_model("llama")
     with pytest.raises(ValueError, match="needs the distances"):
         sweep.sweep(model, tokenizer, ns=[1], evals=[], criterion="similarity")
     with pytest.raises(ValueError, match="similarity, heuristic"):
@@ -194,7 +194,7 @@ def test_sweep_bad_input():
 
 
 def test_compare_loads_each_checkpoint(tmp_path):
-    model, tokenizer = kit.tiny_model("llama")
+    model, tokenizer = kit.testing.tiny_model("llama")
     for name, m in {"full": model, "pruned": drop_layers(model, Block(1, 2))}.items():
         m.save_pretrained(tmp_path / name)
         tokenizer.save_pretrained(tmp_path / name)
@@ -213,7 +213,7 @@ COST = metrics.InferenceCost(prompt_tokens=8, new_tokens=3, repeats=1, threads=1
 
 
 def test_cost_metrics_in_a_sweep():
-    model, tokenizer = kit.tiny_model("llama")
+    model, tokenizer = kit.testing.tiny_model("llama")
     table = sweep.sweep(model, tokenizer, ns=[0, 2], evals=[COST], criterion="heuristic")
     values = table.pivot(index="n", columns="metric", values="value")
     assert values.loc[2, "kv_bytes_per_token"] == values.loc[0, "kv_bytes_per_token"] * 4 / 6
@@ -226,7 +226,7 @@ def test_cost_metrics_in_a_sweep():
 def test_compare_an_unmerged_adapter_against_its_merged_checkpoint(tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    model, tokenizer = kit.tiny_model("llama")
+    model, tokenizer = kit.testing.tiny_model("llama")
     config = LoraConfig(r=2, lora_alpha=2, target_modules=layers.mlp_modules(model), init_lora_weights=False)
     model.save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")
@@ -245,7 +245,7 @@ def test_compare_an_unmerged_adapter_against_its_merged_checkpoint(tmp_path):
 
 
 def test_an_interrupted_sweep_resumes_from_its_cache_with_an_identical_table(tmp_path):
-    model, tokenizer = kit.tiny_model("llama")
+    model, tokenizer = kit.testing.tiny_model("llama")
     distances, cache = random_distances(6), tmp_path / "sweep.json"
     calls, stop_at = [], [None]
 
@@ -279,7 +279,7 @@ def test_an_interrupted_sweep_resumes_from_its_cache_with_an_identical_table(tmp
 
 
 def test_a_sweep_cache_of_other_settings_is_refused(tmp_path):
-    model, tokenizer = kit.tiny_model("llama")
+    model, tokenizer = kit.testing.tiny_model("llama")
     probe = lambda m, t: {"layers": float(layers.num_layers(m))}  # noqa: E731
     cache = tmp_path / "sweep.json"
     sweep.sweep(model, tokenizer, ns=[0, 2], evals=[probe], distances=random_distances(6), cache_path=cache, settings={"shots": 5})
@@ -300,7 +300,7 @@ def test_a_sweep_cache_of_other_settings_is_refused(tmp_path):
 
 
 def test_sweeps_concatenates_each_criterion_and_evaluates_n0_once(tmp_path):
-    model, tokenizer = kit.tiny_model("llama")
+    model, tokenizer = kit.testing.tiny_model("llama")
     distances = random_distances(layers.num_layers(model))
     calls = []
 
@@ -321,7 +321,7 @@ def test_sweeps_concatenates_each_criterion_and_evaluates_n0_once(tmp_path):
 
 
 def test_sweeps_heal_the_blocks_of_each_criterion_into_their_own_folders(tmp_path):
-    model, tokenizer = kit.tiny_model("llama")
+    model, tokenizer = kit.testing.tiny_model("llama")
     config = kit.HealConfig(rank=2, lr=1e-2, steps=1, batch_size=2, seq_len=32, quantize=None, save_every=1)
     probe = lambda m, t: {"layers": float(layers.num_layers(m))}  # noqa: E731
     table = sweep.sweeps(model, tokenizer, ns=[0, 2], evals=[probe], distances=random_distances(6), folder=tmp_path,
@@ -337,10 +337,10 @@ def test_sweeps_heal_the_blocks_of_each_criterion_into_their_own_folders(tmp_pat
 def test_compare_warns_when_an_earlier_model_is_still_held(tmp_path):
     """A model a notebook cell still references stays in memory while compare loads the next: said, with the fix.
     (That notebooks 03 and 04 free theirs is checked on their executed outputs.)"""
-    kit.tiny_model("llama")[0].save_pretrained(tmp_path / "tiny")
+    kit.testing.tiny_model("llama")[0].save_pretrained(tmp_path / "tiny")
     kit.testing.tiny_tokenizer().save_pretrained(tmp_path / "tiny")
     probe = lambda m, t: {"layers": float(layers.num_layers(m))}  # noqa: E731
-    held = kit.tiny_model("llama")[0]
+    held = kit.testing.tiny_model("llama")[0]
     with pytest.warns(UserWarning, match=r"still referenced while compare loads 'tiny'.*del model; kit.core.device.release_memory"):
         sweep.compare({"tiny": tmp_path / "tiny"}, [probe], device="cpu")
     del held

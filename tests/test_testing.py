@@ -30,7 +30,7 @@ def test_after_a_near_tie_either_continuation_is_right():
 
 
 def test_greedy_returns_the_new_tokens_and_the_logits_that_chose_them():
-    model, tokenizer = kit.tiny_model("llama")
+    model, tokenizer = kit.testing.tiny_model("llama")
     ids = tokenizer("The quick brown fox", return_tensors="pt").input_ids
     tokens, logits = greedy(model, ids, 4, use_cache=False)
     assert tokens.shape == (1, 4) and logits.shape == (1, 4, model.config.vocab_size)

@@ -17,20 +17,20 @@ USE_ENCODE = ("kit.choose.oracle", "kit.choose.greedy", "kit.scan.similarity", "
 
 
 def test_the_oracle_and_greedy_removal(monkeypatch):
-    model, tokenizer = kit.tiny_model("llama", num_layers=4)
+    model, tokenizer = kit.testing.tiny_model("llama", num_layers=4)
     one = ablation_losses(model, tokenizer, TEXTS, max_length=16, batch_size=3)
-    removal = kit.greedy_removal(model, tokenizer, TEXTS, steps=2, max_length=16, batch_size=3)
+    removal = kit.choose.greedy.greedy_removal(model, tokenizer, TEXTS, steps=2, max_length=16, batch_size=3)
     split_over_two_gpus(model, monkeypatch, USE_ENCODE)
     two = ablation_losses(model, tokenizer, TEXTS, max_length=16, batch_size=3)
     np.testing.assert_array_equal(two.loss, one.loss)
     np.testing.assert_array_equal(two.kl, one.kl)
-    split = kit.greedy_removal(model, tokenizer, TEXTS, steps=2, max_length=16, batch_size=3)
+    split = kit.choose.greedy.greedy_removal(model, tokenizer, TEXTS, steps=2, max_length=16, batch_size=3)
     assert split.order == removal.order and np.array_equal(split.losses, removal.losses)
 
 
-@pytest.mark.parametrize("arch", kit.TINY_ARCHITECTURES)
+@pytest.mark.parametrize("arch", kit.testing.TINY_ARCHITECTURES)
 def test_the_scan_of_layers_and_sublayers_and_the_validation_loss(arch, monkeypatch):
-    model, tokenizer = kit.tiny_model(arch, num_layers=4)
+    model, tokenizer = kit.testing.tiny_model(arch, num_layers=4)
     scans = lambda: [kit.angular_distances(model, tokenizer, TEXTS, max_length=16, batch_size=3, metric=metric, sublayers=sublayers)  # noqa: E731
                      for metric in ("angular_last", "angular_all") for sublayers in (False, True)]  # fmt: skip
     one, loss = scans(), validation_loss(model, tokenizer, TEXTS, max_length=16, batch_size=3).loss

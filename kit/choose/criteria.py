@@ -24,7 +24,8 @@ class Criterion:
     """A rule that picks what to remove, the evidence it reads ("needs") and what it removes ("unit")."""
 
     description: str
-    needs: str | None  # "distances" (a scan), "oracle" (kit.ablation_losses), "greedy" (kit.greedy_removal), "start" or None
+    needs: str | None  # "distances" (a scan), "oracle" (kit.choose.oracle.ablation_losses), "greedy"
+    #                    (kit.choose.greedy.greedy_removal), "start" or None
     pick: Callable  # (evidence, num_layers, n) -> Block, Layers or Sublayers
     unit: str = "block"  # one of UNITS: "block" (n consecutive layers), "layers" (any n layers), "attention" or "mlp" (n sublayers)
 
@@ -69,7 +70,7 @@ def _greedy(unit: str) -> Callable:
     def pick(greedy, num_layers: int, n: int):
         if greedy.unit != unit:
             raise ValueError(f"this greedy removal removed {greedy.unit}, the criterion chooses {unit}: "
-                             f"pass kit.greedy_removal(..., unit={unit!r})")  # fmt: skip
+                             f"pass kit.choose.greedy.greedy_removal(..., unit={unit!r})")  # fmt: skip
         return greedy.first(n)
 
     return pick
@@ -95,13 +96,13 @@ CRITERIA: dict[str, Criterion] = {
     },
     **{
         f"greedy_{unit}": Criterion(f"the first n {unit} of a greedy removal on calibration texts (SLEB; "
-                                    "kit.greedy_removal)", "greedy", _greedy(unit), unit)
+                                    "kit.choose.greedy.greedy_removal)", "greedy", _greedy(unit), unit)
         for unit in SET_UNITS
     },
 }  # fmt: skip
 
-_HINTS = {"distances": "a scan (notebook 01_similarity)", "oracle": "kit.ablation_losses on calibration texts",
-          "greedy": "kit.greedy_removal on calibration texts", "start": "the block's first layer"}  # fmt: skip
+_HINTS = {"distances": "a scan (notebook 01_similarity)", "oracle": "kit.choose.oracle.ablation_losses on calibration texts",
+          "greedy": "kit.choose.greedy.greedy_removal on calibration texts", "start": "the block's first layer"}  # fmt: skip
 
 
 def _check_n(unit: str, num_layers: int, n: int) -> None:
@@ -117,8 +118,8 @@ def choose_units(criterion: str, num_layers: int, n: int, *, distances=None, ora
     Args:
         distances: a scan (kit.Distances), or {metric: Distances}, for the scan criteria; a sublayer scan
             (sublayers=True) for llm_drop_attention and llm_drop_mlp, whose whole layers serve the others.
-        oracle: kit.ablation_losses on calibration texts, for "loss".
-        greedy: kit.greedy_removal on calibration texts, for greedy_layers / greedy_attention / greedy_mlp.
+        oracle: kit.choose.oracle.ablation_losses on calibration texts, for "loss".
+        greedy: kit.choose.greedy.greedy_removal on calibration texts, for greedy_layers / greedy_attention / greedy_mlp.
         start: the first layer, for "manual".
     Returns a Block (CRITERIA[criterion].unit "block"), Layers ("layers"), or Sublayers ("attention", "mlp").
     """
@@ -142,11 +143,11 @@ def choose_block(criterion: str, num_layers: int, n: int, *, distances=None, ora
 
     Args:
         distances: a scan (kit.Distances), or {metric: Distances}, for the scan criteria.
-        oracle: kit.ablation_losses on calibration texts, for "loss".
+        oracle: kit.choose.oracle.ablation_losses on calibration texts, for "loss".
         start: the first layer, for "manual".
     """
     if criterion in CRITERIA and (unit := CRITERIA[criterion].unit) != "block":
-        raise ValueError(f"criterion {criterion!r} chooses a set of {unit}, not a block: use kit.choose_units")
+        raise ValueError(f"criterion {criterion!r} chooses a set of {unit}, not a block: use kit.choose.criteria.choose_units")
     return choose_units(criterion, num_layers, n, distances=distances, oracle=oracle, start=start)
 
 

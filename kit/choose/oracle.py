@@ -180,9 +180,9 @@ def compare_criteria(held_out: Ablation, *, distances=(), calibration: Ablation 
     """How well each criterion picks blocks, judged on held-out texts it did not choose on.
 
     Args:
-        held_out: kit.ablation_losses on held-out texts (the oracle the criteria are judged by).
+        held_out: kit.choose.oracle.ablation_losses on held-out texts (the oracle the criteria are judged by).
         distances: scans (kit.Distances, one per metric); each is the criterion named by its metric.
-        calibration: kit.ablation_losses on calibration texts, for the "loss" criterion.
+        calibration: kit.choose.oracle.ablation_losses on calibration texts, for the "loss" criterion.
         ns: block sizes (default: every size measured on held_out).
     Returns one row per (n, criterion): start chosen, its held-out loss and kl, the held-out best
     start and loss, regret (loss - best loss, >= 0), and spearman: the rank correlation over starts

@@ -16,7 +16,7 @@ def _kind(unit: str) -> str:
 
 
 def _held_out_loss(model, tokenizer, texts, chosen, max_length: int, batch_size: int) -> float:
-    """Validation loss of `model` without `chosen` (a Block, Layers or Sublayers), removed for a moment by kit.dropped."""
+    """Validation loss of `model` without `chosen` (a Block, Layers or Sublayers), removed for a moment by kit.prune.dropped."""
     with dropped(model, chosen):
         return validation_loss(model, tokenizer, texts, max_length=max_length, batch_size=batch_size).loss
 
@@ -36,8 +36,8 @@ def compare_sets(
         texts: the held-out texts, each with at least two tokens.
         criteria: names in kit.choose.criteria.CRITERIA, block and set criteria alike.
         ns: the numbers of units removed.
-        distances, oracle: the evidence, as for kit.choose_units.
-        greedy: kit.greedy_removal results on calibration texts, one per unit, for the greedy_* criteria.
+        distances, oracle: the evidence, as for kit.choose.criteria.choose_units.
+        greedy: kit.choose.greedy.greedy_removal results on calibration texts, one per unit, for the greedy_* criteria.
     Returns one row per (n, criterion): unit, removed (the layer indices), loss, best_criterion, best_loss, regret.
     """
     unknown = [name for name in criteria if name not in CRITERIA]

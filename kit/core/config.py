@@ -13,8 +13,6 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, fields, replace
 
-from .deprecation import renamed_arguments, renamed_attribute
-
 
 class _Settings:
     ADDED: tuple[str, ...] = ()  # settings added after the first release: left out of the digest at their default
@@ -36,6 +34,12 @@ class _Settings:
                             f"{', '.join(f.name for f in fields(self))}")  # fmt: skip
         return replace(self, **changes)
 
+    def _freeze(self) -> None:
+        """Lists given for tuple settings (ns=[0, 4]) become tuples: a config stays hashable."""
+        for f in fields(self):
+            if isinstance(getattr(self, f.name), list):
+                object.__setattr__(self, f.name, tuple(getattr(self, f.name)))
+
     def _require_positive(self, *names: str) -> None:
         """A ValueError naming the first of the integer settings `names` below 1."""
         for name in names:
@@ -56,18 +60,17 @@ class ScanConfig(_Settings):
     metric: str = "angular_last"  # angular_last (paper) | angular_all | block_influence
     groups: int | None = None  # round-robin groups of texts for Distances.stability (None: min(32, texts))
     sublayers: bool = False  # also each layer's middle (after attention, before the MLP): 2L + 1 positions
+    quantize: str | None = "auto"  # how kit.steps.scan loads the model: auto (4-bit only if it does not fit) | 4bit | None
 
-    ADDED = ("sublayers",)
+    ADDED = ("sublayers", "quantize")
 
     def __post_init__(self):
         self._require_positive("n_texts", "batch_size", "max_length")
 
 
-@renamed_arguments(strategy="criterion")  # kit 0.1's name, as its manifests record it
 @dataclass(frozen=True)
 class PruneConfig(_Settings):
-    """Settings of a pruning step (notebook 02): the block to remove and the loss measured before and after.
-    (strategy=, .strategy: deprecated, use criterion.)"""
+    """Settings of a pruning step (notebook 02): the block to remove and the loss measured before and after."""
 
     n: int = 6  # block size: consecutive layers removed
     start: int | None = None  # first layer of the block; None: the block `criterion` picks for n
@@ -75,13 +78,12 @@ class PruneConfig(_Settings):
     n_val_texts: int = 32  # validation texts for the loss comparison
     max_length: int = 256  # tokens per validation text
     batch_size: int = 8  # texts per forward pass
+    quantize: str | None = "auto"  # how kit.steps.prune loads the model: auto (4-bit only if it does not fit) | 4bit | None
 
     def __post_init__(self):
         self._require_positive("n", "n_val_texts", "max_length", "batch_size")
         if self.start is not None and self.start < 0:
             raise ValueError(f"start must be >= 0 or None (the criterion's block), got {self.start}")
-
-    strategy = renamed_attribute("criterion")  # kit 0.1's name
 
 
 # The paper's Appendix A: per-model LoRA rank and peak learning rate (its Qwen-7B/14B are Qwen 1, a
@@ -120,6 +122,11 @@ class HealConfig(_Settings):
     distill_weight: float = 0.0  # w in (1 - w) * LM loss + w * KL(teacher || student); 0 = paper
     distill_temperature: float = 1.0  # softmax temperature T of the distillation KL (scaled by T^2)
     seed: int = 0
+    source: str = "corpus"  # kit.steps.heal's healing texts: corpus | c4 (the paper's) | a datasets name (kit.heal takes texts)
+    n_train_texts: int = 1000  # kit.steps.heal: training texts, packed into blocks of seq_len tokens
+    n_val_texts: int = 16  # kit.steps.heal: validation texts (and the loss comparison after healing)
+
+    ADDED = ("source", "n_train_texts", "n_val_texts")
 
     def __post_init__(self):
         if self.alpha is None:
@@ -158,3 +165,104 @@ class HealConfig(_Settings):
             f"No paper healing recipe for {model_name!r}. The paper's models are: "
             f"{', '.join(PAPER_HEALING)}. Build HealConfig(rank=..., lr=...) yourself for others."
         )
+
+
+@dataclass(frozen=True)
+class EvaluateConfig(_Settings):
+    """The evaluations of notebook 04 and `kit.steps.evaluate`: in-context recall, MMLU, validation loss, BoolQ and
+    inference cost. The defaults are a 2-core CPU's probe; the paper's MMLU: mmlu_subjects=57, mmlu_per_subject=None."""
+
+    recall_items: int = 40  # in-context recall questions: the question-answering probe of a small model
+    recall_facts: int = 6  # "The code for X is Y." lines per question (chance: 1 / recall_facts)
+    mmlu_subjects: int = 8  # the first K subjects in alphabetical order (57: all of MMLU)
+    mmlu_per_subject: int | None = 6  # questions per subject (None: all)
+    shots: int = 5  # MMLU few-shot examples per prompt (paper: 5)
+    mmlu: bool | None = None  # evaluate MMLU: None when the unpruned model's 95% interval lies above chance
+    n_val_texts: int = 16  # validation texts of the offline corpus for the loss
+    max_length: int = 256  # tokens per validation text
+    boolq: str | None = None  # "hub" (google/boolq validation), a local .jsonl, or None (no BoolQ)
+    n_boolq: int = 200  # BoolQ questions when boolq is set
+    batch_size: int = 8  # texts per forward pass
+    cost_prompt_tokens: int = 64  # prompt tokens per sequence when timing inference
+    cost_new_tokens: int = 16  # tokens generated greedily with the KV cache when timing decoding
+    cost_repeats: int = 2  # timed repeats (the median is reported)
+    quantize: str | None = "auto"  # auto (4-bit only if the weights do not fit the GPU) | 4bit | None
+    seed: int = 0  # the recall questions' seed
+
+    def __post_init__(self):
+        self._freeze()
+        self._require_positive("recall_items", "recall_facts", "mmlu_subjects", "shots", "n_val_texts", "max_length", "batch_size")
+
+
+@dataclass(frozen=True)
+class SweepConfig(EvaluateConfig):
+    """Notebook 04's sweep (`kit.steps.sweep`): the evaluations at every `step`-th block size n (or at `ns`) for each
+    criterion, and healed twins of the `heal_ns` block sizes (LoRA with the heal_* settings)."""
+
+    ns: tuple[int, ...] | None = None  # block sizes to evaluate (0: the unpruned model); None: 0, step, 2 step, ...
+    step: int = 4  # evaluate every step-th block size when ns is None
+    criteria: tuple[str, ...] = ("similarity", "heuristic")  # names in kit.choose.criteria.CRITERIA (the paper's two)
+    heal_ns: tuple[int, ...] = (4, 12, 20)  # block sizes healed for each criterion; () to skip
+    heal_steps: int = 12  # optimiser steps per healed block (paper: 5000)
+    heal_batch_size: int = 4  # packed blocks per step
+    heal_seq_len: int = 128  # tokens per packed healing block
+    heal_rank: int = 8  # LoRA rank, and alpha
+    heal_lr: float = 2e-3  # peak learning rate of the cosine schedule
+    heal_quantize: str | None = None  # None: LoRA on the full-precision base (faster on a CPU); 4bit: QLoRA
+    heal_checkpointing: bool = False  # gradient checkpointing: less memory, more compute (True for large models)
+    n_heal_texts: int = 200  # healing texts of the offline corpus
+
+    def heal_config(self) -> "HealConfig":
+        return HealConfig(rank=self.heal_rank, lr=self.heal_lr, steps=self.heal_steps, batch_size=self.heal_batch_size,
+                          seq_len=self.heal_seq_len, quantize=self.heal_quantize, gradient_checkpointing=self.heal_checkpointing,
+                          save_every=self.heal_steps, seed=self.seed)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class CriteriaConfig(_Settings):
+    """Notebook 05 (`kit.steps.criteria`): each scan metric's block choices judged by the ablation oracle's held-out loss."""
+
+    model_name: str | None = None  # None: the model of the run's scan
+    n_calibration: int = 8  # calibration texts: the scans and the loss criterion choose on these
+    n_held_out: int = 8  # held-out texts the criteria are judged on
+    max_length: int = 32  # tokens per text
+    batch_size: int = 8  # texts per forward pass
+    ns: tuple[int, ...] | None = (1, 2, 4, 8, 12)  # block sizes compared (None: every size 1..L-1)
+    metrics: tuple[str, ...] = ("angular_last", "angular_all", "block_influence")  # scan metrics, each one criterion
+    source: str = "corpus"  # corpus | c4 | a datasets name: train -> calibration, validation -> held out
+    quantize: str | None = "auto"  # auto | 4bit | None
+    seed: int = 0
+
+    def __post_init__(self):
+        self._freeze()
+        self._require_positive("n_calibration", "n_held_out", "max_length", "batch_size")
+
+
+@dataclass(frozen=True)
+class BudgetConfig(_Settings):
+    """Notebook 06 (`kit.steps.budget`): blocks, layer sets and sublayers removed at the same parameter budgets."""
+
+    model_name: str | None = None  # None: the model of the run's scan
+    n_calibration: int = 4  # calibration texts: the scan and the greedy criteria choose on these
+    n_held_out: int = 8  # held-out texts the choices are judged on
+    max_length: int = 32  # tokens per text
+    batch_size: int = 8  # texts per forward pass
+    budgets: tuple[float, ...] = (0.03, 0.06, 0.09)  # fractions of the model's parameters removed
+    units: tuple[str, ...] = ("block", "layers", "attention", "mlp")  # granularities compared (block: the paper's)
+    greedy: bool = True  # also the greedy (SLEB-style) criterion for layers, attention and MLP sublayers
+    recall_items: int = 20  # in-context recall questions
+    recall_facts: int = 6  # facts per recall question (chance: 1 / recall_facts)
+    mmlu_subjects: int = 4  # MMLU subjects measured on the unpruned model (swept where it is above chance)
+    mmlu_per_subject: int | None = 4  # questions per subject (None: all)
+    shots: int = 5  # MMLU few-shot examples per prompt
+    mmlu: bool | None = None  # None: sweep MMLU only when the unpruned model's interval lies above chance
+    cost_prompt_tokens: int = 32  # prompt tokens when timing inference
+    cost_new_tokens: int = 8  # tokens generated greedily when timing decoding
+    cost_repeats: int = 2  # timed repeats (the median is reported)
+    source: str = "corpus"  # corpus | c4 | a datasets name: train -> calibration, validation -> held out
+    quantize: str | None = "auto"  # auto | 4bit | None
+    seed: int = 0
+
+    def __post_init__(self):
+        self._freeze()
+        self._require_positive("n_calibration", "n_held_out", "max_length", "batch_size", "recall_items", "recall_facts")

@@ -6,16 +6,23 @@ from importlib import import_module
 
 
 def lazy(package: str, modules=(), exports: dict | None = None, fallback=None):
-    """The `__getattr__` and `__dir__` of `package`: `package.<m>` imports the submodule m (one of
-    `modules`), `package.<name>` is `name` of the submodule `exports[name]`; anything else goes to
-    `fallback` (a `__getattr__`, e.g. the deprecated names of kit.core.deprecation), or is missing."""
+    """The `__getattr__` and `__dir__` of `package`.
+
+    Args:
+        package: the package's `__name__`.
+        modules: its submodules, `package.<m>` importing `package.m`; or a dict {attribute: module path
+            relative to the package}, e.g. `{"data": "loaders.data"}` for a module served under a shorter name.
+        exports: {name: module path relative to the package}: `package.<name>` is `name` of that module.
+        fallback: the `__getattr__` of every other name (e.g. kit's alias table); without it they are missing.
+    """
+    modules = modules if isinstance(modules, dict) else {m: m for m in modules}
     exports = exports or {}
 
     def __getattr__(name):
         if name in exports:
             return getattr(import_module(f"{package}.{exports[name]}"), name)
         if name in modules:
-            return import_module(f"{package}.{name}")
+            return import_module(f"{package}.{modules[name]}")
         if fallback is not None:
             return fallback(name)
         raise AttributeError(f"module {package!r} has no attribute {name!r}")

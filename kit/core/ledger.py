@@ -158,7 +158,7 @@ def loglikelihoods(shape: Shape, precision: str, *, batch_size: int, tokens: int
 
 
 def oracle(shape: Shape, precision: str, *, batch_size: int, max_length: int) -> Step:
-    """kit.ablation_losses: one batch's input to every layer and last output, one replayed layer, and for
+    """kit.choose.oracle.ablation_losses: one batch's input to every layer and last output, one replayed layer, and for
     one chunk of tokens the log-probs of the pruned and the unpruned model with the KL's pointwise terms
     (5 [chunk, vocab] fp32 tensors at once, measured)."""
     d, tokens = BYTES[precision], batch_size * max_length
@@ -168,7 +168,7 @@ def oracle(shape: Shape, precision: str, *, batch_size: int, max_length: int) ->
 
 
 def greedy(shape: Shape, precision: str, *, batch_size: int, max_length: int) -> Step:
-    """kit.greedy_removal: one batch's residual stream at every position, one candidate's state, the
+    """kit.choose.greedy.greedy_removal: one batch's residual stream at every position, one candidate's state, the
     logits of one chunk of tokens."""
     d, tokens = BYTES[precision], batch_size * max_length
     stored = (shape.layers + 2) * tokens * shape.hidden * d

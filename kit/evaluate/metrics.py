@@ -18,7 +18,6 @@ from typing import ClassVar
 import numpy as np
 
 from ..core import distributed
-from ..core.deprecation import warn
 from ..core.stats import Z95, Estimate, side
 from . import boolq_task, inference_cost, loss, mmlu_task, recall_task
 
@@ -249,35 +248,3 @@ def above_chance(estimate: Estimate, force: bool | None = None) -> bool:
         return bool(force)
     return not math.isnan(estimate.chance) and side(estimate.low, estimate.high, estimate.chance) == "above"
 
-
-# The functions that built evaluations before they were values (kit 0.1), for one release.
-def mmlu_metrics(questions, *, shots: int = 5, batch_size: int = 8) -> MMLUAccuracy:
-    warn("kit.evaluate.metrics.mmlu_metrics", "kit.evaluate.metrics.MMLUAccuracy")
-    return MMLUAccuracy(questions, shots=shots, batch_size=batch_size)
-
-
-def boolq_metrics(items, *, batch_size: int = 8) -> BoolQAccuracy:
-    warn("kit.evaluate.metrics.boolq_metrics", "kit.evaluate.metrics.BoolQAccuracy")
-    return BoolQAccuracy(items, batch_size=batch_size)
-
-
-def recall_metrics(items, *, batch_size: int = 8) -> RecallAccuracy:
-    warn("kit.evaluate.metrics.recall_metrics", "kit.evaluate.metrics.RecallAccuracy")
-    return RecallAccuracy(items, batch_size=batch_size)
-
-
-def loss_metrics(texts, *, max_length: int = 512, batch_size: int = 8) -> ValidationLoss:
-    warn("kit.evaluate.metrics.loss_metrics", "kit.evaluate.metrics.ValidationLoss")
-    return ValidationLoss(texts, max_length=max_length, batch_size=batch_size)
-
-
-def cost_metrics(**params) -> InferenceCost:
-    warn("kit.evaluate.metrics.cost_metrics", "kit.evaluate.metrics.InferenceCost")
-    return InferenceCost(**params)
-
-
-def __getattr__(name):
-    if name == "CHANCE":  # kit 0.1's table of chance levels: each evaluation now carries its own
-        warn("kit.evaluate.metrics.CHANCE", "the evaluation's chance (e.g. MMLUAccuracy.chance) or the rows' chance column")
-        return {metric: cls.chance for cls in (MMLUAccuracy, BoolQAccuracy) for metric in cls.metrics}
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

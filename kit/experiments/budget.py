@@ -45,7 +45,7 @@ class Choice:
 
 
 def removed_parameters(model, removal) -> int:
-    """How many of `model`'s parameters `removal` takes away (counted on the model without it, kit.dropped)."""
+    """How many of `model`'s parameters `removal` takes away (counted on the model without it, kit.prune.dropped)."""
     total = parameters(model)
     with dropped(model, removal):
         return total - parameters(model)
@@ -78,7 +78,7 @@ def most_units(model, singles: Sequence, budget: float) -> int:
 def budget_sweep(model, tokenizer, *, choices: Sequence[Choice], budgets: Sequence[float], evals: Sequence[Evaluation]) -> pd.DataFrame:
     """Evaluate `model` unpruned and, for every budget and choice, without the most units that fit (fit).
 
-    Each pruned model is a view of the loaded one (kit.dropped), restored afterwards; a removal that two
+    Each pruned model is a view of the loaded one (kit.prune.dropped), restored afterwards; a removal that two
     budgets share is evaluated once.
     Args:
         choices: the ways of choosing (Choice), e.g. one per unit and criterion.

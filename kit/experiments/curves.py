@@ -6,7 +6,6 @@ import math
 import numpy as np
 import pandas as pd
 
-from ..core.deprecation import moved
 from ..core.stats import paired_difference, paired_ratio_difference, wilson
 from . import results as _results
 
@@ -37,7 +36,6 @@ def paired_comparison(results: pd.DataFrame, by: str, a, b, *, metric: str = "mm
     paired_comparison(healed, "healed", True, False). Returns one row per n: n, fraction,
     "{by}={a}", "{by}={b}", difference, ci_low, ci_high.
     """
-    by = _results.column(by)
     rows = results[results["metric"] == metric]
     table = []
     for n, group in rows.groupby("n", sort=True):
@@ -162,6 +160,3 @@ def best_by_budget(table: pd.DataFrame, metric: str = "val_loss", *, reference=(
                for k, v in (("difference", "value"), ("diff_low", "low"), ("diff_high", "high"))},
         })  # fmt: skip
     return pd.DataFrame(best)
-
-
-__getattr__ = moved(__name__, {name: _results for name in ("encode_outcomes", "outcomes", "chance_level")})

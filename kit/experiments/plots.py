@@ -1,7 +1,6 @@
 """Figures with matplotlib/seaborn (headless-safe). Each function draws on `ax` (a new figure
 when None) and returns the Axes."""
 
-import warnings
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -13,7 +12,7 @@ from matplotlib.patches import Rectangle
 from ..core.artifacts import atomic_path
 from ..core.stats import Z95
 from .curves import LABELS, budget_table
-from .results import chance_level, column
+from .results import chance_level
 
 # One colour and marker per criterion and checkpoint across every figure of the kit. The similarity
 # criterion chooses by the paper's metric (angular_last), so the two share a style.
@@ -130,7 +129,7 @@ def sweep_plot(results, metric: str, *, hue: str = "criterion", chance: float | 
     "criterion" (similarity vs heuristic) or "healed"; chance: the chance line drawn, by default
     the metric's own (kit.experiments.results.chance_level: MMLU 0.25, recall 1 / facts; none for losses).
     """
-    ax, hue = _axes(ax), column(hue)
+    ax = _axes(ax)
     rows = results[results["metric"] == metric]
     if rows.empty:
         raise ValueError(f"no rows for metric {metric!r}; metrics present: {sorted(results['metric'].unique())}")
@@ -159,7 +158,6 @@ def sweep_figure(results, metrics, *, hue: str = "criterion", rows: str | None =
     dropped), each with its metric's chance line; rows="criterion" gives each criterion its own row of
     panels (e.g. with hue="healed"). Returns the Axes as an array [rows, metrics]; kit.experiments.plots.save
     on any of them writes the figure."""
-    hue, rows = column(hue), rows and column(rows)
     levels = list(dict.fromkeys(results[rows])) if rows else [None]
     axes = _panels(len(levels), len(metrics), panel_size)
     for level, row in zip(levels, axes):
@@ -244,13 +242,10 @@ def quality_cost(results, metric: str, *, comparison=None, cost: str = "weight_b
     return ax
 
 
-def quality_cost_figure(results, metrics, *, comparison=None, costs=("weight_bytes", "decode_tokens_per_s"), panel_size=(6.5, 4.5),
-                        cost: str | None = None):  # fmt: skip
+def quality_cost_figure(results, metrics, *, comparison=None, costs=("weight_bytes", "decode_tokens_per_s"),
+                        panel_size=(6.5, 4.5)):
     """A row of quality_cost panels per metric: an exact cost first, then a measured speed with its spread.
-    Returns the Axes as an array [metrics, costs]. (cost=: deprecated, one panel per metric; use costs=.)"""
-    if cost is not None:
-        warnings.warn("quality_cost_figure(cost=) is deprecated: pass costs=(cost,)", DeprecationWarning, stacklevel=2)
-        costs = (cost,)
+    Returns the Axes as an array [metrics, costs]."""
     axes = _panels(len(metrics), len(costs), panel_size)
     for metric, row in zip(metrics, axes):
         for cost, ax in zip(costs, row):
@@ -312,7 +307,7 @@ def budget_figure(table, metrics=("val_loss",), *, costs=("fraction", "decode_ti
 def regret_plot(comparison, ax=None):
     """Each criterion's regret (held-out loss above the oracle's best block) against the block size n.
 
-    comparison: the DataFrame of kit.compare_criteria."""
+    comparison: the DataFrame of kit.choose.oracle.compare_criteria."""
     ax = _axes(ax)
     criteria = list(dict.fromkeys(comparison["criterion"]))
     sns.lineplot(data=comparison, x="n", y="regret", hue="criterion", style="criterion", dashes=False, ax=ax,

@@ -8,7 +8,6 @@ import math
 import numpy as np
 import pandas as pd
 
-from ..core.deprecation import warn
 from ..core.stats import Estimate
 
 POINT = ("criterion", "n", "fraction", "start", "distance", "healed")  # where a sweep evaluated: the block removed
@@ -33,13 +32,6 @@ def renamed(table):
 def read_csv(path, **kwargs) -> pd.DataFrame:
     """A result table saved as CSV (sweep.csv, collapse.csv, paired.csv, ...), kit 0.1's column names renamed."""
     return renamed(pd.read_csv(path, **kwargs))
-
-
-def column(name: str) -> str:
-    """A column a caller names (hue=, by=, ...): kit 0.1's names still work, with a DeprecationWarning."""
-    if name in RENAMED:
-        warn(f"the column {name!r}", repr(RENAMED[name]), stacklevel=4)
-    return RENAMED.get(name, name)
 
 
 def encode_outcomes(outcomes) -> str | None:

@@ -14,7 +14,6 @@ import pandas as pd
 from ..choose.criteria import choose_block
 from ..core import artifacts, distributed, layers
 from ..core.block import Block
-from ..core.deprecation import moved, renamed_arguments
 from ..core.device import provenance, release_memory
 from ..core.memory import live_tensor_bytes
 from ..core.progress import progress
@@ -141,7 +140,6 @@ def _settings(model, ns, evals, distances, oracle, criterion, heal_ns, settings)
     )  # fmt: skip
 
 
-@renamed_arguments(strategy="criterion")  # kit 0.1's name
 def sweep(
     model, tokenizer, *, ns: Sequence[int], evals: Sequence[Evaluation], distances=None,
     criterion: str = "similarity", heal: Callable | None = None, heal_ns: Sequence[int] = (), oracle=None,
@@ -149,14 +147,15 @@ def sweep(
 ) -> pd.DataFrame:  # fmt: skip
     """Evaluate `model` with n layers removed for every n in `ns` (0 = the unpruned model).
 
-    criterion: a name in kit.choose.criteria.CRITERIA; "loss" reads `oracle` (kit.ablation_losses on calibration texts).
+    criterion: a name in kit.choose.criteria.CRITERIA; "loss" reads `oracle` (kit.choose.oracle.ablation_losses on
+    calibration texts).
     Each pruned model is a view of the loaded one (kit.prune.dropped), restored afterwards.
     heal(pruned_model, tokenizer, block) -> healed model is applied to every n in `heal_ns` (it gets
     the pruned view and must not modify it: see healer), and those rows carry healed=True.
     cache_path: a JSON file recording each finished (n, healed) point; a rerun with the same settings
     (the evaluations' parameters and data included) skips those points and returns the same table; one
     with other settings is refused, naming them. settings: whatever else changes the results (e.g. a
-    HealConfig digest), JSON-able; recorded there and compared on resume. (strategy=: deprecated, use criterion=.)
+    HealConfig digest), JSON-able; recorded there and compared on resume.
     Returns one row per (n, metric): criterion, n, fraction (n / L), start, distance, healed, metric,
     value, its 95% interval ci_low, ci_high (NaN where a metric has none), chance (an accuracy's
     chance level, else NaN) and, for accuracies over questions, the outcomes of every question
@@ -192,7 +191,6 @@ def sweep(
     return pd.DataFrame(rows)
 
 
-@renamed_arguments(strategies="criteria")  # kit 0.1's name
 def sweeps(
     model, tokenizer, *, ns: Sequence[int], evals: Sequence[Evaluation], folder, distances=None,
     criteria: Sequence[str] = PAPER_CRITERIA, heal_texts: list[str] | None = None, heal_config=None,
@@ -205,7 +203,6 @@ def sweeps(
     and for every n in heal_ns its block is healed with kit.heal (heal_config on heal_texts) into
     folder/sweep_healed/{criterion}/n{n}, evaluated beside its unhealed twin (rows with healed=True).
     settings: what else changes the results (see sweep); the HealConfig's digest is added to it.
-    (strategies=: deprecated, use criteria=.)
     """
     if heal_ns and (heal_texts is None or heal_config is None):
         raise ValueError("healing block sizes (heal_ns) needs heal_texts and heal_config (a kit.HealConfig)")
@@ -235,6 +232,7 @@ def _healed_metrics(heal, model, tokenizer, block, evals) -> dict[str, Estimate]
 
 def healer(texts: list[str], config, *, output_root, val_texts=None) -> Callable:
     """A `heal` function for sweep(): kit.heal with `config` on `texts`, adapters under output_root/n{n}.
+    `heal(pruned, tokenizer, block)` returns a context manager: `with heal(...) as healed:` (healed valid inside).
 
     It never copies the loaded model: with config.quantize=None the adapters go on the pruned view itself
     and are taken off again after its evaluation (kit.healing.lora.adapted_in_place); a 4-bit heal trains
@@ -255,6 +253,3 @@ def healer(texts: list[str], config, *, output_root, val_texts=None) -> Callable
         yield train(reloaded(pruned, tokenizer, "4bit", output_dir) if getattr(pruned, "is_loaded_in_4bit", False) else pruned)
 
     return run
-
-
-__getattr__ = moved(__name__, {"table": results}, renamed={"STRATEGIES": "PAPER_CRITERIA"})

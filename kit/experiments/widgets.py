@@ -10,24 +10,19 @@ from matplotlib.figure import Figure
 
 from ..choose.criteria import CRITERIA, Selection, choose_block
 from ..core.block import Block, heuristic_block
-from ..core.deprecation import renamed_arguments, renamed_attribute
 from .plots import distance_heatmap
 
 
-@renamed_arguments(strategy="criterion")  # kit 0.1's name
 class BlockPicker:
     """Choose the block to prune from a scan's `Distances`.
 
     n: the block size to begin with; start: its first layer (None: the criterion's block).
     criterion: a name in kit.choose.criteria.CRITERIA: "similarity" follows `distances.best_block(n)`
     (the argmin), "heuristic" the paper's heuristic block (keep the final layer, drop the n before
-    it), "loss" the argmin of `oracle` (kit.ablation_losses). Changing n moves start to the
+    it), "loss" the argmin of `oracle` (kit.choose.oracle.ablation_losses). Changing n moves start to the
     criterion's block for the new n; moving start elsewhere by hand makes the choice "manual".
     Display the picker as the last expression of a cell; `.block` and `.selection()` read it.
-    (strategy=, .strategy: deprecated, use criterion.)
     """
-
-    strategy = renamed_attribute("criterion")  # kit 0.1's name
 
     def __init__(self, distances, n: int, start: int | None = None, *, criterion: str = "similarity", oracle=None):
         choices = [name for name, rule in CRITERIA.items() if name != "manual" and rule.unit == "block"]

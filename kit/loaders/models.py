@@ -9,7 +9,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..core import device as device_policy
 from ..core import layers
-from ..core.deprecation import warn
 from ..prune import sublayers as removed_sublayers
 from . import assets
 
@@ -151,8 +150,3 @@ def load_model(
     model.eval()
     removed_sublayers.reapply(model)  # a checkpoint with removed sublayers: their zero weights freed, no KV cache
     return model, prepare_tokenizer(tokenizer)
-
-
-def weight_bytes(source: str, dtype: torch.dtype, trust_remote_code: bool = False) -> int:
-    warn("kit.loaders.models.weight_bytes", "kit.loaders.models.checkpoint_bytes")
-    return checkpoint_bytes(source, dtype, trust_remote_code)

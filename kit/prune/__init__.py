@@ -16,7 +16,6 @@ from torch import nn
 from ..core import layers
 from ..core.artifacts import save_checkpoint
 from ..core.block import Block, Layers, Removal, Sublayers, as_layers
-from ..core.deprecation import moved
 from . import sublayers
 
 PRUNED_BLOCKS = "pruned_blocks"  # config attribute: removed layers as [[start, n], ...] in ORIGINAL indices
@@ -359,9 +358,3 @@ def mergekit_config(model_name: str, block: Removal, num_layers: int) -> str:
         "merge_method": "passthrough",
     }
     return yaml.safe_dump(config, sort_keys=False, default_flow_style=None)  # layer_range: [a, b]
-
-
-__getattr__ = moved(__name__, {
-    **dict.fromkeys(["CRITERIA", "Criterion", "choose_block", "Selection", "SELECTION_FILE"], "kit.choose.criteria"),
-    "heuristic_block": "kit.core.block",
-})  # choosing a block moved out of prune in 0.2

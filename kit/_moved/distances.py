@@ -1,5 +1,0 @@
-"""kit.distances moved to kit.scan.distances in 0.2: this path warns on use and goes in kit 0.3."""
-
-from kit.core.deprecation import moved_module as _moved_module
-
-__getattr__ = _moved_module("kit.distances", "kit.scan.distances")
