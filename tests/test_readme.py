@@ -21,7 +21,8 @@ SIZES = {
     r"--ns( \d+)+": "--ns 0 4",
 }  # fmt: skip
 HUB_ID = r"\b(meta-llama|mistralai|google|Qwen|microsoft)/[\w.\-]+"
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+# The commands import this clone's kit, from whatever folder they run in.
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 
 
 def blocks(language: str) -> list[str]:
