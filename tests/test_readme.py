@@ -20,6 +20,15 @@ SIZES = {
     r"--steps \d+": "--steps 2", r"steps=\d+": "steps=2",
     r"--ns( \d+)+": "--ns 0 4",
 }  # fmt: skip
+# ... and each step's other sizes, which the README leaves at their defaults: config fields, added to each config
+# the Python block builds and as flags to each command of that step.
+_EVALUATE = dict(recall_items=8, mmlu_subjects=1, mmlu_per_subject=2, n_val_texts=2, max_length=64, cost_repeats=1)
+CPU = {
+    "PruneConfig": ("prune", dict(n_val_texts=2, max_length=64)),
+    "HealConfig": ("heal", dict(batch_size=2, seq_len=64, n_train_texts=16, n_val_texts=2)),
+    "EvaluateConfig": ("evaluate", _EVALUATE),
+    "SweepConfig": ("sweep", dict(_EVALUATE, heal_ns=(4,), heal_steps=2, n_heal_texts=8)),
+}
 HUB_ID = r"\b(meta-llama|mistralai|google|Qwen|microsoft)/[\w.\-]+"
 # The commands import this clone's kit, from whatever folder they run in.
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
@@ -36,10 +45,16 @@ def commands(block: str) -> list[str]:
 
 
 def on_the_embedded_model(text: str) -> str:
-    """`text` with the embedded model for every Hub id and CPU sizes for the paper's."""
+    """`text` (a command or Python code) with the embedded model for every Hub id and CPU sizes for the paper's."""
     text = re.sub(HUB_ID, MODEL, text)
     for pattern, small in SIZES.items():
         text = re.sub(pattern, small, text)
+    for config, (step, fields) in CPU.items():
+        keywords = "".join(f"{k}={v!r}, " for k, v in fields.items())
+        text = text.replace(f"kit.{config}(", f"kit.{config}({keywords}")
+        if re.match(rf"python -m kit {step}\b", text):
+            text += "".join(f" --{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, tuple) else v}"
+                            for k, v in fields.items())  # fmt: skip
     return text
 
 
