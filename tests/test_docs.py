@@ -44,7 +44,8 @@ def page(site, path: str) -> str:
 def test_the_site_builds_strictly_with_every_page_of_the_nav(site):
     for path in ["", "install", "quickstart", "concepts", "pipeline/scan", "pipeline/prune", "pipeline/heal",
                  "pipeline/evaluate", "pipeline/sweep", "pipeline/criteria", "pipeline/budget", "pipeline/report",
-                 "sublayers", "uncertainty", "gpus", "families", "guarantees", "development", "migration", "api"]:  # fmt: skip
+                 "sublayers", "uncertainty", "gpus", "families", "guarantees", "development", "migration", "api",
+                 "api/pipeline"]:  # fmt: skip
         assert (site / path / "index.html").is_file(), f"{path or 'index'}: not built"
     assert "Gromov et al." in page(site, "")
     assert 'src="heatmap.png"' in page(site, "") and (site / "heatmap.png").is_file()
@@ -57,6 +58,7 @@ def test_the_api_reference_documents_the_kit_from_its_docstrings(site):
     assert 'id="kit.scan.distances.Distances.best_block"' in scan
     assert 'id="kit.prune.drop_layers"' in page(site, "api/prune")
     assert 'id="kit.core.config.ScanConfig"' in page(site, "api/core")
+    assert "kit.Run" in page(site, "api/pipeline") and 'id="kit.steps.similarity.scan"' in page(site, "api/pipeline")
 
 
 def test_the_generated_tables_and_the_notebooks_are_on_their_pages(site):
