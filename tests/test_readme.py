@@ -85,7 +85,8 @@ def test_every_readme_command_is_tested():
 
 
 def test_the_install_commands_name_the_distribution_and_its_extras(tmp_path):
-    """`pip install "NAME[extras] @ git+URL"` against this clone (no network: a dry run resolving nothing but
+    """TODO(lead): fails until pyproject.toml's [project] name is deeper-layers-kit (and the dev extra names it).
+    `pip install "NAME[extras] @ git+URL"` against this clone (no network: a dry run resolving nothing but
     the kit): the distribution is NAME, it provides every extra named, and URL is the project's repository."""
     import tomllib
 
@@ -106,15 +107,15 @@ def test_the_install_commands_name_the_distribution_and_its_extras(tmp_path):
         assert set((extras or "").split(",")) - {""} <= set(metadata.get("provides_extra", []))
 
 
-# TODO(lead): the pipeline of 0.3 (`python -m kit <step> --run DIR`, kit.Run, kit.steps, EvaluateConfig) is being
-# built; these two tests run the README's spellings and pass once it lands (the sizes above may need tuning).
+# TODO(lead): the command line's heal step has no `--method` yet (the healing-method registry): the command-line test
+# fails at `python -m kit heal --method qlora` until it does (without it the six commands pass, 145 s on 2 cores).
 def test_the_command_line_pipeline_runs_on_the_embedded_model(tmp_path):
     pipeline = [c for c in readme_commands() if c.startswith("python -m kit")]
     assert [c.split()[3] for c in pipeline] == ["scan", "prune", "heal", "evaluate", "sweep", "report"]
     for command in pipeline:
         run(on_the_embedded_model(command).replace("python", sys.executable, 1), cwd=tmp_path)
     assert (tmp_path / "runs" / "llama" / "distances.safetensors").is_file()
-    assert (tmp_path / "runs" / "llama" / "manifest.json").is_file()
+    assert (tmp_path / "runs" / "llama" / "manifest.json").is_file() and (tmp_path / "runs" / "llama" / "report.md").is_file()
 
 
 def test_the_python_pipeline_runs_on_the_embedded_model(tmp_path):
