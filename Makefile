@@ -9,7 +9,7 @@ ODD_CHUNK_TESTS := tests/test_sums.py tests/test_similarity.py tests/test_distan
 	tests/test_greedy.py tests/test_two_gpus.py tests/test_evaluate.py tests/test_set_criteria.py tests/test_dispatch.py \
 	tests/test_heal.py
 
-.PHONY: setup test test-latest lab bench gpu-check wheelhouse reports clean
+.PHONY: setup test test-latest lab bench gpu-check wheelhouse reports docs clean
 
 setup:  ## create .venv, install the kit with its dev extra, register the kernel, fetch assets, chromium if root
 	$(PYTHON) -m venv $(VENV)
@@ -36,14 +36,17 @@ lab:  ## JupyterLab on the notebooks
 reports:  ## notebooks 01-05 headless on the embedded model -> reports/ (HTML, figures, artifacts)
 	$(PY) -m kit.experiments.reports --out reports
 
+docs:  ## the documentation site (mkdocs.yml, docs/, the docstrings) -> site/; a warning fails it
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
 bench:  ## benchmarks: ratios measured in one run, always on the CPU (bench/__main__.py hides any GPU)
 	TQDM_DISABLE=1 $(PY) -m bench
 
-gpu-check:  ## on a GPU machine (offline): parts full and 4bit (PART=full or PART=4bit runs one); see README "On a GPU"
+gpu-check:  ## on a GPU machine (offline): parts full and 4bit (PART=full or PART=4bit runs one); see docs/gpus.md
 	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m bench.gpu_check --part $(or $(PART),all)
 
 wheelhouse:  ## with the package index: wheelhouse/full and wheelhouse/4bit (<= 60 MiB each) for an offline node's Python NODE_PYTHON, beyond its NODE_PACKAGES (pip list --format freeze)
 	$(PY) -m bench.wheelhouse --python $(or $(NODE_PYTHON),3.12) $(if $(NODE_PACKAGES),--node-packages $(NODE_PACKAGES))
 
 clean:
-	rm -rf reports runs .pytest_cache
+	rm -rf reports runs site .pytest_cache

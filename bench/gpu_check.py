@@ -393,7 +393,7 @@ def main(argv=None) -> int:
     missing = {part: versions(part) for part in parts}
     if missing.get("full"):
         print("missing: " + "; ".join(missing["full"]))
-        print("install the wheel sets (README, 'On a GPU'): `make wheelhouse` where there is network, then here "
+        print("install the wheel sets (docs/gpus.md, 'The GPU check'): `make wheelhouse` where there is network, then here "
               "`pip install --no-index --no-deps --target deps wheelhouse/full/*.whl` and PYTHONPATH=deps.")  # fmt: skip
         return 2
     import torch
@@ -413,7 +413,7 @@ def main(argv=None) -> int:
     for part in parts:
         print(f"==== part {part}")
         if missing.get(part):
-            not_run.append(f"{part}: {'; '.join(missing[part])}: install wheelhouse/{part} (README, 'On a GPU')")
+            not_run.append(f"{part}: {'; '.join(missing[part])}: install wheelhouse/{part} (docs/gpus.md, 'The GPU check')")
             print(f"NOT RUN: {not_run[-1]}")
             continue
         with ieee_fp32():  # fp32 on the GPU is compared with the CPU's within fp32's tolerances

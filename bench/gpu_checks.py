@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 # Largest error each check allows, per precision, set from the errors measured on the tiny models of
-# the 13 dense architectures on the CPU (`python -m bench.gpu_checks`; README, "On a GPU"; the MoE, MLA,
+# the 13 dense architectures on the CPU (`python -m bench.gpu_checks`; docs/gpus.md, "The GPU check"; the MoE, MLA,
 # hybrid, linear-attention and multimodal ones measure within them). fp32: about 100 x
 # the largest error of fp32 against float64 (scan 9.6e-8, loss 2.4e-9, loglik 9.5e-7, oracle 7.3e-8),
 # room for a GPU's other summation order; half: about 4 x the largest error of bf16 or fp16 against

@@ -1,11 +1,14 @@
-"""The README's memory table: each notebook's largest step at its default parameters (read from the
+"""The memory table of docs/gpus.md: each notebook's largest step at its default parameters (read from the
 notebooks' `parameters` cells), predicted by kit.core.ledger for Llama-2 7B, 13B and 70B on the GPUs people
 have, in the precision the kit's policy picks there (fp16 on a T4, bf16 elsewhere, 4-bit NF4 where the
 weights would not leave a fifth of the memory free, as QUANTIZE="auto" does; healing in 4-bit, notebook
-03's default). `python docs/memory_table.py` prints it; tests/test_ledger.py checks the README has it."""
+03's default). `python docs/memory_table.py` prints it, `--write` puts it in docs/gpus.md between its markers; tests/test_ledger.py
+checks the page has it."""
 
 import ast
 import json
+import re
+import sys
 from pathlib import Path
 
 from transformers import LlamaConfig
@@ -70,5 +73,17 @@ def memory_table() -> str:
     return "\n".join([header, "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |", *rows])
 
 
+PAGE = Path(__file__).resolve().parent / "gpus.md"
+
+
+def write(page: Path = PAGE) -> None:
+    """Replace the table between the page's `<!-- memory-table ... -->` and `<!-- /memory-table -->` markers."""
+    text = page.read_text()
+    pattern = re.compile(r"(<!-- memory-table[^>]*-->\n).*?(\n<!-- /memory-table -->)", re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"{page}: no <!-- memory-table --> ... <!-- /memory-table --> markers")
+    page.write_text(pattern.sub(lambda m: m.group(1) + memory_table() + m.group(2), text))
+
+
 if __name__ == "__main__":
-    print(memory_table())
+    write() if sys.argv[1:] == ["--write"] else print(memory_table())

@@ -1,4 +1,4 @@
-"""docs/uncertainty.png: the README's figure of the kit's intervals, on the embedded model (a few
+"""docs/uncertainty.png: the figure of the kit's intervals on the Uncertainty page (docs/uncertainty.md), on the embedded model (a few
 minutes on 2 CPU cores): block distances with 95% bands over calibration texts (left), and the
 normalised validation loss of both criteria with 95% bands over validation texts (right).
 

@@ -1,4 +1,4 @@
-"""Every causal-LM family of the installed transformers, for the census test and its README table:
+"""Every causal-LM family of the installed transformers, for the census test and its table in docs/families.md:
 which model types are decoder-only text models (and why the others are not), a tiny random model
 of any family built offline from its own config class, and the one list of families the kit cannot
 handle, each with its reason."""
@@ -204,7 +204,7 @@ def status(model_type: str) -> str:
 
 
 def census_table() -> str:
-    """The README's census table: every causal-LM model type of transformers CENSUS_VERSION, and its verdict."""
+    """The census table of docs/families.md: every causal-LM model type of transformers CENSUS_VERSION, and its verdict."""
     rows = [f"| `{t}` | {status(t)} |" for t in CENSUS_TYPES]
     return "\n".join([f"| family (transformers {CENSUS_VERSION}) | census |", "|---|---|", *rows])
 

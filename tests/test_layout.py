@@ -1,4 +1,4 @@
-"""The layering the README's Development section describes: the core imports nothing from the rest of
+"""The layering the Development page (docs/development.md) describes: the core imports nothing from the rest of
 the kit, numeric code never reaches the loaders (directly or through another module), the readers of
 a result table never reach the evaluators, there is no import cycle, and the code passes the linter.
 
