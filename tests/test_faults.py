@@ -67,7 +67,7 @@ for _ in range(2):  # the second replaces the folder
 NOTEBOOK = """
 import faults
 parameters = dict(MODEL="{deep}", N_TEXTS=8, BATCH_SIZE=4, MAX_LENGTH=32, RUN="r", RUNS_ROOT=str(out / "runs"))
-faults.run_notebook(kit.experiments.reports.NOTEBOOKS_DIR / "01_similarity.ipynb", parameters)
+faults.run_notebook(kit.experiments.reports.find_notebooks() / "01_similarity.ipynb", parameters)
 """
 
 

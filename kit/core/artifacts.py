@@ -220,7 +220,7 @@ def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {"python": platform.python_version()}
-    for package in ("kit", "torch", "transformers", "peft", "bitsandbytes", "datasets"):
+    for package in ("deeper-layers-kit", "torch", "transformers", "peft", "bitsandbytes", "datasets"):
         try:
             found[package] = version(package)
         except PackageNotFoundError:

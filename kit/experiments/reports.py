@@ -6,21 +6,34 @@ import argparse
 import os
 import resource
 import shutil
+import sysconfig
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 NOTEBOOKS = ("01_similarity", "02_select_and_prune", "03_heal", "04_compare", "05_criteria", "06_granularity")
-NOTEBOOKS_DIR = Path(__file__).resolve().parents[2] / "notebooks"
+INSTALLED = Path(sysconfig.get_path("data")) / "share" / "deeper-layers-kit" / "notebooks"  # pip installs them there
 
 
-def execute(name: str, *, output_dir: Path, parameters: dict, notebooks_dir: Path = NOTEBOOKS_DIR) -> Path:
+def find_notebooks() -> Path:
+    """Where the notebooks are: $KIT_NOTEBOOKS if set; the clone's notebooks/ when the kit runs from a clone (an
+    editable install, `make reports`); else the copies `pip install` put in the environment's share/ folder."""
+    if "KIT_NOTEBOOKS" in os.environ:
+        return Path(os.environ["KIT_NOTEBOOKS"])
+    clone = Path(__file__).resolve().parents[2]
+    if (clone / "pyproject.toml").is_file() and (clone / "notebooks" / f"{NOTEBOOKS[0]}.ipynb").is_file():
+        return clone / "notebooks"
+    return INSTALLED
+
+
+def execute(name: str, *, output_dir: Path, parameters: dict, notebooks_dir: Path | None = None) -> Path:
     """Execute notebook `name` with `parameters`; the executed copy is written to output_dir."""
     import papermill
 
+    notebooks_dir = notebooks_dir or find_notebooks()
     source = notebooks_dir / f"{name}.ipynb"
     if not source.exists():
-        raise FileNotFoundError(f"{source} not found: reports run from a clone of the kit's repository")
+        raise FileNotFoundError(f"{source} not found: set KIT_NOTEBOOKS to a folder holding the kit's notebooks")
     output = Path(output_dir) / f"{name}.ipynb"
     output.parent.mkdir(parents=True, exist_ok=True)
     papermill.execute_notebook(
