@@ -95,6 +95,8 @@ def parser() -> argparse.ArgumentParser:
         sub.add_argument("--out", dest="run", action=_Out, help=argparse.SUPPRESS)  # kit 0.2's name, deprecated
         sub.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 (auto under a launcher: this process's GPU)")
         sub.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+        sub.add_argument("--device-map", default=None, help="accelerate's dispatch of a model too big for one device, e.g. auto")
+        sub.add_argument("--offload-folder", default=None, help="where --device-map offloads weights to disk")
         if step.config is not None:
             add_config(sub, step.config)
     return top
@@ -108,7 +110,8 @@ def main(argv=None):
     if args.run is None:
         top.error(f"the following arguments are required: --run (python -m kit {args.command} --run DIR)")
     distributed.init()
-    run = Run(args.run if "/" in args.run else f"./{args.run}", device=args.device, dtype=args.dtype)
+    run = Run(args.run if "/" in args.run else f"./{args.run}", device=args.device, dtype=args.dtype, device_map=args.device_map,
+              offload_folder=args.offload_folder)  # fmt: skip
     function, config_class = getattr(kit.steps, args.command), STEPS[args.command].config
     result = function(run) if config_class is None else function(run, config_from(config_class, args))
     if args.command == "report" and distributed.is_main():

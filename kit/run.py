@@ -66,10 +66,12 @@ class Run:
         device: where the steps load models: "auto" (the GPU if there is one), "cpu", "cuda", "cuda:1".
         dtype: "auto" (bf16 where the GPU has it, fp16 on older GPUs, fp32 on CPU), "float32", "bfloat16", "float16".
         seed: seeds Python's, NumPy's and torch's generators now (None: leaves them).
+        device_map: accelerate's dispatch of a model bigger than one device ("auto"; None: the whole model on `device`).
+        offload_folder: where a device_map offloads weights to disk.
     """
 
     def __init__(self, folder: str | Path = "demo", root: str | Path = "auto", *, device: str = "auto", dtype: str = "auto",
-                 seed: int | None = None):  # fmt: skip
+                 seed: int | None = None, device_map: str | None = None, offload_folder: str | None = None):  # fmt: skip
         if seed is not None:
             artifacts.seed_everything(seed)
         if isinstance(folder, Run):
@@ -77,7 +79,7 @@ class Run:
         named = isinstance(folder, str) and "/" not in folder and folder not in (".", "..")
         self.path = artifacts.run_dir(folder, root) if named else Path(folder)
         self.path.mkdir(parents=True, exist_ok=True)
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype, self.device_map, self.offload_folder = device, dtype, device_map, offload_folder
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r})"
@@ -142,5 +144,6 @@ class Run:
         return manifest[key]
 
     def load_kwargs(self, quantize="auto") -> dict:
-        """The placement every step loads its models with (kit.load_model's device, dtype, quantize)."""
-        return dict(device=self.device, dtype=self.dtype, quantize=quantize)
+        """The placement every step loads its models with (kit.load_model's device, dtype, quantize, device_map)."""
+        placement = dict(device=self.device, dtype=self.dtype, quantize=quantize)
+        return placement | (dict(device_map=self.device_map, offload_folder=self.offload_folder) if self.device_map else {})

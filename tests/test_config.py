@@ -56,7 +56,8 @@ def test_config_warmup_is_capped_and_bad_values_are_refused():
 
 def test_prune_config_checks_its_settings_and_names_each_in_its_digest():
     config = PruneConfig(n=6, criterion="heuristic")
-    assert config.to_dict() == {"n": 6, "start": None, "criterion": "heuristic", "n_val_texts": 32, "max_length": 256, "batch_size": 8}
+    assert config.to_dict() == {"n": 6, "start": None, "criterion": "heuristic", "n_val_texts": 32, "max_length": 256, "batch_size": 8,
+                                "quantize": "auto"}
     assert len({config.digest(), config.replace(n=7).digest(), config.replace(start=3).digest(), config.replace(n_val_texts=8).digest()}) == 4
     with pytest.raises(ValueError, match="n must be >= 1, got 0"):
         PruneConfig(n=0)
@@ -67,6 +68,17 @@ def test_prune_config_checks_its_settings_and_names_each_in_its_digest():
 def test_a_setting_added_later_leaves_older_digests_alone_until_it_is_set():
     """Notebook 01 names its scan cache scan-{digest}: a scan begun before `sublayers` existed still resumes."""
     config = ScanConfig(n_texts=64, metric="angular_all")
-    before = {k: v for k, v in dataclasses.asdict(config).items() if k != "sublayers"}  # the fields of kit 0.1
+    before = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("sublayers", "quantize")}  # the fields of kit 0.1
     assert config.digest() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:12]
     assert config.replace(sublayers=True).digest() != config.digest()
+
+
+def test_the_step_configs_take_lists_for_their_tuples_and_stay_hashable():
+    config = kit.SweepConfig(ns=[0, 4], heal_ns=[4], criteria=["similarity", "heuristic"])
+    assert (config.ns, config.heal_ns) == ((0, 4), (4,)) and hash(config) == hash(kit.SweepConfig(ns=(0, 4), heal_ns=(4,)))
+    assert kit.BudgetConfig(budgets=[0.1]).budgets == (0.1,) and kit.CriteriaConfig(ns=None).ns is None
+    with pytest.raises(ValueError, match="n_calibration must be >= 1, got 0"):
+        kit.CriteriaConfig(n_calibration=0)
+    assert kit.SweepConfig(heal_rank=4, heal_steps=3).heal_config() == kit.HealConfig(rank=4, steps=3, lr=2e-3, batch_size=4,
+                                                                                      seq_len=128, quantize=None, save_every=3,
+                                                                                      gradient_checkpointing=False)  # fmt: skip
