@@ -8,8 +8,9 @@ run the same code and write the same run folder.
     python -m kit evaluate --run runs/llama
     python -m kit report   --run runs/llama
 
-Under a launcher (`torchrun --nproc_per_node 8 -m kit scan ...`, `accelerate launch -m kit heal ...`) the texts,
-questions and healing batches are split over the processes and rank 0 writes the run folder.
+Under a launcher (`torchrun --nproc_per_node 8 -m kit scan --run-dir DIR ...`, `accelerate launch -m kit heal --run DIR ...`)
+the texts, questions and healing batches are split over the processes and rank 0 writes the run folder; torchrun takes
+`--run` for a prefix of its own `--run-path`, so under torchrun the run folder is `--run-dir`.
 """
 
 import argparse
@@ -91,7 +92,8 @@ def parser() -> argparse.ArgumentParser:
     commands = top.add_subparsers(dest="command", required=True, metavar="STEP")
     for name, step in STEPS.items():
         sub = commands.add_parser(name, help=step.help, description=step.help)
-        sub.add_argument("--run", help="the run folder: the step reads its inputs there and writes its artifacts (required)")
+        sub.add_argument("--run", "--run-dir", dest="run", help="the run folder: the step reads its inputs there and writes its "
+                         "artifacts (required; under torchrun write --run-dir: torchrun's own --run-path makes --run ambiguous)")
         sub.add_argument("--out", dest="run", action=_Out, help=argparse.SUPPRESS)  # kit 0.2's name, deprecated
         sub.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 (auto under a launcher: this process's GPU)")
         sub.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")

@@ -74,6 +74,7 @@ class Run:
                  seed: int | None = None, device_map: str | None = None, offload_folder: str | None = None):  # fmt: skip
         if seed is not None:
             artifacts.seed_everything(seed)
+        self.seed = seed
         if isinstance(folder, Run):
             folder = folder.path
         named = isinstance(folder, str) and "/" not in folder and folder not in (".", "..")
@@ -129,7 +130,7 @@ class Run:
 
     def record(self, step: str, config=None, **extra) -> Path:
         """Record `step` in the run's manifest.json (settings, their hash, seed, versions, machine, time, `extra`)."""
-        extra.setdefault("seed", getattr(config, "seed", None))
+        extra.setdefault("seed", getattr(config, "seed", self.seed))
         return artifacts.write_manifest(self.path, MANIFEST_KEYS.get(step, step), config=config, **extra)
 
     def manifest(self, step: str | None = None) -> dict:

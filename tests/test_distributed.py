@@ -198,13 +198,13 @@ def test_cli_scan_under_torchrun_equals_one_process(tmp_path):
     model, tokenizer = kit.testing.tiny_model("llama", num_layers=4)
     save_checkpoint(tmp_path / "tiny", model, tokenizer)
     options = ["scan", "--model", tmp_path / "tiny", "--n-texts", 5, "--batch-size", 1, "--max-length", 32, "--groups", 3]
-    run = torchrun("-m", "kit", *options, "--run", tmp_path / "two")
+    run = torchrun("-m", "kit", *options, "--run-dir", tmp_path / "two")  # torchrun reads --run as its --run-path
     assert run.returncode == 0, run.stderr[-4000:]
     main([str(option) for option in [*options, "--run", tmp_path / "one"]])
     two, one = (kit.Distances.load(tmp_path / name / "distances.safetensors") for name in ("two", "one"))
     torch.testing.assert_close(two.matrix, one.matrix, atol=1e-6, rtol=0)
     torch.testing.assert_close(two.group_sums, one.group_sums, atol=1e-9, rtol=1e-9)
-    manifests = [json.loads((tmp_path / name / "manifest.json").read_text())["scan"] for name in ("two", "one")]
+    manifests = [json.loads((tmp_path / name / "manifest.json").read_text())[kit.run.MANIFEST_KEYS["scan"]] for name in ("two", "one")]
     assert [m["world_size"] for m in manifests] == [2, 1]
     assert manifests[0]["config"] == manifests[1]["config"] and manifests[0]["config"]["n_texts"] == 5
 

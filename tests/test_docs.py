@@ -65,7 +65,7 @@ def test_the_generated_tables_and_the_notebooks_are_on_their_pages(site):
     assert "<code>llama</code>" in page(site, "families") and "<code>zaya</code>" in page(site, "families")
     assert "70B" in page(site, "gpus") and "✗" in page(site, "gpus")
     notebook = page(site, "notebooks/01_similarity")
-    assert "Which layers are redundant?" in notebook and "kit.angular_distances" in notebook
+    assert "Which layers are redundant?" in notebook and "kit.steps.scan" in notebook
 
 
 @pytest.fixture(scope="module")

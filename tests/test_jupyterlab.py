@@ -81,7 +81,7 @@ def lab(tmp_path_factory):
     root = tmp_path_factory.mktemp("lab")
     shutil.copytree(REPO / "notebooks", root / "notebooks")
     path = root / "notebooks" / "02_select_and_prune.ipynb"
-    parameters = {"N": N, "RUN": "lab", "RUNS_ROOT": str(root / "runs")}
+    parameters = {"N": N, "RUN": "lab", "RUNS_ROOT": str(root / "runs"), "N_VAL_TEXTS": 2, "MAX_LENGTH": 32}
     nbformat.write(parameterize_notebook(load_notebook_node(str(path)), parameters), path)  # as papermill would
     settings = root / "settings" / "@jupyterlab" / "apputils-extension"
     settings.mkdir(parents=True)
@@ -179,7 +179,8 @@ def test_block_picker_in_jupyterlab(lab, page):
         with atomic_path(REPO / "docs" / "block_picker.png") as tmp:
             picker.screenshot(path=tmp)
 
-    selection_cell = cells.nth(picker_cell + 1)  # reads the picker and writes selection.json
+    prune_cell = next(i for i, c in enumerate(nb.cells) if "kit.steps.prune(" in c.source)
+    selection_cell = cells.nth(prune_cell)  # prunes the picker's block and writes selection.json
     selection_cell.locator(".jp-InputArea-editor").click()
     page.keyboard.press("Shift+Enter")
     shown = selection_cell.locator(".jp-OutputArea-executeResult")

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from conftest import TINY_ARCHITECTURE, artifact_numbers, reading_numbers
 
+import kit
 from kit.core.artifacts import read_json
 from kit.core.stats import paired_ratio_difference
 from kit.experiments import readings
@@ -70,7 +71,7 @@ def test_mmlu_is_swept_by_default_only_above_chance(notebook_run, tiny_notebook_
     unpruned = pd.read_csv(tiny / "unpruned.csv").set_index("metric").loc["mmlu"]
     swept = "mmlu" in set(pd.read_csv(tiny / "sweep.csv")["metric"])
     assert swept == (unpruned["ci_low"] > 0.25)  # SWEEP_MMLU None: the rule decides
-    assert read_json(tiny / "manifest.json")["04_compare"]["config"]["sweep_mmlu"] == swept
+    assert read_json(tiny / "manifest.json")["sweep"]["mmlu"] == swept
     smoke = notebook_run("04_compare")  # SWEEP_MMLU True forces it
     assert "mmlu" in set(pd.read_csv(smoke / "sweep.csv")["metric"])
 
@@ -78,5 +79,6 @@ def test_mmlu_is_swept_by_default_only_above_chance(notebook_run, tiny_notebook_
 def test_every_notebook_records_its_step(notebook_run, tiny_notebook_run):
     for run in (notebook_run("05_criteria"), tiny_notebook_run("05_criteria")):
         manifest = read_json(run / "manifest.json")
-        assert set(READ) <= set(manifest)
-        assert all(manifest[name]["seed"] is not None for name in READ)
+        steps = set(kit.run.MANIFEST_KEYS.values())  # notebook 04 runs two steps, sweep and evaluate
+        assert steps <= set(manifest)
+        assert all(manifest[name]["seed"] is not None for name in steps)
