@@ -1,5 +1,7 @@
 """Step 4, healing the pruned model: LoRA adapters (`lora`) on a 4-bit base, trained with the HF Trainer,
-optionally by distillation (`train.heal`), then merged into the weights shard by shard (`merge`).
+optionally by distillation (`train.heal`), then merged into the weights shard by shard (`merge`); and every
+healing method behind one entry point (`methods.heal_cut`: none, qlora, distill, `linear_patch`,
+`replacement` layer, `last_layers`), each ending in a plain checkpoint.
 
 `kit.healing.<name>` for a name of kit.healing.lora or .train is the 0.1 module path: it warns, and goes in
 kit 0.3."""
@@ -7,5 +9,5 @@ kit 0.3."""
 from ..core.deprecation import moved_module as _moved_module
 from ..core.lazy import lazy as _lazy
 
-__getattr__, __dir__ = _lazy(__name__, ["lora", "merge", "train"],
+__getattr__, __dir__ = _lazy(__name__, ["lora", "merge", "train", "methods", "linear_patch", "replacement", "last_layers"],
                              fallback=_moved_module(__name__, f"{__name__}.lora", f"{__name__}.train"))
