@@ -115,6 +115,8 @@ def test_every_checkpoint_reloads_as_the_healed_model(arch, method, tmp_path):
     record = json.loads((healed.path / RECORD_FILE).read_text())
     assert record["method"] == method and set(record["cost"]) >= {"wall_s", "cpu_s", "gpu_s", "trained_parameters", "added_parameters"}
     assert (healed.cost["trained_parameters"] > 0) == (method not in ("none", "linear_patch"))
+    if method == "linear_patch" and not healed.record["patched"]:  # no ridge beat the cut on the held-out texts
+        assert "the checkpoint is the cut alone" in healed.record["note"] and healed.record["ridge"] is None
 
 
 @pytest.mark.parametrize("arch", sorted(NO_PATCH))
@@ -177,3 +179,24 @@ def test_the_patch_on_the_embedded_model_is_never_worse_than_the_cut(n, embedded
     assert patched <= cut
     if n in (4, 8):
         assert least_squares < cut and restored(patched) >= restored(least_squares) - 1e-6  # ties: the same ridge 0
+
+
+@pytest.mark.parametrize("method", ["linear_patch", "replacement_layer", "none"])
+def test_the_sweep_heals_by_any_method_and_leaves_the_model_untouched(method, tmp_path):
+    from kit.experiments import sweep
+
+    model, tokenizer = tiny_model("llama")
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    setting = {"linear_patch": TINY_SETTINGS["linear_patch"].replace(ridge=0.01), "replacement_layer": TINY_SETTINGS["replacement_layer"]}.get(method, method)
+    heal = sweep.healer(TEXTS, setting, output_root=tmp_path)
+    ids = ids_of(tokenizer)
+    probe = lambda m, t: {"layers": float(kit.core.layers.num_layers(m)), "logit": float(m(input_ids=ids).logits[0, -1, 0])}  # noqa: E731
+    table = sweep.sweep(model, tokenizer, ns=[2], evals=[probe], criterion="heuristic", heal=heal, heal_ns=[2])
+    healed = AutoModelForCausalLM.from_pretrained(tmp_path / "n2")
+    with torch.no_grad():
+        expected = float(healed(input_ids=ids).logits[0, -1, 0])
+    rows = table.set_index(["healed", "metric"])["value"]
+    assert rows[(True, "layers")] == 4 + (method == "replacement_layer") and rows[(False, "layers")] == 4
+    assert rows[(True, "logit")] == pytest.approx(expected, abs=1e-5)
+    assert (rows[(True, "logit")] == rows[(False, "logit")]) == (method == "none")
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items()) and kit.core.layers.num_layers(model) == 6

@@ -241,7 +241,7 @@ def linear_patch(model, tokenizer, block: Block, texts: list[str], config: Linea
     if chosen is None:
         record["note"] = (f"no ridge beat the cut alone on the {n_val} held-out calibration texts (cut {cut:.4f} nats, best "
                           f"{losses[best]:.4f} at ridge {RIDGES[best]}): the checkpoint is the cut alone, unpatched")  # fmt: skip
-        warnings.warn(f"linear patch of {block.label}: {record['note']}.", stacklevel=2)
+        warnings.warn(f"linear patch of {block.label}: {record['note']}.", stacklevel=3)  # at heal_cut's caller
     if chosen is not None:
         merge_patch(down, solve(_total([fit, val]), chosen))
     return model, record
