@@ -5,6 +5,7 @@ it would have to add for the residual after it to be the residual after the bloc
 solves M T ~ D, ridge-regularised toward the identity (T = I is the cut alone), and is merged into the
 MLP's down projection (W' = T^T W, b' = T^T b): a plain checkpoint, no new parameters."""
 
+import time
 import warnings
 from dataclasses import dataclass
 from functools import partial
@@ -200,7 +201,8 @@ def _descend(loss, start: int, count: int) -> dict[int, float]:
 
 def linear_patch(model, tokenizer, block: Block, texts: list[str], config: LinearPatchConfig, **_) -> tuple[nn.Module, dict]:
     """Cut `block` from `model` in place and merge the fitted patch into the layer before it. Returns the
-    model and the record: the ridge chosen, each candidate's held-out loss and error, and "patched"
+    model and the record: the ridge chosen, each candidate's held-out loss and error, the CPU seconds of
+    the activation sums and of the ridge search (the held-out losses), and "patched"
     (False: no ridge beat the cut alone on the held-out texts, and the cut is returned as it is)."""
     if block.start == 0:
         raise ValueError(f"The linear patch changes the MLP of the layer before the block, and block {block.label} starts at "
@@ -217,8 +219,10 @@ def linear_patch(model, tokenizer, block: Block, texts: list[str], config: Linea
         raise ValueError(f"ridge='auto' holds out {config.val_fraction:.0%} of the calibration texts to choose the ridge: "
                          f"{len(texts)} texts leave {n_val} held out. Pass more texts, or a fixed ridge.")  # fmt: skip
     fit_texts, val_texts = texts[:-n_val], texts[-n_val:]
+    started = time.process_time()
     fit = _total(patch_sums(model, tokenizer, block, fit_texts, config))
     val = _total(patch_sums(model, tokenizer, block, val_texts, config))
+    fitted = time.process_time()
     drop_layers(model, block, inplace=True)
     score = partial(validation_loss, model, tokenizer, val_texts, max_length=config.max_length, batch_size=config.batch_size)
     cut = score().loss
@@ -237,7 +241,8 @@ def linear_patch(model, tokenizer, block: Block, texts: list[str], config: Linea
     losses = _descend(loss, RIDGES.index(min(errors, key=errors.get)), len(RIDGES))
     best = min(losses, key=losses.get)
     chosen = RIDGES[best] if losses[best] < cut else None
-    record.update(ridge=chosen, patched=chosen is not None, val_errors={str(r): e for r, e in errors.items()})
+    record.update(ridge=chosen, patched=chosen is not None, val_errors={str(r): e for r, e in errors.items()},
+                  sums_cpu_s=fitted - started, search_cpu_s=time.process_time() - fitted)  # fmt: skip
     if chosen is None:
         record["note"] = (f"no ridge beat the cut alone on the {n_val} held-out calibration texts (cut {cut:.4f} nats, best "
                           f"{losses[best]:.4f} at ridge {RIDGES[best]}): the checkpoint is the cut alone, unpatched")  # fmt: skip

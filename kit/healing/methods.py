@@ -80,12 +80,11 @@ def _lora(model, tokenizer, block, texts, config: HealConfig, *, work_dir: Path,
         student, teacher = model, None
     result = heal(student, tokenizer, texts, config, output_dir=work_dir / "heal", val_texts=val_texts, teacher=teacher)
     trained = sum(p.numel() for n, p in result.model.named_parameters() if "lora_" in n)
-    device = model_device(result.model)
+    device, history = model_device(result.model), result.history
     del result, student, teacher
     merged = merge_adapter(pruned, work_dir / "heal" / "adapter", work_dir / "merged")
     healed = AutoModelForCausalLM.from_pretrained(merged, dtype="auto").to(device).eval()
-    history = json.loads((work_dir / "heal" / "adapter" / "adapter_config.json").read_text()).get("r")
-    return healed, {"trained_parameters": trained, "rank": history}
+    return healed, {"trained_parameters": trained, "history": history}
 
 
 HEALERS: dict[str, Healer] = {
