@@ -100,6 +100,7 @@ def _case(arch, method):
 
 @pytest.mark.parametrize("arch,method", [_case(a, m) for m in TINY_SETTINGS for a in TINY_ARCHITECTURES])
 def test_every_checkpoint_reloads_as_the_healed_model(arch, method, tmp_path):
+    """Plain transformers reloads what heal_cut saved as the model it returned (one or two training steps)."""
     model, tokenizer = tiny_model(arch)
     layers_before = kit.core.layers.num_layers(model)
     setting = TINY_SETTINGS[method] or method
@@ -133,6 +134,13 @@ def test_refusals_name_what_to_do(tmp_path):
         heal_cut("linear_patch", model, tokenizer, kit.Block(0, 2), TEXTS, out_dir=tmp_path / "a")
     with pytest.raises(ValueError, match="is one layer"):
         heal_cut("replacement_layer", model, tokenizer, kit.Block(2, 1), TEXTS, out_dir=tmp_path / "b")
+    with pytest.raises(ValueError, match="init=2 is not a layer of layers 2..3: choose 0 <= init <= 1"):
+        heal_cut(TINY_SETTINGS["replacement_layer"].replace(init=2), model, tokenizer, BLOCK, TEXTS, out_dir=tmp_path / "d")
+    with pytest.raises(ValueError, match="k=5 is more layers than the cut model's 4"):
+        heal_cut(TINY_SETTINGS["last_layers"].replace(k=5), model, tokenizer, BLOCK, TEXTS, out_dir=tmp_path / "e")
+    with pytest.raises(ValueError, match="start=5 is out of range"):
+        heal_cut("none", model, tokenizer, kit.Block(5, 2), TEXTS, out_dir=tmp_path / "f")
+    assert kit.core.layers.num_layers(model) == 6  # every refusal before the cut
     with pytest.raises(ValueError, match="No healing method 'lora'.*linear_patch"):
         heal_cut("lora", model, tokenizer, BLOCK, TEXTS, out_dir=tmp_path / "c")
     assert resolve(kit.HealConfig(distill_weight=0.3))[0] == "distill" and resolve("qlora")[1] == kit.HealConfig()
@@ -200,3 +208,13 @@ def test_the_sweep_heals_by_any_method_and_leaves_the_model_untouched(method, tm
     assert rows[(True, "logit")] == pytest.approx(expected, abs=1e-5)
     assert (rows[(True, "logit")] == rows[(False, "logit")]) == (method == "none")
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items()) and kit.core.layers.num_layers(model) == 6
+
+
+def test_the_replacement_layer_starts_from_the_layer_init_names(tmp_path):
+    model, tokenizer = tiny_model("llama")
+    original = {k: v.clone() for k, v in kit.core.layers.decoder_layers(model)[BLOCK.start + 1].state_dict().items()}
+    config = TINY_SETTINGS["replacement_layer"].replace(init=1, steps=1, lr=1e-12)  # one step that moves nothing visible
+    healed = heal_cut(config, model, tokenizer, BLOCK, TEXTS, out_dir=tmp_path / "healed")
+    layer = kit.core.layers.decoder_layers(healed.model)[BLOCK.start]
+    assert all(torch.allclose(v, original[k], atol=1e-9) for k, v in layer.state_dict().items())
+    assert healed.record["kept_layer"] == BLOCK.start + 1 and healed.cost["trained_parameters"] == sum(p.numel() for p in layer.parameters())

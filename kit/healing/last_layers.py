@@ -44,10 +44,11 @@ class LastLayersConfig(_Settings):
 def last_layers(model, tokenizer, block: Block, texts, config: LastLayersConfig, *, work_dir: Path, val_texts=None, **_):
     """Cut `block` from `model` in place and fine-tune its last config.k layers (and LM head). Returns the
     model and the record: the training and validation losses the Trainer logged."""
+    remaining = layers.num_layers(model) - block.n
+    if config.k > remaining:
+        raise ValueError(f"k={config.k} is more layers than the cut model's {remaining}: choose 1 <= k <= {remaining}.")
     drop_layers(model, block, inplace=True)
     kept = layers.decoder_layers(model)
-    if config.k > len(kept):
-        raise ValueError(f"k={config.k} is more layers than the cut model's {len(kept)}: choose 1 <= k <= {len(kept)}.")
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)

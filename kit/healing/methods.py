@@ -25,6 +25,7 @@ from ..core.artifacts import save_checkpoint
 from ..core.block import Block
 from ..core.config import HealConfig
 from ..core.device import model_device
+from ..core.layers import num_layers
 from ..prune import drop_layers, dropped, save_pruned
 from ..prune.sublayers import materialised
 from .last_layers import LastLayersConfig, last_layers
@@ -149,6 +150,9 @@ def heal_cut(method, model: nn.Module, tokenizer, block: Block, texts: list[str]
         out_dir: where the plain checkpoint goes (written atomically); a work folder beside it is removed after.
     Returns a Healed: the healed model in memory, out_dir, the cost and the method's record."""
     name, config = resolve(method)
+    if not isinstance(block, Block):
+        raise TypeError(f"heal_cut heals the cut of one block of consecutive layers, a kit.Block(start, n), not {block!r}")
+    block.check(num_layers(model))
     out_dir = Path(out_dir)
     work_dir = out_dir.parent / f".{out_dir.name}.work"
     shutil.rmtree(work_dir, ignore_errors=True)
