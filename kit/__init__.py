@@ -32,6 +32,9 @@ _EXPORTS = {  # the top-level names: each from the module that defines it
     "save_pruned": "prune",
     "heal": "healing.train",
     "merge_adapter": "healing.merge",
+    "LinearPatchConfig": "healing.linear_patch",
+    "ReplacementLayerConfig": "healing.replacement",
+    "LastLayersConfig": "healing.last_layers",
 }
 _MODULES = {  # kit.<name>: the pipeline's steps, the public modules under short names, then the sub-packages
     "steps": "steps",

@@ -54,12 +54,12 @@ def _element(kind):
     return None
 
 
-def add_config(parser: argparse.ArgumentParser, config_class) -> None:
-    """One flag per field of a settings dataclass, its type and default from the field, its help from the comment."""
+def add_config(parser: argparse.ArgumentParser, config_class, defaults=None) -> None:
+    """One flag per field of a settings dataclass, its type and default from the field (or from `defaults`, a config)."""
     group = parser.add_argument_group(f"settings (kit.{config_class.__name__})")
     for field in dataclasses.fields(config_class):
         flags = FLAGS.get(field.name, ("--" + field.name.replace("_", "-"),))
-        kind, default = field.type, field.default
+        kind, default = field.type, field.default if defaults is None else getattr(defaults, field.name)
         if kind is bool:
             group.add_argument(*flags, dest=field.name, action=argparse.BooleanOptionalAction, default=default)
         elif (element := _element(kind)) is not None:
@@ -87,7 +87,19 @@ class _Out(argparse.Action):
         namespace.run = value
 
 
-def parser() -> argparse.ArgumentParser:
+def heal_settings(method: str):
+    """The settings class of the healing method `method` (None: it has none) and its defaults."""
+    from .healing.methods import DEFAULTS, HEALERS
+
+    if method not in HEALERS:
+        raise SystemExit(f"python -m kit heal: no healing method {method!r}; choose one of {', '.join(HEALERS)}")
+    return HEALERS[method].config, DEFAULTS.get(method)
+
+
+def parser(method: str = "qlora") -> argparse.ArgumentParser:
+    """The command line; `heal`'s flags are the settings of the healing method `method` (--method)."""
+    from .healing.methods import HEALERS
+
     top = argparse.ArgumentParser(prog="python -m kit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = top.add_subparsers(dest="command", required=True, metavar="STEP")
     for name, step in STEPS.items():
@@ -99,15 +111,28 @@ def parser() -> argparse.ArgumentParser:
         sub.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
         sub.add_argument("--device-map", default=None, help="accelerate's dispatch of a model too big for one device, e.g. auto")
         sub.add_argument("--offload-folder", default=None, help="where --device-map offloads weights to disk")
-        if step.config is not None:
+        if name == "heal":
+            sub.add_argument("--method", default="qlora", choices=list(HEALERS), help="the healing method (default: qlora, the paper's); "
+                             "its settings are the flags below: `python -m kit heal --method NAME --help`")  # fmt: skip
+            config, defaults = heal_settings(method)
+            if config is not None:
+                add_config(sub, config, defaults)
+        elif step.config is not None:
             add_config(sub, step.config)
     return top
+
+
+def _method(argv) -> str:
+    """The --method of a heal command, read before the parser is built (its flags depend on it)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method", default="qlora")
+    return pre.parse_known_args(argv)[0].method
 
 
 def main(argv=None):
     import kit.steps
 
-    top = parser()
+    top = parser(_method(argv))
     args = top.parse_args(argv)
     if args.run is None:
         top.error(f"the following arguments are required: --run (python -m kit {args.command} --run DIR)")
@@ -115,7 +140,11 @@ def main(argv=None):
     run = Run(args.run if "/" in args.run else f"./{args.run}", device=args.device, dtype=args.dtype, device_map=args.device_map,
               offload_folder=args.offload_folder)  # fmt: skip
     function, config_class = getattr(kit.steps, args.command), STEPS[args.command].config
-    result = function(run) if config_class is None else function(run, config_from(config_class, args))
+    if args.command == "heal":
+        config_class = heal_settings(args.method)[0]
+        result = function(run, args.method if config_class is None else config_from(config_class, args))
+    else:
+        result = function(run) if config_class is None else function(run, config_from(config_class, args))
     if args.command == "report" and distributed.is_main():
         print(result)
     return result

@@ -3,6 +3,7 @@ run folder the notebooks write (and their readings read), with the results of th
 tests/test_distributed.py.)"""
 
 import dataclasses
+import json
 import subprocess
 import sys
 
@@ -109,3 +110,23 @@ def test_the_pipeline_writes_what_the_notebooks_read(checkpoint, tmp_path):
     assert sections == [f"## {name}" for name in kit.experiments.reports.NOTEBOOKS]
     for notebook in kit.experiments.reports.NOTEBOOKS:
         assert kit.readings.reading(tmp_path, notebook).markdown in report
+
+
+def test_heal_takes_any_method_and_its_settings_as_flags(checkpoint, tmp_path):
+    from kit.__main__ import config_from
+
+    args = parser("linear_patch").parse_args(["heal", "--run", "r", "--method", "linear_patch", "--n-texts", "8", "--ridge", "0.5"])
+    assert config_from(kit.LinearPatchConfig, args) == kit.LinearPatchConfig(n_texts=8, ridge=0.5)
+    assert parser("distill").parse_args(["heal", "--run", "r", "--method", "distill"]).distill_weight > 0  # the method's defaults
+    with pytest.raises(SystemExit, match="no healing method 'no_such_method'; choose one of none, qlora, distill"):
+        main(["heal", "--run", str(tmp_path), "--method", "no_such_method"])
+
+    run = ["--run", str(tmp_path)]
+    main(["scan", *run, "--model", str(checkpoint), "--n-texts", "4", "--max-length", "32"])
+    main(["prune", *run, "--n", "2", "--start", "2", "--n-val-texts", "2", "--max-length", "32"])
+    healing = main(["heal", *run, "--method", "linear_patch", "--n-texts", "8", "--max-length", "32"])
+    assert healing.method == "linear_patch" and list(healing.losses.index) == ["original", "pruned", "healed"]
+    record = json.loads((tmp_path / "healed_merged" / "healing.json").read_text())
+    assert record["method"] == "linear_patch" and record["block"] == [2, 2]
+    assert json.loads((tmp_path / "heal_history.json").read_text())["method"] == "linear_patch"
+    assert "healed by `linear_patch`" in kit.readings.reading(tmp_path, "03_heal").markdown

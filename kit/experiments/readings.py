@@ -160,11 +160,14 @@ def _heal(run: Path) -> list[str]:
     original, pruned, healed = (losses[k] for k in ("original", "pruned", "healed"))
     below = side(healed["val_loss_ci_low"], healed["val_loss_ci_high"], pruned["val_loss"]) == "below"
     share = _restored(original["val_loss"], pruned["val_loss"], healed["val_loss"])
-    validation = history["validation"]
+    method = history.get("method", "qlora")  # a heal_history.json of kit 0.2 is LoRA's
+    lora = method in ("qlora", "distill")
+    how = (f"healed by LoRA{' distilled from the original' if method == 'distill' else ''} for {step['config']['steps']} steps" if lora
+           else f"healed by `{method}` in {num(history['cost']['cpu_s'], 1)} CPU seconds, {history['cost']['trained_parameters']:,} parameters trained")
     return [
         header(selection["model"], original["layers"], original["parameters"])
         + f" Pruned to {pruned['layers']:g} layers (layers {selection['start']} to {selection['start'] + selection['n'] - 1}"
-        f" removed), healed for {step['config']['steps']} steps.",
+        f" removed), {how}.",
         "",
         "| model | layers | validation loss (nats per token) | divided by log(vocabulary size) |",
         "| --- | --- | --- | --- |",
@@ -174,9 +177,8 @@ def _heal(run: Path) -> list[str]:
         f"- **Healing {'lowers' if below else 'does not detectably lower'} the loss** (rule: the healed model's 95% "
         "interval lies below the pruned model's loss)"
         + (f": it restores {pct(share)} of the loss the pruning added." if math.isfinite(share) else "."),
-        f"- The validation loss during training, on the {step['config']['quantize'] or 'full-precision'} base, went from "
-        f"{num(validation[0]['loss'])} to {num(validation[-1]['loss'])}.",
-    ]
+    ] + ([f"- The validation loss during training, on the {step['config']['quantize'] or 'full-precision'} base, went from "
+          f"{num(history['validation'][0]['loss'])} to {num(history['validation'][-1]['loss'])}."] if lora else [])
 
 
 # -- 04: the sweep ----------------------------------------------------------------------------------
@@ -366,6 +368,33 @@ def _granularity(run: Path) -> list[str]:
     return lines
 
 
+def _heal_compare(run: Path) -> list[str]:
+    """Notebook 07: per block size the best method by held-out loss, whether it beats the cut beyond its paired
+    interval (the interval's upper end below zero), its KL and recall against the cut's, and its cost."""
+    step = _manifest(run, "07_heal_compare")
+    table, paired, best = pd.read_csv(run / "heal_compare.csv"), pd.read_csv(run / "heal_paired.csv"), pd.read_csv(run / "heal_best.csv")
+    unpruned = step["config"]["unpruned_val_loss"]
+    lines = [f"**{step['config']['model']}**, unpruned held-out loss {num(unpruned)} nats; each method healed the same cut "
+             f"({step['config']['n_texts']} texts, {step['config']['steps']} training steps).", ""]  # fmt: skip
+    for _, row in best.iterrows():
+        n, method = int(row["n"]), row["method"]
+        cut = table[(table["n"] == n) & (table["method"] == "none") & (table["metric"] == "val_loss")]["value"].iloc[0]
+        share = (cut - row["value"]) / (cut - unpruned) if cut != unpruned else math.nan
+        if method == "none":
+            lines.append(f"- n={n}: no method lowered the held-out loss of the cut alone ({num(cut)} nats).")
+            continue
+        mine = paired[(paired["n"] == n) & (paired["method"] == method)].set_index("metric")
+        loss = mine.loc["val_loss"]
+        verdict = "beyond its paired interval" if loss["ci_high"] < 0 else "within its paired interval (not shown to be better)"
+        extra = ", ".join(f"{m} {num(mine.loc[m, 'value'])} vs {num(mine.loc[m, 'cut'])}" for m in ("kl", "recall") if m in mine.index)
+        lines.append(f"- n={n}: **{method}** is best, held-out loss {num(row['value'])} vs the cut's {num(cut)} nats "
+                     f"(difference {num(loss['difference'])}, {interval(loss['ci_low'], loss['ci_high'])}, {verdict}; "
+                     f"{pct(share)} of what the cut added), at {num(row['cpu_s'], 2)} CPU s; {extra}.")  # fmt: skip
+    refused = read_json(run / "heal_refused.json")
+    lines += [f"- refused, {where}: {why}" for where, why in refused.items()]
+    return lines
+
+
 READERS = {
     "01_similarity": _similarity,
     "02_select_and_prune": _select_and_prune,
@@ -373,4 +402,5 @@ READERS = {
     "04_compare": _compare,
     "05_criteria": _criteria,
     "06_granularity": _granularity,
+    "07_heal_compare": _heal_compare,
 }

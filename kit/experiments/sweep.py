@@ -1,6 +1,7 @@
 """Pruning sweeps: evaluate one loaded model with every block size n removed, the way the
 paper's Figures 2, 3, 5 and 6 do, without reloading or copying the model."""
 
+import copy
 import hashlib
 import json
 import warnings
@@ -151,7 +152,8 @@ def sweep(
     calibration texts).
     Each pruned model is a view of the loaded one (kit.prune.dropped), restored afterwards.
     heal(pruned_model, tokenizer, block) -> healed model is applied to every n in `heal_ns` (it gets
-    the pruned view and must not modify it: see healer), and those rows carry healed=True.
+    the pruned view and must not modify it: see healer), and those rows carry healed=True; a heal with
+    `takes_original = True` (healer's for a healing method) gets the unpruned model instead, and must not modify it either.
     cache_path: a JSON file recording each finished (n, healed) point; a rerun with the same settings
     (the evaluations' parameters and data included) skips those points and returns the same table; one
     with other settings is refused, naming them. settings: whatever else changes the results (e.g. a
@@ -184,10 +186,14 @@ def sweep(
         if block is None:
             rows += cache.run(n, False, unhealed)
             continue
+        healed = lambda: results.rows(_healed_metrics(heal, model, tokenizer, block, evals), **columns, healed=True)  # noqa: E731
+        original = getattr(heal, "takes_original", False)  # a healing method: it cuts the block from the original itself
         with dropped(model, block):
             rows += cache.run(n, False, unhealed)
-            if n in heal_ns:
-                rows += cache.run(n, True, lambda: results.rows(_healed_metrics(heal, model, tokenizer, block, evals), **columns, healed=True))
+            if n in heal_ns and not original:
+                rows += cache.run(n, True, healed)
+        if n in heal_ns and original:
+            rows += cache.run(n, True, healed)
     return pd.DataFrame(rows)
 
 
@@ -200,13 +206,15 @@ def sweeps(
     n = 0, the unpruned model whatever the criterion, is evaluated once and shared.
 
     folder: the run folder: each criterion's finished points are cached in folder/sweep-{criterion}.json,
-    and for every n in heal_ns its block is healed with kit.heal (heal_config on heal_texts) into
+    and for every n in heal_ns its block is healed by heal_config (a kit.HealConfig: kit.heal; or any healing
+    method, by name or settings: see healer) on heal_texts into
     folder/sweep_healed/{criterion}/n{n}, evaluated beside its unhealed twin (rows with healed=True).
     settings: what else changes the results (see sweep); the HealConfig's digest is added to it.
     """
     if heal_ns and (heal_texts is None or heal_config is None):
-        raise ValueError("healing block sizes (heal_ns) needs heal_texts and heal_config (a kit.HealConfig)")
-    settings = {**(settings or {}), "heal": heal_config.digest() if heal_ns else None}
+        raise ValueError("healing block sizes (heal_ns) needs heal_texts and heal_config (a kit.HealConfig, or a healing method's name or settings)")
+    digest = (heal_config if isinstance(heal_config, str) else heal_config.digest()) if heal_ns else None  # a name: itself
+    settings = {**(settings or {}), "heal": digest}
     folder = Path(folder)
     tables: list[pd.DataFrame] = []
     for criterion in criteria:
@@ -231,14 +239,29 @@ def _healed_metrics(heal, model, tokenizer, block, evals) -> dict[str, Estimate]
 
 
 def healer(texts: list[str], config, *, output_root, val_texts=None) -> Callable:
-    """A `heal` function for sweep(): kit.heal with `config` on `texts`, adapters under output_root/n{n}.
-    `heal(pruned, tokenizer, block)` returns a context manager: `with heal(...) as healed:` (healed valid inside).
+    """A `heal` function for sweep(): the healing method `config` (a name in kit.healing.methods.HEALERS or
+    a method's settings, e.g. "linear_patch" or kit.LinearPatchConfig(...)) on `texts`, under output_root/n{n}.
 
-    It never copies the loaded model: with config.quantize=None the adapters go on the pruned view itself
-    and are taken off again after its evaluation (kit.healing.lora.adapted_in_place); a 4-bit heal trains
-    on a 4-bit copy of the pruned weights (one more model of a quarter of the fp16 bytes), freed after."""
+    A HealConfig without distillation (QLoRA, the paper's) never copies the loaded model: with config.quantize=None
+    the adapters go on the pruned view itself and are taken off again after its evaluation
+    (kit.healing.lora.adapted_in_place); a 4-bit heal trains on a 4-bit copy of the pruned weights (one more
+    model of a quarter of the fp16 bytes), freed after. Any other method heals a copy of the unpruned model
+    (kit.healing.methods.heal_cut cuts it in place; one more copy of the weights, freed after the point's
+    evaluation) and writes its plain checkpoint to output_root/n{n}."""
+    from ..core.config import HealConfig
     from ..healing.lora import adapted_in_place, reloaded
+    from ..healing.methods import heal_cut, resolve
     from ..healing.train import heal as heal_model
+
+    if not (isinstance(config, HealConfig) and config.distill_weight == 0):
+        method = resolve(config)[1] or config  # "none" has no settings
+
+        def cut_and_heal(original, tokenizer, block: Block):
+            out_dir = Path(output_root) / f"n{block.n}"
+            return heal_cut(method, copy.deepcopy(original), tokenizer, block, texts, out_dir=out_dir, val_texts=val_texts).model
+
+        cut_and_heal.takes_original = True
+        return cut_and_heal
 
     @contextmanager
     def run(pruned, tokenizer, block: Block):

@@ -27,7 +27,7 @@ class Step:
 STEPS = {
     "scan": Step("similarity", ScanConfig, "layer-similarity scan -> distances.safetensors, choices.csv (notebook 01)"),
     "prune": Step("pruning", PruneConfig, "choose the block, remove it, save the pruned checkpoint, loss before and after (notebook 02)"),
-    "heal": Step("healing", HealConfig, "heal the pruned model (QLoRA, the paper's), merge, loss before and after (notebook 03)"),
+    "heal": Step("healing", HealConfig, "heal the cut (--method: qlora, the paper's, or another method), a plain checkpoint, losses (notebook 03)"),
     "evaluate": Step("evaluation", EvaluateConfig, "original, pruned and healed checkpoints on recall, MMLU, loss and cost (notebook 04)"),
     "sweep": Step("evaluation", SweepConfig, "the evaluations at every block size per criterion, with healed twins (notebook 04)"),
     "criteria": Step("oracle", CriteriaConfig, "scan metrics judged by the ablation oracle's held-out loss (notebook 05)"),

@@ -71,7 +71,8 @@ def evaluate(run: Run, config: EvaluateConfig):
     with_mmlu = config.mmlu if config.mmlu is not None else (not run.has("unpruned") or metrics.above_chance(_unpruned_mmlu(run)))
     evals = quality(config) + ([mmlu(config)] if with_mmlu else []) + [cost(config)]
     checkpoints = {"original": selection.model, "pruned": run.require("pruned")}
-    if run.has("adapter"):
+    lora = run.has("heal_history") and run.read_json("heal_history").get("method", "qlora") in ("qlora", "distill")
+    if lora and run.has("adapter"):  # the adapter of the run's last healing
         checkpoints["healed (unmerged)"] = (run.file("pruned"), run.file("adapter"))
     if run.has("healed_merged"):
         checkpoints["healed"] = run.file("healed_merged")

@@ -1,0 +1,125 @@
+"""Healing methods compared (notebook 07): every method heals the same cut at each block size; each healed
+model's held-out loss, KL to the unpruned model and in-context recall, with paired 95% intervals against
+the unhealed cut (method "none") on the same texts and questions, beside what the method cost."""
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..core.block import Block
+from ..core.stats import Estimate, paired_difference, paired_ratio_difference, ratio_stderr
+from ..core.text import encode
+from ..evaluate.metrics import RecallAccuracy, ValidationLoss
+from ..healing.methods import heal_cut
+from ..healing.train import distillation_kl
+from ..loaders.models import load_model
+from .results import encode_per_text, outcomes, per_text
+
+METRICS = ("val_loss", "kl", "recall")  # lower, lower, higher is better
+COST = ("cpu_s", "wall_s", "trained_parameters", "added_parameters")
+
+
+@torch.no_grad()
+def kl_to(reference, model, tokenizer, texts: Sequence[str], *, max_length: int) -> Estimate:
+    """KL(reference || model) of the next-token distributions, in nats per token over the texts (one at a
+    time: no [batch, tokens, vocab] tensor beyond one text's), with each text's sum and tokens for pairing."""
+    rows = []
+    for text in texts:
+        enc = encode(tokenizer, [text], max_length=max_length)
+        teacher = reference(**enc.to(reference.device), use_cache=False).logits
+        student = model(**enc.to(model.device), use_cache=False).logits
+        kl = distillation_kl(student.float(), teacher.float().to(student.device), 1.0)
+        rows.append((float(kl.sum()), kl.numel()))
+    sums = np.array(rows, dtype=np.float64)
+    value, stderr = sums[:, 0].sum() / sums[:, 1].sum(), ratio_stderr(sums[:, 0], sums[:, 1])
+    return Estimate(float(value), value - 1.96 * stderr, value + 1.96 * stderr, per_text=sums)
+
+
+def compare_methods(model_name: str, blocks: dict[int, Block], methods: dict, *, texts, val_texts, recall_items, folder,
+                    max_length: int = 64, batch_size: int = 8) -> tuple[pd.DataFrame, dict[str, str]]:  # fmt: skip
+    """Heal each block with each method (a fresh copy of the model each time, its checkpoint in
+    folder/n{n}/{method}) and evaluate it beside the unpruned model. Returns the table, one row per (n, method,
+    metric): value, ci_low, ci_high, per_text or outcomes (for pairing), and the method's cost columns; and
+    the refusals, {"n=4 linear_patch": why}, of the methods that do not apply to a cut."""
+    reference, tokenizer = load_model(model_name)
+    evaluations = [ValidationLoss(tuple(val_texts), max_length=max_length, batch_size=batch_size),
+                   RecallAccuracy(tuple(recall_items), batch_size=batch_size)]  # fmt: skip
+    rows, refused = [], {}
+    for n, block in blocks.items():
+        for name, method in methods.items():
+            model = load_model(model_name)[0]
+            try:
+                healed = heal_cut(method, model, tokenizer, block, texts, out_dir=Path(folder) / f"n{n}" / name)
+            except ValueError as refusal:  # e.g. the linear patch of a block at layer 0, or of an MoE (UnsupportedArchitectureError)
+                refused[f"n={n} {name}"] = str(refusal)
+                continue
+            estimates = {k: v for e in evaluations for k, v in e(healed.model, tokenizer).items() if k in METRICS}
+            estimates["kl"] = kl_to(reference, healed.model, tokenizer, val_texts, max_length=max_length)
+            cost = {k: healed.cost[k] for k in COST}
+            for metric, e in estimates.items():
+                rows.append({"n": n, "start": block.start, "method": name, "metric": metric, "value": e.value, "ci_low": e.low,
+                             "ci_high": e.high, "per_text": encode_per_text(e.per_text) if e.per_text is not None else None,
+                             "outcomes": None if e.outcomes is None else "".join("R" if o else "W" for o in e.outcomes),
+                             **cost})  # fmt: skip
+            del model, healed
+    return pd.DataFrame(rows), refused
+
+
+def paired_to_cut(table: pd.DataFrame, *, resamples: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Each method minus the unhealed cut ("none") at the same n, per metric, with a paired bootstrap 95%
+    interval (texts or questions resampled together); negative is better for val_loss and kl."""
+    out = []
+    for (n, metric), group in table.groupby(["n", "metric"], sort=True):
+        cut = group[group["method"] == "none"]
+        if cut.empty:
+            continue
+        base = cut.iloc[0]
+        for _, row in group[group["method"] != "none"].iterrows():
+            if metric == "recall":
+                d = paired_difference(outcomes(row), outcomes(base), resamples=resamples, seed=seed)
+            else:
+                d = paired_ratio_difference(per_text(row), per_text(base), resamples=resamples, seed=seed)
+            out.append({"n": n, "metric": metric, "method": row["method"], "value": row["value"], "cut": base["value"],
+                        "difference": d.value, "ci_low": d.low, "ci_high": d.high, "cpu_s": row["cpu_s"]})  # fmt: skip
+    return pd.DataFrame(out)
+
+
+def best_methods(table: pd.DataFrame, metric: str = "val_loss") -> pd.DataFrame:
+    """Per n, the method with the lowest `metric` (val_loss or kl; the highest for recall), its value and cost."""
+    rows = table[table["metric"] == metric]
+    pick = rows.groupby("n")["value"].idxmax() if metric == "recall" else rows.groupby("n")["value"].idxmin()
+    return rows.loc[pick, ["n", "start", "method", "value", "cpu_s", "trained_parameters"]].reset_index(drop=True)
+
+
+def restored(table: pd.DataFrame, unpruned_loss: float) -> pd.Series:
+    """Per (n, method), the share of the held-out loss the cut added that healing took back."""
+    loss = table[table["metric"] == "val_loss"].set_index(["n", "method"])["value"]
+    cut = loss.xs("none", level="method")
+    return pd.Series({(n, m): (cut[n] - v) / (cut[n] - unpruned_loss) if cut[n] != unpruned_loss else math.nan
+                      for (n, m), v in loss.items()})  # fmt: skip
+
+
+def figure(table: pd.DataFrame, *, panel_size=(5.0, 4.0)):
+    """Each metric against each method's CPU seconds: one colour per method, each point labelled with its n.
+    Returns the first panel's Axes (kit.experiments.plots.save writes the figure)."""
+    import matplotlib.pyplot as plt
+
+    axes = plt.subplots(1, len(METRICS), figsize=(panel_size[0] * len(METRICS), panel_size[1]))[1]
+    colours = dict(zip(table["method"].unique(), plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for ax, metric in zip(axes, METRICS):
+        rows = table[table["metric"] == metric]
+        for method, group in rows.groupby("method", sort=False):
+            ax.errorbar(group["cpu_s"], group["value"], yerr=[group["value"] - group["ci_low"], group["ci_high"] - group["value"]],
+                        fmt="o", color=colours[method], label=method, capsize=2)  # fmt: skip
+            for _, row in group.iterrows():
+                ax.annotate(f"n={row['n']}", (row["cpu_s"], row["value"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xlabel("healing cost (CPU seconds)")
+        ax.set_ylabel({"val_loss": "held-out loss (nats / token)", "kl": "KL to the unpruned model (nats / token)",
+                       "recall": "in-context recall (accuracy)"}[metric])  # fmt: skip
+    axes[0].legend(fontsize=8)
+    return axes[0]
