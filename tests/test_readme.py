@@ -85,8 +85,7 @@ def test_every_readme_command_is_tested():
 
 
 def test_the_install_commands_name_the_distribution_and_its_extras(tmp_path):
-    """TODO(lead): fails until pyproject.toml's [project] name is deeper-layers-kit (and the dev extra names it).
-    `pip install "NAME[extras] @ git+URL"` against this clone (no network: a dry run resolving nothing but
+    """`pip install "NAME[extras] @ git+URL"` against this clone (no network: a dry run resolving nothing but
     the kit): the distribution is NAME, it provides every extra named, and URL is the project's repository."""
     import tomllib
 
@@ -107,8 +106,6 @@ def test_the_install_commands_name_the_distribution_and_its_extras(tmp_path):
         assert set((extras or "").split(",")) - {""} <= set(metadata.get("provides_extra", []))
 
 
-# TODO(lead): the command line's heal step has no `--method` yet (the healing-method registry): the command-line test
-# fails at `python -m kit heal --method qlora` until it does (without it the six commands pass, 145 s on 2 cores).
 def test_the_command_line_pipeline_runs_on_the_embedded_model(tmp_path):
     pipeline = [c for c in readme_commands() if c.startswith("python -m kit")]
     assert [c.split()[3] for c in pipeline] == ["scan", "prune", "heal", "evaluate", "sweep", "report"]
