@@ -93,8 +93,11 @@ def test_the_pipeline_writes_what_the_notebooks_read(checkpoint, tmp_path):
 
     evaluation = ["--recall-items", "4", "--recall-facts", "2", "--mmlu-subjects", "1", "--mmlu-per-subject", "2", "--shots", "1",
                   "--n-val-texts", "2", "--cost-prompt-tokens", "4", "--cost-new-tokens", "2", "--cost-repeats", "1", *small]  # fmt: skip
-    swept = main(["sweep", *run, "--ns", "0", "2", "--heal-ns", "--mmlu", "true", *evaluation])
+    swept = main(["sweep", *run, "--ns", "0", "2", "--heal-ns", "2", "--heal-method", "replacement_layer", "--mmlu", "true", *evaluation])
     assert pd.read_csv(tmp_path / "sweep.csv")["value"].tolist() == pytest.approx(swept.table["value"].tolist(), rel=1e-12)
+    twins = swept.table[swept.table["healed"]]
+    assert set(twins["n"]) == {2} and set(twins["criterion"]) == {"similarity", "heuristic"}
+    assert json.loads((tmp_path / "sweep_healed" / "similarity" / "n2" / "healing.json").read_text())["method"] == "replacement_layer"
     comparison = main(["evaluate", *run, *evaluation])
     assert list(comparison.index) == ["original", "pruned", "healed (unmerged)", "healed"]
     merged, unmerged = comparison.loc["healed", "val_loss"], comparison.loc["healed (unmerged)", "val_loss"]

@@ -82,3 +82,4 @@ def test_the_step_configs_take_lists_for_their_tuples_and_stay_hashable():
     assert kit.SweepConfig(heal_rank=4, heal_steps=3).heal_config() == kit.HealConfig(rank=4, steps=3, lr=2e-3, batch_size=4,
                                                                                       seq_len=128, quantize=None, save_every=3,
                                                                                       gradient_checkpointing=False)  # fmt: skip
+    assert kit.SweepConfig(heal_method="linear_patch").heal_config() == "linear_patch"  # a method at its defaults

@@ -203,6 +203,7 @@ class SweepConfig(EvaluateConfig):
     step: int = 4  # evaluate every step-th block size when ns is None
     criteria: tuple[str, ...] = ("similarity", "heuristic")  # names in kit.choose.criteria.CRITERIA (the paper's two)
     heal_ns: tuple[int, ...] = (4, 12, 20)  # block sizes healed for each criterion; () to skip
+    heal_method: str = "qlora"  # qlora: LoRA with the heal_* settings; or any healing method (kit.healing.methods.HEALERS) at its defaults
     heal_steps: int = 12  # optimiser steps per healed block (paper: 5000)
     heal_batch_size: int = 4  # packed blocks per step
     heal_seq_len: int = 128  # tokens per packed healing block
@@ -212,7 +213,10 @@ class SweepConfig(EvaluateConfig):
     heal_checkpointing: bool = False  # gradient checkpointing: less memory, more compute (True for large models)
     n_heal_texts: int = 200  # healing texts of the offline corpus
 
-    def heal_config(self) -> "HealConfig":
+    def heal_config(self):
+        """How the healed twins are healed: a HealConfig of the heal_* settings (qlora), or the method's name."""
+        if self.heal_method != "qlora":
+            return self.heal_method
         return HealConfig(rank=self.heal_rank, lr=self.heal_lr, steps=self.heal_steps, batch_size=self.heal_batch_size,
                           seq_len=self.heal_seq_len, quantize=self.heal_quantize, gradient_checkpointing=self.heal_checkpointing,
                           save_every=self.heal_steps, seed=self.seed)  # fmt: skip

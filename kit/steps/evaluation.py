@@ -7,7 +7,7 @@ import pandas as pd
 
 from ..choose.criteria import Selection
 from ..core import distributed
-from ..core.config import EvaluateConfig, SweepConfig
+from ..core.config import EvaluateConfig, HealConfig, SweepConfig
 from ..core.device import provenance, release_memory
 from ..core.ledger import plan
 from ..core.stats import Estimate
@@ -92,9 +92,10 @@ def sweep(run: Run, config: SweepConfig):
     distances = Distances.load(run.require("distances"))
     model, tokenizer = load_model(distances.meta["model"], **run.load_kwargs(config.quantize))
     heal = config.heal_config()
+    lora = isinstance(heal, HealConfig)  # another method's memory is its own: planned for LoRA only
     plan(model, loss=dict(batch_size=config.batch_size, max_length=config.max_length),
          **({"heal": dict(batch_size=heal.batch_size, seq_len=heal.seq_len, rank=heal.rank, checkpointing=heal.gradient_checkpointing)}
-            if config.heal_ns else {}))  # fmt: skip
+            if config.heal_ns and lora else {}))  # fmt: skip
     unpruned = metrics.evaluate_all(model, tokenizer, [mmlu(config)])
     with_mmlu = metrics.above_chance(unpruned["mmlu"], force=config.mmlu)
     evals = quality(config) + ([mmlu(config)] if with_mmlu else []) + [cost(config)]
