@@ -40,18 +40,18 @@ def kl_to(reference, model, tokenizer, texts: Sequence[str], *, max_length: int)
 
 
 def compare_methods(model_name: str, blocks: dict[int, Block], methods: dict, *, texts, val_texts, recall_items, folder,
-                    max_length: int = 64, batch_size: int = 8) -> tuple[pd.DataFrame, dict[str, str]]:  # fmt: skip
+                    max_length: int = 64, batch_size: int = 8, device="auto", dtype="auto") -> tuple[pd.DataFrame, dict[str, str]]:  # fmt: skip
     """Heal each block with each method (a fresh copy of the model each time, its checkpoint in
     folder/n{n}/{method}) and evaluate it beside the unpruned model. Returns the table, one row per (n, method,
     metric): value, ci_low, ci_high, per_text or outcomes (for pairing), and the method's cost columns; and
-    the refusals, {"n=4 linear_patch": why}, of the methods that do not apply to a cut."""
-    reference, tokenizer = load_model(model_name)
+    the refusals, {"n=4 linear_patch": why}, of the methods that do not apply to a cut. device, dtype: load_model's."""
+    reference, tokenizer = load_model(model_name, device=device, dtype=dtype)
     evaluations = [ValidationLoss(tuple(val_texts), max_length=max_length, batch_size=batch_size),
                    RecallAccuracy(tuple(recall_items), batch_size=batch_size)]  # fmt: skip
     rows, refused = [], {}
     for n, block in blocks.items():
         for name, method in methods.items():
-            model = load_model(model_name)[0]
+            model = load_model(model_name, device=device, dtype=dtype)[0]
             try:
                 healed = heal_cut(method, model, tokenizer, block, texts, out_dir=Path(folder) / f"n{n}" / name)
             except ValueError as refusal:  # e.g. the linear patch of a block at layer 0, or of an MoE (UnsupportedArchitectureError)
