@@ -24,15 +24,21 @@ COST = ("cpu_s", "wall_s", "trained_parameters", "added_parameters")
 
 
 @torch.no_grad()
-def kl_to(reference, model, tokenizer, texts: Sequence[str], *, max_length: int) -> Estimate:
+def reference_logits(reference, tokenizer, texts: Sequence[str], *, max_length: int) -> list[torch.Tensor]:
+    """The unpruned model's logits on each text (one [1, tokens, vocab] tensor per text, on the CPU), kept for
+    every healed model's KL: the reference runs once, not once per model."""
+    return [reference(**encode(tokenizer, [t], max_length=max_length).to(reference.device), use_cache=False).logits.float().cpu()
+            for t in texts]  # fmt: skip
+
+
+@torch.no_grad()
+def kl_to(reference: list[torch.Tensor], model, tokenizer, texts: Sequence[str], *, max_length: int) -> Estimate:
     """KL(reference || model) of the next-token distributions, in nats per token over the texts (one at a
-    time: no [batch, tokens, vocab] tensor beyond one text's), with each text's sum and tokens for pairing."""
+    time), from the reference's logits (reference_logits), with each text's sum and tokens for pairing."""
     rows = []
-    for text in texts:
-        enc = encode(tokenizer, [text], max_length=max_length)
-        teacher = reference(**enc.to(reference.device), use_cache=False).logits
-        student = model(**enc.to(model.device), use_cache=False).logits
-        kl = distillation_kl(student.float(), teacher.float().to(student.device), 1.0)
+    for teacher, text in zip(reference, texts):
+        student = model(**encode(tokenizer, [text], max_length=max_length).to(model.device), use_cache=False).logits
+        kl = distillation_kl(student.float(), teacher.to(student.device), 1.0)
         rows.append((float(kl.sum()), kl.numel()))
     sums = np.array(rows, dtype=np.float64)
     value, stderr = sums[:, 0].sum() / sums[:, 1].sum(), ratio_stderr(sums[:, 0], sums[:, 1])
@@ -40,18 +46,19 @@ def kl_to(reference, model, tokenizer, texts: Sequence[str], *, max_length: int)
 
 
 def compare_methods(model_name: str, blocks: dict[int, Block], methods: dict, *, texts, val_texts, recall_items, folder,
-                    max_length: int = 64, batch_size: int = 8) -> tuple[pd.DataFrame, dict[str, str]]:  # fmt: skip
+                    max_length: int = 64, batch_size: int = 8, device="auto", dtype="auto") -> tuple[pd.DataFrame, dict[str, str]]:  # fmt: skip
     """Heal each block with each method (a fresh copy of the model each time, its checkpoint in
     folder/n{n}/{method}) and evaluate it beside the unpruned model. Returns the table, one row per (n, method,
     metric): value, ci_low, ci_high, per_text or outcomes (for pairing), and the method's cost columns; and
-    the refusals, {"n=4 linear_patch": why}, of the methods that do not apply to a cut."""
-    reference, tokenizer = load_model(model_name)
+    the refusals, {"n=4 linear_patch": why}, of the methods that do not apply to a cut. device, dtype: load_model's."""
+    reference, tokenizer = load_model(model_name, device=device, dtype=dtype)
+    reference = reference_logits(reference, tokenizer, val_texts, max_length=max_length)  # the model itself freed
     evaluations = [ValidationLoss(tuple(val_texts), max_length=max_length, batch_size=batch_size),
                    RecallAccuracy(tuple(recall_items), batch_size=batch_size)]  # fmt: skip
     rows, refused = [], {}
     for n, block in blocks.items():
         for name, method in methods.items():
-            model = load_model(model_name)[0]
+            model = load_model(model_name, device=device, dtype=dtype)[0]
             try:
                 healed = heal_cut(method, model, tokenizer, block, texts, out_dir=Path(folder) / f"n{n}" / name)
             except ValueError as refusal:  # e.g. the linear patch of a block at layer 0, or of an MoE (UnsupportedArchitectureError)
