@@ -21,6 +21,7 @@ _EXPORTS = {  # the top-level names: each from the module that defines it
     "SweepConfig": "core.config",
     "CriteriaConfig": "core.config",
     "BudgetConfig": "core.config",
+    "HealCompareConfig": "core.config",
     "load_model": "loaders.models",
     "angular_distances": "scan.similarity",
     "Distances": "scan.distances",

@@ -49,11 +49,17 @@ ARTIFACTS = {
     "greedy": Artifact("greedy_{unit}.safetensors", "budget", "06_granularity"),
     "budget": Artifact("budget.csv", "budget", "06_granularity"),
     "budget_best": Artifact("budget_best.csv", "budget", "06_granularity"),
+    "heal_compare": Artifact("heal_compare.csv", "heal_compare", "07_heal_compare"),
+    "heal_refused": Artifact("heal_refused.json", "heal_compare", "07_heal_compare"),
+    "heal_paired": Artifact("heal_paired.csv", "heal_compare", "07_heal_compare"),
+    "heal_best": Artifact("heal_best.csv", "heal_compare", "07_heal_compare"),
+    "heal_compare_models": Artifact("heal_compare", "heal_compare", "07_heal_compare"),
     "report": Artifact("report.md", "report", "-"),
 }
 # The manifest records each step under its notebook's name; notebook 04 runs two steps, each its own entry.
 MANIFEST_KEYS = {"scan": "01_similarity", "prune": "02_select_and_prune", "heal": "03_heal", "sweep": "sweep",
-                 "evaluate": "evaluate", "criteria": "05_criteria", "budget": "06_granularity"}
+                 "evaluate": "evaluate", "criteria": "05_criteria", "budget": "06_granularity",
+                 "heal_compare": "07_heal_compare"}
 
 
 class Run:

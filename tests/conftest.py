@@ -49,6 +49,7 @@ SMOKE_PARAMETERS = {
     "06_granularity": {"N_CALIBRATION": 2, "N_HELD_OUT": 2, "MAX_LENGTH": 16, "BATCH_SIZE": 2, "BUDGETS": [0.02, 0.03],
                        "RECALL_ITEMS": 4, "RECALL_FACTS": 3, "MMLU_SUBJECTS": 1, "MMLU_PER_SUBJECT": 2, "SHOTS": 1, "SWEEP_MMLU": True,
                        "COST_PROMPT_TOKENS": 8, "COST_NEW_TOKENS": 3, "COST_REPEATS": 1},
+    "07_heal_compare": {"NS": [2, 4], "N_TEXTS": 4, "N_VAL_TEXTS": 2, "MAX_LENGTH": 16, "STEPS": 1, "RECALL_ITEMS": 2, "RECALL_FACTS": 2},
 }
 
 # Short hand-written MMLU questions with small few-shot pools: fast on the tiny models.
@@ -165,6 +166,8 @@ TINY_PARAMETERS = {
     "06_granularity": {"N_CALIBRATION": 2, "N_HELD_OUT": 2, "MAX_LENGTH": 16, "BATCH_SIZE": 2, "BUDGETS": [0.1, 0.25], "RECALL_ITEMS": 4,
                        "RECALL_FACTS": 2, "MMLU_SUBJECTS": 1, "MMLU_PER_SUBJECT": 3, "SHOTS": 1, "COST_PROMPT_TOKENS": 4,
                        "COST_NEW_TOKENS": 2, "COST_REPEATS": 1, "SEED": 1},
+    "07_heal_compare": {"NS": [2, 4], "N_TEXTS": 4, "N_VAL_TEXTS": 2, "MAX_LENGTH": 16, "STEPS": 1, "RECALL_ITEMS": 2, "RECALL_FACTS": 2,
+                        "SEED": 1},
 }  # fmt: skip
 
 
@@ -182,7 +185,7 @@ def tiny_model_folder(tmp_path_factory) -> Path:
 def tiny_notebook_run(tmp_path_factory, tiny_model_folder):
     """Like notebook_run, on the tiny model passed as MODEL, with TINY_PARAMETERS."""
     model = {"MODEL": str(tiny_model_folder)}
-    parameters = {name: {**TINY_PARAMETERS[name], **(model if name in ("01_similarity", "05_criteria", "06_granularity") else {})} for name in NOTEBOOKS}
+    parameters = {name: {**TINY_PARAMETERS[name], **(model if name in ("01_similarity", "05_criteria", "06_granularity", "07_heal_compare") else {})} for name in NOTEBOOKS}
     return _chain(tmp_path_factory.mktemp("runs"), parameters)
 
 

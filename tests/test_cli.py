@@ -72,7 +72,7 @@ def test_a_step_whose_input_is_missing_names_the_step_to_run_first(tmp_path):
 
 
 def test_the_pipeline_writes_what_the_notebooks_read(checkpoint, tmp_path):
-    """scan, prune, heal, evaluate, sweep, criteria, budget and report on a tiny Llama: the artifacts equal the library's
+    """scan, prune, heal, evaluate, sweep, criteria, budget, heal_compare and report on a tiny Llama: the artifacts equal the library's
     results, and the report holds every notebook's reading."""
     run = ["--run", str(tmp_path)]
     small = ["--max-length", "32", "--batch-size", "2"]
@@ -107,6 +107,9 @@ def test_the_pipeline_writes_what_the_notebooks_read(checkpoint, tmp_path):
     main(["budget", *run, "--n-calibration", "2", "--n-held-out", "2", "--budgets", "0.4", "--units", "block", "layers",
           "--no-greedy", "--recall-items", "4", "--recall-facts", "2", "--mmlu-subjects", "1", "--mmlu-per-subject", "2", "--shots", "1",
           "--cost-prompt-tokens", "4", "--cost-new-tokens", "2", "--cost-repeats", "1", *small])  # fmt: skip
+    compared = main(["heal_compare", *run, "--ns", "2", "--methods", "none", "replacement_layer", "--n-texts", "4", "--n-val-texts", "2",
+                     "--max-length", "16", "--steps", "1", "--recall-items", "2", "--recall-facts", "2"])  # fmt: skip
+    assert set(compared.table["method"]) == {"none", "replacement_layer"} and list(compared.blocks) == [2]
     report = main(["report", *run])
     assert report == (tmp_path / "report.md").read_text()
     sections = [line for line in report.splitlines() if line.startswith("## ")]

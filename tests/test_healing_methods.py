@@ -174,7 +174,7 @@ def test_the_patch_on_the_embedded_model_is_never_worse_than_the_cut(n, embedded
     m, d = independent_activations(model, tokenizer, block, calibration, 128)
     plain = torch.from_numpy(np.linalg.lstsq(m, d, rcond=None)[0])
     down = kit.core.layers.decoder_layers(model)[block.start - 1].mlp.down_proj
-    with kit.dropped(model, block):
+    with kit.prune.dropped(model, block):
         cut = loss(model)
         handle = lp.applied(down, plain)
         least_squares = loss(model)

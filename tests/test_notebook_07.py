@@ -17,7 +17,7 @@ METHODS = {"none", "linear_patch", "replacement_layer", "last_layers", "qlora", 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
-    model, tokenizer = kit.tiny_model("llama", num_layers=8)
+    model, tokenizer = kit.testing.tiny_model("llama", num_layers=8)
     model.save_pretrained(root / "tiny-llama")
     tokenizer.save_pretrained(root / "tiny-llama")
     execute("07_heal_compare", output_dir=root, parameters={**PARAMETERS, "MODEL": str(root / "tiny-llama"), "RUN": "smoke",

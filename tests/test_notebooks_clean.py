@@ -65,7 +65,7 @@ def test_every_notebook_opens_with_the_same_minimal_preamble():
 
 
 STEP_OF = {"01_similarity": ["scan"], "02_select_and_prune": ["prune"], "03_heal": ["heal"], "04_compare": ["sweep", "evaluate"],
-           "05_criteria": ["criteria"], "06_granularity": ["budget"]}  # fmt: skip
+           "05_criteria": ["criteria"], "06_granularity": ["budget"], "07_heal_compare": ["heal_compare"]}  # fmt: skip
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)

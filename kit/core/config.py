@@ -270,3 +270,26 @@ class BudgetConfig(_Settings):
     def __post_init__(self):
         self._freeze()
         self._require_positive("n_calibration", "n_held_out", "max_length", "batch_size", "recall_items", "recall_facts")
+
+
+@dataclass(frozen=True)
+class HealCompareConfig(_Settings):
+    """Notebook 07 (`kit.steps.heal_compare`): every healing method on the same cuts, the similarity scan's block at each
+    size, with held-out loss, KL to the unpruned model and recall against what each method cost."""
+
+    model_name: str | None = None  # None: the model of the run's scan
+    ns: tuple[int, ...] = (4, 8, 12)  # block sizes: each cut is the similarity scan's choice for that n
+    methods: tuple[str, ...] = ("none", "linear_patch", "replacement_layer", "last_layers", "qlora", "distill")  # kit.healing.methods.HEALERS
+    n_texts: int = 16  # calibration and training texts (the scan, the linear patch, the trained methods)
+    n_val_texts: int = 8  # held-out texts: loss and KL to the unpruned model
+    max_length: int = 48  # tokens per text (and per packed training block)
+    steps: int = 2  # optimiser steps of each trained method (the replacement layer: 4x as many, it trains one layer)
+    lr: float = 1e-3  # learning rate of the trained methods
+    recall_items: int = 8  # in-context recall questions
+    recall_facts: int = 6  # lines of context per question (chance: 1 / recall_facts)
+    quantize: str | None = None  # the base of qlora and distill: None (LoRA on the full-precision base) | 4bit (the paper's QLoRA)
+    seed: int = 0
+
+    def __post_init__(self):
+        self._freeze()
+        self._require_positive("n_texts", "n_val_texts", "max_length", "steps", "recall_items", "recall_facts")

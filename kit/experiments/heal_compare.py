@@ -108,25 +108,3 @@ def restored(table: pd.DataFrame, unpruned_loss: float) -> pd.Series:
     cut = loss.xs("none", level="method")
     return pd.Series({(n, m): (cut[n] - v) / (cut[n] - unpruned_loss) if cut[n] != unpruned_loss else math.nan
                       for (n, m), v in loss.items()})  # fmt: skip
-
-
-def figure(table: pd.DataFrame, *, panel_size=(5.0, 4.0)):
-    """Each metric against each method's CPU seconds: one colour per method, each point labelled with its n.
-    Returns the first panel's Axes (kit.experiments.plots.save writes the figure)."""
-    import matplotlib.pyplot as plt
-
-    axes = plt.subplots(1, len(METRICS), figsize=(panel_size[0] * len(METRICS), panel_size[1]))[1]
-    colours = dict(zip(table["method"].unique(), plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    for ax, metric in zip(axes, METRICS):
-        rows = table[table["metric"] == metric]
-        for method, group in rows.groupby("method", sort=False):
-            ax.errorbar(group["cpu_s"], group["value"], yerr=[group["value"] - group["ci_low"], group["ci_high"] - group["value"]],
-                        fmt="o", color=colours[method], label=method, capsize=2)  # fmt: skip
-            for _, row in group.iterrows():
-                ax.annotate(f"n={row['n']}", (row["cpu_s"], row["value"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_xscale("symlog", linthresh=1.0)
-        ax.set_xlabel("healing cost (CPU seconds)")
-        ax.set_ylabel({"val_loss": "held-out loss (nats / token)", "kl": "KL to the unpruned model (nats / token)",
-                       "recall": "in-context recall (accuracy)"}[metric])  # fmt: skip
-    axes[0].legend(fontsize=8)
-    return axes[0]

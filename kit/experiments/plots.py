@@ -330,3 +330,24 @@ def distance_vs_loss(distances, oracle, ns, ax=None):
     ax.set_title(f"{distances.meta.get('model', 'model')}: does a smaller distance mean a smaller loss?")
     ax.legend(title="block size", fontsize="small")
     return ax
+
+
+def heal_compare_figure(table: pd.DataFrame, *, panel_size=(5.0, 4.0)):
+    """Notebook 07's table (heal_compare.csv): held-out loss, KL and recall against each method's CPU seconds: one colour per method, each point labelled with its n.
+    Returns the first panel's Axes (kit.experiments.plots.save writes the figure)."""
+    metrics = ("val_loss", "kl", "recall")
+    axes = plt.subplots(1, len(metrics), figsize=(panel_size[0] * len(metrics), panel_size[1]))[1]
+    colours = dict(zip(table["method"].unique(), plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for ax, metric in zip(axes, metrics):
+        rows = table[table["metric"] == metric]
+        for method, group in rows.groupby("method", sort=False):
+            ax.errorbar(group["cpu_s"], group["value"], yerr=[group["value"] - group["ci_low"], group["ci_high"] - group["value"]],
+                        fmt="o", color=colours[method], label=method, capsize=2)  # fmt: skip
+            for _, row in group.iterrows():
+                ax.annotate(f"n={row['n']}", (row["cpu_s"], row["value"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xlabel("healing cost (CPU seconds)")
+        ax.set_ylabel({"val_loss": "held-out loss (nats / token)", "kl": "KL to the unpruned model (nats / token)",
+                       "recall": "in-context recall (accuracy)"}[metric])  # fmt: skip
+    axes[0].legend(fontsize=8)
+    return axes[0]

@@ -373,8 +373,8 @@ def _heal_compare(run: Path) -> list[str]:
     interval (the interval's upper end below zero), its KL and recall against the cut's, and its cost."""
     step = _manifest(run, "07_heal_compare")
     table, paired, best = pd.read_csv(run / "heal_compare.csv"), pd.read_csv(run / "heal_paired.csv"), pd.read_csv(run / "heal_best.csv")
-    unpruned = step["config"]["unpruned_val_loss"]
-    lines = [f"**{step['config']['model']}**, unpruned held-out loss {num(unpruned)} nats; each method healed the same cut "
+    unpruned = step["unpruned_val_loss"]
+    lines = [f"**{step['model']}**, unpruned held-out loss {num(unpruned)} nats; each method healed the same cut "
              f"({step['config']['n_texts']} texts, {step['config']['steps']} training steps).", ""]  # fmt: skip
     for _, row in best.iterrows():
         n, method = int(row["n"]), row["method"]

@@ -11,7 +11,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-NOTEBOOKS = ("01_similarity", "02_select_and_prune", "03_heal", "04_compare", "05_criteria", "06_granularity")
+NOTEBOOKS = ("01_similarity", "02_select_and_prune", "03_heal", "04_compare", "05_criteria", "06_granularity", "07_heal_compare")
 INSTALLED = Path(sysconfig.get_path("data")) / "share" / "deeper-layers-kit" / "notebooks"  # pip installs them there
 
 

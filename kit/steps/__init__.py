@@ -11,7 +11,16 @@ writes its artifacts there (kit.run.ARTIFACTS). The notebooks and the command li
 
 from dataclasses import dataclass
 
-from ..core.config import BudgetConfig, CriteriaConfig, EvaluateConfig, HealConfig, PruneConfig, ScanConfig, SweepConfig
+from ..core.config import (
+    BudgetConfig,
+    CriteriaConfig,
+    EvaluateConfig,
+    HealCompareConfig,
+    HealConfig,
+    PruneConfig,
+    ScanConfig,
+    SweepConfig,  # fmt: skip
+)
 from ..core.lazy import lazy as _lazy
 
 
@@ -32,6 +41,7 @@ STEPS = {
     "sweep": Step("evaluation", SweepConfig, "the evaluations at every block size per criterion, with healed twins (notebook 04)"),
     "criteria": Step("oracle", CriteriaConfig, "scan metrics judged by the ablation oracle's held-out loss (notebook 05)"),
     "budget": Step("granularity", BudgetConfig, "blocks, layer sets and sublayers at the same parameter budgets (notebook 06)"),
+    "heal_compare": Step("heal_comparison", HealCompareConfig, "every healing method on the same cuts against their cost (notebook 07)"),
     "report": Step("reporting", None, "the readings of every step the run has -> report.md"),
 }
 

@@ -6,7 +6,8 @@ from ..run import Run
 # each notebook's reading, and the artifacts it reads (all present: the step ran)
 READINGS = {"01_similarity": ("distances", "choices"), "02_select_and_prune": ("selection", "losses"),
             "03_heal": ("heal_history", "heal_losses"), "04_compare": ("sweep", "comparison", "collapse", "paired"),
-            "05_criteria": ("criteria",), "06_granularity": ("budget", "budget_best")}  # fmt: skip
+            "05_criteria": ("criteria",), "06_granularity": ("budget", "budget_best"),
+            "07_heal_compare": ("heal_compare", "heal_paired", "heal_best", "heal_refused")}  # fmt: skip
 
 
 def report(run: Run) -> str:
