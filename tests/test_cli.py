@@ -4,6 +4,7 @@ tests/test_distributed.py.)"""
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 
@@ -26,7 +27,7 @@ def checkpoint(tmp_path_factory):
 
 def test_help_lists_every_step():
     result = subprocess.run([sys.executable, "-m", "kit", "--help"], capture_output=True, text=True, check=True)
-    assert all(f"    {name} " in result.stdout for name in STEPS), result.stdout
+    assert all(re.search(rf"^    {name}\b", result.stdout, re.M) for name in STEPS), result.stdout
 
 
 @pytest.mark.parametrize("step", [name for name, step in STEPS.items() if step.config is not None])
