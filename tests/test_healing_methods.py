@@ -218,3 +218,22 @@ def test_the_replacement_layer_starts_from_the_layer_init_names(tmp_path):
     layer = kit.core.layers.decoder_layers(healed.model)[BLOCK.start]
     assert all(torch.allclose(v, original[k], atol=1e-9) for k, v in layer.state_dict().items())
     assert healed.record["kept_layer"] == BLOCK.start + 1 and healed.cost["trained_parameters"] == sum(p.numel() for p in layer.parameters())
+
+
+@pytest.mark.parametrize("method", list(TINY_SETTINGS))
+def test_lm_eval_evaluates_every_methods_checkpoint(method, questions, fewshot, tmp_path):
+    """The checkpoint of each method, loaded by plain transformers, is evaluated by lm-evaluation-harness (the kit's
+    harness backend) as the kit evaluates it: the same log-likelihoods, the same answers where they are clear."""
+    from transformers import AutoTokenizer
+
+    from kit.evaluate import lm_eval_mmlu, mmlu
+    from kit.loaders.data import LETTERS
+    from kit.testing import assert_same_choices
+
+    model, tokenizer = tiny_model("llama")
+    healed = heal_cut(TINY_SETTINGS[method] or method, model, tokenizer, BLOCK, TEXTS, out_dir=tmp_path / "healed", val_texts=VAL)
+    plain, plain_tokenizer = AutoModelForCausalLM.from_pretrained(healed.path).eval(), AutoTokenizer.from_pretrained(healed.path)
+    theirs = lm_eval_mmlu(plain, plain_tokenizer, questions, shots=2, batch_size=4, fewshot=fewshot)
+    ours = mmlu(healed.model, tokenizer, questions, shots=2, fewshot=fewshot)
+    np.testing.assert_allclose(ours.loglikelihoods, theirs.loglikelihoods, atol=1e-4)
+    assert_same_choices(ours.predictions, [LETTERS] * len(questions), theirs.loglikelihoods, margin=2e-4)
