@@ -23,8 +23,8 @@ setup:  ## create .venv, install the kit with its dev extra, register the kernel
 			|| echo "chromium not installed: tests/test_jupyterlab.py will be skipped"; \
 	else echo "not root or no apt-get: chromium not installed, tests/test_jupyterlab.py will be skipped"; fi
 
-test:  ## the whole test suite, notebooks included; then the numeric files with odd chunk sizes (another CPU's sums)
-	$(PY) -m pytest -q --durations=25
+test:  ## the whole test suite, notebooks included, on two workers; then the numeric files with odd chunk sizes (another CPU's sums)
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=25
 	KIT_ODD_CHUNKS=1 $(PY) -m pytest -q -p no:cacheprovider $(ODD_CHUNK_TESTS)
 
 test-latest:  ## the same, in .venv-latest with the newest releases of every dependency (no constraints file)

@@ -304,3 +304,15 @@ def write_compare_run(run, *, mmlu_right=12, similarity=None, heuristic=None, si
     comparison.to_csv(run / "comparison.csv", index=False)
     (run / "selection.json").write_text(json.dumps({"model": "my-model", "start": 3, "n": 4, "distance": 0.2, "source": "similarity"}))
     return run
+
+
+CHAINED = {"notebook_run", "tiny_notebook_run"}  # the session fixtures that execute the notebooks in a chain
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test` runs two workers, `--dist loadgroup`): a test file runs in one worker (its module
+    fixtures are built once), and every file reading the notebooks' chained runs in the same worker (each chain runs
+    once)."""
+    chained = {item.path for item in items if CHAINED & set(getattr(item, "fixturenames", ()))}
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group("notebook-chains" if item.path in chained else str(item.path.name)))

@@ -274,6 +274,10 @@ def test_every_figure_labels_its_axes_in_words(distances):
                              "angular distance, last token (arccos(cos) / π)", "held-out loss without the block (nats per token)"),
         "budget_plot": (kit.experiments.plots.budget_plot(_budget_rows(), "val_loss"), "fraction of the parameters removed",
                         "validation loss (nats per token)"),
+        "heal_compare_figure": (kit.experiments.plots.heal_compare_figure(pd.DataFrame(
+            {"n": [4] * 3, "method": ["none"] * 3, "metric": ["val_loss", "kl", "recall"], "value": [3.0, 0.5, 0.4],
+             "ci_low": [2.9, 0.4, 0.2], "ci_high": [3.1, 0.6, 0.6], "cpu_s": [0.0] * 3})),
+            "healing cost (CPU seconds)", "held-out loss (nats / token)"),
     }  # fmt: skip
     drawn = {name: (ax.get_xlabel(), ax.get_ylabel()) for name, (ax, *_) in figures.items()}
     assert drawn == {name: tuple(labels) for name, (_, *labels) in figures.items()}
