@@ -7,10 +7,10 @@ checks the page has it."""
 
 import ast
 import json
+import re
 import sys
 from pathlib import Path
 
-import marked_table  # docs/marked_table.py, beside this script
 from transformers import LlamaConfig
 
 from kit.core import ledger
@@ -78,7 +78,11 @@ PAGE = Path(__file__).resolve().parent / "gpus.md"
 
 def write(page: Path = PAGE) -> None:
     """Replace the table between the page's `<!-- memory-table ... -->` and `<!-- /memory-table -->` markers."""
-    marked_table.replace(page, "memory-table", memory_table())
+    text = page.read_text()
+    pattern = re.compile(r"(<!-- memory-table[^>]*-->\n).*?(\n<!-- /memory-table -->)", re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"{page}: no <!-- memory-table --> ... <!-- /memory-table --> markers")
+    page.write_text(pattern.sub(lambda m: m.group(1) + memory_table() + m.group(2), text))
 
 
 if __name__ == "__main__":
